@@ -1,0 +1,307 @@
+"""Conversion of a Llama-family checkpoint into a DeepSeek-style MLA checkpoint.
+
+``plan_conversion`` validates options against the source (no output yet),
+``convert_attention`` is the per-layer math (pure), ``convert`` does the I/O.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from conversion import rope
+from conversion.accounting import KVAccounting
+from conversion.calibration import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS, CalibrationStats, load_or_collect
+from conversion.checkpoint import ShardWriter, atomic_output_folder, write_json
+from conversion.errors import ConversionError
+from conversion.layout import (
+    DEFAULT_NATIVE_CACHE_SIZE,
+    NATIVE_CACHE_SIZES,
+    MLALayout,
+    max_d_kv_for_cache,
+    plan_exact_layout,
+    plan_native_layout,
+)
+from conversion.lowrank import SVD_METHODS, factorize_kv, relative_output_error, relative_weight_error
+from conversion.mla_config import ARCHITECTURE, FORMAT_VERSION
+from conversion.source import TOKENIZER_FILES, SourceSpec, SourceWeights, read_source_spec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ConvertOptions:
+    rope_dim: int
+    strategy: str = "2-norm"
+    d_kv: int | None = None
+    kv_budget: int | None = None
+    svd: str = "joint"
+    calib_text: Path | None = None
+    dtype: str | None = None
+    calib_tokens: int = DEFAULT_CALIB_TOKENS
+    calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN
+    uniform_offset: int = 0
+    overwrite: bool = False
+    cache_dir: Path | None = None
+
+
+@dataclass
+class ConversionPlan:
+    spec: SourceSpec
+    layout: MLALayout
+    options: ConvertOptions
+    dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.options.strategy == "2-norm" or self.options.svd == "aw-joint"
+
+
+def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan:
+    """Checks every option against the model and fixes the output layout."""
+    h, g, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    rope.check_rope_dim(options.rope_dim, d)
+    if options.strategy not in rope.STRATEGIES:
+        raise ConversionError(f"unknown --strategy {options.strategy!r}; choose one of {', '.join(rope.STRATEGIES)}")
+    if options.svd not in SVD_METHODS:
+        raise ConversionError(f"unknown --svd {options.svd!r}; choose one of {', '.join(SVD_METHODS)}")
+    if options.strategy == "uniform":
+        rope.select_pairs_fixed("uniform", options.rope_dim // 2, d // 2, options.uniform_offset)
+    if (options.d_kv is None) == (options.kv_budget is None):
+        raise ConversionError("give exactly one of --d-kv and --kv-budget")
+    notes: list[str] = []
+    max_rank = min(g * (2 * d - options.rope_dim), spec.hidden_size)
+    if options.kv_budget is not None:
+        if options.kv_budget not in NATIVE_CACHE_SIZES:
+            raise ConversionError(f"--kv-budget must be one of {NATIVE_CACHE_SIZES}, got {options.kv_budget}")
+        d_kv = min(max_d_kv_for_cache(g, options.rope_dim, options.kv_budget), max_rank // g)
+        if d_kv < 1:
+            raise ConversionError(
+                f"--kv-budget {options.kv_budget} is impossible for this model: {g} kv-heads × "
+                f"rope_dim {options.rope_dim} leave no room for a latent; lower --rope-dim"
+            )
+        layout = plan_native_layout(h, g, d, options.rope_dim, d_kv, options.kv_budget)
+        if layout.essential_values >= 2 * g * d:
+            notes.append(
+                f"the {options.kv_budget}-value cache is not smaller than the original "
+                f"{2 * g * d} values per token: this budget does not compress this model"
+            )
+    else:
+        d_kv = options.d_kv
+        if d_kv < 1 or g * d_kv > max_rank:
+            raise ConversionError(
+                f"--d-kv {d_kv} is too large: the latent (kv-heads × d_kv = {g * d_kv}) cannot exceed "
+                f"rank {max_rank} (min of hidden size and key+value rows); use --d-kv <= {max_rank // g}"
+            )
+        if d_kv <= max_d_kv_for_cache(g, options.rope_dim, DEFAULT_NATIVE_CACHE_SIZE) and d <= 128:
+            layout = plan_native_layout(h, g, d, options.rope_dim, d_kv, DEFAULT_NATIVE_CACHE_SIZE)
+        else:
+            layout = plan_exact_layout(h, g, d, options.rope_dim, d_kv)
+            notes.append(
+                f"{layout.essential_values} values per token do not fit vLLM's native MLA sizes "
+                f"{NATIVE_CACHE_SIZES}: written with exact sizes (served by this plugin's own backend)"
+            )
+    if options.dtype is not None and options.dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}")
+    dtype_name = options.dtype or (spec.torch_dtype if spec.torch_dtype in DTYPES else "float32")
+    if options.strategy == "2-norm" or options.svd == "aw-joint":
+        if options.calib_text is None:
+            raise ConversionError(f"--strategy {options.strategy} / --svd {options.svd} needs --calib-text FILE")
+        if not Path(options.calib_text).is_file():
+            raise ConversionError(f"calibration text {options.calib_text} does not exist")
+    return ConversionPlan(spec, layout, options, DTYPES[dtype_name], notes + list(spec.warnings))
+
+
+def select_rope_pairs(plan: ConversionPlan, stats: CalibrationStats | None) -> list[list[list[int]]]:
+    """``[layer][kv_head] → pairs`` for the chosen strategy."""
+    spec, opts = plan.spec, plan.options
+    r, n = opts.rope_dim // 2, spec.head_dim // 2
+    if opts.strategy == "2-norm":
+        assert stats is not None
+        return rope.select_pairs_by_score(stats.pair_scores, r).tolist()
+    pairs = rope.select_pairs_fixed(opts.strategy, r, n, opts.uniform_offset)
+    return [[list(pairs) for _ in range(spec.num_kv_heads)] for _ in range(spec.num_layers)]
+
+
+@dataclass
+class AttentionWeights:
+    """One layer's original attention weights (biases may be None)."""
+
+    w_q: torch.Tensor
+    w_k: torch.Tensor
+    w_v: torch.Tensor
+    w_o: torch.Tensor
+    b_q: torch.Tensor | None = None
+    b_k: torch.Tensor | None = None
+    b_v: torch.Tensor | None = None
+    b_o: torch.Tensor | None = None
+
+
+def convert_attention(
+    weights: AttentionWeights,
+    layout: MLALayout,
+    pairs: list[list[int]],
+    svd: str,
+    second_moment: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One layer's MLA attention weights (float64) and its reconstruction errors.
+
+    Biases go where they are exact in MLA form: the query bias stays on ``q_proj``, the
+    rotary part of the key bias on ``kv_a_proj_with_mqa``; the non-rotary key bias adds
+    ``q·b`` to every score of a query, which softmax ignores, so it is dropped; the value
+    bias passes through softmax unchanged (weights sum to one) and folds into ``o_proj``'s
+    bias. ``kv_b_proj`` thus has no bias, as vLLM's weight absorption requires.
+    """
+    lay = layout
+    h, g, d, rd = lay.num_heads, lay.num_kv_heads, lay.head_dim, lay.rope_dim
+    f64 = lambda t: None if t is None else t.to(torch.float64)  # noqa: E731
+    w_q, w_k, w_v, w_o = (f64(t) for t in (weights.w_q, weights.w_k, weights.w_v, weights.w_o))
+    b_q, b_k, b_v, b_o = (f64(t) for t in (weights.b_q, weights.b_k, weights.b_v, weights.b_o))
+    perms = [torch.tensor(rope.rope_dim_permutation(pairs[k], d)) for k in range(g)]
+    q_rows = torch.cat([j * d + perms[j // lay.group_size] for j in range(h)])
+    k_rows = torch.stack([k * d + perms[k] for k in range(g)])  # [g, d]
+    k_rope_rows, k_nope_rows = k_rows[:, :rd].reshape(-1), k_rows[:, rd:].reshape(-1)
+    w_k_nope = w_k[k_nope_rows]
+    low = factorize_kv(w_k_nope, w_v, lay.latent_dim, svd, second_moment)
+    out = {
+        "q_proj.weight": w_q[q_rows],
+        "kv_a_proj_with_mqa.weight": torch.cat([low.w_down, w_k[k_rope_rows]]),
+        "kv_b_proj.weight": lay.build_kv_b_proj(low.w_up_k, low.w_up_v),
+        "o_proj.weight": w_o,
+    }
+    if b_q is not None:
+        out["q_proj.bias"] = b_q[q_rows]
+    if b_k is not None:
+        out["kv_a_proj_with_mqa.bias"] = torch.cat([b_k.new_zeros(lay.latent_dim), b_k[k_rope_rows]])
+    if b_v is not None or b_o is not None:
+        bias = b_o.clone() if b_o is not None else w_o.new_zeros(w_o.shape[0])
+        if b_v is not None:
+            bias += w_o @ b_v.view(g, 1, d).expand(g, lay.group_size, d).reshape(-1)
+        out["o_proj.bias"] = bias
+    k_approx, v_approx = low.w_up_k @ low.w_down, low.w_up_v @ low.w_down
+    errors = {
+        "k_nope_weight_error": relative_weight_error(w_k_nope, k_approx),
+        "v_weight_error": relative_weight_error(w_v, v_approx),
+    }
+    if second_moment is not None:
+        errors["k_nope_output_error"] = relative_output_error(w_k_nope, k_approx, second_moment)
+        errors["v_output_error"] = relative_output_error(w_v, v_approx, second_moment)
+    return out, errors
+
+
+def build_config(plan: ConversionPlan, pairs: list[list[list[int]]]) -> dict:
+    """config.json of the converted model: a DeepSeek-V2 config plus the ``mha2mla`` section."""
+    from transformers import DeepseekV2Config
+
+    spec, lay, opts = plan.spec, plan.layout, plan.options
+    section = {
+        "format_version": FORMAT_VERSION,
+        "layout": lay.to_dict(),
+        "rope_pairs": pairs,
+        "rope_theta": spec.rope_theta,
+        "rope_scaling": spec.rope_scaling,
+        "q_bias": spec.qkv_bias,
+        "kv_a_bias": spec.qkv_bias,
+        "o_bias": spec.qkv_bias or spec.o_bias,
+        "strategy": opts.strategy,
+        "svd": opts.svd,
+        "source_model_type": spec.model_type,
+        "source_architecture": spec.architecture,
+        "original_num_key_value_heads": spec.num_kv_heads,
+        "original_head_dim": spec.head_dim,
+    }
+    config = DeepseekV2Config(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        moe_intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        hidden_act="silu",
+        max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=spec.rms_norm_eps,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        bos_token_id=spec.bos_token_id,
+        eos_token_id=spec.eos_token_id,
+        q_lora_rank=None,
+        kv_lora_rank=lay.kv_lora_rank,
+        qk_rope_head_dim=lay.qk_rope_head_dim,
+        qk_nope_head_dim=lay.qk_nope_head_dim,
+        v_head_dim=lay.v_head_dim,
+        n_routed_experts=0,
+        n_shared_experts=0,
+        first_k_dense_replace=spec.num_layers,
+        mha2mla=section,
+    )
+    data = config.to_dict()
+    data["architectures"] = [ARCHITECTURE]
+    data["dtype"] = {v: k for k, v in DTYPES.items()}[plan.dtype]
+    return data
+
+
+def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_progress: bool = True) -> dict:
+    """Converts ``src`` into ``dst``; returns the report (also saved as mha2mla_report.json)."""
+    spec = read_source_spec(src)
+    plan = plan_conversion(spec, options)
+    weights = SourceWeights(spec.path)
+    dst = Path(dst)
+    if dst.exists() and not options.overwrite:
+        raise ConversionError(f"output folder {dst} already exists (pass --overwrite to replace it)")
+    stats = None
+    if plan.needs_calibration:
+        text = Path(options.calib_text).read_text(encoding="utf-8", errors="replace")
+        stats = load_or_collect(spec, text, options.cache_dir, options.calib_tokens, options.calib_seq_len)
+    pairs = select_rope_pairs(plan, stats)
+    layer_errors: list[dict[str, float]] = []
+    with atomic_output_folder(dst, overwrite=options.overwrite) as tmp:
+        writer = ShardWriter(tmp, plan.dtype)
+        writer.add("model.embed_tokens.weight", weights.get("model.embed_tokens.weight"))
+        for i in tqdm(range(spec.num_layers), desc="converting layers", unit="layer", disable=not show_progress):
+            prefix = f"model.layers.{i}"
+            attn = f"{prefix}.self_attn"
+            get_opt = lambda n: weights.get(n) if n in weights else None  # noqa: E731
+            layer_weights = AttentionWeights(
+                w_q=weights.get(f"{attn}.q_proj.weight"),
+                w_k=weights.get(f"{attn}.k_proj.weight"),
+                w_v=weights.get(f"{attn}.v_proj.weight"),
+                w_o=weights.get(f"{attn}.o_proj.weight"),
+                b_q=get_opt(f"{attn}.q_proj.bias"),
+                b_k=get_opt(f"{attn}.k_proj.bias"),
+                b_v=get_opt(f"{attn}.v_proj.bias"),
+                b_o=get_opt(f"{attn}.o_proj.bias"),
+            )
+            moment = stats.input_second_moment[i] if stats is not None else None
+            converted, errors = convert_attention(layer_weights, plan.layout, pairs[i], options.svd, moment)
+            layer_errors.append({"layer": i, **errors})
+            for name, tensor in converted.items():
+                writer.add(f"{attn}.{name}", tensor)
+            for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                         "input_layernorm.weight", "post_attention_layernorm.weight"):
+                writer.add(f"{prefix}.{name}", weights.get(f"{prefix}.{name}"))
+        writer.add("model.norm.weight", weights.get("model.norm.weight"))
+        if not spec.tie_word_embeddings:
+            writer.add("lm_head.weight", weights.get("lm_head.weight"))
+        writer.close()
+        write_json(tmp / "config.json", build_config(plan, pairs))
+        for name in TOKENIZER_FILES:
+            if (spec.path / name).is_file():
+                shutil.copy2(spec.path / name, tmp / name)
+        report = {
+            "source": str(spec.path),
+            "destination": str(dst),
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()},
+            "layout": plan.layout.to_dict(),
+            "native_vllm_shape": plan.layout.is_native,
+            "kv_cache": KVAccounting.from_layout(plan.layout, spec.num_layers).to_dict(),
+            "calibration_tokens": stats.num_tokens if stats is not None else 0,
+            "layer_errors": layer_errors,
+            "notes": plan.notes,
+        }
+        write_json(tmp / "mha2mla_report.json", report)
+    return report

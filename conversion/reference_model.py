@@ -1,0 +1,302 @@
+"""PyTorch reference model of a converted checkpoint, in Hugging Face ``transformers`` style.
+
+It computes attention through the latent exactly as vLLM's MLA does (same padded tensor
+layout, same ``kv_b_proj``), caches only ``[latent | rotated rope keys]`` per token, and
+trains: it is what fine-tuning updates and what the vLLM plugin is checked against. Since
+every weight, including the zero padding, is a real parameter of vLLM's function, a
+fine-tuned model stays servable as is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DeepseekV2Config, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from conversion.mla_config import MHA2MLASpec
+from conversion.rope import apply_partial_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DeepseekV2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def project_mla_inputs(
+    q_compact: torch.Tensor,
+    kv_compact: torch.Tensor,
+    positions: torch.Tensor,
+    spec: MHA2MLASpec,
+    inv_freq: torch.Tensor,
+    q_index: torch.Tensor,
+    kv_index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates the compact projections and lays them out as vLLM's MLA expects.
+
+    ``q_compact``: ``[..., h·d]`` (per head ``[rope | nope]``), ``kv_compact``: ``[..., C+R]``
+    (``[latent | rope keys per kv-head]``), ``positions``: ``[...]``. Returns
+    ``q``: ``[..., h, qk_nope+qk_rope]`` and ``kv``: ``[..., kv_lora_rank+qk_rope]``.
+    """
+    lay = spec.layout
+    lead = q_compact.shape[:-1]
+    rd, g = lay.rope_dim, lay.num_kv_heads
+    q = q_compact.view(*lead, lay.num_heads, lay.head_dim)
+    q_rope = apply_partial_rope(q[..., :rd], positions, inv_freq.repeat_interleave(lay.group_size, 0))
+    k_rope = kv_compact[..., lay.latent_dim :].view(*lead, g, rd)
+    k_rope = apply_partial_rope(k_rope, positions, inv_freq)
+    zero_q = q.new_zeros(*lead, 1)
+    q_flat = torch.cat([q_rope, q[..., rd:]], dim=-1).reshape(*lead, -1)
+    q_mla = torch.cat([q_flat, zero_q], dim=-1)[..., q_index]
+    kv_flat = torch.cat([kv_compact[..., : lay.latent_dim], k_rope.reshape(*lead, -1), zero_q], dim=-1)
+    return q_mla.view(*lead, lay.num_heads, -1), kv_flat[..., kv_index]
+
+
+class MHA2MLAAttention(nn.Module):
+    """Attention over a cached ``[latent | k_pe]`` row per token (one MQA "head")."""
+
+    def __init__(self, config: DeepseekV2Config, layer_idx: int):
+        super().__init__()
+        self.spec = MHA2MLASpec.from_config(config)
+        self.layer_idx = layer_idx
+        lay = self.spec.layout
+        self.layout = lay
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, lay.compact_q_dim, bias=self.spec.q_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, lay.compact_kv_dim, bias=self.spec.kv_a_bias)
+        self.kv_b_proj = nn.Linear(
+            lay.kv_lora_rank, lay.num_heads * (lay.qk_nope_head_dim + lay.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(lay.num_heads * lay.head_dim, hidden, bias=self.spec.o_bias)
+        # Derived from the config, not state: plain attributes (not buffers), so that
+        # transformers' meta-device loading never leaves them uninitialised.
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inv_freq [g, r], q gather index, kv gather index) on ``device``, computed once."""
+        if device not in self._constants:
+            lay = self.layout
+            self._constants[device] = (
+                self.spec.layer_inv_freq(self.layer_idx).to(device),
+                lay.q_gather_index.to(device),
+                lay.kv_gather_index.to(device),
+            )
+        return self._constants[device]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        lay = self.layout
+        bsz, q_len, _ = hidden_states.shape
+        q, kv = project_mla_inputs(
+            self.q_proj(hidden_states),
+            self.kv_a_proj_with_mqa(hidden_states),
+            position_ids,
+            self.spec,
+            *self.constants(hidden_states.device),
+        )
+        latent, k_pe = kv[..., : lay.kv_lora_rank], kv[..., lay.kv_lora_rank :]
+        if past_key_values is not None:
+            # The cache holds exactly what vLLM pages: the latent and the rotated rope keys.
+            latent, k_pe = past_key_values.update(latent[:, None], k_pe[:, None], self.layer_idx)
+            latent, k_pe = latent[:, 0], k_pe[:, 0]
+        kv_len = latent.shape[1]
+        kvb = self.kv_b_proj(latent).view(bsz, kv_len, lay.num_heads, -1)
+        k_nope, value = kvb.split([lay.qk_nope_head_dim, lay.v_head_dim], dim=-1)
+        key = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, lay.num_heads, -1)], dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            attn_mask=attention_mask,
+            scale=self.spec.softmax_scale,
+        )
+        out = out.transpose(1, 2)[..., : lay.head_dim].reshape(bsz, q_len, -1)
+        return self.o_proj(out)
+
+
+class MHA2MLADecoderLayer(nn.Module):
+    def __init__(self, config: DeepseekV2Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = MHA2MLAAttention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_ids, attention_mask, past_key_values=None):
+        residual = hidden_states
+        hidden_states = residual + self.self_attn(
+            self.input_layernorm(hidden_states), position_ids, attention_mask, past_key_values
+        )
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MHA2MLAPreTrainedModel(PreTrainedModel):
+    config_class = DeepseekV2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["MHA2MLADecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, bsz: int, q_len: int, past_len: int, device: torch.device
+) -> torch.Tensor:
+    """Boolean ``[B, 1, q_len, past_len + q_len]`` mask: causal and (optionally) padding.
+
+    Each query always sees itself, so fully padded rows (left padding) stay finite.
+    """
+    kv_len = past_len + q_len
+    key_pos = torch.arange(kv_len, device=device)[None, :]
+    query_pos = torch.arange(past_len, kv_len, device=device)[:, None]
+    mask = (key_pos <= query_pos)[None, None].expand(bsz, 1, q_len, kv_len)
+    if attention_mask is not None:
+        padding = attention_mask[:, None, None, -kv_len:].to(torch.bool)
+        mask = (mask & padding) | (key_pos == query_pos)[None, None]
+    return mask
+
+
+class MHA2MLAModel(MHA2MLAPreTrainedModel):
+    def __init__(self, config: DeepseekV2Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [MHA2MLADecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        bsz, q_len, _ = inputs_embeds.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -q_len:]
+            else:
+                position_ids = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)
+                position_ids = position_ids[None].expand(bsz, -1)
+        mask = build_attention_mask(attention_mask, bsz, q_len, past_len, inputs_embeds.device)
+        hidden = inputs_embeds
+        for layer in self.layers:
+            hidden = layer(hidden, position_ids, mask, past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(hidden), past_key_values=past_key_values if use_cache else None
+        )
+
+
+class MHA2MLAForCausalLM(MHA2MLAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeepseekV2Config):
+        super().__init__(config)
+        self.model = MHA2MLAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden = out.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    @torch.no_grad()
+    def greedy_generate(self, input_ids: torch.LongTensor, max_new_tokens: int) -> torch.LongTensor:
+        """Greedy decoding with the latent cache (one sequence per row, no padding).
+
+        A plain loop rather than ``generate()`` so parity tests do not depend on the
+        generation utilities of a particular transformers release.
+        """
+        cache = DynamicCache()
+        out = self(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        tokens = [out.logits[:, -1].argmax(-1)]
+        for _ in range(max_new_tokens - 1):
+            out = self(input_ids=tokens[-1][:, None], past_key_values=cache, use_cache=True)
+            tokens.append(out.logits[:, -1].argmax(-1))
+        return torch.stack(tokens, dim=1)
+
+
+def load_reference(path, dtype: torch.dtype = torch.float32) -> MHA2MLAForCausalLM:
+    """Loads a converted checkpoint folder as the PyTorch reference model (eval mode)."""
+    model = MHA2MLAForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.eval()

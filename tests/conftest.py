@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TinySpec, build_tiny_model
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """Returns a function ``spec -> folder`` that builds each tiny checkpoint once."""
+    built: dict[TinySpec, Path] = {}
+
+    def make(spec: TinySpec = TinySpec()) -> Path:
+        if spec not in built:
+            built[spec] = build_tiny_model(tmp_path_factory.mktemp("src"), spec)
+        return built[spec]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def calib_text_file(tmp_path_factory) -> Path:
+    from conversion.text_data import shared_text_path, split_text
+
+    calib, _ = split_text(shared_text_path().read_text())
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(calib[:60_000])
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MHA2MLA_CACHE", str(tmp_path / "cache"))

@@ -1,0 +1,75 @@
+"""Builders for small but real Hugging Face checkpoints on disk (no downloads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from conversion.text_data import shared_text_path, split_text
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    model_type: str = "llama"
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    hidden_size: int = 256
+    num_layers: int = 2
+    vocab_size: int = 512
+    bias: bool = False
+    tie: bool = False
+
+
+def train_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer trained on the shared text's calibration split."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    calib, _ = split_text(shared_text_path().read_text())
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([calib[:200_000]], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(folder))
+
+
+def build_tiny_model(folder: Path, spec: TinySpec, seed: int = 0) -> Path:
+    """Saves a randomly initialised model of ``spec`` (float32) plus tokenizer to ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=2 * spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=1024,
+        tie_word_embeddings=spec.tie,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    if spec.model_type == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, attention_bias=spec.bias))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.2)
+            elif "norm" in name:
+                param.uniform_(0.8, 1.2)
+            else:  # larger weights than the default init so attention is far from uniform
+                param.normal_(0, 0.08)
+    model.save_pretrained(str(folder))
+    train_tokenizer(folder, spec.vocab_size)
+    return folder
