@@ -145,6 +145,14 @@ class MLALayout:
                     overflow_pos += 1
         return idx
 
+    def q_gather_index_for_heads(self, start: int, end: int) -> torch.Tensor:
+        """The query gather index of heads ``[start, end)`` (a tensor-parallel shard), into
+        that shard's compact query ``[(end - start)·d]`` plus one zero."""
+        width = self.qk_nope_head_dim + self.qk_rope_head_dim
+        d, sentinel = self.head_dim, self.num_heads * self.head_dim
+        idx = self.q_gather_index[start * width : end * width]
+        return torch.where(idx == sentinel, (end - start) * d, idx - start * d)
+
     @cached_property
     def kv_gather_index(self) -> torch.Tensor:
         """``[kv_lora_rank + qk_rope]`` indices into the compact ``[c (C) | rotated keys (R)]``

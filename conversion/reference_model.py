@@ -44,33 +44,37 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def project_mla_inputs(
+def mla_inputs(
     q_compact: torch.Tensor,
     kv_compact: torch.Tensor,
     positions: torch.Tensor,
-    spec: MHA2MLASpec,
-    inv_freq: torch.Tensor,
+    inv_freq_q: torch.Tensor,
+    inv_freq_k: torch.Tensor,
     q_index: torch.Tensor,
     kv_index: torch.Tensor,
+    head_dim: int,
+    rope_dim: int,
+    latent_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates the compact projections and lays them out as vLLM's MLA expects.
 
-    ``q_compact``: ``[..., h·d]`` (per head ``[rope | nope]``), ``kv_compact``: ``[..., C+R]``
-    (``[latent | rope keys per kv-head]``), ``positions``: ``[...]``. Returns
-    ``q``: ``[..., h, qk_nope+qk_rope]`` and ``kv``: ``[..., kv_lora_rank+qk_rope]``.
+    ``q_compact``: ``[..., n·d]`` for n query heads (per head ``[rope | nope]``);
+    ``kv_compact``: ``[..., C+R]`` (``[latent | rope keys per kv-head]``); ``positions``:
+    ``[...]``; ``inv_freq_q`` ``[n, r]`` / ``inv_freq_k`` ``[g, r]``: each head's frequencies;
+    ``q_index`` / ``kv_index``: :class:`MLALayout` gather indices. Returns ``q``
+    ``[..., n, qk_nope+qk_rope]`` and ``kv`` ``[..., kv_lora_rank+qk_rope]``. Shared by the
+    reference model and the vLLM plugin so both compute the same function.
     """
-    lay = spec.layout
     lead = q_compact.shape[:-1]
-    rd, g = lay.rope_dim, lay.num_kv_heads
-    q = q_compact.view(*lead, lay.num_heads, lay.head_dim)
-    q_rope = apply_partial_rope(q[..., :rd], positions, inv_freq.repeat_interleave(lay.group_size, 0))
-    k_rope = kv_compact[..., lay.latent_dim :].view(*lead, g, rd)
-    k_rope = apply_partial_rope(k_rope, positions, inv_freq)
-    zero_q = q.new_zeros(*lead, 1)
-    q_flat = torch.cat([q_rope, q[..., rd:]], dim=-1).reshape(*lead, -1)
-    q_mla = torch.cat([q_flat, zero_q], dim=-1)[..., q_index]
-    kv_flat = torch.cat([kv_compact[..., : lay.latent_dim], k_rope.reshape(*lead, -1), zero_q], dim=-1)
-    return q_mla.view(*lead, lay.num_heads, -1), kv_flat[..., kv_index]
+    q = q_compact.view(*lead, -1, head_dim)
+    q_rope = apply_partial_rope(q[..., :rope_dim], positions, inv_freq_q)
+    k_rope = kv_compact[..., latent_dim:].view(*lead, -1, rope_dim)
+    k_rope = apply_partial_rope(k_rope, positions, inv_freq_k)
+    zero = q.new_zeros(*lead, 1)
+    q_flat = torch.cat([q_rope, q[..., rope_dim:]], dim=-1).reshape(*lead, -1)
+    q_mla = torch.cat([q_flat, zero], dim=-1)[..., q_index]
+    kv_flat = torch.cat([kv_compact[..., :latent_dim], k_rope.reshape(*lead, -1), zero], dim=-1)
+    return q_mla.view(*lead, q.shape[-2], -1), kv_flat[..., kv_index]
 
 
 class MHA2MLAAttention(nn.Module):
@@ -91,16 +95,17 @@ class MHA2MLAAttention(nn.Module):
         self.o_proj = nn.Linear(lay.num_heads * lay.head_dim, hidden, bias=self.spec.o_bias)
         # Derived from the config, not state: plain attributes (not buffers), so that
         # transformers' meta-device loading never leaves them uninitialised.
-        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(inv_freq [g, r], q gather index, kv gather index) on ``device``, computed once."""
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(inv_freq per query head, per kv-head, q and kv gather indices) on ``device``."""
         if device not in self._constants:
             lay = self.layout
-            self._constants[device] = (
-                self.spec.layer_inv_freq(self.layer_idx).to(device),
-                lay.q_gather_index.to(device),
-                lay.kv_gather_index.to(device),
+            inv_freq = self.spec.layer_inv_freq(self.layer_idx)
+            self._constants[device] = tuple(
+                t.to(device)
+                for t in (inv_freq.repeat_interleave(lay.group_size, 0), inv_freq,
+                          lay.q_gather_index, lay.kv_gather_index)
             )
         return self._constants[device]
 
@@ -113,12 +118,14 @@ class MHA2MLAAttention(nn.Module):
     ) -> torch.Tensor:
         lay = self.layout
         bsz, q_len, _ = hidden_states.shape
-        q, kv = project_mla_inputs(
+        q, kv = mla_inputs(
             self.q_proj(hidden_states),
             self.kv_a_proj_with_mqa(hidden_states),
             position_ids,
-            self.spec,
             *self.constants(hidden_states.device),
+            lay.head_dim,
+            lay.rope_dim,
+            lay.latent_dim,
         )
         latent, k_pe = kv[..., : lay.kv_lora_rank], kv[..., lay.kv_lora_rank :]
         if past_key_values is not None:

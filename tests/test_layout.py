@@ -13,8 +13,7 @@ import torch
 
 from conversion.errors import ConversionError
 from conversion.layout import MLALayout, max_d_kv_for_cache, native_prefill_dims, plan_exact_layout, plan_native_layout
-from conversion.mla_config import MHA2MLASpec
-from conversion.reference_model import project_mla_inputs
+from conversion.reference_model import mla_inputs
 from conversion.rope import apply_partial_rope
 
 CASES = [
@@ -31,11 +30,6 @@ CASES = [
 
 def _layout(h, g, d, rd, dkv, size):
     return plan_native_layout(h, g, d, rd, dkv, size) if size else plan_exact_layout(h, g, d, rd, dkv)
-
-
-def _spec(layout):
-    return MHA2MLASpec(layout=layout, rope_pairs=[], rope_theta=10000.0, rope_scaling=None,
-                       q_bias=False, kv_a_bias=False, o_bias=False)
 
 
 def _causal_softmax(scores):
@@ -70,8 +64,8 @@ def test_mapped_prefill_and_decode_equal_direct_attention(case):
     direct = torch.einsum("hts,shd->thd", _causal_softmax(scores * scale), v[:, grp])
 
     # Mapped into vLLM's layout.
-    q_mla, kv = project_mla_inputs(x @ w_q.T, torch.cat([c, x @ w_kr.T], -1), pos, _spec(lay), inv_freq,
-                                   lay.q_gather_index, lay.kv_gather_index)
+    q_mla, kv = mla_inputs(x @ w_q.T, torch.cat([c, x @ w_kr.T], -1), pos, inv_freq[grp], inv_freq,
+                           lay.q_gather_index, lay.kv_gather_index, d, rd, lay.latent_dim)
     assert q_mla.shape == (t, h, lay.qk_nope_head_dim + lay.qk_rope_head_dim)
     assert kv.shape == (t, lay.kv_lora_rank + lay.qk_rope_head_dim)
     kv_b = lay.build_kv_b_proj(w_up_k, w_up_v).view(h, lay.qk_nope_head_dim + lay.v_head_dim, lay.kv_lora_rank)
@@ -122,3 +116,15 @@ def test_overfull_layouts_are_refused():
 def test_layout_round_trips_through_dict():
     lay = plan_native_layout(9, 3, 64, 8, 32, 576)
     assert MLALayout.from_dict(lay.to_dict()) == lay
+
+
+def test_tensor_parallel_shards_of_the_query_index_tile_the_full_index():
+    lay = plan_native_layout(8, 4, 64, 16, 24, 576)
+    full = torch.cat([torch.randn(8 * 64), torch.zeros(1)])
+    want = full[lay.q_gather_index].view(8, -1)
+    for tp in (2, 4, 8):
+        n = 8 // tp
+        for rank in range(tp):
+            shard = torch.cat([full[rank * n * 64:(rank + 1) * n * 64], torch.zeros(1)])
+            got = shard[lay.q_gather_index_for_heads(rank * n, (rank + 1) * n)].view(n, -1)
+            assert torch.equal(got, want[rank * n:(rank + 1) * n])
