@@ -42,6 +42,8 @@ class EngineRequest:
     """If > 0, time this many extra runs of the same batch (after the first, a warm-up)."""
     load_format: str = "auto"
     hf_overrides: dict[str, Any] | None = None
+    skip_tokenizer_init: bool = False
+    gpu_memory_utilization: float | None = None
     seed: int = 0
 
 
@@ -55,6 +57,7 @@ def _engine_kwargs(req: EngineRequest) -> dict[str, Any]:
         tensor_parallel_size=req.tensor_parallel_size,
         seed=req.seed,
         load_format=req.load_format,
+        skip_tokenizer_init=req.skip_tokenizer_init,
     )
     optional = {
         "kv_cache_memory_bytes": req.kv_cache_memory_bytes,
@@ -63,6 +66,7 @@ def _engine_kwargs(req: EngineRequest) -> dict[str, Any]:
         "max_num_batched_tokens": req.max_num_batched_tokens,
         "max_num_seqs": req.max_num_seqs,
         "hf_overrides": req.hf_overrides,
+        "gpu_memory_utilization": req.gpu_memory_utilization,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     if req.attention_backend:
@@ -93,7 +97,7 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
     inputs: list[Any] = [{"prompt_token_ids": ids} for ids in req.prompt_token_ids] + list(req.prompts)
     params = SamplingParams(
         max_tokens=req.max_tokens, temperature=0.0, prompt_logprobs=0 if req.prompt_logprobs else None,
-        ignore_eos=req.timed_repeats > 0,
+        ignore_eos=req.timed_repeats > 0, detokenize=not req.skip_tokenizer_init,
     )
     outputs = llm.generate(inputs, params, use_tqdm=False) if inputs else []
     timings = []
