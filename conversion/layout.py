@@ -177,7 +177,7 @@ class MLALayout:
                 f"({g * nd}, {c}), ({g * d}, {c})"
             )
         width = pn + self.v_head_dim
-        w = torch.zeros(self.num_heads * width, self.kv_lora_rank, dtype=w_up_k.dtype)
+        w = torch.zeros(self.num_heads * width, self.kv_lora_rank, dtype=w_up_k.dtype, device=w_up_k.device)
         for j in range(self.num_heads):
             k, base = j // self.group_size, j * width
             w[base : base + nd, :c] = w_up_k[k * nd : (k + 1) * nd]

@@ -52,7 +52,7 @@ class MHA2MLASpec:
     def layer_inv_freq(self, layer_idx: int) -> torch.Tensor:
         """``[kv_heads, r]`` float32 frequencies of the pairs this layer keeps rotary."""
         full = rope_inv_freq(self.layout.head_dim, self.rope_theta, self.rope_scaling)
-        return full[torch.tensor(self.rope_pairs[layer_idx], dtype=torch.long)]
+        return full[torch.tensor(self.rope_pairs[layer_idx], dtype=torch.long, device="cpu")]
 
     @property
     def softmax_scale(self) -> float:

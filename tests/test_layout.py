@@ -128,3 +128,20 @@ def test_tensor_parallel_shards_of_the_query_index_tile_the_full_index():
             shard = torch.cat([full[rank * n * 64:(rank + 1) * n * 64], torch.zeros(1)])
             got = shard[lay.q_gather_index_for_heads(rank * n, (rank + 1) * n)].view(n, -1)
             assert torch.equal(got, want[rank * n:(rank + 1) * n])
+
+
+def test_constants_are_built_on_cpu_under_another_default_device(tiny_model_factory, tmp_path):
+    """vLLM builds models under a device context; the plugin's constants must not follow it."""
+    import json
+
+    from conversion import ConvertOptions, convert
+    from conversion.mla_config import MHA2MLASpec
+    from tests.helpers import TinySpec
+
+    convert(tiny_model_factory(TinySpec()), tmp_path / "m", ConvertOptions(rope_dim=8, strategy="high", d_kv=16),
+            show_progress=False)
+    spec = MHA2MLASpec.from_config(json.loads((tmp_path / "m" / "config.json").read_text()))
+    with torch.device("meta"):
+        tensors = [spec.layer_inv_freq(1), spec.layout.q_gather_index_for_heads(0, 2), spec.layout.kv_gather_index]
+    assert all(t.device.type == "cpu" for t in tensors)
+    assert tensors[0].shape == (2, 4)
