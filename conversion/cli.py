@@ -19,6 +19,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--kv-budget", type=int, choices=[576, 512, 320],
                         help="cached values per token per layer (a vLLM-native MLA size)")
     p.add_argument("--svd", default="joint", choices=["joint", "split", "aw-joint"])
+    p.add_argument("--layout", default="auto", choices=["auto", "native", "exact"],
+                   help="vLLM cache layout: native 576-value rows (zero-padded), exact sizes (the plugin's own "
+                        "backend), or auto (native when it fits)")
     p.add_argument("--calib-text", type=Path, help="text file for 2-norm / aw-joint statistics")
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: source's)")
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                     dtype=args.dtype,
                     uniform_offset=args.uniform_offset,
                     overwrite=args.overwrite,
+                    layout=args.layout,
                 ),
             )
             print_report(report)

@@ -47,6 +47,11 @@ class ConvertOptions:
     uniform_offset: int = 0
     overwrite: bool = False
     cache_dir: Path | None = None
+    layout: str = "auto"
+    """auto: vLLM-native 576 when the latent fits, else exact sizes; native; exact."""
+
+
+LAYOUTS = ("auto", "native", "exact")
 
 
 @dataclass
@@ -74,6 +79,10 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
         rope.select_pairs_fixed("uniform", options.rope_dim // 2, d // 2, options.uniform_offset)
     if (options.d_kv is None) == (options.kv_budget is None):
         raise ConversionError("give exactly one of --d-kv and --kv-budget")
+    if options.layout not in LAYOUTS:
+        raise ConversionError(f"unknown --layout {options.layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if options.kv_budget is not None and options.layout == "exact":
+        raise ConversionError("--kv-budget fills a vLLM-native cache size; use --d-kv with --layout exact")
     notes: list[str] = []
     max_rank = min(g * (2 * d - options.rope_dim), spec.hidden_size)
     if options.kv_budget is not None:
@@ -98,8 +107,16 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
                 f"--d-kv {d_kv} is too large: the latent (kv-heads × d_kv = {g * d_kv}) cannot exceed "
                 f"rank {max_rank} (min of hidden size and key+value rows); use --d-kv <= {max_rank // g}"
             )
-        if d_kv <= max_d_kv_for_cache(g, options.rope_dim, DEFAULT_NATIVE_CACHE_SIZE) and d <= 128:
+        fits_native = d_kv <= max_d_kv_for_cache(g, options.rope_dim, DEFAULT_NATIVE_CACHE_SIZE) and d <= 192
+        if options.layout == "native" and not fits_native:
+            raise ConversionError(
+                f"--d-kv {d_kv} with --rope-dim {options.rope_dim} needs {g * (d_kv + options.rope_dim)} values "
+                f"per token, more than vLLM's native {DEFAULT_NATIVE_CACHE_SIZE}; lower them or use --layout exact"
+            )
+        if fits_native and options.layout != "exact":
             layout = plan_native_layout(h, g, d, options.rope_dim, d_kv, DEFAULT_NATIVE_CACHE_SIZE)
+        elif options.layout == "exact":
+            layout = plan_exact_layout(h, g, d, options.rope_dim, d_kv)
         else:
             layout = plan_exact_layout(h, g, d, options.rope_dim, d_kv)
             notes.append(

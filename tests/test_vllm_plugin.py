@@ -48,7 +48,9 @@ def _request(model, prompts, **kw):
 def test_greedy_tokens_equal_reference_model(models, prompts):
     """float32 engine, torch.compile on (the default): 8 prompts × 32 greedy tokens."""
     result = run_engine_in_subprocess(_request(models["mla"], prompts, max_tokens=32, dtype="float32"))
-    assert "CPU_MLA" in result["attention_backends"] or any("MLA" in b for b in result["attention_backends"])
+    # A native shape runs on vLLM's own MLA kernels, not the plugin's backend.
+    assert "CUSTOM" not in result["attention_backends"]
+    assert any("MLA" in b for b in result["attention_backends"])
     ref = load_reference(models["mla"])
     for prompt, out in zip(prompts, result["outputs"]):
         want = ref.greedy_generate(torch.tensor([prompt]), 32)[0].tolist()
@@ -93,10 +95,32 @@ def test_kv_cache_capacity_matches_latent_size(bf16_runs):
     assert abs(ratio / expected - 1) < 0.05, (ratio, expected)
 
 
-def test_non_native_shape_is_refused_with_the_budget_to_use(models):
+@pytest.fixture(scope="module")
+def exact_model(models):
+    """True-size layout (no padding): 8 kv-heads × (16 latent + 16 rope) = 256 values, which
+    vLLM's own kernels refuse; the plugin's backend serves it."""
     dst = models["root"] / "exact"
-    convert(models["src"], dst, ConvertOptions(rope_dim=16, strategy="high", d_kv=64, dtype="float32"),
-            show_progress=False)
-    assert json.loads((dst / "config.json").read_text())["kv_lora_rank"] == 512  # 8·64 latent
-    with pytest.raises(RuntimeError, match=r"--kv-budget 576"):
-        run_engine_in_subprocess(_request(dst, [[1, 2, 3]], max_tokens=2, enforce_eager=True))
+    convert(models["src"], dst, ConvertOptions(rope_dim=16, strategy="high", d_kv=16, dtype="float32",
+                                               layout="exact"), show_progress=False)
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] == 256
+    return dst
+
+
+def test_non_native_shape_is_served_by_the_plugin_backend(exact_model, prompts):
+    result = run_engine_in_subprocess(_request(exact_model, prompts, max_tokens=24, dtype="float32"))
+    assert "CUSTOM" in result["attention_backends"]
+    ref = load_reference(exact_model)
+    for prompt, out in zip(prompts, result["outputs"]):
+        assert out["token_ids"] == ref.greedy_generate(torch.tensor([prompt]), 24)[0].tolist()
+    # KV capacity follows the true row width: 256 float32 values × 2 layers per token.
+    assert abs(result["kv_cache_tokens"] * 256 * 4 * SPEC.num_layers / KV_BYTES - 1) < 0.02
+
+
+def test_plugin_backend_can_be_chosen_explicitly_for_native_shapes(models, prompts):
+    result = run_engine_in_subprocess(_request(models["mla"], prompts[:3], max_tokens=12, dtype="float32",
+                                               enforce_eager=True, attention_backend="CUSTOM"))
+    assert "CUSTOM" in result["attention_backends"]
+    ref = load_reference(models["mla"])
+    for prompt, out in zip(prompts, result["outputs"]):
+        assert out["token_ids"] == ref.greedy_generate(torch.tensor([prompt]), 12)[0].tolist()

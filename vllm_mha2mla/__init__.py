@@ -11,5 +11,8 @@ ARCHITECTURE = "MHA2MLAForCausalLM"
 def register() -> None:
     from vllm import ModelRegistry
 
+    from vllm_mha2mla.compat import register_attention_backend
+
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "vllm_mha2mla.model:MHA2MLAForCausalLM")
+    register_attention_backend()

@@ -40,19 +40,36 @@ from vllm.sequence import IntermediateTensors
 from conversion.layout import MLALayout
 from conversion.mla_config import MHA2MLASpec
 from conversion.reference_model import mla_inputs
-from vllm_mha2mla.compat import default_device, native_cache_sizes
+from vllm_mha2mla.backend_name import BACKEND_NAME
+from vllm_mha2mla.compat import (
+    default_device,
+    load_class,
+    native_cache_sizes,
+    plugin_backend_class_path,
+    requested_backend_name,
+)
 
 
-def check_servable(layout: MLALayout) -> None:
-    """Refuses, with the fix, a shape that vLLM's MLA kernels on this platform cannot serve."""
-    sizes = native_cache_sizes()
-    dims = (layout.qk_nope_head_dim, layout.qk_rope_head_dim, layout.v_head_dim)
-    if layout.cache_values not in sizes or not layout.is_native:
+def select_attention_backend(layout: MLALayout, vllm_config: VllmConfig) -> type | None:
+    """None to let vLLM pick its own MLA kernels (native shapes), else the plugin's backend.
+
+    The plugin's backend serves any shape; it is used when vLLM's kernels on this platform
+    refuse the shape, or when the user asks for it with ``--attention-backend CUSTOM``.
+    """
+    native = layout.is_native and layout.cache_values in native_cache_sizes()
+    requested = requested_backend_name(vllm_config)
+    if native and requested != BACKEND_NAME:
+        return None
+    path = plugin_backend_class_path()
+    if path is None:
+        dims = (layout.qk_nope_head_dim, layout.qk_rope_head_dim, layout.v_head_dim)
         raise ValueError(
             f"this MHA2MLA checkpoint caches {layout.cache_values} values per token with MLA dims "
             f"(qk_nope, qk_rope, v) = {dims}, which vLLM's MLA kernels here do not serve (head sizes "
-            f"{sizes}). Convert it again with `mha2mla convert ... --kv-budget {sizes[0]}`."
+            f"{native_cache_sizes()}) and this plugin has no backend for on this platform yet. "
+            f"Convert it again with `mha2mla convert ... --kv-budget {native_cache_sizes()[0]}`."
         )
+    return load_class(path)
 
 
 class MHA2MLAAttention(nn.Module):
@@ -60,10 +77,10 @@ class MHA2MLAAttention(nn.Module):
         self,
         config,
         spec: MHA2MLASpec,
-        cache_config: CacheConfig | None,
-        quant_config: QuantizationConfig | None,
+        vllm_config: VllmConfig,
         prefix: str,
     ) -> None:
+        cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
         super().__init__()
         lay = spec.layout
         self.layout = lay
@@ -102,6 +119,7 @@ class MHA2MLAAttention(nn.Module):
             cache_config=cache_config,
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
+            attn_backend=select_attention_backend(lay, vllm_config),
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -125,8 +143,7 @@ class MHA2MLADecoderLayer(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         spec = MHA2MLASpec.from_config(config)
-        self.self_attn = MHA2MLAAttention(config, spec, vllm_config.cache_config, vllm_config.quant_config,
-                                          prefix=f"{prefix}.self_attn")
+        self.self_attn = MHA2MLAAttention(config, spec, vllm_config, prefix=f"{prefix}.self_attn")
         self.mlp = LlamaMLP(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
                             hidden_act=config.hidden_act, quant_config=vllm_config.quant_config,
                             prefix=f"{prefix}.mlp")
@@ -154,7 +171,6 @@ class MHA2MLAModel(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
-        check_servable(MHA2MLASpec.from_config(config).layout)
         if get_pp_group().is_first_rank or (config.tie_word_embeddings and get_pp_group().is_last_rank):
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                        quant_config=vllm_config.quant_config)
