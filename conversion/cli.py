@@ -67,7 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mha2mla", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert_args(sub.add_parser("convert", help="convert a Llama-family checkpoint to MLA"))
+    demo = sub.add_parser("demo", help="convert a real model and compare it with the original in vLLM")
+    from vllm_mha2mla.demo import add_arguments
+
+    add_arguments(demo)
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from vllm_mha2mla.demo import main_from_args
+
+        return main_from_args(args)
     try:
         if args.command == "convert":
             from conversion.convert import ConvertOptions, convert

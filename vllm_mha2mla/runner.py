@@ -39,7 +39,10 @@ class EngineRequest:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
     timed_repeats: int = 0
-    """If > 0, time this many extra runs of the same batch (after the first, a warm-up)."""
+    """If > 0, time this many extra runs of the same batch (after the first, a warm-up),
+    generating exactly ``max_tokens`` each (EOS ignored)."""
+    scoring_token_ids: list[list[int]] = field(default_factory=list)
+    """Sequences to score: their prompt log-probabilities (e.g. perplexity on held-out text)."""
     load_format: str = "auto"
     hf_overrides: dict[str, Any] | None = None
     skip_tokenizer_init: bool = False
@@ -95,16 +98,23 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
     init_seconds = time.perf_counter() - start
     cache_config = llm.llm_engine.vllm_config.cache_config
     inputs: list[Any] = [{"prompt_token_ids": ids} for ids in req.prompt_token_ids] + list(req.prompts)
-    params = SamplingParams(
-        max_tokens=req.max_tokens, temperature=0.0, prompt_logprobs=0 if req.prompt_logprobs else None,
-        ignore_eos=req.timed_repeats > 0, detokenize=not req.skip_tokenizer_init,
-    )
+    detok = not req.skip_tokenizer_init
+    params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0,
+                            prompt_logprobs=0 if req.prompt_logprobs else None, detokenize=detok)
     outputs = llm.generate(inputs, params, use_tqdm=False) if inputs else []
     timings = []
+    timed_params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True, detokenize=detok)
     for _ in range(req.timed_repeats):
         t0 = time.perf_counter()
-        timed = llm.generate(inputs, params, use_tqdm=False)
+        timed = llm.generate(inputs, timed_params, use_tqdm=False)
         timings.append((time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in timed)))
+    scoring = []
+    if req.scoring_token_ids:
+        score_params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        scored = llm.generate([{"prompt_token_ids": ids} for ids in req.scoring_token_ids], score_params,
+                              use_tqdm=False)
+        scoring = [[float(lp[tok].logprob) for tok, lp in zip(out.prompt_token_ids, out.prompt_logprobs)
+                    if lp is not None] for out in scored]
     results = []
     for out in outputs:
         prompt_lps = None
@@ -135,6 +145,7 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
         "kv_cache_tokens": (cache_config.num_gpu_blocks or 0) * cache_config.block_size,
         "attention_backends": backends,
         "outputs": results,
+        "scoring_logprobs": scoring,
     }
     if timings:
         seconds = sorted(t for t, _ in timings)[len(timings) // 2]
