@@ -5,7 +5,7 @@
   throughput: dummy-weight Llama-2-7B-shaped engines: our MHA2MLAForCausalLM vs vLLM's
               DeepseekV2ForCausalLM on the same MLA shapes vs the MHA original (LlamaForCausalLM).
 
-Usage: python benchmarks/gpu_plugin.py {parity,throughput} OUT.json
+Usage: python benchmarks/gpu_plugin.py {parity,throughput,tp2} OUT.json  (tp2: 2 GPUs)
 Greedy decoding in bf16 flips near-tied tokens, so parity is judged teacher-forced: every
 token vLLM chose must be within ``margin`` of the reference's best logit, and prompt
 log-probabilities must be as close to float32 as vLLM's own bf16 Llama path is (2× + 0.02).
@@ -61,21 +61,23 @@ PARITY_CASES = {
 PARITY_BACKENDS = {"gqa_d128": [None, "FLASHMLA", "FLASH_ATTN_MLA", "TRITON_MLA"]}
 
 
-def parity(out_file: Path) -> dict:
+def parity(out_file: Path, tensor_parallel_size: int = 1, only: tuple[str, ...] | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp())
-    cases, backends = PARITY_CASES, PARITY_BACKENDS
+    cases = {k: v for k, v in PARITY_CASES.items() if only is None or k in only}
+    backends = PARITY_BACKENDS if tensor_parallel_size == 1 else {}
     prompts = _prompts(8, 4096)
-    results: dict = {"cases": {}}
+    results: dict = {"cases": {}, "tensor_parallel_size": tensor_parallel_size}
     for name, (cfg, rope_dim, d_kv) in cases.items():
         src = save_random_llama(tmp / f"{name}_src", cfg)
         mla = tmp / f"{name}_mla"
         convert(src, mla, ConvertOptions(rope_dim=rope_dim, strategy="uniform", d_kv=d_kv, dtype="bfloat16"),
                 show_progress=False)
         common = dict(prompt_token_ids=prompts, max_tokens=32, dtype="bfloat16", prompt_logprobs=True,
-                      skip_tokenizer_init=True, max_model_len=1024, gpu_memory_utilization=0.5)
+                      skip_tokenizer_init=True, max_model_len=1024, gpu_memory_utilization=0.5,
+                      tensor_parallel_size=tensor_parallel_size)
         runs = {"baseline_llama": run_engine_in_subprocess(EngineRequest(model=str(src), **common))}
         variants = [(f"mla_{b or 'auto'}", {"attention_backend": b}) for b in backends.get(name, [None])]
-        if name == "gqa_d128":
+        if name == "gqa_d128" and tensor_parallel_size == 1:
             variants.append(("mla_auto_fp8kv", {"kv_cache_dtype": "fp8"}))
         for key, extra in variants:
             try:
@@ -145,4 +147,7 @@ def throughput(out_file: Path, num_prompts: int = 256, prompt_len: int = 512, ou
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    {"parity": parity, "throughput": throughput}[mode](out)
+    if mode == "tp2":  # heads split over 2 GPUs, latent replicated
+        parity(out, tensor_parallel_size=2, only=("gqa_d128", "mha_d64"))
+    else:
+        {"parity": parity, "throughput": throughput}[mode](out)

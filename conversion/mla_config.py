@@ -54,6 +54,16 @@ class MHA2MLASpec:
         full = rope_inv_freq(self.layout.head_dim, self.rope_theta, self.rope_scaling)
         return full[torch.tensor(self.rope_pairs[layer_idx], dtype=torch.long, device="cpu")]
 
+    def input_constants(self, layer_idx: int, head_start: int = 0, head_end: int | None = None) -> tuple[torch.Tensor, ...]:
+        """(inv_freq per query head, inv_freq per kv-head, q gather index, kv gather index) of
+        one layer for query heads ``[head_start, head_end)`` (a tensor-parallel shard), on CPU:
+        the constant arguments of ``mla_inputs``."""
+        lay = self.layout
+        head_end = lay.num_heads if head_end is None else head_end
+        inv_freq = self.layer_inv_freq(layer_idx)
+        per_head = inv_freq.repeat_interleave(lay.group_size, 0)[head_start:head_end]
+        return per_head, inv_freq, lay.q_gather_index_for_heads(head_start, head_end), lay.kv_gather_index
+
     @property
     def softmax_scale(self) -> float:
         """1/√d of the original head dim: MHA2MLA keeps the original attention temperature."""

@@ -100,13 +100,7 @@ class MHA2MLAAttention(nn.Module):
     def constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(inv_freq per query head, per kv-head, q and kv gather indices) on ``device``."""
         if device not in self._constants:
-            lay = self.layout
-            inv_freq = self.spec.layer_inv_freq(self.layer_idx)
-            self._constants[device] = tuple(
-                t.to(device)
-                for t in (inv_freq.repeat_interleave(lay.group_size, 0), inv_freq,
-                          lay.q_gather_index, lay.kv_gather_index)
-            )
+            self._constants[device] = tuple(t.to(device) for t in self.spec.input_constants(self.layer_idx))
         return self._constants[device]
 
     def forward(

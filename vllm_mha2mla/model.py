@@ -100,13 +100,10 @@ class MHA2MLAAttention(nn.Module):
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
         layer_idx = extract_layer_index(prefix)
         start, end = tp_rank * self.num_local_heads, (tp_rank + 1) * self.num_local_heads
-        inv_freq = spec.layer_inv_freq(layer_idx)
         device = default_device()
-        self.register_buffer("inv_freq_q", inv_freq.repeat_interleave(lay.group_size, 0)[start:end].to(device),
-                             persistent=False)
-        self.register_buffer("inv_freq_k", inv_freq.to(device), persistent=False)
-        self.register_buffer("q_index", lay.q_gather_index_for_heads(start, end).to(device), persistent=False)
-        self.register_buffer("kv_index", lay.kv_gather_index.to(device), persistent=False)
+        constants = spec.input_constants(layer_idx, start, end)
+        for name, tensor in zip(("inv_freq_q", "inv_freq_k", "q_index", "kv_index"), constants):
+            self.register_buffer(name, tensor.to(device), persistent=False)
         self.mla_attn = MLAAttention(
             num_heads=self.num_local_heads,
             scale=spec.softmax_scale,
