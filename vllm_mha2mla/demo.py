@@ -218,6 +218,11 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> Path:
                 "Perplexity is measured on held-out text that calibration never saw.",
             ] + report["notes"],
         }
+        if any(not x["converted"].strip() for x in summary["samples"]):
+            summary["notes"].append(
+                "Empty MHA2MLA samples ended at once with the end-of-turn token (the PyTorch reference model "
+                "does the same): chat behaviour is the first casualty of conversion without fine-tuning."
+            )
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         (out_dir / "summary.md").write_text(f"# MHA2MLA demo: {model_name}\n\n" + markdown_table(summary))
         write_chart(summary, out_dir / "chart.png")
