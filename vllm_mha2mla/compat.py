@@ -6,10 +6,6 @@ Keep version checks here, and nowhere else, so supporting a new release is a one
 from __future__ import annotations
 
 import torch
-import vllm
-from packaging.version import Version
-
-VLLM_VERSION = Version(vllm.__version__.split("+")[0])
 
 
 def native_cache_sizes() -> tuple[int, ...]:
