@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from conversion.convert import ConversionPlan, ConvertOptions, build_config
-from conversion.layout import plan_native_layout
+from conversion.layout import plan_exact_layout, plan_native_layout
 from conversion.rope import select_pairs_fixed
 from conversion.source import read_source_spec
 
@@ -46,10 +46,12 @@ def write_config_only(folder: Path, config: dict) -> Path:
     return folder
 
 
-def mla_config_for(llama_folder: Path, rope_dim: int, d_kv: int, cache_size: int = 576) -> dict:
-    """The converted config.json an MHA2MLA conversion of ``llama_folder`` would write."""
+def mla_config_for(llama_folder: Path, rope_dim: int, d_kv: int, cache_size: int | None = 576) -> dict:
+    """The converted config.json an MHA2MLA conversion of ``llama_folder`` would write
+    (``cache_size`` None: the exact layout, true sizes)."""
     spec = read_source_spec(llama_folder)
-    layout = plan_native_layout(spec.num_heads, spec.num_kv_heads, spec.head_dim, rope_dim, d_kv, cache_size)
+    dims = (spec.num_heads, spec.num_kv_heads, spec.head_dim, rope_dim, d_kv)
+    layout = plan_exact_layout(*dims) if cache_size is None else plan_native_layout(*dims, cache_size)
     pairs = select_pairs_fixed("uniform", rope_dim // 2, spec.head_dim // 2)
     opts = ConvertOptions(rope_dim=rope_dim, strategy="uniform", d_kv=d_kv)
     plan = ConversionPlan(spec, layout, opts, torch.bfloat16)

@@ -153,6 +153,26 @@ class MLALayout:
         idx = self.q_gather_index[start * width : end * width]
         return torch.where(idx == sentinel, (end - start) * d, idx - start * d)
 
+    def rope_slot_columns(self, start: int, end: int) -> torch.Tensor:
+        """``[end - start, K]``: for each head of ``[start, end)``, the rope-slot columns its
+        query uses (its kv-head's rotated dims held in the slot), K = the most any head uses.
+
+        A head's query is zero on every other slot column, so attention computed on
+        ``[nope | these columns]`` equals attention over the full ``qk_nope + qk_rope`` dims;
+        prefill uses it to attend over ``head_dim``-sized heads whatever the slot width.
+        Heads with fewer columns are padded with a column where their query is zero.
+        """
+        used = []
+        for j in range(start, end):
+            first = (j // self.group_size) * self.rope_dim
+            used.append([f for f in range(first, first + self.rope_dim) if f < self.qk_rope_head_dim])
+        width = max(1, max(len(cols) for cols in used))
+        rows = []
+        for cols in used:
+            spare = [f for f in range(self.qk_rope_head_dim) if f not in cols]
+            rows.append(cols + spare[: width - len(cols)])
+        return torch.tensor(rows, dtype=torch.long, device="cpu")
+
     @cached_property
     def kv_gather_index(self) -> torch.Tensor:
         """``[kv_lora_rank + qk_rope]`` indices into the compact ``[c (C) | rotated keys (R)]``

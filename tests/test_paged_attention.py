@@ -27,3 +27,27 @@ def test_gather_follows_the_block_table():
     cache = torch.arange(4 * 2 * 1, dtype=torch.float32).view(4, 2, 1)  # row value = global slot
     rows = gather_paged_rows(cache, torch.tensor([[3, 1], [0, 2]]), torch.tensor([3, 4]))
     assert rows[0, :3, 0].tolist() == [6, 7, 2] and rows[1, :, 0].tolist() == [0, 1, 4, 5]
+
+
+@pytest.mark.parametrize("width", [120, 1024])
+def test_cache_gather_follows_block_table_and_starts(width):
+    from vllm_mha2mla.cache_gather import gather_cache_rows
+
+    g = torch.Generator().manual_seed(width)
+    block, blocks = 4, 12
+    cache = torch.randn(blocks, block, width, generator=g)
+    table = torch.randperm(blocks, generator=g)[:9].view(3, 3).to(torch.int32)
+    starts = torch.tensor([0, 4, 2], dtype=torch.int32)  # context chunk begins mid-request
+    lens = [5, 3, 6]
+    cu = torch.tensor([0, 5, 8, 14], dtype=torch.int32)
+    token_to_seq = torch.tensor(sum(([b] * n for b, n in enumerate(lens)), []) + [0, 0], dtype=torch.int32)
+    dst = torch.zeros(16, width)
+    gather_cache_rows(cache, dst, table, cu, token_to_seq, 14, "auto", torch.tensor([1.0]), starts)
+    for t in range(14):
+        b = int(token_to_seq[t])
+        pos = t - int(cu[b]) + int(starts[b])
+        assert torch.equal(dst[t], cache[table[b, pos // block], pos % block])
+    assert dst[14:].abs().sum() == 0  # rows past num_tokens untouched
+    scaled = torch.zeros(16, width)
+    gather_cache_rows(cache, scaled, table, cu, token_to_seq, 14, "fp8", torch.tensor([0.5]), starts)
+    torch.testing.assert_close(scaled[:14], dst[:14] * 0.5)

@@ -22,25 +22,92 @@ def default_device() -> torch.device:
 
 
 def plugin_backend_class_path() -> str | None:
-    """Dotted path of the plugin's any-shape MLA backend for this platform, or None where
-    the plugin has none yet (GPU: native shapes only in this release)."""
+    """Dotted path of the plugin's any-shape MLA backend for this platform (None: none here)."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        return "vllm_mha2mla.backend.MHA2MLACPUBackend"
+        return "vllm_mha2mla.cpu_backend.MHA2MLACPUBackend"
+    if current_platform.is_cuda():
+        return "vllm_mha2mla.gpu_backend.MHA2MLATritonBackend"
     return None
+
+
+PREFILL_BACKEND_PATH = "vllm_mha2mla.prefill.MHA2MLAPrefillBackend"
+
+
+def _uses_plugin_prefill() -> bool:
+    """GPU: vLLM's MLA prefill kernels take three head shapes, so the plugin brings its own.
+    CPU: vLLM's SDPA prefill already takes any shape."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
 
 
 def register_attention_backend() -> None:
     """Registers the plugin backend in vLLM's registry under ``CUSTOM`` (the slot both
     0.26 and 0.32 have; 0.32 also takes free-form names), so ``--attention-backend CUSTOM``
-    selects it explicitly."""
+    selects it explicitly; on GPU also the prefill backend under the MLA prefill ``CUSTOM``."""
     path = plugin_backend_class_path()
     if path is None:
         return
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CUSTOM, path)
+    if _uses_plugin_prefill():
+        from vllm.v1.attention.backends.mla.prefill.registry import (
+            MLAPrefillBackendEnum,
+            register_mla_prefill_backend,
+        )
+
+        register_mla_prefill_backend(MLAPrefillBackendEnum.CUSTOM, PREFILL_BACKEND_PATH)
+
+
+def plugin_prefill_kwargs(vllm_config) -> dict:
+    """Makes the next ``MLAAttention`` use the plugin's prefill backend; returns the extra
+    keyword arguments that takes.
+
+    vLLM 0.32 takes the class as ``MLAAttention(prefill_backend_cls=...)``; 0.26 picks the
+    prefill backend from ``attention_config.mla_prefill_backend``, so it is set to the
+    registered ``CUSTOM`` entry (the model's layers are all MHA2MLA layers).
+    """
+    if not _uses_plugin_prefill():
+        return {}
+    import inspect
+
+    from vllm.model_executor.layers.attention import MLAAttention
+
+    if "prefill_backend_cls" in inspect.signature(MLAAttention.__init__).parameters:
+        return {"prefill_backend_cls": load_class(PREFILL_BACKEND_PATH)}
+    from vllm.v1.attention.backends.mla.prefill.registry import MLAPrefillBackendEnum
+
+    register_attention_backend()  # this process may not have run the plugin hook yet
+    vllm_config.attention_config.mla_prefill_backend = MLAPrefillBackendEnum.CUSTOM
+    return {}
+
+
+VLLM_GATHER_WIDTHS = (320, 576)
+"""Row widths vLLM's ``gather_and_maybe_dequant_cache`` CUDA kernel is compiled for."""
+
+
+def extend_cache_gather_to_any_width() -> None:
+    """Routes ``vllm._custom_ops.gather_and_maybe_dequant_cache`` (called by vLLM's MLA
+    chunked-context prefill) to :func:`gather_cache_rows` for row widths its kernel lacks;
+    native widths keep vLLM's kernel. Idempotent; same signature in 0.26 and 0.32."""
+    from vllm import _custom_ops as ops
+
+    original = ops.gather_and_maybe_dequant_cache
+    if getattr(original, "mha2mla_any_width", False):
+        return
+    from vllm_mha2mla.cache_gather import gather_cache_rows
+
+    def gather_and_maybe_dequant_cache(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens,
+                                       kv_cache_dtype, scale, seq_starts=None):
+        fn = original if dst.shape[-1] in VLLM_GATHER_WIDTHS else gather_cache_rows
+        return fn(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens, kv_cache_dtype, scale,
+                  seq_starts)
+
+    gather_and_maybe_dequant_cache.mha2mla_any_width = True  # type: ignore[attr-defined]
+    ops.gather_and_maybe_dequant_cache = gather_and_maybe_dequant_cache
 
 
 def requested_backend_name(vllm_config) -> str | None:

@@ -45,6 +45,7 @@ from vllm_mha2mla.compat import (
     load_class,
     native_cache_sizes,
     plugin_backend_class_path,
+    plugin_prefill_kwargs,
     requested_backend_name,
 )
 
@@ -65,7 +66,7 @@ def select_attention_backend(layout: MLALayout, vllm_config: VllmConfig) -> type
         raise ValueError(
             f"this MHA2MLA checkpoint caches {layout.cache_values} values per token with MLA dims "
             f"(qk_nope, qk_rope, v) = {dims}, which vLLM's MLA kernels here do not serve (head sizes "
-            f"{native_cache_sizes()}) and this plugin has no backend for on this platform yet. "
+            f"{native_cache_sizes()}) and this plugin has no backend for on this platform. "
             f"Convert it again with `mha2mla convert ... --kv-budget {native_cache_sizes()[0]}`."
         )
     return load_class(path)
@@ -103,6 +104,8 @@ class MHA2MLAAttention(nn.Module):
         constants = spec.input_constants(layer_idx, start, end)
         for name, tensor in zip(("inv_freq_q", "inv_freq_k", "q_index", "kv_index"), constants):
             self.register_buffer(name, tensor.to(device), persistent=False)
+        backend = select_attention_backend(lay, vllm_config)
+        prefill = plugin_prefill_kwargs(vllm_config) if backend is not None else {}
         self.mla_attn = MLAAttention(
             num_heads=self.num_local_heads,
             scale=spec.softmax_scale,
@@ -115,7 +118,8 @@ class MHA2MLAAttention(nn.Module):
             cache_config=cache_config,
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
-            attn_backend=select_attention_backend(lay, vllm_config),
+            attn_backend=backend,
+            **prefill,
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,8 @@ def _backend_names(model) -> list[str]:
             names.add(backend.get_name())
         prefill = getattr(module, "prefill_backend", None)
         if prefill is not None:
-            names.add(f"prefill:{type(prefill).__name__}")
+            kernel = getattr(prefill, "kernel_name", None)
+            names.add(f"prefill:{type(prefill).__name__}" + (f"({kernel})" if kernel else ""))
     return sorted(names)
 
 

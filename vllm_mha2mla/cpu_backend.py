@@ -1,4 +1,4 @@
-"""The plugin's MLA attention backend for shapes vLLM's own kernels refuse.
+"""The plugin's CPU MLA attention backend for shapes vLLM's own kernels refuse.
 
 Stock vLLM MLA accepts cache rows of 576/512/320 values (CPU: 576). MHA2MLA checkpoints
 written with their true sizes (say 120 or 1024 values) keep vLLM's paged ``[latent | k_pe]``
@@ -9,31 +9,12 @@ decode kernel (by :func:`paged_latent_decode`, any width) and the metadata class
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from vllm.model_executor.layers.attention.mla_attention import MLACommonMetadata, MLACommonMetadataBuilder
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
-from vllm_mha2mla.paged_attention import paged_latent_decode
-
 from vllm_mha2mla.backend_name import BACKEND_NAME
-
-@dataclass
-class MHA2MLAMetadata(MLACommonMetadata):
-    """vLLM's MLA metadata without its check that the head size is a native one."""
-
-    def __post_init__(self) -> None:
-        pass
-
-
-class MHA2MLAMetadataBuilder(MLACommonMetadataBuilder):
-    """vLLM's MLA metadata builder, producing :class:`MHA2MLAMetadata`."""
-
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs):
-        if not args:
-            kwargs.setdefault("metadata_cls", MHA2MLAMetadata)
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
+from vllm_mha2mla.metadata import MHA2MLAMetadataBuilder
+from vllm_mha2mla.paged_attention import paged_latent_decode
 
 
 class MHA2MLACPUImpl(CPUMLAImpl):

@@ -1,0 +1,107 @@
+"""The plugin's prefill for any MLA head shape: per-head rope-column compaction and the
+prefill backend's attention, against attention over vLLM's full ``qk_nope + qk_rope`` dims."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conversion.layout import plan_exact_layout, plan_native_layout
+from conversion.reference_model import mla_inputs
+from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, compact_heads, varlen_attention_reference
+
+LAYOUTS = {
+    "exact_gqa": lambda: plan_exact_layout(8, 4, 64, 16, 24),
+    "exact_llama2_1024": lambda: plan_exact_layout(32, 32, 128, 16, 16),
+    "native_overflow": lambda: plan_native_layout(32, 32, 128, 8, 10, 576),  # rope keys past the slot
+    "exact_mha_small": lambda: plan_exact_layout(9, 3, 64, 32, 32),
+}
+
+
+def _mla_qk(layout, tokens: int, seed: int = 0):
+    """Queries and keys exactly as vLLM's prefill sees them (q from mla_inputs, k = [k_nope | k_pe])."""
+    g = torch.Generator().manual_seed(seed)
+    h, d, r = layout.num_heads, layout.head_dim, layout.rope_dim
+    q_compact = torch.randn(tokens, h * d, generator=g, dtype=torch.float64)
+    kv_compact = torch.randn(tokens, layout.latent_dim + layout.rope_total, generator=g, dtype=torch.float64)
+    inv_q = torch.rand(h, r // 2, generator=g, dtype=torch.float64)
+    inv_k = inv_q[:: layout.group_size]
+    pos = torch.arange(tokens)
+    q, kv = mla_inputs(q_compact, kv_compact, pos, inv_q, inv_k, layout.q_gather_index, layout.kv_gather_index,
+                       d, r, layout.latent_dim)
+    k_nope = torch.randn(tokens, h, layout.qk_nope_head_dim, generator=g, dtype=torch.float64)
+    k_pe = kv[:, None, layout.kv_lora_rank:].expand(-1, h, -1)
+    return q, torch.cat([k_nope, k_pe], dim=-1)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_compacted_heads_give_the_same_scores(name):
+    layout = LAYOUTS[name]()
+    q, k = _mla_qk(layout, tokens=12)
+    columns = layout.rope_slot_columns(0, layout.num_heads)
+    assert columns.shape[1] <= layout.rope_dim
+    qc, kc = (compact_heads(x, layout.qk_nope_head_dim, columns) for x in (q, k))
+    full = torch.einsum("qhd,khd->hqk", q, k)
+    compact = torch.einsum("qhd,khd->hqk", qc, kc)
+    torch.testing.assert_close(compact, full, rtol=1e-12, atol=1e-12)
+
+
+def test_rope_columns_follow_tensor_parallel_shards():
+    layout = plan_exact_layout(8, 4, 64, 16, 24)
+    whole = layout.rope_slot_columns(0, 8)
+    assert torch.equal(torch.cat([layout.rope_slot_columns(0, 4), layout.rope_slot_columns(4, 8)]), whole)
+    assert whole[3].tolist() == list(range(16, 32))  # head 3 is in kv-head 1
+
+
+def _backend(layout, hf_config=None):
+    config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config))
+    backend = MHA2MLAPrefillBackend(num_heads=layout.num_heads, scale=0.125, kv_lora_rank=layout.kv_lora_rank,
+                                    qk_nope_head_dim=layout.qk_nope_head_dim,
+                                    qk_rope_head_dim=layout.qk_rope_head_dim, v_head_dim=layout.v_head_dim,
+                                    vllm_config=config)
+    backend.flash_attn = None  # CPU: the PyTorch path
+    return backend
+
+
+def _hf_config(layout):
+    return SimpleNamespace(mha2mla={"format_version": 1, "layout": layout.to_dict(), "rope_pairs": [],
+                                    "rope_theta": 10000.0})
+
+
+@pytest.mark.parametrize("name", ["exact_llama2_1024", "exact_mha_small"])
+def test_prefill_backend_equals_full_dim_attention(name):
+    layout = LAYOUTS[name]()
+    lens = [5, 1, 9]
+    q, k = _mla_qk(layout, tokens=sum(lens))
+    v = torch.randn(sum(lens), layout.num_heads, layout.v_head_dim, dtype=torch.float64)
+    cu = torch.tensor([0, 5, 6, 15])
+    backend = _backend(layout, _hf_config(layout))
+    assert backend.rope_columns is not None and backend.padded_dim == layout.head_dim
+    backend.prepare_metadata(SimpleNamespace(query_start_loc=cu, max_query_len=9, chunked_context=None))
+    out, lse = backend.run_prefill_new_tokens(q, k, v, return_softmax_lse=True)
+    want, want_lse = varlen_attention_reference(q, k, v, cu, cu, 0.125, causal=True)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)  # float32 sums, different order
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_context_chunk_is_unmasked_and_returns_lse():
+    layout = LAYOUTS["exact_gqa"]()
+    q, _ = _mla_qk(layout, tokens=4, seed=1)
+    _, k = _mla_qk(layout, tokens=10, seed=2)
+    v = torch.randn(10, layout.num_heads, layout.v_head_dim, dtype=torch.float64)
+    cu_q, cu_k = torch.tensor([0, 3, 4]), torch.tensor([0, 7, 10])
+    backend = _backend(layout, _hf_config(layout))
+    chunk = SimpleNamespace(cu_seq_lens=[cu_k], max_seq_lens=[7])
+    backend.prepare_metadata(SimpleNamespace(query_start_loc=cu_q, max_query_len=3, chunked_context=chunk))
+    out, lse = backend.run_prefill_context_chunk(0, q, k, v)
+    for seq, (qs, qe, ks, ke) in enumerate([(0, 3, 0, 7), (3, 4, 7, 10)]):
+        scores = torch.einsum("qhd,khd->hqk", q[qs:qe], k[ks:ke]) * 0.125
+        torch.testing.assert_close(lse[:, qs:qe].double(), scores.logsumexp(-1), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out[qs:qe], torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[ks:ke]), rtol=1e-5, atol=1e-5)
+
+
+def test_without_an_mha2mla_config_heads_are_padded_not_compacted():
+    layout = LAYOUTS["exact_gqa"]()
+    backend = _backend(layout)
+    assert backend.rope_columns is None
+    assert backend.padded_dim == 48 + 64  # qk_nope 48 + qk_rope 64, already a multiple of 8

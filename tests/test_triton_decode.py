@@ -1,0 +1,79 @@
+"""The Triton paged decode kernel against the PyTorch reference (Triton's CPU interpreter).
+
+Runs without a GPU: ``TRITON_INTERPRET=1`` executes the kernels in NumPy, which checks the
+indexing, masking, split merging and fp8-scale paths exactly; speed is measured on the GPU by
+``benchmarks/gpu_anyshape.py``.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton kernels are defined
+
+from dataclasses import replace  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vllm_mha2mla.paged_attention import gather_paged_rows, paged_latent_decode  # noqa: E402
+from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch  # noqa: E402
+
+
+def _paged_problem(latent, rope, heads, block, lens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lens, dtype=torch.int32)
+    batch, width = len(lens), latent + rope
+    per_req = (int(lens.max()) + block - 1) // block
+    num_blocks = batch * per_req + 3
+    cache = torch.randn(num_blocks, block, width, generator=g)
+    table = torch.randperm(num_blocks, generator=g)[: batch * per_req].view(batch, per_req).to(torch.int32)
+    q = torch.randn(batch, heads, width, generator=g)
+    return q, cache, table, lens
+
+
+@pytest.mark.parametrize(
+    "latent,rope,heads,block,splits",
+    [(96, 24, 6, 16, 1), (448, 64, 20, 16, 4), (512, 512, 3, 16, 3), (7, 3, 3, 4, 2), (120, 8, 40, 32, 8)],
+)
+def test_kernel_equals_reference_decode(latent, rope, heads, block, splits):
+    q, cache, table, lens = _paged_problem(latent, rope, heads, block, [1, 5, 33, 17, 64])
+    plan = replace(plan_launch(len(lens), heads, latent, rope, 64, num_sms=8), num_splits=splits)
+    out, lse = mla_paged_decode(q, cache, table, lens, 0.3, latent, 64, launch=plan)
+    want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.3, latent)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    rows = gather_paged_rows(cache.double(), table, lens)
+    scores = torch.einsum("bhd,bld->bhl", q.double(), rows) * 0.3
+    valid = torch.arange(rows.shape[1])[None, :] < lens[:, None]
+    want_lse = scores.masked_fill(~valid[:, None, :], float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_more_splits_than_tokens_leaves_empty_splits_out():
+    q, cache, table, lens = _paged_problem(64, 16, 4, 16, [1, 2, 3])
+    plan = replace(plan_launch(3, 4, 64, 16, 3, num_sms=8), num_splits=8)
+    out, _ = mla_paged_decode(q, cache, table, lens, 0.5, 64, 3, launch=plan)
+    want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.5, 64)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_scaled_cache_is_dequantised_with_k_scale():
+    q, cache, table, lens = _paged_problem(64, 32, 5, 16, [9, 40])
+    k_scale = torch.tensor([4.0])
+    out, _ = mla_paged_decode(q, cache / 4.0, table, lens, 0.2, 64, 40, k_scale=k_scale)
+    want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.2, 64)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_launch_plan_fits_registers_and_fills_the_gpu():
+    wide = plan_launch(batch=1, num_heads=32, latent=960, rope=64, max_seq_len=8192, num_sms=132)
+    assert wide.block_c == 1024 and wide.block_h * wide.block_c <= 16384 and wide.num_splits > 1
+    narrow = plan_launch(batch=512, num_heads=32, latent=512, rope=64, max_seq_len=8192, num_sms=132)
+    assert narrow.block_h == 32 and narrow.num_splits == 1  # all heads share one read of each row
+    short = plan_launch(batch=1, num_heads=16, latent=512, rope=64, max_seq_len=100, num_sms=132)
+    assert short.num_splits == 1  # no split shorter than MIN_TOKENS_PER_SPLIT
+
+
+def test_rejects_mismatched_cache_width():
+    q, cache, table, lens = _paged_problem(64, 16, 2, 16, [4])
+    with pytest.raises(ValueError, match="cache rows have 80 values, queries 81"):
+        mla_paged_decode(torch.cat([q, q[..., :1]], -1), cache, table, lens, 0.5, 64, 4)

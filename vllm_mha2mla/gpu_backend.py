@@ -1,0 +1,100 @@
+"""The plugin's GPU MLA backend for shapes vLLM's own kernels refuse.
+
+Same structure as vLLM's ``TRITON_MLA``: vLLM's MLA layer, metadata builder, absorbed
+decode and up-projected prefill, with this project's pieces where the shapes differ —
+:func:`mla_paged_decode` (Triton, any latent and rope width, fp8 cache), the metadata class
+without the native-size check, :class:`MHA2MLAPrefillBackend` (installed by the model
+through :mod:`vllm_mha2mla.compat`) and :func:`gather_cache_rows` for context chunks.
+Decode-only batches run as full CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from vllm.model_executor.layers.attention.mla_attention import MLACommonBackend, MLACommonImpl
+from vllm.v1.attention.backend import MultipleOf
+
+from vllm_mha2mla.backend_name import BACKEND_NAME
+from vllm_mha2mla.compat import extend_cache_gather_to_any_width
+from vllm_mha2mla.metadata import MHA2MLAGraphMetadataBuilder
+from vllm_mha2mla.triton_decode import mla_paged_decode
+
+
+def _is_quantized(kv_cache_dtype: str) -> bool:
+    return kv_cache_dtype.startswith("fp8")
+
+
+class MHA2MLATritonImpl(MLACommonImpl):
+    """Absorbed decode through this project's paged Triton kernel."""
+
+    can_return_lse_for_decode: bool = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if _is_quantized(self.kv_cache_dtype):
+            # Queries stay in the model dtype; the kernel dequantises the fp8 cache on load.
+            self.supports_quant_query_input = False
+        self._num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        from vllm.config import get_current_vllm_config
+
+        self._max_model_len = get_current_vllm_config().model_config.max_model_len
+        extend_cache_gather_to_any_width()  # chunked-context prefill reads rows of this width
+
+    def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata, layer):
+        assert attn_metadata.decode is not None
+        if isinstance(q, tuple):
+            q = torch.cat(q, dim=-1)
+        # A captured CUDA graph keeps its split count for every later length: plan for the longest.
+        capturing = torch.cuda.is_current_stream_capturing()
+        max_seq_len = self._max_model_len if capturing else int(getattr(attn_metadata, "max_seq_len", self._max_model_len))
+        k_scale = layer._k_scale if _is_quantized(self.kv_cache_dtype) else None
+        return mla_paged_decode(
+            q,
+            kv_c_and_k_pe_cache,
+            attn_metadata.decode.block_table,
+            attn_metadata.decode.seq_lens,
+            self.scale,
+            self.kv_lora_rank,
+            max_seq_len,
+            k_scale=k_scale,
+            num_sms=self._num_sms,
+        )
+
+
+class MHA2MLATritonBackend(MLACommonBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16", "fp8", "fp8_e4m3"]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return []  # any cache width
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size > 0
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supports_block_size(cls, block_size: int | None) -> bool:
+        return block_size is None or block_size % 16 == 0
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return True
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[MHA2MLATritonImpl]:
+        return MHA2MLATritonImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[MHA2MLAGraphMetadataBuilder]:
+        return MHA2MLAGraphMetadataBuilder

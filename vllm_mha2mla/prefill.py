@@ -1,0 +1,147 @@
+"""MLA prefill for any ``(qk_nope, qk_rope, v)``: the plugin's prefill backend.
+
+vLLM's MLA prefill kernels accept three head shapes. MHA2MLA's exact layout has
+``qk_nope = d - rope_dim``, ``qk_rope = g·rope_dim`` (every kv-head's rotated keys share the
+slot) and ``v = d``: for Llama-2-7B at the paper's 1024-value config that is (112, 512, 128),
+a 624-dim query·key product no FlashAttention kernel takes. But each query head is zero on
+every slot column except its own kv-head's ``rope_dim`` ones, so attention over
+``[nope | own rope columns]`` (``d`` = 128 dims) is exactly the same attention. This backend
+gathers those columns (:meth:`MLALayout.rope_slot_columns`), zero-pads the head dims to a
+multiple of 8 (zeros change no dot product), runs FlashAttention varlen and slices the value
+dims back. Without FlashAttention, or past its 256-dim limit, a PyTorch path computes the
+same thing (also the reference the tests hold the fast path to).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from vllm.v1.attention.backends.mla.prefill.base import MLAPrefillBackend
+except ImportError:  # pragma: no cover - vLLM releases before the prefill-backend registry
+    MLAPrefillBackend = object  # type: ignore[assignment,misc]
+
+FLASH_ATTN_MAX_HEAD_DIM = 256
+
+
+def compact_heads(x: torch.Tensor, nope_dim: int, rope_columns: torch.Tensor | None) -> torch.Tensor:
+    """``[T, H, nope + rope]`` → ``[T, H, nope + K]``: each head keeps its own rope columns."""
+    if rope_columns is None:
+        return x
+    rope = x[..., nope_dim:]
+    index = rope_columns.to(x.device)[None].expand(x.shape[0], -1, -1)
+    return torch.cat([x[..., :nope_dim], torch.gather(rope, -1, index)], dim=-1)
+
+
+def pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
+    return x if x.shape[-1] == width else torch.nn.functional.pad(x, [0, width - x.shape[-1]])
+
+
+def varlen_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+    scale: float, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence attention in float32: ``out`` ``[Tq, H, Dv]`` and ``lse`` ``[H, Tq]``
+    (FlashAttention's layouts). Causal masks align the query to the end of its keys."""
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    for i in range(len(cu_q) - 1):
+        qs, qe, ks, ke = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        if qe == qs:
+            continue
+        scores = torch.einsum("qhd,khd->hqk", q[qs:qe].float(), k[ks:ke].float()) * scale
+        if causal:
+            offset = (ke - ks) - (qe - qs)
+            rows = torch.arange(qe - qs, device=q.device)[:, None] + offset
+            scores = scores.masked_fill(torch.arange(ke - ks, device=q.device)[None, :] > rows, float("-inf"))
+        lse[:, qs:qe] = scores.logsumexp(-1)
+        out[qs:qe] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[ks:ke].float()).to(q.dtype)
+    return out, lse
+
+
+def _rope_columns_for(vllm_config, num_heads: int) -> torch.Tensor | None:
+    """This rank's per-head rope columns, when the model is an MHA2MLA checkpoint."""
+    hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+    if hf_config is None or not hasattr(hf_config, "mha2mla"):
+        return None
+    from vllm.distributed import parallel_state
+
+    from conversion.mla_config import MHA2MLASpec
+
+    layout = MHA2MLASpec.from_config(hf_config).layout
+    rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+    start = rank * num_heads
+    return layout.rope_slot_columns(start, start + num_heads)
+
+
+class MHA2MLAPrefillBackend(MLAPrefillBackend):
+    """FlashAttention varlen on compacted, zero-padded heads; PyTorch where FA cannot run."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "MHA2MLA_PREFILL"
+
+    @classmethod
+    def supports_mla_dimensions(cls, mla_dimensions) -> bool:
+        return True
+
+    def __init__(self, num_heads, scale, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
+                 vllm_config) -> None:
+        super().__init__(num_heads=num_heads, scale=scale, kv_lora_rank=kv_lora_rank,
+                         qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+                         v_head_dim=v_head_dim, vllm_config=vllm_config)
+        self.rope_columns = _rope_columns_for(vllm_config, num_heads)
+        qk = qk_nope_head_dim + (qk_rope_head_dim if self.rope_columns is None else self.rope_columns.shape[1])
+        self.padded_dim = -(-max(qk, v_head_dim) // 8) * 8
+        self.flash_attn = self._load_flash_attn() if self.padded_dim <= FLASH_ATTN_MAX_HEAD_DIM else None
+
+    def _load_flash_attn(self):
+        try:
+            from vllm.v1.attention.backends.fa_utils import (
+                flash_attn_varlen_func,
+                get_flash_attn_version,
+                is_flash_attn_varlen_func_available,
+            )
+        except ImportError:
+            return None
+        if not is_flash_attn_varlen_func_available():
+            return None
+        import functools
+
+        version = get_flash_attn_version(head_size=self.padded_dim, head_size_v=self.padded_dim)
+        return functools.partial(flash_attn_varlen_func, fa_version=version) if version else flash_attn_varlen_func
+
+    @property
+    def kernel_name(self) -> str:
+        return "flash_attn_varlen" if self.flash_attn is not None else "torch"
+
+    def _attend(self, q, k, v, cu_q, cu_k, max_q, max_k, causal: bool):
+        nope = self.qk_nope_head_dim
+        width = self.padded_dim
+        q = pad_last(compact_heads(q, nope, self.rope_columns), width)
+        k = pad_last(compact_heads(k, nope, self.rope_columns), width)
+        v = pad_last(v, width)
+        if self.flash_attn is None:
+            out, lse = varlen_attention_reference(q, k, v, cu_q, cu_k, self.scale, causal)
+        else:
+            out, lse = self.flash_attn(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                                       max_seqlen_k=max_k, softmax_scale=self.scale, causal=causal,
+                                       return_softmax_lse=True)
+        return out[..., : self.v_head_dim], lse
+
+    def run_prefill_new_tokens(self, q, k, v, return_softmax_lse, out=None, output_scale=None):
+        if output_scale is not None:
+            raise NotImplementedError("the MHA2MLA prefill backend does not write quantized output")
+        meta = self._prefill_metadata
+        result, lse = self._attend(q, k, v, meta.query_start_loc, meta.query_start_loc,
+                                   meta.max_query_len, meta.max_query_len, causal=True)
+        if out is not None:
+            out.copy_(result)
+            result = out
+        return (result, lse) if return_softmax_lse else result
+
+    def run_prefill_context_chunk(self, chunk_idx, q, k, v):
+        meta = self._prefill_metadata
+        chunk = meta.chunked_context
+        return self._attend(q, k, v, meta.query_start_loc, chunk.cu_seq_lens[chunk_idx], meta.max_query_len,
+                            chunk.max_seq_lens[chunk_idx], causal=False)
