@@ -12,7 +12,8 @@
               FLASHMLA and TRITON_MLA on the same model and workload; at 1024 values (exact
               layout, plugin backend) vs the MHA original.
 
-Usage: python benchmarks/gpu_anyshape.py {kernel,parity,throughput576,throughput1024} OUT.json
+Usage: python benchmarks/gpu_anyshape.py MODE OUT.json
+  MODE: kernel, kerneltimings (no tile sweep), parity, parity576 (576 case only), throughput576, throughput1024
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_plugin import PARITY_CASES, _prompts, _teacher_forced  # noqa: E402
+from benchmarks.gpu_plugin import PARITY_CASES, _prompts, score_runs  # noqa: E402
 from benchmarks.synthetic import llama_config, mla_config_for, save_random_llama, write_config_only  # noqa: E402
 from conversion import ConvertOptions, convert, load_reference  # noqa: E402
 from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
@@ -262,7 +263,7 @@ def _judge(case: dict) -> None:
 
 
 def _parity_case(tmp: Path, name: str, cfg: dict, options: ConvertOptions, variants: list[tuple[str, dict]],
-                 prompts: list[list[int]], common: dict) -> dict:
+                 common: dict) -> dict:
     src = save_random_llama(tmp / f"{name}_src", cfg)
     mla = tmp / f"{name}_mla"
     convert(src, mla, options, show_progress=False)
@@ -280,18 +281,8 @@ def _parity_case(tmp: Path, name: str, cfg: dict, options: ConvertOptions, varia
 
     original = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).cuda().eval()
     reference = load_reference(mla).cuda()
-    case: dict = {"layout": layout, "cache_values": layout["kv_lora_rank"] + layout["qk_rope_head_dim"], "runs": {}}
-    for key, run in runs.items():
-        if "error" in run:
-            case["runs"][key] = run
-            continue
-        model = original if key == "baseline_llama" else reference
-        case["runs"][key] = {"backends": run["attention_backends"], "kv_cache_tokens": run["kv_cache_tokens"],
-                             "settings": {k: v for k, v in run["request"].items()
-                                          if k in ("attention_backend", "kv_cache_dtype", "enable_prefix_caching",
-                                                   "max_num_batched_tokens") and v is not None},
-                             **_teacher_forced(model, [o["prompt_token_ids"] for o in run["outputs"]],
-                                               run["outputs"], "cuda")}
+    case: dict = {"layout": layout, "cache_values": layout["kv_lora_rank"] + layout["qk_rope_head_dim"],
+                  "runs": score_runs(runs, original, reference, "cuda")}
     _judge(case)
     del original, reference
     torch.cuda.empty_cache()
@@ -301,34 +292,36 @@ def _parity_case(tmp: Path, name: str, cfg: dict, options: ConvertOptions, varia
     return case
 
 
-def parity(out_file: Path) -> dict:
+def parity(out_file: Path, only: tuple[str, ...] = ("llama2_7b_shaped_1024", "gqa_d128_576_forced")) -> dict:
     tmp = Path(tempfile.mkdtemp())
     short = _prompts(8, 4096)
     g = torch.Generator().manual_seed(1)
     shared = torch.randint(3, 4096, (200,), generator=g).tolist()
     long_prompts = [shared + torch.randint(3, 4096, (150 + 60 * i,), generator=g).tolist() for i in range(6)]
     common = dict(max_tokens=24, dtype="bfloat16", prompt_logprobs=True, skip_tokenizer_init=True,
-                  max_model_len=1024, gpu_memory_utilization=0.5)
+                  max_model_len=1024, gpu_memory_utilization=0.5, prompt_token_ids=short)
+    # prompt log-probs would bypass the prefix cache: greedy margins only
+    chunked = {"prompt_token_ids": long_prompts, "enable_prefix_caching": True, "max_num_batched_tokens": 128,
+               "prompt_logprobs": False}
     results: dict = {"device": torch.cuda.get_device_name(0), "cases": {}}
     l7 = LLAMA2_7B
-    cfg = llama_config(l7["hidden"], l7["heads"], l7["kv_heads"], l7["head_dim"], 2, 4096, l7["intermediate"])
-    paper = ConvertOptions(rope_dim=16, strategy="uniform", d_kv=16, dtype="bfloat16", layout="exact")
-    results["cases"]["llama2_7b_shaped_1024"] = _parity_case(
-        tmp, "llama2_1024", cfg, paper,
-        [("mha2mla_auto", {}),
-         ("mha2mla_fp8kv", {"kv_cache_dtype": "fp8"}),
-         # prompt log-probs would bypass the prefix cache: greedy margins only
-         ("mha2mla_chunked_prefix_cached", {"prompt_token_ids": long_prompts, "enable_prefix_caching": True,
-                                            "max_num_batched_tokens": 128, "prompt_logprobs": False})],
-        short, {**common, "prompt_token_ids": short})
-    _save(out_file, results)
+    paper_cfg = llama_config(l7["hidden"], l7["heads"], l7["kv_heads"], l7["head_dim"], 2, 4096, l7["intermediate"])
     gqa_cfg, rope_dim, d_kv = PARITY_CASES["gqa_d128"]
-    native = ConvertOptions(rope_dim=rope_dim, strategy="uniform", d_kv=d_kv, dtype="bfloat16")
-    results["cases"]["gqa_d128_576_forced"] = _parity_case(
-        tmp, "gqa576", gqa_cfg, native,
-        [("mha2mla_CUSTOM", {"attention_backend": "CUSTOM"})], short,
-        {**common, "prompt_token_ids": short})
-    _save(out_file, results)
+    cases = {
+        "llama2_7b_shaped_1024": (
+            "llama2_1024", paper_cfg,
+            ConvertOptions(rope_dim=16, strategy="uniform", d_kv=16, dtype="bfloat16", layout="exact"),
+            [("mha2mla_auto", {}), ("mha2mla_fp8kv", {"kv_cache_dtype": "fp8"}),
+             ("mha2mla_chunked_prefix_cached", chunked)]),
+        "gqa_d128_576_forced": (
+            "gqa576", gqa_cfg, ConvertOptions(rope_dim=rope_dim, strategy="uniform", d_kv=d_kv, dtype="bfloat16"),
+            [("mha2mla_CUSTOM", {"attention_backend": "CUSTOM"}),
+             ("mha2mla_CUSTOM_chunked_prefix_cached", {"attention_backend": "CUSTOM", **chunked})]),
+    }
+    for case, (name, cfg, options, variants) in cases.items():
+        if case in only:
+            results["cases"][case] = _parity_case(tmp, name, cfg, options, variants, common)
+            _save(out_file, results)
     return results
 
 
@@ -384,5 +377,9 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode.startswith("throughput"):
         throughput(out, which=mode.removeprefix("throughput"))
+    elif mode == "parity576":
+        parity(out, only=("gqa_d128_576_forced",))
+    elif mode == "kerneltimings":
+        kernel(out, sweep=False)
     else:
         {"kernel": kernel, "parity": parity}[mode](out)

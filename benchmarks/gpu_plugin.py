@@ -52,6 +52,24 @@ def _teacher_forced(model, prompts, outputs, device) -> dict:
             "sequences_exactly_greedy": exact, "sequences": len(prompts)}
 
 
+def score_runs(runs: dict, original, reference, device) -> dict:
+    """Each engine run scored teacher-forced: ``baseline_llama`` against the original
+    model, every other run against the MHA2MLA reference; failed runs kept as they are."""
+    scored = {}
+    for key, run in runs.items():
+        if "error" in run:
+            scored[key] = run
+            continue
+        model = original if key == "baseline_llama" else reference
+        settings = {k: v for k, v in run["request"].items() if v is not None and k in
+                    ("attention_backend", "kv_cache_dtype", "enable_prefix_caching", "max_num_batched_tokens")}
+        scored[key] = {"backends": run["attention_backends"], "kv_cache_tokens": run["kv_cache_tokens"],
+                       "settings": settings,
+                       **_teacher_forced(model, [o["prompt_token_ids"] for o in run["outputs"]], run["outputs"],
+                                         device)}
+    return scored
+
+
 PARITY_CASES = {
     # name: (llama config, rope_dim, d_kv); each fills a 576-value cache
     "gqa_d128": (llama_config(2048, 16, 4, 128, 4, 4096, 5632), 32, 112),
@@ -90,13 +108,7 @@ def parity(out_file: Path, tensor_parallel_size: int = 1, only: tuple[str, ...] 
         original = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(device).eval()
         reference = load_reference(mla).to(device)
         case: dict = {"rope_dim": rope_dim, "d_kv": d_kv, "runs": {}}
-        for key, run in runs.items():
-            if "error" in run:
-                case["runs"][key] = run
-                continue
-            model = original if key == "baseline_llama" else reference
-            case["runs"][key] = {"backends": run["attention_backends"], "kv_cache_tokens": run["kv_cache_tokens"],
-                                 **_teacher_forced(model, prompts, run["outputs"], device)}
+        case["runs"] = score_runs(runs, original, reference, device)
         base = case["runs"]["baseline_llama"]
         for key, r in case["runs"].items():
             if key != "baseline_llama" and "error" not in r:

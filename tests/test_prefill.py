@@ -105,3 +105,20 @@ def test_without_an_mha2mla_config_heads_are_padded_not_compacted():
     backend = _backend(layout)
     assert backend.rope_columns is None
     assert backend.padded_dim == 48 + 64  # qk_nope 48 + qk_rope 64, already a multiple of 8
+
+
+def test_padded_value_heads_come_back_contiguous():
+    """vLLM merges context-chunk and new-token outputs and requires equal strides."""
+    layout = LAYOUTS["native_overflow"]()  # qk 128 + 8 rope columns = 136 > v 128: padded
+    lens = [4, 3]
+    q, k = _mla_qk(layout, tokens=7)
+    v = torch.randn(7, layout.num_heads, layout.v_head_dim, dtype=torch.float64)
+    backend = _backend(layout, _hf_config(layout))
+    assert backend.padded_dim > layout.v_head_dim
+    cu = torch.tensor([0, 4, 7])
+    chunk = SimpleNamespace(cu_seq_lens=[cu], max_seq_lens=[4])
+    backend.prepare_metadata(SimpleNamespace(query_start_loc=cu, max_query_len=4, chunked_context=chunk))
+    new, _ = backend.run_prefill_new_tokens(q, k, v, return_softmax_lse=True)
+    ctx, _ = backend.run_prefill_context_chunk(0, q, k, v)
+    assert new.is_contiguous() and ctx.is_contiguous() and new.stride() == ctx.stride()
+    assert new.shape[-1] == layout.v_head_dim and sum(lens) == new.shape[0]

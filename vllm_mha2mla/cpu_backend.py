@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
-from vllm_mha2mla.backend_name import BACKEND_NAME
-from vllm_mha2mla.metadata import MHA2MLAMetadataBuilder
+from vllm_mha2mla.metadata import AnyShapeBackend, MHA2MLAMetadataBuilder
 from vllm_mha2mla.paged_attention import paged_latent_decode
 
 
@@ -35,19 +34,7 @@ class MHA2MLACPUImpl(CPUMLAImpl):
         return out, None
 
 
-class MHA2MLACPUBackend(CPUMLABackend):
-    @classmethod
-    def get_supported_head_sizes(cls) -> list[int]:
-        return []  # any cache width
-
-    @classmethod
-    def supports_head_size(cls, head_size: int) -> bool:
-        return head_size > 0
-
-    @staticmethod
-    def get_name() -> str:
-        return BACKEND_NAME
-
+class MHA2MLACPUBackend(AnyShapeBackend, CPUMLABackend):
     @staticmethod
     def get_impl_cls() -> type[MHA2MLACPUImpl]:
         return MHA2MLACPUImpl

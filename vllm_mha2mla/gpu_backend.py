@@ -16,9 +16,8 @@ import torch
 from vllm.model_executor.layers.attention.mla_attention import MLACommonBackend, MLACommonImpl
 from vllm.v1.attention.backend import MultipleOf
 
-from vllm_mha2mla.backend_name import BACKEND_NAME
 from vllm_mha2mla.compat import extend_cache_gather_to_any_width
-from vllm_mha2mla.metadata import MHA2MLAGraphMetadataBuilder
+from vllm_mha2mla.metadata import AnyShapeBackend, MHA2MLAGraphMetadataBuilder
 from vllm_mha2mla.triton_decode import mla_paged_decode
 
 
@@ -63,17 +62,9 @@ class MHA2MLATritonImpl(MLACommonImpl):
         )
 
 
-class MHA2MLATritonBackend(MLACommonBackend):
+class MHA2MLATritonBackend(AnyShapeBackend, MLACommonBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16", "fp8", "fp8_e4m3"]
-
-    @classmethod
-    def get_supported_head_sizes(cls) -> list[int]:
-        return []  # any cache width
-
-    @classmethod
-    def supports_head_size(cls, head_size: int) -> bool:
-        return head_size > 0
 
     @staticmethod
     def get_supported_kernel_block_sizes() -> list:
@@ -86,10 +77,6 @@ class MHA2MLATritonBackend(MLACommonBackend):
     @classmethod
     def supports_compute_capability(cls, capability) -> bool:
         return True
-
-    @staticmethod
-    def get_name() -> str:
-        return BACKEND_NAME
 
     @staticmethod
     def get_impl_cls() -> type[MHA2MLATritonImpl]:

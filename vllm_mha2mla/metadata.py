@@ -13,6 +13,25 @@ from typing import ClassVar
 from vllm.model_executor.layers.attention.mla_attention import MLACommonMetadata, MLACommonMetadataBuilder
 from vllm.v1.attention.backend import AttentionCGSupport
 
+from vllm_mha2mla.backend_name import BACKEND_NAME
+
+
+class AnyShapeBackend:
+    """What the plugin's backends (CPU and GPU) share: any cache width, one registry name.
+    Mixed in before vLLM's backend class so these override its native-size lists."""
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return []  # any cache width
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size > 0
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
 
 @dataclass
 class MHA2MLAMetadata(MLACommonMetadata):

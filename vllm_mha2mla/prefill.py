@@ -127,7 +127,8 @@ class MHA2MLAPrefillBackend(MLAPrefillBackend):
             out, lse = self.flash_attn(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
                                        max_seqlen_k=max_k, softmax_scale=self.scale, causal=causal,
                                        return_softmax_lse=True)
-        return out[..., : self.v_head_dim], lse
+        # contiguous: vLLM merges context and new-token outputs and needs equal strides
+        return (out if out.shape[-1] == self.v_head_dim else out[..., : self.v_head_dim].contiguous()), lse
 
     def run_prefill_new_tokens(self, q, k, v, return_softmax_lse, out=None, output_scale=None):
         if output_scale is not None:

@@ -22,7 +22,7 @@ stays correct for any sequence lengths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -56,8 +56,9 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
     block_r = max(16, triton.next_power_of_2(max(rope, 1)))
     fit = max(16, ACC_REGISTER_BUDGET // block_c)
     block_h = max(16, min(64, triton.next_power_of_2(num_heads), fit))
-    block_n = 32 if block_c <= 512 else 16
-    num_warps = 8 if block_h * block_c >= 16384 else 4
+    wide = block_c + block_r >= 1024  # measured on H100 (benchmarks/results/h100-anyshape)
+    block_n = 64 if wide else 32
+    num_warps = 8 if wide else 4
     programs = triton.cdiv(num_heads, block_h) * batch
     want = triton.next_power_of_2(max(1, triton.cdiv(2 * num_sms, programs)))
     by_length = triton.next_power_of_2(max(1, max_seq_len // MIN_TOKENS_PER_SPLIT))
@@ -189,6 +190,10 @@ def mla_paged_decode(
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     plan = launch or plan_launch(batch, num_heads, latent_dim, rope, max_seq_len, num_sms)
+    if k_scale is not None and launch is None and plan.block_n > 32:
+        # fp8 tiles are dequantised into a second, bf16 copy in shared memory: 64-token
+        # tiles of 1024-wide rows exceed the H100's 227 KiB (measured).
+        plan = replace(plan, block_n=32)
     partial = torch.empty(batch, num_heads, plan.num_splits, latent_dim + 1, dtype=torch.float32, device=q.device)
     out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
