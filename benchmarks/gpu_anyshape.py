@@ -13,7 +13,8 @@
               layout, plugin backend) vs the MHA original.
 
 Usage: python benchmarks/gpu_anyshape.py MODE OUT.json
-  MODE: kernel, kerneltimings (no tile sweep), parity, parity576 (576 case only), throughput576, throughput1024
+  MODE: kernel, kerneltimings (no tile sweep), parity, parity576 (576 case only), throughput576, throughput1024,
+        smollm2 (third argument: the SmolLM2-135M-Instruct Q4_1 GGUF file)
 """
 
 from __future__ import annotations
@@ -262,9 +263,8 @@ def _judge(case: dict) -> None:
                        and r["max_margin"] <= 2 * base["max_margin"] + 0.02)
 
 
-def _parity_case(tmp: Path, name: str, cfg: dict, options: ConvertOptions, variants: list[tuple[str, dict]],
+def _parity_case(tmp: Path, name: str, src: Path, options: ConvertOptions, variants: list[tuple[str, dict]],
                  common: dict) -> dict:
-    src = save_random_llama(tmp / f"{name}_src", cfg)
     mla = tmp / f"{name}_mla"
     convert(src, mla, options, show_progress=False)
     layout = json.loads((mla / "config.json").read_text())["mha2mla"]["layout"]
@@ -320,8 +320,40 @@ def parity(out_file: Path, only: tuple[str, ...] = ("llama2_7b_shaped_1024", "gq
     }
     for case, (name, cfg, options, variants) in cases.items():
         if case in only:
-            results["cases"][case] = _parity_case(tmp, name, cfg, options, variants, common)
+            src = save_random_llama(tmp / f"{name}_src", cfg)
+            results["cases"][case] = _parity_case(tmp, name, src, options, variants, common)
             _save(out_file, results)
+    return results
+
+
+def smollm2(out_file: Path, gguf: Path) -> dict:
+    """The demo's real model (SmolLM2-135M-Instruct, from the GGUF ``mha2mla demo`` uses),
+    converted as the demo does (2-norm, aw-joint, exact layout: 192 values), on the plugin
+    backend, teacher-forced against the float32 reference on held-out text."""
+    from transformers import AutoTokenizer
+
+    from conversion.default_model import _dequantize_to_folder
+    from conversion.text_data import shared_text_path, split_text
+
+    tmp = Path(tempfile.mkdtemp())
+    src = tmp / "smollm2_src"
+    src.mkdir()
+    _dequantize_to_folder(gguf.parent, gguf.name, src)
+    calib, held_out = split_text(shared_text_path().read_text())
+    calib_file = tmp / "calib.txt"
+    calib_file.write_text(calib)
+    ids = AutoTokenizer.from_pretrained(str(src))(held_out, add_special_tokens=False).input_ids
+    short = [ids[i * 97 : i * 97 + 48 + 8 * i] for i in range(8)]
+    long_prompts = [ids[:200] + ids[1000 + 400 * i : 1000 + 400 * i + 150 + 60 * i] for i in range(6)]
+    options = ConvertOptions(rope_dim=32, strategy="2-norm", d_kv=32, svd="aw-joint", calib_text=calib_file,
+                             calib_tokens=8192, layout="exact", dtype="bfloat16")
+    common = dict(max_tokens=24, dtype="bfloat16", prompt_logprobs=True, max_model_len=1024,
+                  gpu_memory_utilization=0.5, prompt_token_ids=short)
+    chunked = {"prompt_token_ids": long_prompts, "enable_prefix_caching": True, "max_num_batched_tokens": 128,
+               "prompt_logprobs": False}
+    results = {"device": torch.cuda.get_device_name(0), "cases": {"smollm2_135m_192": _parity_case(
+        tmp, "smollm2", src, options, [("mha2mla_auto", {}), ("mha2mla_chunked_prefix_cached", chunked)], common)}}
+    _save(out_file, results)
     return results
 
 
@@ -379,6 +411,8 @@ if __name__ == "__main__":
         throughput(out, which=mode.removeprefix("throughput"))
     elif mode == "parity576":
         parity(out, only=("gqa_d128_576_forced",))
+    elif mode == "smollm2":
+        smollm2(out, Path(sys.argv[3]))
     elif mode == "kerneltimings":
         kernel(out, sweep=False)
     else:

@@ -1,6 +1,13 @@
 import os
 from pathlib import Path
 
+# Triton's CPU interpreter (tests/test_triton_decode.py) needs triton.language itself imported in
+# interpreter mode, before vLLM imports it; engines other tests start must not inherit the setting.
+os.environ["TRITON_INTERPRET"] = "1"
+import triton.language  # noqa: E402,F401
+
+del os.environ["TRITON_INTERPRET"]
+
 import pytest
 
 from tests.helpers import TinySpec, build_tiny_model

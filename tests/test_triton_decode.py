@@ -7,7 +7,7 @@ indexing, masking, split merging and fp8-scale paths exactly; speed is measured 
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton kernels are defined
+os.environ["TRITON_INTERPRET"] = "1"  # kernels defined now become interpreted kernels
 
 from dataclasses import replace  # noqa: E402
 
@@ -16,6 +16,14 @@ import torch  # noqa: E402
 
 from vllm_mha2mla.paged_attention import gather_paged_rows, paged_latent_decode  # noqa: E402
 from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch  # noqa: E402
+
+del os.environ["TRITON_INTERPRET"]  # not for the engines other tests start
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    """Triton checks the setting again at launch."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _paged_problem(latent, rope, heads, block, lens, seed=0):
