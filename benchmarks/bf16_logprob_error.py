@@ -1,6 +1,8 @@
 """bf16 vs float32 prompt log-prob error of the demo's converted SmolLM2 (192 values) and of its
 MHA original, on this machine's vLLM (CPU here): separates the converted model's own bf16
-sensitivity from any GPU-kernel effect seen in ``gpu_anyshape.py smollm2``.
+sensitivity from any GPU-kernel effect seen in ``gpu_anyshape.py smollm2``. Besides the vLLM
+engines it scores the PyTorch models themselves run in DTYPE against float32 (no vLLM at all):
+if they show the same error, the error belongs to the model, not to a serving path.
 
 Usage: python benchmarks/bf16_logprob_error.py ORIGINAL_DIR CONVERTED_DIR OUT.json [DTYPE (bfloat16)]
 """
@@ -21,6 +23,24 @@ from conversion.text_data import shared_text_path, split_text  # noqa: E402
 from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
 
 
+@torch.no_grad()
+def _prompt_logprobs(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Log-probability of each prompt token after its prefix (the first token has none)."""
+    out = []
+    for prompt in prompts:
+        logp = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+        out.append(logp[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0])
+    return out
+
+
+def pytorch_dtype_error(model, prompts: list[list[int]], dtype: torch.dtype) -> float:
+    """Worst prompt log-prob change of ``model`` (float32) when run in ``dtype`` instead."""
+    exact = _prompt_logprobs(model, prompts)
+    rounded = _prompt_logprobs(model.to(dtype), prompts)
+    model.to(torch.float32)
+    return max(float((a - b).abs().max()) for a, b in zip(exact, rounded))
+
+
 def main(original: Path, converted: Path, out_file: Path, dtype: str = "bfloat16") -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -32,10 +52,15 @@ def main(original: Path, converted: Path, out_file: Path, dtype: str = "bfloat16
     runs = {"baseline_llama": run_engine_in_subprocess(EngineRequest(model=str(original), **common)),
             "mha2mla": run_engine_in_subprocess(EngineRequest(model=str(converted), **common))}
     ref_orig = AutoModelForCausalLM.from_pretrained(str(original), dtype=torch.float32).eval()
-    result = {"dtype": dtype, "runs": score_runs(runs, ref_orig, load_reference(converted), "cpu")}
+    reference = load_reference(converted)
+    result = {"dtype": dtype, "runs": score_runs(runs, ref_orig, reference, "cpu"),
+              "pytorch_in_dtype_vs_float32": {
+                  "original": pytorch_dtype_error(ref_orig, prompts, getattr(torch, dtype)),
+                  "converted_reference": pytorch_dtype_error(reference, prompts, getattr(torch, dtype))}}
     out_file.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: {kk: v[kk] for kk in ("backends", "max_margin", "max_prompt_logprob_error")}
                       for k, v in result["runs"].items()}, indent=1))
+    print("PyTorch models in", dtype, "vs float32:", result["pytorch_in_dtype_vs_float32"])
     return result
 
 
