@@ -117,6 +117,34 @@ def test_non_native_shape_is_served_by_the_plugin_backend(exact_model, prompts):
     assert abs(result["kv_cache_tokens"] * 256 * 4 * SPEC.num_layers / KV_BYTES - 1) < 0.02
 
 
+@pytest.fixture(scope="module")
+def prompts_sharing_a_prefix(models):
+    """5 prompts of 70–122 tokens: a 40-token shared prefix (2 full cache blocks of 16) and
+    their own held-out text after it."""
+    from transformers import AutoTokenizer
+
+    _, held_out = split_text(shared_text_path().read_text())
+    ids = AutoTokenizer.from_pretrained(str(models["src"]))(held_out, add_special_tokens=False).input_ids
+    return [ids[:40] + ids[500 + 200 * i : 500 + 200 * i + 30 + 13 * i] for i in range(5)]
+
+
+def test_non_native_shape_with_chunked_prefill_and_prefix_caching(exact_model, prompts_sharing_a_prefix):
+    """32-token scheduling steps split every prompt into chunks that attend to their cached
+    context, and later prompts start from the cached shared prefix: vLLM's CPU platform turns
+    both off for MLA, the plugin keeps them for its own backend, and tokens stay exact."""
+    prompts = prompts_sharing_a_prefix
+    result = run_engine_in_subprocess(_request(exact_model, prompts, max_tokens=16, dtype="float32",
+                                               enable_chunked_prefill=True, enable_prefix_caching=True,
+                                               max_num_batched_tokens=32))
+    assert "CUSTOM" in result["attention_backends"]
+    assert result["scheduling"] == {"enable_chunked_prefill": True, "max_num_batched_tokens": 32,
+                                    "enable_prefix_caching": True}
+    assert max(out["num_cached_tokens"] for out in result["outputs"]) >= 32
+    ref = load_reference(exact_model)
+    for prompt, out in zip(prompts, result["outputs"]):
+        assert out["token_ids"] == ref.greedy_generate(torch.tensor([prompt]), 16)[0].tolist()
+
+
 def test_plugin_backend_can_be_chosen_explicitly_for_native_shapes(models, prompts):
     result = run_engine_in_subprocess(_request(models["mla"], prompts[:3], max_tokens=12, dtype="float32",
                                                enforce_eager=True, attention_backend="CUSTOM"))

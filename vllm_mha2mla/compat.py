@@ -116,6 +116,56 @@ def requested_backend_name(vllm_config) -> str | None:
     return None if backend is None else getattr(backend, "name", str(backend))
 
 
+def plugin_backend_wanted(layout, vllm_config) -> bool:
+    """Whether the plugin's backend serves this :class:`MLALayout`: vLLM's kernels on this
+    platform refuse its shape, or the user asked for it (``--attention-backend CUSTOM``)."""
+    from vllm_mha2mla.backend_name import BACKEND_NAME
+
+    native = layout.is_native and layout.cache_values in native_cache_sizes()
+    return not native or requested_backend_name(vllm_config) == BACKEND_NAME
+
+
+def keep_chunked_prefill_on_cpu() -> None:
+    """Lets the plugin's CPU backend run with chunked prefill and prefix caching.
+
+    vLLM's CPU platform turns both off for every MLA model (its reference ``CPU_MLA``
+    backend has no context path), though vLLM 0.32's MLA scaffolding does have a CPU one:
+    a context-cache gather (``gather_mla_context_cache_cpu``), SDPA context prefill and a
+    PyTorch state merge. For checkpoints the plugin's backend serves, the settings the
+    user (or vLLM's defaults) chose are put back after the platform's check; models on
+    vLLM's own CPU kernels keep vLLM's behaviour. Idempotent; no-op off CPU.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    platform_cls = type(current_platform)
+    original = platform_cls.check_and_update_config
+    if getattr(original, "mha2mla_keeps_chunked_prefill", False):
+        return
+
+    def check_and_update_config(vllm_config) -> None:
+        scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
+        chosen = (scheduler.enable_chunked_prefill, scheduler.max_num_batched_tokens,
+                  cache.enable_prefix_caching)
+        original(vllm_config)
+        if _served_by_plugin_backend(vllm_config):
+            (scheduler.enable_chunked_prefill, scheduler.max_num_batched_tokens,
+             cache.enable_prefix_caching) = chosen
+
+    check_and_update_config.mha2mla_keeps_chunked_prefill = True  # type: ignore[attr-defined]
+    platform_cls.check_and_update_config = staticmethod(check_and_update_config)
+
+
+def _served_by_plugin_backend(vllm_config) -> bool:
+    hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+    if hf_config is None or not hasattr(hf_config, "mha2mla"):
+        return False
+    from conversion.mla_config import MHA2MLASpec
+
+    return plugin_backend_wanted(MHA2MLASpec.from_config(hf_config).layout, vllm_config)
+
+
 def load_class(dotted: str) -> type:
     import importlib
 

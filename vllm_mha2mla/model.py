@@ -39,14 +39,13 @@ from vllm.sequence import IntermediateTensors
 from conversion.layout import MLALayout
 from conversion.mla_config import MHA2MLASpec
 from conversion.reference_model import mla_inputs
-from vllm_mha2mla.backend_name import BACKEND_NAME
 from vllm_mha2mla.compat import (
     default_device,
     load_class,
     native_cache_sizes,
     plugin_backend_class_path,
+    plugin_backend_wanted,
     plugin_prefill_kwargs,
-    requested_backend_name,
 )
 
 
@@ -56,9 +55,7 @@ def select_attention_backend(layout: MLALayout, vllm_config: VllmConfig) -> type
     The plugin's backend serves any shape; it is used when vLLM's kernels on this platform
     refuse the shape, or when the user asks for it with ``--attention-backend CUSTOM``.
     """
-    native = layout.is_native and layout.cache_values in native_cache_sizes()
-    requested = requested_backend_name(vllm_config)
-    if native and requested != BACKEND_NAME:
+    if not plugin_backend_wanted(layout, vllm_config):
         return None
     path = plugin_backend_class_path()
     if path is None:

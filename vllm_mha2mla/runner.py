@@ -3,8 +3,9 @@
 Each engine runs in a fresh Python process (``run_engine_in_subprocess``): vLLM engines
 hold global state (distributed groups, compilation caches, device memory), so two models
 compared side by side must not share a process. The child reads a JSON request and writes
-a JSON result: generated tokens and text, prompt log-probabilities, the KV-cache capacity
-vLLM allocated (tokens), the attention backends it chose, and timings.
+a JSON result: generated tokens and text, prompt log-probabilities, prompt tokens served
+from the prefix cache, the KV-cache capacity vLLM allocated (tokens), the attention backends
+and scheduling it ran with, and timings.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
     start = time.perf_counter()
     llm = LLM(**_engine_kwargs(req))
     init_seconds = time.perf_counter() - start
-    cache_config = llm.llm_engine.vllm_config.cache_config
+    vllm_config = llm.llm_engine.vllm_config
+    cache_config = vllm_config.cache_config
     inputs: list[Any] = [{"prompt_token_ids": ids} for ids in req.prompt_token_ids] + list(req.prompts)
     detok = not req.skip_tokenizer_init
     params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0,
@@ -127,6 +129,7 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
             "token_ids": list(out.outputs[0].token_ids),
             "text": out.outputs[0].text,
             "prompt_logprobs": prompt_lps,
+            "num_cached_tokens": out.num_cached_tokens,
         })
     try:
         backends = sorted(set(sum(llm.apply_model(_backend_names), [])))
@@ -145,6 +148,11 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
         "block_size": cache_config.block_size,
         "kv_cache_tokens": (cache_config.num_gpu_blocks or 0) * cache_config.block_size,
         "attention_backends": backends,
+        "scheduling": {  # what the engine runs with, after vLLM's platform adjusted the request
+            "enable_chunked_prefill": vllm_config.scheduler_config.enable_chunked_prefill,
+            "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
+            "enable_prefix_caching": cache_config.enable_prefix_caching,
+        },
         "outputs": results,
         "scoring_logprobs": scoring,
     }
