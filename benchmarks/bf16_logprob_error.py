@@ -9,6 +9,7 @@ Usage: python benchmarks/bf16_logprob_error.py ORIGINAL_DIR CONVERTED_DIR OUT.js
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -33,12 +34,27 @@ def _prompt_logprobs(model, prompts: list[list[int]]) -> list[torch.Tensor]:
     return out
 
 
-def pytorch_dtype_error(model, prompts: list[list[int]], dtype: torch.dtype) -> float:
-    """Worst prompt log-prob change of ``model`` (float32) when run in ``dtype`` instead."""
+def pytorch_dtype_error(model, prompts: list[list[int]], dtype: torch.dtype, early: int = 4) -> dict:
+    """Worst prompt log-prob change of ``model`` (float32) when run in ``dtype`` instead: over
+    all scored tokens, and from prompt position ``early`` on (the first tokens of a text cut
+    without BOS are where a model is least conditioned)."""
     exact = _prompt_logprobs(model, prompts)
-    rounded = _prompt_logprobs(model.to(dtype), prompts)
-    model.to(torch.float32)
-    return max(float((a - b).abs().max()) for a, b in zip(exact, rounded))
+    rounded = _prompt_logprobs(copy.deepcopy(model).to(dtype), prompts)
+    diffs = [(a - b).abs() for a, b in zip(exact, rounded)]
+    worst = max(range(len(diffs)), key=lambda i: float(diffs[i].max()))
+    return {"max": float(diffs[worst].max()), "worst_position": 1 + int(diffs[worst].argmax()),
+            f"max_from_position_{early}": max(float(d[early - 1 :].max()) for d in diffs)}
+
+
+def held_out_dtype_effect(model, windows: list[list[int]], dtype: torch.dtype, early: int = 4) -> dict:
+    """Perplexity of ``model`` on ``windows`` in float32 and in ``dtype``, and the worst
+    per-token log-prob change before and from position ``early``."""
+    exact = torch.stack(_prompt_logprobs(model, windows))
+    rounded = torch.stack(_prompt_logprobs(copy.deepcopy(model).to(dtype), windows))
+    diff = (exact - rounded).abs()
+    return {"perplexity_float32": float((-exact.mean()).exp()), f"perplexity_{dtype}".replace("torch.", ""):
+            float((-rounded.mean()).exp()), f"max_before_position_{early}": float(diff[:, : early - 1].max()),
+            f"max_from_position_{early}": float(diff[:, early - 1 :].max())}
 
 
 def main(original: Path, converted: Path, out_file: Path, dtype: str = "bfloat16") -> dict:
@@ -57,10 +73,16 @@ def main(original: Path, converted: Path, out_file: Path, dtype: str = "bfloat16
               "pytorch_in_dtype_vs_float32": {
                   "original": pytorch_dtype_error(ref_orig, prompts, getattr(torch, dtype)),
                   "converted_reference": pytorch_dtype_error(reference, prompts, getattr(torch, dtype))}}
+    windows = [ids[i * 512 : (i + 1) * 512] for i in range(8)]  # 8 held-out windows of 512 tokens
+    result["pytorch_held_out_windows"] = {
+        "original": held_out_dtype_effect(ref_orig, windows, getattr(torch, dtype)),
+        "converted_reference": held_out_dtype_effect(reference, windows, getattr(torch, dtype))}
     out_file.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: {kk: v[kk] for kk in ("backends", "max_margin", "max_prompt_logprob_error")}
+    print(json.dumps({k: {kk: v[kk] for kk in ("backends", "max_margin", "max_prompt_logprob_error",
+                                               "worst_prompt_logprob_position")}
                       for k, v in result["runs"].items()}, indent=1))
     print("PyTorch models in", dtype, "vs float32:", result["pytorch_in_dtype_vs_float32"])
+    print("held-out windows:", result["pytorch_held_out_windows"])
     return result
 
 

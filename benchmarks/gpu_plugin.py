@@ -37,6 +37,7 @@ def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 def _teacher_forced(model, prompts, outputs, device) -> dict:
     """Worst logit margin of vLLM's greedy tokens and worst prompt-logprob error."""
     margins, lp_errors, exact = [], [], 0
+    worst_position = None
     for prompt, out in zip(prompts, outputs):
         seq = prompt + out["token_ids"]
         logits = model(torch.tensor([seq], device=device)).logits[0].float()
@@ -47,8 +48,12 @@ def _teacher_forced(model, prompts, outputs, device) -> dict:
         if out.get("prompt_logprobs"):
             logp = logits.log_softmax(-1)
             want = [float(logp[t - 1, prompt[t]]) for t in range(1, len(prompt))]
-            lp_errors.append(max(abs(a - b) for a, b in zip(want, out["prompt_logprobs"][1:])))
+            errors = [abs(a - b) for a, b in zip(want, out["prompt_logprobs"][1:])]
+            if not lp_errors or max(errors) > max(lp_errors):
+                worst_position = 1 + errors.index(max(errors))
+            lp_errors.append(max(errors))
     return {"max_margin": max(margins), "max_prompt_logprob_error": max(lp_errors) if lp_errors else None,
+            "worst_prompt_logprob_position": worst_position,  # index of the scored prompt token
             "sequences_exactly_greedy": exact, "sequences": len(prompts)}
 
 
