@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_anyshape import held_out_prompts  # noqa: E402
 from benchmarks.gpu_plugin import score_runs  # noqa: E402
 from conversion import load_reference  # noqa: E402
 from conversion.text_data import shared_text_path, split_text  # noqa: E402
@@ -62,7 +63,7 @@ def main(original: Path, converted: Path, out_file: Path, dtype: str = "bfloat16
 
     _, held_out = split_text(shared_text_path().read_text())
     ids = AutoTokenizer.from_pretrained(str(original))(held_out, add_special_tokens=False).input_ids
-    prompts = [ids[i * 97 : i * 97 + 48 + 8 * i] for i in range(8)]  # as gpu_anyshape.smollm2
+    prompts = held_out_prompts(ids)  # the prompts of gpu_anyshape.smollm2
     common = dict(prompt_token_ids=prompts, max_tokens=8, dtype=dtype, prompt_logprobs=True, max_model_len=512,
                   kv_cache_memory_bytes=1 << 30)
     runs = {"baseline_llama": run_engine_in_subprocess(EngineRequest(model=str(original), **common)),

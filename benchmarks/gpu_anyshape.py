@@ -326,6 +326,11 @@ def parity(out_file: Path, only: tuple[str, ...] = ("llama2_7b_shaped_1024", "gq
     return results
 
 
+def held_out_prompts(ids: list[int]) -> list[list[int]]:
+    """8 prompts of 48–104 tokens cut from held-out token ids (no BOS: text mid-stream)."""
+    return [ids[i * 97 : i * 97 + 48 + 8 * i] for i in range(8)]
+
+
 def smollm2(out_file: Path, gguf: Path) -> dict:
     """The demo's real model (SmolLM2-135M-Instruct, from the GGUF ``mha2mla demo`` uses),
     converted as the demo does (2-norm, aw-joint, exact layout: 192 values), on the plugin
@@ -343,7 +348,7 @@ def smollm2(out_file: Path, gguf: Path) -> dict:
     calib_file = tmp / "calib.txt"
     calib_file.write_text(calib)
     ids = AutoTokenizer.from_pretrained(str(src))(held_out, add_special_tokens=False).input_ids
-    short = [ids[i * 97 : i * 97 + 48 + 8 * i] for i in range(8)]
+    short = held_out_prompts(ids)
     long_prompts = [ids[:200] + ids[1000 + 400 * i : 1000 + 400 * i + 150 + 60 * i] for i in range(6)]
     options = ConvertOptions(rope_dim=32, strategy="2-norm", d_kv=32, svd="aw-joint", calib_text=calib_file,
                              calib_tokens=8192, layout="exact", dtype="bfloat16")
