@@ -35,27 +35,21 @@ def _prompt_logprobs(model, prompts: list[list[int]]) -> list[torch.Tensor]:
     return out
 
 
-def pytorch_dtype_error(model, prompts: list[list[int]], dtype: torch.dtype, early: int = 4) -> dict:
-    """Worst prompt log-prob change of ``model`` (float32) when run in ``dtype`` instead: over
-    all scored tokens, and from prompt position ``early`` on (the first tokens of a text cut
-    without BOS are where a model is least conditioned)."""
-    exact = _prompt_logprobs(model, prompts)
-    rounded = _prompt_logprobs(copy.deepcopy(model).to(dtype), prompts)
+def dtype_effect(model, sequences: list[list[int]], dtype: torch.dtype, early: int = 4) -> dict:
+    """How much running ``model`` (float32) in ``dtype`` moves its log-probs on ``sequences``:
+    perplexity both ways, the worst per-token change and where it is, and the worst change
+    before and from position ``early`` (the first tokens of a text cut without BOS are where
+    a model is least conditioned)."""
+    exact = _prompt_logprobs(model, sequences)
+    rounded = _prompt_logprobs(copy.deepcopy(model).to(dtype), sequences)
     diffs = [(a - b).abs() for a, b in zip(exact, rounded)]
     worst = max(range(len(diffs)), key=lambda i: float(diffs[i].max()))
-    return {"max": float(diffs[worst].max()), "worst_position": 1 + int(diffs[worst].argmax()),
+    name = str(dtype).removeprefix("torch.")
+    return {"perplexity_float32": float((-torch.cat(exact).mean()).exp()),
+            f"perplexity_{name}": float((-torch.cat(rounded).mean()).exp()),
+            "max": float(diffs[worst].max()), "worst_position": 1 + int(diffs[worst].argmax()),
+            f"max_before_position_{early}": max(float(d[: early - 1].max()) for d in diffs),
             f"max_from_position_{early}": max(float(d[early - 1 :].max()) for d in diffs)}
-
-
-def held_out_dtype_effect(model, windows: list[list[int]], dtype: torch.dtype, early: int = 4) -> dict:
-    """Perplexity of ``model`` on ``windows`` in float32 and in ``dtype``, and the worst
-    per-token log-prob change before and from position ``early``."""
-    exact = torch.stack(_prompt_logprobs(model, windows))
-    rounded = torch.stack(_prompt_logprobs(copy.deepcopy(model).to(dtype), windows))
-    diff = (exact - rounded).abs()
-    return {"perplexity_float32": float((-exact.mean()).exp()), f"perplexity_{dtype}".replace("torch.", ""):
-            float((-rounded.mean()).exp()), f"max_before_position_{early}": float(diff[:, : early - 1].max()),
-            f"max_from_position_{early}": float(diff[:, early - 1 :].max())}
 
 
 def main(original: Path, converted: Path, out_file: Path, dtype: str = "bfloat16") -> dict:
@@ -70,14 +64,11 @@ def main(original: Path, converted: Path, out_file: Path, dtype: str = "bfloat16
             "mha2mla": run_engine_in_subprocess(EngineRequest(model=str(converted), **common))}
     ref_orig = AutoModelForCausalLM.from_pretrained(str(original), dtype=torch.float32).eval()
     reference = load_reference(converted)
-    result = {"dtype": dtype, "runs": score_runs(runs, ref_orig, reference, "cpu"),
-              "pytorch_in_dtype_vs_float32": {
-                  "original": pytorch_dtype_error(ref_orig, prompts, getattr(torch, dtype)),
-                  "converted_reference": pytorch_dtype_error(reference, prompts, getattr(torch, dtype))}}
+    result = {"dtype": dtype, "runs": score_runs(runs, ref_orig, reference, "cpu")}
     windows = [ids[i * 512 : (i + 1) * 512] for i in range(8)]  # 8 held-out windows of 512 tokens
-    result["pytorch_held_out_windows"] = {
-        "original": held_out_dtype_effect(ref_orig, windows, getattr(torch, dtype)),
-        "converted_reference": held_out_dtype_effect(reference, windows, getattr(torch, dtype))}
+    models = {"original": ref_orig, "converted_reference": reference}
+    for key, sequences in (("pytorch_in_dtype_vs_float32", prompts), ("pytorch_held_out_windows", windows)):
+        result[key] = {name: dtype_effect(model, sequences, getattr(torch, dtype)) for name, model in models.items()}
     out_file.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: {kk: v[kk] for kk in ("backends", "max_margin", "max_prompt_logprob_error",
                                                "worst_prompt_logprob_position")}

@@ -37,7 +37,6 @@ def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 def _teacher_forced(model, prompts, outputs, device) -> dict:
     """Worst logit margin of vLLM's greedy tokens and worst prompt-logprob error."""
     margins, lp_errors, exact = [], [], 0
-    worst_position = None
     for prompt, out in zip(prompts, outputs):
         seq = prompt + out["token_ids"]
         logits = model(torch.tensor([seq], device=device)).logits[0].float()
@@ -49,11 +48,11 @@ def _teacher_forced(model, prompts, outputs, device) -> dict:
             logp = logits.log_softmax(-1)
             want = [float(logp[t - 1, prompt[t]]) for t in range(1, len(prompt))]
             errors = [abs(a - b) for a, b in zip(want, out["prompt_logprobs"][1:])]
-            if not lp_errors or max(errors) > max(lp_errors):
-                worst_position = 1 + errors.index(max(errors))
-            lp_errors.append(max(errors))
-    return {"max_margin": max(margins), "max_prompt_logprob_error": max(lp_errors) if lp_errors else None,
-            "worst_prompt_logprob_position": worst_position,  # index of the scored prompt token
+            worst = max(range(len(errors)), key=errors.__getitem__)
+            lp_errors.append((errors[worst], 1 + worst))  # (error, index of that prompt token)
+    max_error, worst_position = max(lp_errors) if lp_errors else (None, None)
+    return {"max_margin": max(margins), "max_prompt_logprob_error": max_error,
+            "worst_prompt_logprob_position": worst_position,
             "sequences_exactly_greedy": exact, "sequences": len(prompts)}
 
 

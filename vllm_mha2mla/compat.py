@@ -158,12 +158,19 @@ def keep_chunked_prefill_on_cpu() -> None:
 
 
 def _served_by_plugin_backend(vllm_config) -> bool:
+    layout = mha2mla_layout(vllm_config)
+    return layout is not None and plugin_backend_wanted(layout, vllm_config)
+
+
+def mha2mla_layout(vllm_config):
+    """The :class:`MLALayout` of the model ``vllm_config`` serves; None when it is not an
+    MHA2MLA checkpoint (its config.json has no ``mha2mla`` section)."""
     hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
     if hf_config is None or not hasattr(hf_config, "mha2mla"):
-        return False
+        return None
     from conversion.mla_config import MHA2MLASpec
 
-    return plugin_backend_wanted(MHA2MLASpec.from_config(hf_config).layout, vllm_config)
+    return MHA2MLASpec.from_config(hf_config).layout
 
 
 def load_class(dotted: str) -> type:

@@ -61,14 +61,13 @@ def varlen_attention_reference(
 
 def _rope_columns_for(vllm_config, num_heads: int) -> torch.Tensor | None:
     """This rank's per-head rope columns, when the model is an MHA2MLA checkpoint."""
-    hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
-    if hf_config is None or not hasattr(hf_config, "mha2mla"):
+    from vllm_mha2mla.compat import mha2mla_layout
+
+    layout = mha2mla_layout(vllm_config)
+    if layout is None:
         return None
     from vllm.distributed import parallel_state
 
-    from conversion.mla_config import MHA2MLASpec
-
-    layout = MHA2MLASpec.from_config(hf_config).layout
     rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
     start = rank * num_heads
     return layout.rope_slot_columns(start, start + num_heads)
