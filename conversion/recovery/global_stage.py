@@ -1,0 +1,308 @@
+"""The global recovery stage: end-to-end training of the converted model.
+
+Built on Hugging Face's ``Trainer`` rather than a hand-written loop: checkpointing and
+resume (optimizer, scheduler, RNG and data position), gradient accumulation, DDP/FSDP under
+``torchrun``, mixed precision, ``torch.compile``, logging and evaluation come with it. What
+is specific to MHA2MLA is small and lives here:
+
+- the loss (:mod:`conversion.recovery.losses`): KL distillation to the frozen original
+  model's logits on the same batch (``kd``), plain causal LM (``lm``), or their sum;
+- which parameters train (``attention``: the paper's cheap option, everything else frozen;
+  ``all``);
+- keeping the MLA structure exact (:class:`StructureGuard`), so vLLM serves the result as is;
+- the paper's schedule: linear warmup, constant, then a 1-sqrt decay (``warmup_stable_decay``);
+- evaluation = next-token loss on held-out windows (perplexity), logged as a curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from conversion.errors import ConversionError
+from conversion.recovery.losses import LOSSES, distillation_loss, next_token_loss
+from conversion.recovery.structure import StructureGuard
+
+TRAINABLE = ("attention", "all")
+CHECKPOINT_PREFIX = "checkpoint-"
+H100_BF16_DENSE_FLOPS = 989e12
+"""Peak dense bf16 tensor-core rate of an H100 SXM (datasheet), the MFU denominator."""
+
+
+@dataclass
+class GlobalOptions:
+    tokens: int = 1_000_000
+    """Training tokens to see (sets the number of optimizer steps)."""
+    loss: str = "kd"
+    train: str = "attention"
+    lr: float = 1e-4
+    warmup_ratio: float = 0.05
+    decay_ratio: float = 0.2
+    batch_size: int = 4
+    """Windows per device per micro-batch."""
+    grad_accum: int = 1
+    temperature: float = 1.0
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    eval_every: int = 0
+    """Evaluate held-out loss every N optimizer steps (0: about 8 times per run)."""
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0: about 4 times per run)."""
+    save_total_limit: int = 2
+    seed: int = 0
+    bf16: bool | None = None
+    """None: bf16 on CUDA, float32 on CPU."""
+    compile: bool = False
+    logging_steps: int = 0
+    """0: about 50 log lines per run."""
+    dataloader_workers: int = 0
+    stop_after_steps: int | None = None
+    """Stop (as if interrupted) after this many steps; for tests of --resume."""
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConversionError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.train not in TRAINABLE:
+            raise ConversionError(f"--train must be one of {', '.join(TRAINABLE)}, got {self.train!r}")
+        if self.tokens <= 0:
+            raise ConversionError(f"--finetune-tokens must be positive, got {self.tokens}")
+
+
+@dataclass
+class GlobalReport:
+    steps: int = 0
+    tokens_seen: int = 0
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    world_size: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    loss_curve: list[dict] = field(default_factory=list)
+    eval_curve: list[dict] = field(default_factory=list)
+    trainable_parameters: int = 0
+    flops_per_token: float = 0.0
+    mfu: float | None = None
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def select_trainable(model: nn.Module, which: str) -> int:
+    """Freezes everything but attention (``attention``) or nothing (``all``); returns the
+    number of trainable parameters."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(which == "all" or ".self_attn." in name)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def training_flops_per_token(model: nn.Module, seq_len: int, teacher: nn.Module | None) -> float:
+    """Model FLOPs per training token: 6·N for the student's forward and backward (N its
+    matrix parameters, embeddings excluded), 12·L·T·width for its attention scores and
+    values, plus 2·N' for the teacher's forward when distilling (the usual MFU count)."""
+
+    def matrix_params(m: nn.Module) -> int:
+        return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+
+    cfg = model.config
+    width = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2
+    flops = 6 * matrix_params(model) + 12 * cfg.num_hidden_layers * seq_len * width
+    if teacher is not None:
+        flops += 2 * matrix_params(teacher)
+    return float(flops)
+
+
+class DistillationTrainer(Trainer):
+    """``Trainer`` whose loss is distillation to a frozen teacher and/or causal LM."""
+
+    def __init__(self, *args, teacher: nn.Module | None, loss_kind: str, temperature: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.loss_kind = loss_kind
+        self.temperature = temperature
+        self.model_accepts_loss_kwargs = False  # mean losses; Trainer averages over accumulation
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            self.teacher = teacher.to(self.args.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids = inputs["input_ids"]
+        outputs = model(input_ids=input_ids, use_cache=False)
+        logits = outputs.logits
+        if not model.training:  # evaluation: held-out next-token loss (log perplexity)
+            loss = next_token_loss(logits, input_ids)
+            return (loss, outputs) if return_outputs else loss
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if "kd" in self.loss_kind:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
+            loss = loss + distillation_loss(logits[:, :-1], teacher_logits[:, :-1], self.temperature)
+        if "lm" in self.loss_kind:
+            loss = loss + next_token_loss(logits, input_ids)
+        return (loss, outputs) if return_outputs else loss
+
+
+class _GuardCallback(TrainerCallback):
+    """Re-pins the MLA structure after every optimizer step (exact even with weight decay)."""
+
+    def __init__(self, guard: StructureGuard):
+        self.guard = guard
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.guard.restore()
+
+
+class _StopAfter(TrainerCallback):
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.steps:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class _Progress(TrainerCallback):
+    """Adds tokens/s to the log records (Trainer's own tqdm bar shows the ETA)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.start: float | None = None
+        self.start_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.start_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.start is not None and state.global_step > self.start_step:
+            elapsed = time.perf_counter() - self.start
+            logs["tokens_per_s"] = round((state.global_step - self.start_step) * self.tokens_per_step / elapsed, 1)
+
+
+def latest_complete_checkpoint(work_dir: Path) -> Path | None:
+    """Newest ``checkpoint-N`` folder under ``work_dir`` whose save finished.
+
+    Trainer writes ``trainer_state.json`` last, so a folder without it is a save that was cut
+    off (disk full, Ctrl-C) and must never be resumed from."""
+    if not work_dir.is_dir():
+        return None
+    done = [p for p in work_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file()]
+    done = [p for p in done if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def _every(value: int, steps: int, times: int) -> int:
+    return value if value > 0 else max(1, math.ceil(steps / times))
+
+
+def build_training_arguments(opts: GlobalOptions, work_dir: Path, max_steps: int, use_bf16: bool) -> TrainingArguments:
+    decay_steps = max(1, int(round(opts.decay_ratio * max_steps)))
+    warmup_steps = min(int(round(opts.warmup_ratio * max_steps)), max_steps - decay_steps)
+    eval_every = _every(opts.eval_every, max_steps, 8)
+    return TrainingArguments(
+        output_dir=str(work_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=opts.batch_size,
+        per_device_eval_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
+        learning_rate=opts.lr,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        weight_decay=opts.weight_decay,
+        max_grad_norm=opts.max_grad_norm,
+        lr_scheduler_type="warmup_stable_decay",
+        lr_scheduler_kwargs={"num_decay_steps": decay_steps, "decay_type": "1-sqrt",
+                             "num_stable_steps": max_steps - warmup_steps - decay_steps},
+        warmup_steps=warmup_steps,
+        eval_strategy="steps",
+        eval_steps=eval_every,
+        save_strategy="steps",
+        save_steps=_every(opts.save_every, max_steps, 4),
+        save_total_limit=opts.save_total_limit,
+        logging_steps=_every(opts.logging_steps, max_steps, 50),
+        seed=opts.seed,
+        data_seed=opts.seed,
+        bf16=use_bf16,
+        use_cpu=not torch.cuda.is_available(),
+        torch_compile=opts.compile,
+        report_to="none",
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        dataloader_num_workers=opts.dataloader_workers,
+        disable_tqdm=False,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def run_global_stage(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train_data,
+    held_out_data,
+    opts: GlobalOptions,
+    work_dir: Path,
+    resume: bool = False,
+) -> GlobalReport:
+    """Trains ``student`` in place; checkpoints go to ``work_dir`` (resumable).
+
+    ``train_data`` / ``held_out_data``: datasets of ``{"input_ids", "labels"}`` windows.
+    Raises KeyboardInterrupt through (the caller reports the checkpoint to resume from).
+    """
+    opts.validate()
+    if "kd" in opts.loss and teacher is None:
+        raise ConversionError(f"--loss {opts.loss} distils from the original model: pass --teacher ORIGINAL_DIR")
+    use_bf16 = torch.cuda.is_available() if opts.bf16 is None else opts.bf16
+    seq_len = train_data.seq_len
+    probe = TrainingArguments(output_dir=str(work_dir), report_to="none", use_cpu=not torch.cuda.is_available())
+    world = probe.world_size
+    tokens_per_step = opts.batch_size * opts.grad_accum * world * seq_len
+    max_steps = max(1, math.ceil(opts.tokens / tokens_per_step))
+    args = build_training_arguments(opts, work_dir, max_steps, use_bf16)
+    trainable = select_trainable(student, opts.train)
+    guard = StructureGuard(student)
+    callbacks: list[TrainerCallback] = [_GuardCallback(guard), _Progress(tokens_per_step)]
+    if opts.stop_after_steps is not None:
+        callbacks.append(_StopAfter(opts.stop_after_steps))
+    trainer = DistillationTrainer(
+        model=student, args=args, train_dataset=train_data, eval_dataset=held_out_data,
+        teacher=teacher if "kd" in opts.loss else None, loss_kind=opts.loss, temperature=opts.temperature,
+        callbacks=callbacks,
+    )
+    checkpoint = latest_complete_checkpoint(work_dir) if resume else None
+    if resume and checkpoint is None:
+        raise ConversionError(f"--resume: no complete checkpoint under {work_dir}")
+    start_step = int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]) if checkpoint else 0
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        guard.remove()
+    seconds = time.perf_counter() - start
+    guard.restore()
+    history = trainer.state.log_history
+    steps_run = trainer.state.global_step - start_step
+    report = GlobalReport(
+        steps=trainer.state.global_step,
+        tokens_seen=trainer.state.global_step * tokens_per_step,
+        seconds=seconds,
+        tokens_per_s=steps_run * tokens_per_step / seconds if seconds > 0 else 0.0,
+        world_size=world,
+        device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        dtype="bfloat16" if use_bf16 else "float32",
+        loss_curve=[{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
+                    for h in history if "loss" in h],
+        eval_curve=[{"step": h["step"], "tokens": h["step"] * tokens_per_step, "loss": h["eval_loss"],
+                     "perplexity": math.exp(h["eval_loss"])} for h in history if "eval_loss" in h],
+        trainable_parameters=trainable,
+        flops_per_token=training_flops_per_token(student, seq_len, teacher if "kd" in opts.loss else None),
+    )
+    if torch.cuda.is_available() and report.tokens_per_s:
+        report.mfu = report.flops_per_token * report.tokens_per_s / (H100_BF16_DENSE_FLOPS * world)
+    return report
