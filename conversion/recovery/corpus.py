@@ -75,6 +75,14 @@ def is_held_out(text: str, modulus: int = HELD_OUT_MODULUS) -> bool:
     return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16) % modulus == 0
 
 
+def split_key(doc: str) -> str:
+    """What decides a corpus document's side: its first line (a HotpotQA paragraph's article
+    title), at most 200 characters. HotpotQA holds several versions of some paragraphs; keying
+    on the title keeps every version of an article on one side, so no near-duplicate of a
+    held-out paragraph is trained on."""
+    return doc.split("\n", 1)[0][:200]
+
+
 def corpus_dir(cache_dir: Path | None = None) -> Path:
     return (cache_dir or default_cache_dir()) / "corpus" / CORPUS_DIRNAME
 
@@ -187,8 +195,8 @@ def _squad_documents(path: Path) -> list[str]:
 def load_default_corpus(cache_dir: Path | None = None) -> Corpus:
     """The default corpus (downloaded on first use), split deterministically.
 
-    A Wikipedia document is held out iff :func:`is_held_out` (content hash modulo
-    :data:`HELD_OUT_MODULUS`). Training documents are shuffled with ``random.Random(0)`` so
+    A Wikipedia document is held out iff :func:`is_held_out` of its :func:`split_key` (a
+    content hash modulo :data:`HELD_OUT_MODULUS`). Training documents are shuffled with ``random.Random(0)`` so
     that any prefix (``--max-train-tokens``) mixes both sources; held-out documents get the
     same fixed shuffle so a capped held-out set also mixes them. The essays are out of domain.
     """
@@ -209,7 +217,7 @@ def load_default_corpus(cache_dir: Path | None = None) -> Corpus:
             if doc in seen:  # the same paragraph in both sources counts once
                 continue
             seen.add(doc)
-            if is_held_out(doc):
+            if is_held_out(split_key(doc)):
                 held_out.append(doc)
                 n_held += 1
             else:
@@ -223,3 +231,16 @@ def load_default_corpus(cache_dir: Path | None = None) -> Corpus:
     random.Random(SHUFFLE_SEED).shuffle(train)
     random.Random(SHUFFLE_SEED).shuffle(held_out)
     return Corpus(train=train, held_out=held_out, out_of_domain=[essays], sources=sources)
+
+
+def default_calibration_text(max_chars: int, cache_dir: Path | None = None) -> str:
+    """The opening of the default corpus's training split (documents joined by blank lines),
+    at most ``max_chars`` characters: calibration text that needs no file, and never overlaps
+    the held-out split on which quality is reported."""
+    pieces, size = [], 0
+    for doc in load_default_corpus(cache_dir).train:
+        if size >= max_chars:
+            break
+        pieces.append(doc)
+        size += len(doc) + 2
+    return "\n\n".join(pieces)[:max_chars]
