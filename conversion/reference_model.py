@@ -135,6 +135,7 @@ class MHA2MLAAttention(nn.Module):
             key.transpose(1, 2),
             value.transpose(1, 2),
             attn_mask=attention_mask,
+            is_causal=attention_mask is None and q_len > 1,  # no mask: plain causal (fused kernels)
             scale=self.spec.softmax_scale,
         )
         out = out.transpose(1, 2)[..., : lay.head_dim].reshape(bsz, q_len, -1)
@@ -226,7 +227,11 @@ class MHA2MLAModel(MHA2MLAPreTrainedModel):
             else:
                 position_ids = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)
                 position_ids = position_ids[None].expand(bsz, -1)
-        mask = build_attention_mask(attention_mask, bsz, q_len, past_len, inputs_embeds.device)
+        # Without padding or a cache, attention is plainly causal: no mask tensor, so SDPA can
+        # take its fused causal kernels (training throughput).
+        mask = None
+        if attention_mask is not None or past_len > 0:
+            mask = build_attention_mask(attention_mask, bsz, q_len, past_len, inputs_embeds.device)
         hidden = inputs_embeds
         for layer in self.layers:
             hidden = layer(hidden, position_ids, mask, past_key_values if use_cache else None)

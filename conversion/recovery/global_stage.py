@@ -63,6 +63,9 @@ class GlobalOptions:
     logging_steps: int = 0
     """0: about 50 log lines per run."""
     dataloader_workers: int = 0
+    time_budget_s: float | None = None
+    """Stop (and save) once training has run this long: a safety net for leases and queues.
+    The schedule is set by ``tokens``, so a run cut short misses part of its decay."""
     stop_after_steps: int | None = None
     """Stop (as if interrupted) after this many steps; for tests of --resume."""
 
@@ -169,6 +172,22 @@ class _StopAfter(TrainerCallback):
         return control
 
 
+class _StopAtDeadline(TrainerCallback):
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.deadline: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.deadline = time.perf_counter() + self.seconds
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            control.should_save = True
+            control.should_training_stop = True
+            control.should_evaluate = True
+        return control
+
+
 class _Progress(TrainerCallback):
     """Adds tokens/s to the log records (Trainer's own tqdm bar shows the ETA)."""
 
@@ -218,8 +237,7 @@ def build_training_arguments(opts: GlobalOptions, work_dir: Path, max_steps: int
         weight_decay=opts.weight_decay,
         max_grad_norm=opts.max_grad_norm,
         lr_scheduler_type="warmup_stable_decay",
-        lr_scheduler_kwargs={"num_decay_steps": decay_steps, "decay_type": "1-sqrt",
-                             "num_stable_steps": max_steps - warmup_steps - decay_steps},
+        lr_scheduler_kwargs={"num_decay_steps": decay_steps, "decay_type": "1-sqrt"},  # stable: the rest
         warmup_steps=warmup_steps,
         eval_strategy="steps",
         eval_steps=eval_every,
@@ -270,6 +288,8 @@ def run_global_stage(
     callbacks: list[TrainerCallback] = [_GuardCallback(guard), _Progress(tokens_per_step)]
     if opts.stop_after_steps is not None:
         callbacks.append(_StopAfter(opts.stop_after_steps))
+    if opts.time_budget_s is not None:
+        callbacks.append(_StopAtDeadline(opts.time_budget_s))
     trainer = DistillationTrainer(
         model=student, args=args, train_dataset=train_data, eval_dataset=held_out_data,
         teacher=teacher if "kd" in opts.loss else None, loss_kind=opts.loss, temperature=opts.temperature,

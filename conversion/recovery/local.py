@@ -96,7 +96,7 @@ class TeacherStream:
         self.model = teacher.model
         self.chunk = chunk
         self.seq_len = input_ids.shape[1]
-        positions = torch.arange(self.seq_len)[None]
+        positions = torch.arange(self.seq_len, device=input_ids.device)[None]
         with torch.no_grad():
             self.hidden = _in_chunks(self.model.embed_tokens, input_ids, chunk).float()
             self.position_embeddings = self.model.rotary_emb(self.hidden[:1], positions)
@@ -125,13 +125,9 @@ class TeacherStream:
 
 
 def _student_attention_fn(attn: nn.Module, seq_len: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    from conversion.reference_model import build_attention_mask
-
-    positions = torch.arange(seq_len)[None]
-
     def run(x: torch.Tensor) -> torch.Tensor:
-        mask = build_attention_mask(None, x.shape[0], seq_len, 0, x.device)
-        return attn(x, positions.expand(x.shape[0], -1), mask)
+        positions = torch.arange(seq_len, device=x.device)[None].expand(x.shape[0], -1)
+        return attn(x, positions, None)  # no mask: causal over the whole window
 
     return run
 
