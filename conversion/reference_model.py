@@ -55,26 +55,43 @@ def mla_inputs(
     head_dim: int,
     rope_dim: int,
     latent_dim: int,
+    q_zero_columns: int = 1,
+    kv_zero_columns: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates the compact projections and lays them out as vLLM's MLA expects.
 
     ``q_compact``: ``[..., n·d]`` for n query heads (per head ``[rope | nope]``);
     ``kv_compact``: ``[..., C+R]`` (``[latent | rope keys per kv-head]``); ``positions``:
     ``[...]``; ``inv_freq_q`` ``[n, r]`` / ``inv_freq_k`` ``[g, r]``: each head's frequencies;
-    ``q_index`` / ``kv_index``: :class:`MLALayout` gather indices. Returns ``q``
-    ``[..., n, qk_nope+qk_rope]`` and ``kv`` ``[..., kv_lora_rank+qk_rope]``. Shared by the
-    reference model and the vLLM plugin so both compute the same function.
+    ``q_index`` / ``kv_index``: :class:`MLALayout` gather indices, whose indices past the
+    compact width select one of ``q_zero_columns`` / ``kv_zero_columns`` appended zeros
+    (the layout's indices use one; :func:`distinct_zero_index` gives every padding position
+    its own, which makes the backward pass an ``index_add`` without colliding atomics).
+    Returns ``q`` ``[..., n, qk_nope+qk_rope]`` and ``kv`` ``[..., kv_lora_rank+qk_rope]``.
+    Shared by the reference model and the vLLM plugin so both compute the same function.
     """
     lead = q_compact.shape[:-1]
     q = q_compact.view(*lead, -1, head_dim)
     q_rope = apply_partial_rope(q[..., :rope_dim], positions, inv_freq_q)
     k_rope = kv_compact[..., latent_dim:].view(*lead, -1, rope_dim)
     k_rope = apply_partial_rope(k_rope, positions, inv_freq_k)
-    zero = q.new_zeros(*lead, 1)
     q_flat = torch.cat([q_rope, q[..., rope_dim:]], dim=-1).reshape(*lead, -1)
-    q_mla = torch.cat([q_flat, zero], dim=-1)[..., q_index]
-    kv_flat = torch.cat([kv_compact[..., :latent_dim], k_rope.reshape(*lead, -1), zero], dim=-1)
-    return q_mla.view(*lead, q.shape[-2], -1), kv_flat[..., kv_index]
+    q_flat = torch.cat([q_flat, q.new_zeros(*lead, q_zero_columns)], dim=-1)
+    q_mla = q_flat.index_select(-1, q_index)
+    kv_flat = torch.cat([kv_compact[..., :latent_dim], k_rope.reshape(*lead, -1),
+                         kv_compact.new_zeros(*lead, kv_zero_columns)], dim=-1)
+    return q_mla.view(*lead, q.shape[-2], -1), kv_flat.index_select(-1, kv_index)
+
+
+def distinct_zero_index(index: torch.Tensor, sentinel: int) -> tuple[torch.Tensor, int]:
+    """Rewrites a gather index whose padding entries all point at one zero (``sentinel``) so
+    that each points at a zero of its own; returns (index, number of zeros). Same values,
+    but no two outputs share an input, so the gradient needs no atomic accumulation onto one
+    element (which serialises on a GPU)."""
+    pad = (index == sentinel).nonzero().flatten()
+    out = index.clone()
+    out[pad] = sentinel + torch.arange(pad.numel(), device=index.device)
+    return out, max(1, pad.numel())
 
 
 class MHA2MLAAttention(nn.Module):
@@ -97,10 +114,17 @@ class MHA2MLAAttention(nn.Module):
         # transformers' meta-device loading never leaves them uninitialised.
         self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(inv_freq per query head, per kv-head, q and kv gather indices) on ``device``."""
+    def constants(self, device: torch.device) -> tuple:
+        """The constant arguments of ``mla_inputs`` for this layer on ``device``: frequencies,
+        gather indices with a distinct zero per padding position (fast gradients), and the
+        counts of those zeros."""
         if device not in self._constants:
-            self._constants[device] = tuple(t.to(device) for t in self.spec.input_constants(self.layer_idx))
+            inv_q, inv_k, q_index, kv_index = self.spec.input_constants(self.layer_idx)
+            lay = self.layout
+            q_index, q_zeros = distinct_zero_index(q_index, lay.compact_q_dim)
+            kv_index, kv_zeros = distinct_zero_index(kv_index, lay.compact_kv_dim)
+            tensors = tuple(t.to(device) for t in (inv_q, inv_k, q_index, kv_index))
+            self._constants[device] = (tensors, q_zeros, kv_zeros)
         return self._constants[device]
 
     def forward(
@@ -112,14 +136,17 @@ class MHA2MLAAttention(nn.Module):
     ) -> torch.Tensor:
         lay = self.layout
         bsz, q_len, _ = hidden_states.shape
+        tensors, q_zeros, kv_zeros = self.constants(hidden_states.device)
         q, kv = mla_inputs(
             self.q_proj(hidden_states),
             self.kv_a_proj_with_mqa(hidden_states),
             position_ids,
-            *self.constants(hidden_states.device),
+            *tensors,
             lay.head_dim,
             lay.rope_dim,
             lay.latent_dim,
+            q_zeros,
+            kv_zeros,
         )
         latent, k_pe = kv[..., : lay.kv_lora_rank], kv[..., lay.kv_lora_rank :]
         if past_key_values is not None:

@@ -13,7 +13,7 @@ import torch
 
 from conversion.errors import ConversionError
 from conversion.layout import MLALayout, max_d_kv_for_cache, native_prefill_dims, plan_exact_layout, plan_native_layout
-from conversion.reference_model import mla_inputs
+from conversion.reference_model import distinct_zero_index, mla_inputs
 from conversion.rope import apply_partial_rope
 
 CASES = [
@@ -67,6 +67,13 @@ def test_mapped_prefill_and_decode_equal_direct_attention(case):
     q_mla, kv = mla_inputs(x @ w_q.T, torch.cat([c, x @ w_kr.T], -1), pos, inv_freq[grp], inv_freq,
                            lay.q_gather_index, lay.kv_gather_index, d, rd, lay.latent_dim)
     assert q_mla.shape == (t, h, lay.qk_nope_head_dim + lay.qk_rope_head_dim)
+    # The reference model's indices (a zero of its own per padding position) give the same tensors.
+    q_idx, q_zeros = distinct_zero_index(lay.q_gather_index, lay.compact_q_dim)
+    kv_idx, kv_zeros = distinct_zero_index(lay.kv_gather_index, lay.compact_kv_dim)
+    q_same, kv_same = mla_inputs(x @ w_q.T, torch.cat([c, x @ w_kr.T], -1), pos, inv_freq[grp], inv_freq,
+                                 q_idx, kv_idx, d, rd, lay.latent_dim, q_zeros, kv_zeros)
+    assert torch.equal(q_same, q_mla) and torch.equal(kv_same, kv)
+    assert len(set(q_idx.tolist())) == q_idx.numel()  # no two outputs share an input
     assert kv.shape == (t, lay.kv_lora_rank + lay.qk_rope_head_dim)
     kv_b = lay.build_kv_b_proj(w_up_k, w_up_v).view(h, lay.qk_nope_head_dim + lay.v_head_dim, lay.kv_lora_rank)
     w_uk, w_uv = kv_b.split([lay.qk_nope_head_dim, lay.v_head_dim], dim=1)
