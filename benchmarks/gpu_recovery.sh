@@ -118,7 +118,7 @@ case $MODE in
   ddp)  # TOKENS [finetune args]: training throughput on 1 GPU, then on every GPU through torchrun
     TOKENS=$1; shift
     prepare_random
-    MLA=/root/w/ddp-mla
+    MLA=/root/w/ddp-mla; mkdir -p /root/w
     [ -f $MLA/config.json ] || python3 -m conversion.cli convert "$MODEL" $MLA --rope-dim 32 --d-kv 32 \
       --strategy high --svd joint --layout exact > /dev/null
     NGPU=$(nvidia-smi -L | wc -l)
