@@ -100,8 +100,11 @@ def print_finetune_summary(report: dict) -> None:
     table = Table(title=f"recovery ({report['stage']}): held-out perplexity")
     table.add_column("model")
     table.add_column("perplexity", justify="right")
+    ood = report.get("perplexity_out_of_domain", {})
+    if ood:
+        table.add_column("out of domain", justify="right")
     for name, value in report["perplexity"].items():
-        table.add_row(name.replace("_", " "), f"{value:.3f}")
+        table.add_row(name.replace("_", " "), f"{value:.3f}", *([f"{ood[name]:.3f}"] if ood else []))
     console = Console()
     console.print(table)
     if report.get("gap_closed_pct") is not None:

@@ -299,3 +299,13 @@ def test_ctrl_c_keeps_the_latest_checkpoint_and_resume_finishes(setup, tmp_path,
     report = json.loads((dst / "finetune_report.json").read_text())
     assert report["global"]["steps"] == 6
     assert not os.path.exists(tmp_path / ".out.train")
+
+
+def test_a_diverged_loss_stops_training_with_a_clear_error(setup, tmp_path, monkeypatch, capsys):
+    import conversion.recovery.global_stage as gs
+
+    monkeypatch.setattr(gs, "next_token_loss", lambda logits, ids: logits.sum() * float("nan"))
+    dst = tmp_path / "out"
+    code = _run_cli(setup["mla"], dst, "--stage", "global", "--loss", "lm", "--data", setup["data"], "--seq-len", SEQ,
+                    "--finetune-tokens", 4 * SEQ, "--batch-size", 2, "--held-out-tokens", 2 * SEQ)
+    assert code == 2 and "diverged" in capsys.readouterr().err and not dst.exists()

@@ -136,18 +136,18 @@ def held_out_perplexity(model: nn.Module, dataset, batch_size: int = 4, device: 
     return math.exp(total / count)
 
 
-class _Subset(torch.utils.data.Dataset):
-    """The first ``n`` windows of a token-window dataset (keeps ``seq_len``)."""
+class _Windows(torch.utils.data.Dataset):
+    """Token windows held in memory (``[n, seq_len]``), in the training datasets' format."""
 
-    def __init__(self, dataset, n: int):
-        self.dataset, self.n = dataset, min(n, len(dataset))
-        self.seq_len = dataset.seq_len
+    def __init__(self, windows: list[list[int]]):
+        self.ids = torch.tensor(windows, dtype=torch.long)
+        self.seq_len = self.ids.shape[1]
 
     def __len__(self) -> int:
-        return self.n
+        return self.ids.shape[0]
 
     def __getitem__(self, i: int):
-        return self.dataset[i]
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 class _Concat(torch.utils.data.ConcatDataset):
@@ -288,9 +288,23 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
     }
     perplexity: dict[str, float] = {}
 
+    out_of_domain = None
+    if not opts.data:  # the essays: never trained on, another genre than the Wikipedia training text
+        from conversion.recovery.corpus import load_default_corpus
+        from conversion.recovery.data import text_windows
+
+        essays = "\n\n".join(load_default_corpus(opts.cache_dir).out_of_domain)
+        out_of_domain = _Windows(text_windows(tokenizer, essays, opts.seq_len, max_tokens=opts.held_out_tokens))
+        report["out_of_domain"] = f"Paul Graham essays, {len(out_of_domain) * opts.seq_len} tokens"
+    perplexity_ood: dict[str, float] = {}
+
     def measure(name: str, model: nn.Module) -> None:
         perplexity[name] = held_out_perplexity(model, held, device=device)
-        log(f"held-out perplexity, {name}: {perplexity[name]:.3f}")
+        line = f"held-out perplexity, {name}: {perplexity[name]:.3f}"
+        if out_of_domain is not None:
+            perplexity_ood[name] = held_out_perplexity(model, out_of_domain, device=device)
+            line += f" (out of domain: {perplexity_ood[name]:.3f})"
+        log(line)
 
     if teacher is not None:
         measure("teacher", teacher)
@@ -306,10 +320,17 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         report["global"] = glob.to_dict()
         measure("student_after_global", student)
     report["perplexity"] = perplexity
+    if perplexity_ood:
+        report["perplexity_out_of_domain"] = perplexity_ood
     final = perplexity.get("student_after_global", perplexity.get("student_after_local"))
     if teacher is not None and final is not None:
         gap = perplexity["student_before"] - perplexity["teacher"]
         report["gap_closed_pct"] = 100 * (perplexity["student_before"] - final) / gap if gap > 0 else None
+        if perplexity_ood:
+            gap = perplexity_ood["student_before"] - perplexity_ood["teacher"]
+            final = perplexity_ood[[k for k in perplexity_ood if k.startswith("student_after")][-1]]
+            report["gap_closed_out_of_domain_pct"] = 100 * (perplexity_ood["student_before"] - final) / gap \
+                if gap > 0 else None
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     report["options"] = _options_dict(opts)
     if _is_main_process():

@@ -148,6 +148,11 @@ class DistillationTrainer(Trainer):
             loss = loss + distillation_loss(logits[:, :-1], teacher_logits[:, :-1], self.temperature)
         if "lm" in self.loss_kind:
             loss = loss + next_token_loss(logits, input_ids)
+        if not torch.isfinite(loss):  # Trainer's logs would hide it (nan filter) and save NaN weights
+            raise ConversionError(
+                f"the training loss became {float(loss)} at step {self.state.global_step + 1}: training diverged; "
+                "lower --lr, or train in float32 to locate the overflow"
+            )
         return (loss, outputs) if return_outputs else loss
 
 
@@ -251,6 +256,7 @@ def build_training_arguments(opts: GlobalOptions, work_dir: Path, max_steps: int
         use_cpu=not torch.cuda.is_available(),
         torch_compile=opts.compile,
         report_to="none",
+        logging_nan_inf_filter=False,
         remove_unused_columns=False,
         prediction_loss_only=True,
         dataloader_num_workers=opts.dataloader_workers,
