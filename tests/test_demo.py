@@ -30,18 +30,32 @@ def test_demo_pipeline_writes_summary_table_and_chart(tmp_path):
     text = tmp_path / "short.txt"
     text.write_text(shared_text_path().read_text()[:40_000])
     opts = DemoOptions(out_dir=tmp_path / "demo", text=text, calib_tokens=1024, ppl_tokens=512, ppl_seq_len=256,
-                       max_tokens=8, num_prompts=2, enforce_eager=True, kv_cache_memory_bytes=64 << 20)
+                       max_tokens=8, num_prompts=2, enforce_eager=True, kv_cache_memory_bytes=64 << 20,
+                       local_tokens=2048, local_steps=2, local_seconds=60)
     out = run_demo(opts, console=Console(quiet=True))
     summary = json.loads((out / "summary.json").read_text())
-    orig, conv, ratios = summary["original"], summary["converted"], summary["ratios"]
+    orig, conv, rec, ratios = summary["original"], summary["converted"], summary["recovered"], summary["ratios"]
     assert orig["kv_values_per_token_per_layer"] == 384  # 2 × 3 kv-heads × 64
-    assert conv["kv_values_per_token_per_layer"] == 3 * (32 + 32)
+    assert conv["kv_values_per_token_per_layer"] == rec["kv_values_per_token_per_layer"] == 3 * (32 + 32)
     assert ratios["kv_reduction_pct"] == pytest.approx(50.0)
     assert ratios["kv_capacity"] == pytest.approx(ratios["kv_capacity_expected"], rel=0.05)
-    assert "CUSTOM" in conv["attention_backends"]  # 192 values: the plugin's backend
-    for side in (orig, conv):
+    assert rec["kv_cache_tokens"] == conv["kv_cache_tokens"]
+    assert "CUSTOM" in conv["attention_backends"] and "CUSTOM" in rec["attention_backends"]
+    for side in (orig, conv, rec):
         assert side["perplexity"] > 1 and side["output_tokens_per_s"] > 0
     assert orig["perplexity"] < 200  # the real model predicts Shakespeare far better than chance
+    assert rec["perplexity"] < conv["perplexity"]  # even two steps per layer of the local stage help
+    assert summary["recovery"]["local"]["steps_per_layer"] == [2] * 30
+    assert orig["agrees_with_original"] == sum(1 for s in summary["samples"] if s["original"])
     assert len(summary["samples"]) == 2 and all(s["original"] for s in summary["samples"])
     assert (out / "chart.png").stat().st_size > 10_000
     assert "| held-out perplexity |" in (out / "summary.md").read_text()
+    assert (out / "mha2mla-recovered" / "finetune_report.json").is_file()
+
+
+def test_agreement_counts_samples_that_start_like_the_reference():
+    from vllm_mha2mla.demo import agreement
+
+    ref = [[1, 2, 3, 4], [5, 6], []]
+    assert agreement(ref, [[1, 2, 3, 9], [5, 6], []], tokens=3) == 2  # an empty reference never counts
+    assert agreement(ref, [[1, 2, 9], [5, 6, 7], [1]], tokens=3) == 0  # going on where the reference ended differs

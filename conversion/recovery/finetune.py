@@ -56,6 +56,8 @@ class FinetuneOptions:
     cache_dir: Path | None = None
     keep_work_dir: bool = False
     show_progress: bool = True
+    evaluate: bool = True
+    """Measure held-out perplexity before and after (PyTorch, slow on a CPU); the demo scores in vLLM."""
 
 
 def default_work_dir(dst: Path) -> Path:
@@ -240,6 +242,8 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         raise ConversionError(f"parent folder of the output, {dst.parent}, does not exist")
     if stage != "local":
         opts.global_.validate()
+        if not opts.evaluate:
+            opts.global_.eval_every = 1 << 30  # no held-out curve either
     work_dir = opts.work_dir or default_work_dir(dst)
     if stage != "local" and not opts.resume and work_dir.exists() and any(work_dir.glob("checkpoint-*")):
         raise ConversionError(
@@ -289,7 +293,7 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
     perplexity: dict[str, float] = {}
 
     out_of_domain = None
-    if not opts.data:  # the essays: never trained on, another genre than the Wikipedia training text
+    if not opts.data and opts.evaluate:  # the essays: never trained on, another genre than the Wikipedia training text
         from conversion.recovery.corpus import load_default_corpus
         from conversion.recovery.data import text_windows
 
@@ -299,6 +303,8 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
     perplexity_ood: dict[str, float] = {}
 
     def measure(name: str, model: nn.Module) -> None:
+        if not opts.evaluate:
+            return
         perplexity[name] = held_out_perplexity(model, held, device=device)
         line = f"held-out perplexity, {name}: {perplexity[name]:.3f}"
         if out_of_domain is not None:
@@ -323,7 +329,7 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
     if perplexity_ood:
         report["perplexity_out_of_domain"] = perplexity_ood
     final = perplexity.get("student_after_global", perplexity.get("student_after_local"))
-    if teacher is not None and final is not None:
+    if teacher is not None and final is not None and "teacher" in perplexity:
         gap = perplexity["student_before"] - perplexity["teacher"]
         report["gap_closed_pct"] = 100 * (perplexity["student_before"] - final) / gap if gap > 0 else None
         if perplexity_ood:

@@ -34,15 +34,20 @@ def write_loss_plot(report: dict) -> bytes | None:
     points = [(0, ppl.get("student_after_local", ppl.get("student_before")))]
     if glob:
         points += [(p["tokens"], p["perplexity"]) for p in glob["eval_curve"]]
-    xs, ys = zip(*[p for p in points if p[1] is not None])
-    ax.plot(xs, ys, marker="o", color="#2e86c1", label="student")
+    points = [p for p in points if p[1] is not None]
+    if points:
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", color="#2e86c1", label="student")
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
     for key, style, label in (("teacher", "--", "original (teacher)"), ("student_before", ":", "converted, before")):
         if key in ppl:
             ax.axhline(ppl[key], linestyle=style, color="#7f8c8d", label=f"{label}: {ppl[key]:.2f}")
     ax.set_xlabel("tokens seen (global stage)")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("held-out perplexity")
-    ax.legend(fontsize=8)
+    if ppl:
+        ax.legend(fontsize=8)
     ax = axes[2]
     local = report.get("local")
     if local:
