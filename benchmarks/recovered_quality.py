@@ -65,6 +65,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     work = out / "models"
+    work.mkdir(exist_ok=True)
     teacher = ensure_default_model()
     tokenizer = AutoTokenizer.from_pretrained(str(teacher))
     _, held = default_training_data(tokenizer, SEQ_LEN, max_train_tokens=SEQ_LEN, held_out_tokens=TOKENS)

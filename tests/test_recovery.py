@@ -309,3 +309,26 @@ def test_a_diverged_loss_stops_training_with_a_clear_error(setup, tmp_path, monk
     code = _run_cli(setup["mla"], dst, "--stage", "global", "--loss", "lm", "--data", setup["data"], "--seq-len", SEQ,
                     "--finetune-tokens", 4 * SEQ, "--batch-size", 2, "--held-out-tokens", 2 * SEQ)
     assert code == 2 and "diverged" in capsys.readouterr().err and not dst.exists()
+
+
+def test_synthesis_prompts_use_the_chat_template_and_are_seeded(setup):
+    from transformers import AutoTokenizer
+
+    from vllm_mha2mla.synthesize import synthesis_prompts
+
+    tok = AutoTokenizer.from_pretrained(str(setup["src"]))
+    docs = ["Paris\nParis is the capital of France.", "Jupiter\nJupiter is a planet.", "Tea\nTea is a drink."]
+    prompts = synthesis_prompts(tok, docs, 5, seed=1)
+    assert prompts == synthesis_prompts(tok, docs, 5, seed=1) and prompts != synthesis_prompts(tok, docs, 5, seed=2)
+    assert all(p.startswith("user: Write an informative paragraph about ") and p.endswith("assistant:") for p in prompts)
+
+
+@pytest.mark.vllm
+def test_synthesize_adds_teacher_text_generated_in_vllm(setup, tmp_path):
+    dst = tmp_path / "out"
+    opts = _finetune_opts(setup, stage="global", synthesize=2048, cache_dir=tmp_path / "cache", evaluate=False,
+                          global_=GlobalOptions(tokens=2 * 4 * SEQ, batch_size=4, lr=1e-3, loss="kd"))
+    report = finetune(setup["mla"], dst, opts, log=lambda *_: None)
+    assert report["synthesized_tokens"] >= SEQ
+    cached = list((tmp_path / "cache" / "tokens").glob("synthesized-*.npy"))
+    assert len(cached) == 1 and (dst / "model.safetensors").is_file()
