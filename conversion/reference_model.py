@@ -292,8 +292,11 @@ class MHA2MLAForCausalLM(MHA2MLAPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        skip_logits: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """As Hugging Face causal LMs; ``skip_logits=True`` returns the final (normed) hidden
+        states in ``hidden_states`` and no logits, for losses that project in chunks."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -303,6 +306,8 @@ class MHA2MLAForCausalLM(MHA2MLAPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
         )
         hidden = out.last_hidden_state
+        if skip_logits:
+            return CausalLMOutputWithPast(hidden_states=(hidden,), past_key_values=out.past_key_values)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:

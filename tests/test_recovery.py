@@ -66,6 +66,24 @@ def test_distillation_loss_is_the_kl_divergence_and_chunking_does_not_change_it(
         distillation_loss(s, t[:, :4])
 
 
+def test_fused_losses_equal_the_plain_ones_in_value_and_gradient():
+    from conversion.recovery.losses import fused_distillation_loss, fused_next_token_loss
+
+    torch.manual_seed(0)
+    h_s, h_t = torch.randn(2, 7, 6, requires_grad=True), torch.randn(2, 7, 6)
+    w_s, w_t = torch.randn(13, 6, requires_grad=True), torch.randn(13, 6)
+    ids = torch.randint(0, 13, (2, 7))
+    for temperature in (1.0, 2.0):
+        plain = distillation_loss(h_s @ w_s.T, h_t @ w_t.T, temperature) + next_token_loss(h_s @ w_s.T, ids)
+        want = torch.autograd.grad(plain, (h_s, w_s))
+        fused = fused_distillation_loss(h_s, w_s, h_t, w_t, temperature, chunk_tokens=5) + \
+            fused_next_token_loss(h_s, w_s, ids, chunk_tokens=4)
+        got = torch.autograd.grad(fused, (h_s, w_s))
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_next_token_loss_shifts_by_one():
     logits = torch.full((1, 3, 4), -1e4)
     ids = torch.tensor([[0, 2, 3]])

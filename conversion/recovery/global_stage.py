@@ -27,7 +27,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from conversion.errors import ConversionError
-from conversion.recovery.losses import LOSSES, distillation_loss, next_token_loss
+from conversion.recovery.losses import LOSSES, fused_distillation_loss, fused_next_token_loss, next_token_loss
 from conversion.recovery.structure import StructureGuard
 
 TRAINABLE = ("attention", "all")
@@ -136,19 +136,21 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids = inputs["input_ids"]
-        outputs = model(input_ids=input_ids, use_cache=False)
-        logits = outputs.logits
-        if not model.training:  # evaluation: held-out next-token loss (log perplexity)
-            loss = next_token_loss(logits, input_ids)
-            return (loss, outputs) if return_outputs else loss
-        loss = logits.new_zeros((), dtype=torch.float32)
-        if "kd" in self.loss_kind:
+        if not model.training or self.loss_kind == "lm":
+            outputs = model(input_ids=input_ids, use_cache=False)
+            loss = next_token_loss(outputs.logits, input_ids)  # in evaluation: held-out log perplexity
+        else:  # distillation: logits compared chunk by chunk, never [tokens, vocab] for both models at once
+            outputs = model(input_ids=input_ids, use_cache=False, skip_logits=True)
+            hidden = outputs.hidden_states[-1]
             with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
-            loss = loss + distillation_loss(logits[:, :-1], teacher_logits[:, :-1], self.temperature)
-        if "lm" in self.loss_kind:
-            loss = loss + next_token_loss(logits, input_ids)
-        if not torch.isfinite(loss):  # Trainer's logs would hide it (nan filter) and save NaN weights
+                teacher_hidden = self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            w_student = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+            w_teacher = self.teacher.get_output_embeddings().weight
+            loss = fused_distillation_loss(hidden[:, :-1], w_student, teacher_hidden[:, :-1], w_teacher,
+                                           self.temperature)
+            if "lm" in self.loss_kind:
+                loss = loss + fused_next_token_loss(hidden, w_student, input_ids)
+        if model.training and not torch.isfinite(loss):  # Trainer's logs would hide it and save NaN weights
             raise ConversionError(
                 f"the training loss became {float(loss)} at step {self.state.global_step + 1}: training diverged; "
                 "lower --lr, or train in float32 to locate the overflow"

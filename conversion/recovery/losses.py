@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 LOSSES = ("kd", "lm", "kd+lm")
 
@@ -37,3 +38,47 @@ def distillation_loss(
         log_p_t = F.log_softmax(t[i : i + chunk_tokens].float() / temperature, dim=-1)
         total = total + F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
     return total * temperature**2 / s.shape[0]
+
+
+def _chunk_kl_sum(h_student: torch.Tensor, w_student: torch.Tensor, h_teacher: torch.Tensor,
+                  w_teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_p_s = F.log_softmax((h_student @ w_student.T).float() / temperature, dim=-1)
+    log_p_t = F.log_softmax((h_teacher @ w_teacher.T).float() / temperature, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+
+
+def fused_distillation_loss(
+    h_student: torch.Tensor, w_student: torch.Tensor, h_teacher: torch.Tensor, w_teacher: torch.Tensor,
+    temperature: float = 1.0, chunk_tokens: int = 4096,
+) -> torch.Tensor:
+    """:func:`distillation_loss` of ``h_student @ w_studentᵀ`` against ``h_teacher @ w_teacherᵀ``
+    (final hidden states ``[..., D]`` and output embeddings ``[V, D]``) without ever holding the
+    full logits: each chunk of tokens is projected, scored and dropped, and recomputed in the
+    backward pass (activation checkpointing). Two full ``[tokens, V]`` float32 logit tensors and
+    their log-softmaxes were most of a step's memory and, near the card's limit, of its time.
+    """
+    hs, ht = h_student.reshape(-1, h_student.shape[-1]), h_teacher.reshape(-1, h_teacher.shape[-1])
+    if hs.shape[0] != ht.shape[0]:
+        raise ValueError(f"token counts differ: {hs.shape[0]} vs {ht.shape[0]}")
+    total = hs.new_zeros((), dtype=torch.float32)
+    for i in range(0, hs.shape[0], chunk_tokens):
+        total = total + checkpoint(_chunk_kl_sum, hs[i : i + chunk_tokens], w_student, ht[i : i + chunk_tokens],
+                                   w_teacher, temperature, use_reentrant=False)
+    return total * temperature**2 / hs.shape[0]
+
+
+def _chunk_ce_sum(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((h @ w.T).float(), targets, reduction="sum")
+
+
+def fused_next_token_loss(hidden: torch.Tensor, w_out: torch.Tensor, input_ids: torch.Tensor,
+                          chunk_tokens: int = 4096) -> torch.Tensor:
+    """:func:`next_token_loss` of ``hidden @ w_outᵀ`` (``[B, T, D]``, ``[V, D]``), projected chunk by
+    chunk like :func:`fused_distillation_loss`."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = input_ids[:, 1:].reshape(-1)
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk_tokens):
+        total = total + checkpoint(_chunk_ce_sum, h[i : i + chunk_tokens], w_out, targets[i : i + chunk_tokens],
+                                   use_reentrant=False)
+    return total / h.shape[0]
