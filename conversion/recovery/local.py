@@ -31,7 +31,7 @@ from conversion.recovery.structure import StructureGuard
 
 @dataclass
 class LocalOptions:
-    steps_per_layer: int = 150
+    steps_per_layer: int = 100
     """Adam steps per layer (each on ``batch_windows`` windows)."""
     batch_windows: int = 4
     lr: float = 1e-3
