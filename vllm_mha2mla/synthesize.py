@@ -38,15 +38,19 @@ def synthesis_prompts(tokenizer, documents: Sequence[str], count: int, seed: int
 
 def generate_teacher_text(
     teacher_dir: str | Path, documents: Sequence[str], num_tokens: int, seed: int = 0,
-    dtype: str = "auto", max_model_len: int = 1024,
+    dtype: str = "auto", max_model_len: int = 1024, kv_cache_memory_bytes: int = 1 << 30,
 ) -> list[str]:
-    """About ``num_tokens`` generated tokens of teacher text (prompt + answer per document)."""
+    """About ``num_tokens`` generated tokens of teacher text (prompt + answer per document).
+
+    The engine gets a fixed KV-cache size rather than a share of the device's memory: it runs
+    beside the training process, which already holds the models (on a CPU vLLM would otherwise
+    ask for 92% of RAM and refuse to start)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     prompts = synthesis_prompts(tokenizer, documents, max(1, math.ceil(num_tokens / GENERATION_TOKENS)), seed)
     result = run_engine_in_subprocess(EngineRequest(
         model=str(teacher_dir), prompts=prompts, max_tokens=GENERATION_TOKENS, temperature=TEMPERATURE,
-        top_p=TOP_P, seed=seed, dtype=dtype, max_model_len=max_model_len,
+        top_p=TOP_P, seed=seed, dtype=dtype, max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_memory_bytes,
     ))
     return [prompt + out["text"] for prompt, out in zip(prompts, result["outputs"])]

