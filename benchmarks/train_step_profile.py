@@ -3,7 +3,8 @@
 Usage (GPU machine, after `gpu_recovery.sh` converted a model): python3 benchmarks/train_step_profile.py
 MLA_DIR TEACHER_DIR OUT.json [batch] [seq_len]. Times, for one batch under bf16 autocast: the
 student's forward + backward with a plain LM loss, the teacher's forward, the distillation loss
-forward + backward on logits, and the student's attention under each SDPA kernel that accepts it.
+forward + backward on logits and its fused form on hidden states, and the student's attention
+under each SDPA kernel that accepts it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conversion.recovery.losses import distillation_loss, next_token_loss
+from conversion.recovery.losses import distillation_loss, fused_distillation_loss, next_token_loss
 from conversion.reference_model import load_reference
 
 
@@ -64,9 +65,18 @@ def main() -> None:
     def kd_step():
         distillation_loss(s_logits[:, :-1], t_logits[:, :-1]).backward()
 
+    with torch.no_grad(), auto():
+        t_hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+    s_hidden = t_hidden.detach().clone().requires_grad_(True)
+    w_t = teacher.get_output_embeddings().weight
+
+    def kd_fused_step():  # the same loss from hidden states, logits projected chunk by chunk
+        with auto():
+            fused_distillation_loss(s_hidden[:, :-1], w_t, t_hidden[:, :-1], w_t).backward()
+
     results = {"device": torch.cuda.get_device_name(), "batch": batch, "seq_len": seq, "tokens": batch * seq,
                "ms": {"student_fwd_bwd_lm": timed(student_step), "teacher_fwd": timed(teacher_forward),
-                      "kd_loss_fwd_bwd": timed(kd_step)}}
+                      "kd_loss_fwd_bwd": timed(kd_step), "kd_fused_loss_fwd_bwd": timed(kd_fused_step)}}
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                     SDPBackend.MATH):
         try:
