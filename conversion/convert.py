@@ -28,7 +28,7 @@ from conversion.layout import (
 )
 from conversion.lowrank import SVD_METHODS, factorize_kv, relative_output_error, relative_weight_error
 from conversion.mla_config import ARCHITECTURE, FORMAT_VERSION
-from conversion.source import TOKENIZER_FILES, SourceSpec, SourceWeights, read_source_spec
+from conversion.source import TOKENIZER_FILES, TOKENIZER_VOCAB_FILES, SourceSpec, SourceWeights, read_source_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -129,7 +129,7 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
     if options.strategy == "2-norm" or options.svd == "aw-joint":
         if options.calib_text is not None and not Path(options.calib_text).is_file():
             raise ConversionError(f"calibration text {options.calib_text} does not exist")
-        if options.calib_text is None and not any((spec.path / f).is_file() for f in TOKENIZER_FILES[:5]):
+        if options.calib_text is None and not any((spec.path / f).is_file() for f in TOKENIZER_VOCAB_FILES):
             raise ConversionError(
                 f"--strategy {options.strategy} / --svd {options.svd} calibrate on text tokenised with the model's "
                 f"tokenizer, and {spec.path} has none: add its tokenizer files, or choose options that need no "

@@ -112,7 +112,7 @@ class MHA2MLAAttention(nn.Module):
         self.o_proj = nn.Linear(lay.num_heads * lay.head_dim, hidden, bias=self.spec.o_bias)
         # Derived from the config, not state: plain attributes (not buffers), so that
         # transformers' meta-device loading never leaves them uninitialised.
-        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._constants: dict[torch.device, tuple[tuple[torch.Tensor, ...], int, int]] = {}
 
     def constants(self, device: torch.device) -> tuple:
         """The constant arguments of ``mla_inputs`` for this layer on ``device``: frequencies,

@@ -28,6 +28,8 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+"""Files one of which a folder needs for its tokenizer to load (the vocabulary itself)."""
 
 
 @dataclass(frozen=True)

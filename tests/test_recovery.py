@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM
 
 from conversion import ConvertOptions, convert, load_reference
 from conversion.cli import main as cli_main
-from conversion.errors import ConversionError
 from conversion.layout import plan_native_layout
 from conversion.recovery.finetune import FinetuneOptions, finetune, held_out_perplexity
 from conversion.recovery.global_stage import GlobalOptions, latest_complete_checkpoint, run_global_stage
@@ -94,7 +93,7 @@ def test_next_token_loss_shifts_by_one():
 def test_structure_mask_marks_exactly_the_up_projection_blocks():
     lay = plan_native_layout(4, 2, 64, 48, 16, 576)  # 96 rope dims: 32 ride in the latent
     free = kv_b_free_mask(lay)
-    g, nd, d, c = 2, 64 - 48, 64, 32
+    nd, d, c = 64 - 48, 64, 32  # nope dims, head dim, latent (2 kv-heads × d_kv 16)
     assert int(free.sum()) == 4 * (nd + d) * c  # every head: its W_up_k and W_up_v rows, latent columns
     assert not free[:, c:].any()  # identity/padding columns never train
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from conversion.checkpoint import ShardWriter, atomic_output_folder, write_json
 from conversion.errors import ConversionError
-from conversion.recovery.global_stage import GlobalOptions, run_global_stage
+from conversion.recovery.global_stage import GlobalOptions, run_global_stage, world_size
 from conversion.recovery.local import LocalOptions, run_local_stage
 
 STAGES = ("local", "global", "both")
@@ -259,7 +259,7 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     train, held, synthesized, data_name = _training_data(opts, stage, tokenizer, world, log)
 
     dtype = torch.float32
@@ -341,7 +341,7 @@ def _training_data(opts: FinetuneOptions, stage: str, tokenizer, world: int, log
     stages will read (``--max-train-tokens`` caps it), plus the teacher text of ``--synthesize``."""
     from conversion.recovery.data import default_training_data, user_training_data
 
-    tokens_per_step = opts.global_.batch_size * opts.global_.grad_accum * world * opts.seq_len
+    tokens_per_step = opts.global_.tokens_per_step(opts.seq_len, world)
     need = opts.local_tokens if stage == "local" else max(opts.local_tokens, opts.global_.tokens + tokens_per_step)
     common = dict(max_train_tokens=opts.max_train_tokens or need, held_out_tokens=opts.held_out_tokens,
                   show_progress=opts.show_progress)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,10 @@ class GlobalOptions:
     stop_after_steps: int | None = None
     """Stop (as if interrupted) after this many steps; for tests of --resume."""
 
+    def tokens_per_step(self, seq_len: int, world_size: int) -> int:
+        """Tokens one optimizer step sees across all processes."""
+        return self.batch_size * self.grad_accum * world_size * seq_len
+
     def validate(self) -> None:
         if self.loss not in LOSSES:
             raise ConversionError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
@@ -95,6 +100,11 @@ class GlobalReport:
 
     def to_dict(self) -> dict:
         return dict(vars(self))
+
+
+def world_size() -> int:
+    """Processes training together: ``torchrun`` sets WORLD_SIZE, a plain run is one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def select_trainable(model: nn.Module, which: str) -> int:
@@ -278,9 +288,8 @@ def run_global_stage(
         raise ConversionError(f"--loss {opts.loss} distils from the original model: pass --teacher ORIGINAL_DIR")
     use_bf16 = torch.cuda.is_available() if opts.bf16 is None else opts.bf16
     seq_len = train_data.seq_len
-    probe = TrainingArguments(output_dir=str(work_dir), report_to="none", use_cpu=not torch.cuda.is_available())
-    world = probe.world_size
-    tokens_per_step = opts.batch_size * opts.grad_accum * world * seq_len
+    world = world_size()
+    tokens_per_step = opts.tokens_per_step(seq_len, world)
     max_steps = max(1, math.ceil(opts.tokens / tokens_per_step))
     args = build_training_arguments(opts, work_dir, max_steps, use_bf16)
     trainable = select_trainable(student, opts.train)
