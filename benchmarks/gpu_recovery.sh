@@ -132,6 +132,10 @@ case $MODE in
       cp /root/w/ddp$n-ft/finetune_report.json "$OUT/ddp-${n}gpu-finetune_report.json"
     done
     ;;
+  convert)  # NAME ROPE DKV: only the conversion (-> /root/w/NAME-mla)
+    prepare
+    convert "$1" "$2" "$3"
+    ;;
   profile)  # NAME ROPE DKV [batch seq]: time the parts of one training step
     NAME=$1; ROPE=$2; DKV=$3; shift 3
     prepare

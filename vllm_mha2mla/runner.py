@@ -81,7 +81,7 @@ def _engine_kwargs(req: EngineRequest) -> dict[str, Any]:
     return kwargs
 
 
-def _backend_names(model) -> list[str]:
+def backend_names(model) -> list[str]:
     names = set()
     for module in model.modules():
         backend = getattr(module, "attn_backend", None)
@@ -136,7 +136,7 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
             "num_cached_tokens": out.num_cached_tokens,
         })
     try:
-        backends = sorted(set(sum(llm.apply_model(_backend_names), [])))
+        backends = sorted(set(sum(llm.apply_model(backend_names), [])))
     except Exception as exc:  # apply_model needs pickling across processes on some setups
         backends = [f"unknown ({type(exc).__name__})"]
     import torch

@@ -1,0 +1,240 @@
+"""Tasks by name: what ``--tasks`` accepts.
+
+A task turns a tokenizer into requests and scores the results (:class:`Prepared`). Names:
+the multiple-choice suite (``arc_easy`` … ``sciq``, ``mmlu``), perplexity (``wikipedia``: the
+held-out split of the fine-tune's default corpus; ``essays``: Paul Graham's essays, out of
+that domain), long context (``passkey``, ``niah``), groups (``mc``, ``ppl``, ``long``,
+``all``), and paths: ``FILE.jsonl`` is a user's multiple-choice task, ``FILE.txt``/``.md``
+text to measure perplexity on; both are reported under the file's stem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from vllm_mha2mla.evaluation import EvaluationError, long_context, multiple_choice, perplexity
+from vllm_mha2mla.evaluation.datasets import mmlu_subjects, read_split
+from vllm_mha2mla.evaluation.requests import Request, Result
+
+
+@dataclass(frozen=True)
+class Settings:
+    limit: int | None = None
+    """Items per task (documents for perplexity); None: all."""
+    max_model_len: int = 2048
+    ppl_window: int = 2048
+    lengths: tuple[int, ...] = long_context.LENGTHS
+    depths: tuple[float, ...] = long_context.DEPTHS
+    per_cell: int = 10
+    seed: int = 0
+    cache_dir: Path | None = None
+
+
+@dataclass
+class Prepared:
+    requests: list[Request]
+    score: Callable[[list[Result]], tuple[dict, list[dict]]]
+    notes: list[str] = field(default_factory=list)
+
+
+class Tokenizer:
+    """The model's tokenizer as the tasks use it: plain text → ids (no special tokens, as the
+    harness), ids → text, and the end-of-text id that opens rolling windows."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        eot = hf_tokenizer.eos_token_id
+        self.eot = eot if eot is not None else (hf_tokenizer.bos_token_id or 0)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf(text, add_special_tokens=False).input_ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # "multiple_choice" | "perplexity" | "long_context"
+    metrics: tuple[str, ...]
+    """Shown in the table, the first in the plot."""
+    prepare: Callable[[Tokenizer, Settings], Prepared]
+
+
+def _limit(items: list, settings: Settings) -> list:
+    return items if settings.limit is None else items[: settings.limit]
+
+
+def _mc_prepare(load: Callable[[Settings], list[multiple_choice.Item]]):
+    def prepare(tok: Tokenizer, settings: Settings) -> Prepared:
+        items = _limit(load(settings), settings)
+        requests, sizes = [], []
+        for item in items:
+            reqs = multiple_choice.item_requests(item, tok.encode, tok.eot, settings.max_model_len)
+            requests += reqs
+            sizes.append(len(reqs))
+
+        def score(results: list[Result]) -> tuple[dict, list[dict]]:
+            grouped, at = [], 0
+            for size in sizes:
+                grouped.append(results[at:at + size])
+                at += size
+            return multiple_choice.score_items(items, grouped)
+
+        return Prepared(requests, score)
+
+    return prepare
+
+
+def _split_task(folder: str, fmt: Callable[[dict], multiple_choice.Item]):
+    return _mc_prepare(lambda s: [fmt(row) for row in read_split(folder, s.cache_dir)])
+
+
+def _mmlu_items(settings: Settings) -> list[multiple_choice.Item]:
+    """All subjects' validation items, interleaved subject by subject so a --limit samples all."""
+    per_subject = [[multiple_choice.mmlu(row) for row in read_split(f"hails/mmlu_no_train/{s}/validation",
+                                                                     settings.cache_dir)]
+                   for s in mmlu_subjects(settings.cache_dir)]
+    out = []
+    for i in range(max(map(len, per_subject))):
+        out += [items[i] for items in per_subject if i < len(items)]
+    return out
+
+
+def _ppl_prepare(load: Callable[[Settings], list[str]]):
+    def prepare(tok: Tokenizer, settings: Settings) -> Prepared:
+        docs = _limit(load(settings), settings)
+        window = min(settings.ppl_window, settings.max_model_len - 1)
+        requests, sizes = [], []
+        for doc in docs:
+            reqs = perplexity.rolling_windows(tok.encode(doc), tok.eot, window)
+            requests += reqs
+            sizes.append(len(reqs))
+
+        def score(results: list[Result]) -> tuple[dict, list[dict]]:
+            grouped, at = [], 0
+            for size in sizes:
+                grouped.append(results[at:at + size])
+                at += size
+            records = [{"logprob": sum(r.logprob for r in g), "tokens": sum(r.tokens for r in g)} for g in grouped]
+            return perplexity.perplexity_metrics(docs, grouped), records
+
+        return Prepared(requests, score, [f"rolling windows of {window} tokens"])
+
+    return prepare
+
+
+def _held_out_wikipedia(settings: Settings) -> list[str]:
+    from conversion.recovery.corpus import load_default_corpus
+
+    return load_default_corpus(settings.cache_dir).held_out
+
+
+def _essays(settings: Settings) -> list[str]:
+    """The essays as documents of about 8,000 characters (paragraph boundaries kept)."""
+    from conversion.recovery.corpus import load_default_corpus
+
+    paragraphs = [p for p in load_default_corpus(settings.cache_dir).out_of_domain[0].split("\n\n") if p.strip()]
+    docs, current = [], ""
+    for p in paragraphs:
+        current = f"{current}\n\n{p}" if current else p
+        if len(current) >= 8000:
+            docs.append(current)
+            current = ""
+    return docs + ([current] if current else [])
+
+
+def _haystack(settings: Settings) -> list[str]:
+    from conversion.recovery.corpus import load_default_corpus
+
+    return long_context.essay_sentences(load_default_corpus(settings.cache_dir).out_of_domain[0])
+
+
+def _lc_prepare(kind: str):
+    def prepare(tok: Tokenizer, settings: Settings) -> Prepared:
+        lengths = [n for n in settings.lengths if n <= settings.max_model_len]
+        notes = [f"lengths {sorted(set(settings.lengths) - set(lengths))} skipped: longer than max_model_len "
+                 f"{settings.max_model_len}"] if len(lengths) < len(settings.lengths) else []
+        per_cell = settings.per_cell
+        cells = len(lengths) * len(settings.depths)
+        if settings.limit is not None and cells:
+            per_cell = max(1, min(per_cell, settings.limit // cells))
+        if kind == "passkey":
+            items = long_context.passkey_items(tok.encode, lengths, settings.depths, per_cell, settings.seed)
+        else:
+            items = long_context.niah_items(tok.encode, _haystack(settings), lengths, settings.depths, per_cell,
+                                            settings.seed)
+
+        def score(results: list[Result]) -> tuple[dict, list[dict]]:
+            return long_context.score_items(items, [tok.decode(ids) for ids in results])
+
+        return Prepared([item.request for item in items], score, notes)
+
+    return prepare
+
+
+_ACC_NORM = ("acc", "acc_norm")
+_PPL = ("token_perplexity", "bits_per_byte")
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("arc_easy", "multiple_choice", _ACC_NORM, _split_task("ai2_arc/ARC-Easy/validation", multiple_choice.arc)),
+    Task("arc_challenge", "multiple_choice", _ACC_NORM,
+         _split_task("ai2_arc/ARC-Challenge/validation", multiple_choice.arc)),
+    Task("hellaswag", "multiple_choice", _ACC_NORM, _split_task("hellaswag/none/validation", multiple_choice.hellaswag)),
+    Task("piqa", "multiple_choice", _ACC_NORM, _split_task("piqa/plain_text/validation", multiple_choice.piqa)),
+    Task("winogrande", "multiple_choice", ("acc",),
+         _split_task("winogrande/winogrande_xl/validation", multiple_choice.winogrande)),
+    Task("boolq", "multiple_choice", ("acc",), _split_task("boolq/none/validation", multiple_choice.boolq)),
+    Task("openbookqa", "multiple_choice", _ACC_NORM,
+         _split_task("openbookqa/main/validation", multiple_choice.openbookqa)),
+    Task("sciq", "multiple_choice", _ACC_NORM, _split_task("sciq/none/validation", multiple_choice.sciq)),
+    Task("mmlu", "multiple_choice", ("acc",), _mc_prepare(_mmlu_items)),
+    Task("wikipedia", "perplexity", _PPL, _ppl_prepare(_held_out_wikipedia)),
+    Task("essays", "perplexity", _PPL, _ppl_prepare(_essays)),
+    Task("passkey", "long_context", ("acc",), _lc_prepare("passkey")),
+    Task("niah", "long_context", ("acc",), _lc_prepare("niah")),
+]}
+GROUPS = {
+    "mc": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa", "sciq"],
+    "ppl": ["wikipedia", "essays"],
+    "long": ["passkey", "niah"],
+}
+GROUPS["all"] = GROUPS["mc"] + GROUPS["ppl"] + GROUPS["long"]
+
+
+def _file_task(path: Path) -> Task:
+    if not path.is_file():
+        raise EvaluationError(f"task file {path} does not exist")
+    if path.suffix == ".jsonl":
+        items = multiple_choice.read_task_file(path)  # read now: a malformed line fails before any engine starts
+        return Task(path.stem, "multiple_choice", _ACC_NORM, _mc_prepare(lambda s: items))
+    if path.suffix in (".txt", ".md"):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise EvaluationError(f"text file {path} is empty")
+        return Task(path.stem, "perplexity", _PPL, _ppl_prepare(lambda s: [text]))
+    raise EvaluationError(f"task file {path}: expected .jsonl (multiple choice) or .txt/.md (perplexity)")
+
+
+def resolve_tasks(spec: str) -> list[Task]:
+    """``"mc,wikipedia,my_task.jsonl"`` → tasks, groups expanded, duplicates dropped."""
+    out: dict[str, Task] = {}
+    for raw in [s.strip() for s in spec.split(",") if s.strip()]:
+        if raw in GROUPS:
+            for name in GROUPS[raw]:
+                out.setdefault(name, TASKS[name])
+        elif raw in TASKS:
+            out.setdefault(raw, TASKS[raw])
+        elif raw.endswith((".jsonl", ".txt", ".md")) or "/" in raw:
+            task = _file_task(Path(raw))
+            if task.name in out or task.name in TASKS:
+                raise EvaluationError(f"task file {raw}: its name {task.name!r} clashes with another task")
+            out[task.name] = task
+        else:
+            raise EvaluationError(f"unknown task {raw!r}; known tasks: {', '.join(TASKS)}; groups: "
+                                  f"{', '.join(GROUPS)}; or a path to a .jsonl multiple-choice file or a .txt file")
+    if not out:
+        raise EvaluationError("no tasks given")
+    return list(out.values())
