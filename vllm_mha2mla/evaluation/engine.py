@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from typing import Any, Sequence
 
@@ -24,12 +25,9 @@ class EngineWorker:
     def placement(self) -> dict:
         """Where this worker runs: node, host and the CPUs it may use."""
         node = None
-        try:
-            import ray
-
+        ray = sys.modules.get("ray")  # only inside a Ray worker: never start Ray from here
+        if ray is not None and ray.is_initialized():
             node = ray.get_runtime_context().get_node_id()
-        except Exception:  # not inside Ray
-            pass
         return {"node": node, "host": socket.gethostname(), "cpus": sorted(os.sched_getaffinity(0))}
 
     def start(self, model: str, engine_kwargs: dict[str, Any], env: dict[str, str] | None = None) -> dict:

@@ -45,15 +45,17 @@ class Item:
 
 
 def _fit(encode: Encode, build: Callable[[int], str], units: int, budget: int) -> tuple[str, int]:
-    """The text ``build(n)`` with the most filler units ``n <= units`` whose tokens fit ``budget``."""
-    n = units
-    text = build(n)
-    size = len(encode(text))
-    while size > budget and n > 0:  # shrink by the overshoot's share, at least one unit
-        n = max(0, min(n - 1, int(n * budget / size)))
-        text = build(n)
-        size = len(encode(text))
-    return text, size
+    """The text ``build(n)`` with the most filler units ``n <= units`` whose tokens fit
+    ``budget`` (binary search: token counts grow with ``n``)."""
+    lo, hi = 0, units
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(encode(build(mid))) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    text = build(lo)
+    return text, len(encode(text))
 
 
 def _place(fillers: Sequence[str], needle: str, depth: float) -> list[str]:
@@ -101,7 +103,7 @@ def niah_items(encode: Encode, haystack: Sequence[str], lengths: Sequence[int], 
                 value = str(rng.randint(1_000_000, 9_999_999))
                 needle = f"One of the special magic numbers for {key} is: {value}."
                 start = rng.randrange(len(haystack))
-                want = int(budget / avg_tokens) + 8
+                want = 2 * int(budget / avg_tokens) + 8
                 pool = [haystack[(start + i) % len(haystack)] for i in range(want)]
                 question = (f"What is the special magic number for {key} mentioned in the provided text? "
                             f"The special magic number for {key} mentioned in the provided text is")

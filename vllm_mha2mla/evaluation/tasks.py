@@ -73,7 +73,7 @@ def _mc_prepare(load: Callable[[Settings], list[multiple_choice.Item]]):
         items = _limit(load(settings), settings)
         requests, sizes = [], []
         for item in items:
-            reqs = multiple_choice.item_requests(item, tok.encode, tok.eot, settings.max_model_len)
+            reqs = multiple_choice.item_requests(item, tok.encode, tok.eot, settings.max_model_len - 1)  # + 1 output
             requests += reqs
             sizes.append(len(reqs))
 
@@ -107,7 +107,7 @@ def _mmlu_items(settings: Settings) -> list[multiple_choice.Item]:
 def _ppl_prepare(load: Callable[[Settings], list[str]]):
     def prepare(tok: Tokenizer, settings: Settings) -> Prepared:
         docs = _limit(load(settings), settings)
-        window = min(settings.ppl_window, settings.max_model_len - 1)
+        window = min(settings.ppl_window, settings.max_model_len - 2)  # + the token before + 1 output
         requests, sizes = [], []
         for doc in docs:
             reqs = perplexity.rolling_windows(tok.encode(doc), tok.eot, window)
