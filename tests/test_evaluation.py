@@ -15,7 +15,7 @@ import torch
 from conversion import ConvertOptions, convert, load_reference
 from conversion.text_data import shared_text_path, split_text
 from tests.helpers import TinySpec
-from vllm_mha2mla.evaluation import EvaluationError, long_context, multiple_choice, perplexity
+from vllm_mha2mla.evaluation import EvaluationError, long_context, multiple_choice, perplexity, reference
 from vllm_mha2mla.evaluation.evaluate import EvalOptions, evaluate
 from vllm_mha2mla.evaluation.executor import make_chunks
 from vllm_mha2mla.evaluation.requests import Generate, Score, ScoreResult
@@ -209,24 +209,6 @@ def single_engine_run(eval_models, task_files, tmp_path_factory):
     return out, summary, tasks
 
 
-def _score(model, request: Score) -> float:
-    with torch.no_grad():
-        logp = model(torch.tensor([list(request.token_ids)])).logits[0].float().log_softmax(-1)
-    ids = request.token_ids
-    return sum(logp[t - 1, ids[t]].item() for t in range(request.start, len(ids)))
-
-
-def _greedy_text(model, tok, request: Generate) -> str:
-    seq = list(request.token_ids)
-    for _ in range(request.max_tokens):
-        with torch.no_grad():
-            nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
-        seq.append(nxt)
-        if nxt == tok.eot:
-            break
-    return tok.decode(seq[len(request.token_ids):])
-
-
 @pytest.mark.vllm
 def test_vllm_scores_equal_hf_and_reference_models(single_engine_run, eval_models, tok):
     """float32: every log-likelihood within 1e-3 of the Hugging Face original's (MHA) and of the
@@ -245,7 +227,7 @@ def test_vllm_scores_equal_hf_and_reference_models(single_engine_run, eval_model
         requests = mc.prepare(tok, settings).requests
         records = _records(out, label, mc.name)
         got = [ll for r in records for ll in r["loglikelihoods"]]
-        want = [_score(model, r) for r in requests]
+        want = [reference.score(model, r) for r in requests]
         assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3, label
         at = 0
         for r in records:
@@ -253,10 +235,10 @@ def test_vllm_scores_equal_hf_and_reference_models(single_engine_run, eval_model
             assert r["pred"] == max(range(k), key=lambda i: want[at + i]), label
             at += k
         docs = _records(out, label, ppl.name)
-        assert docs[0]["logprob"] == pytest.approx(sum(_score(model, r) for r in ppl.prepare(tok, settings).requests),
+        assert docs[0]["logprob"] == pytest.approx(sum(reference.score(model, r) for r in ppl.prepare(tok, settings).requests),
                                                    abs=5e-3)
         answers = [r["output"] for r in _records(out, label, "passkey")]
-        assert answers == [_greedy_text(model, tok, r) for r in passkey.prepare(tok, settings).requests], label
+        assert answers == [tok.decode(reference.greedy(model, r, tok.eot)) for r in passkey.prepare(tok, settings).requests], label
     assert summary["results"]["original"]["tasks"][mc.name]["n"] == 24
     assert (out / "results.md").read_text().count("|") > 20 and (out / "results.png").is_file()
     assert (out / "long_context.png").is_file()

@@ -231,7 +231,7 @@ class TokenWindows(Dataset):
 
 # ----------------------------------------------------------------------------- tokenizing + cache
 
-def _tokenizer_identity(tokenizer) -> bytes:
+def tokenizer_identity(tokenizer) -> bytes:
     """What determines the token ids, independent of where the tokenizer was loaded from.
 
     A fast tokenizer is identified by its serialised pipeline (vocab, merges, normalizer,
@@ -251,7 +251,7 @@ def _tokenizer_identity(tokenizer) -> bytes:
 
 def _cache_key(tokenizer, documents: Sequence[str], seq_len: int, max_tokens: int | None, eos_id: int) -> str:
     h = hashlib.sha256()
-    h.update(_tokenizer_identity(tokenizer))
+    h.update(tokenizer_identity(tokenizer))
     h.update(f"\nseq_len={seq_len} max_tokens={max_tokens} eos={eos_id} docs={len(documents)}\n".encode())
     for doc in documents:
         data = doc.encode("utf-8")

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from vllm_mha2mla.evaluation import EvaluationError
 from vllm_mha2mla.evaluation.executor import start_executor, timed_run
-from vllm_mha2mla.evaluation.tasks import Settings, Task, Tokenizer, resolve_tasks
+from vllm_mha2mla.evaluation.tasks import Prepared, Settings, Task, Tokenizer, resolve_tasks
 
 DEFAULT_KV_CACHE_GIB = 4.0
 
@@ -100,16 +100,31 @@ def _settings(options: EvalOptions, tasks: list[Task], folder: Path) -> Settings
                     ppl_window=options.ppl_window, per_cell=options.per_cell, seed=options.seed)
 
 
-def evaluate_model(model: ModelSpec, tasks: list[Task], options: EvalOptions, items_dir: Path | None) -> dict:
-    """Scores one model on every task; returns its results and what its engines ran with."""
+def _prepare(tasks: list[Task], model: ModelSpec, settings: Settings, memo: dict) -> dict[str, Prepared]:
+    """Each task's requests for this model's tokenizer; models with the same tokenizer and
+    settings (an original and its conversions) share them instead of tokenizing again."""
+    import hashlib
+
     from transformers import AutoTokenizer
 
+    from conversion.recovery.data import tokenizer_identity
+
     try:
-        tok = Tokenizer(AutoTokenizer.from_pretrained(str(model.path)))
+        hf = AutoTokenizer.from_pretrained(str(model.path))
     except Exception as exc:
         raise EvaluationError(f"{model.path}: its tokenizer could not be loaded ({exc})") from exc
+    key = (hashlib.sha256(tokenizer_identity(hf)).hexdigest(), settings)
+    if key not in memo:
+        tok = Tokenizer(hf)
+        memo[key] = {task.name: task.prepare(tok, settings) for task in tasks}
+    return memo[key]
+
+
+def evaluate_model(model: ModelSpec, tasks: list[Task], options: EvalOptions, items_dir: Path | None,
+                   memo: dict | None = None) -> dict:
+    """Scores one model on every task; returns its results and what its engines ran with."""
     settings = _settings(options, tasks, model.path)
-    prepared = {task.name: task.prepare(tok, settings) for task in tasks}
+    prepared = _prepare(tasks, model, settings, {} if memo is None else memo)
     requests = [r for p in prepared.values() for r in p.requests]
     executor = start_executor(str(model.path), _engine_kwargs(options, settings.max_model_len), options.replicas,
                               options.ray_address)
@@ -151,7 +166,8 @@ def evaluate(model_specs: list[str], output: Path, options: EvalOptions) -> dict
         raise EvaluationError("--limit must be at least 1")
     output.mkdir(parents=True, exist_ok=True)
     staging = output / ".items.partial"
-    results = {m.label: evaluate_model(m, tasks, options, staging) for m in models}
+    memo: dict = {}
+    results = {m.label: evaluate_model(m, tasks, options, staging, memo) for m in models}
     summary = {
         "models": [m.label for m in models],
         "tasks": {t.name: {"kind": t.kind, "metrics": list(t.metrics)} for t in tasks},

@@ -44,18 +44,28 @@ class Item:
     request: Generate
 
 
-def _fit(encode: Encode, build: Callable[[int], str], units: int, budget: int) -> tuple[str, int]:
-    """The text ``build(n)`` with the most filler units ``n <= units`` whose tokens fit
-    ``budget`` (binary search: token counts grow with ``n``)."""
-    lo, hi = 0, units
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(encode(build(mid))) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    text = build(lo)
-    return text, len(encode(text))
+def _fit(encode: Encode, build: Callable[[int], str], unit_tokens: Sequence[int], budget: int) -> str:
+    """The text ``build(n)`` with the most filler units whose tokens fit ``budget``.
+
+    Token counts of the units are nearly additive, so their running sum places ``n`` within a
+    unit or two; exact tokenization then steps to the largest ``n`` that fits (a few calls
+    instead of a binary search over 8K-token texts).
+    """
+    room = budget - len(encode(build(0)))
+    n, used = 0, 0
+    while n < len(unit_tokens) and used + unit_tokens[n] <= room:
+        used += unit_tokens[n]
+        n += 1
+    text = build(n)
+    while n > 0 and len(encode(text)) > budget:
+        n -= 1
+        text = build(n)
+    while n < len(unit_tokens):
+        longer = build(n + 1)
+        if len(encode(longer)) > budget:
+            break
+        n, text = n + 1, longer
+    return text
 
 
 def _place(fillers: Sequence[str], needle: str, depth: float) -> list[str]:
@@ -79,7 +89,7 @@ def passkey_items(encode: Encode, lengths: Sequence[int], depths: Sequence[float
                     body = " ".join(_place([PASSKEY_FILLER] * n, needle, depth))
                     return f"{PASSKEY_INTRO} {body}\nWhat is the pass key? The pass key is"
 
-                text, _ = _fit(encode, build, budget // unit_tokens + 2, budget)
+                text = _fit(encode, build, [unit_tokens] * (budget // unit_tokens + 2), budget)
                 items.append(Item(length, depth, key, Generate(tuple(encode(text)), ANSWER_TOKENS)))
     return items
 
@@ -92,7 +102,8 @@ def essay_sentences(text: str) -> list[str]:
 
 def niah_items(encode: Encode, haystack: Sequence[str], lengths: Sequence[int], depths: Sequence[float],
                per_cell: int, seed: int = 0) -> list[Item]:
-    avg_tokens = max(1.0, len(encode(" ".join(haystack[:200]))) / max(1, min(200, len(haystack))))
+    sentence_tokens = [len(encode(" " + sentence)) for sentence in haystack]
+    avg_tokens = max(1.0, sum(sentence_tokens) / max(1, len(sentence_tokens)))
     items = []
     for li, length in enumerate(lengths):
         budget = length - ANSWER_TOKENS
@@ -111,7 +122,7 @@ def niah_items(encode: Encode, haystack: Sequence[str], lengths: Sequence[int], 
                 def build(n: int) -> str:
                     return f"{NIAH_INTRO}\n{' '.join(_place(pool[:n], needle, depth))}\n{question}"
 
-                text, _ = _fit(encode, build, want, budget)
+                text = _fit(encode, build, [sentence_tokens[(start + i) % len(haystack)] for i in range(want)], budget)
                 items.append(Item(length, depth, value, Generate(tuple(encode(text)), ANSWER_TOKENS)))
     return items
 

@@ -47,9 +47,23 @@ class Tokenizer:
         self.hf = hf_tokenizer
         eot = hf_tokenizer.eos_token_id
         self.eot = eot if eot is not None else (hf_tokenizer.bos_token_id or 0)
+        self._memo: dict[str, list[int]] = {}
 
     def encode(self, text: str) -> list[int]:
-        return self.hf(text, add_special_tokens=False).input_ids
+        ids = self._memo.get(text)
+        return list(ids) if ids is not None else self.hf(text, add_special_tokens=False).input_ids
+
+    def warm(self, texts: Sequence[str]) -> None:
+        """Tokenizes ``texts`` in one batched call (the fast tokenizer's parallel path) and
+        remembers them for :meth:`encode`: tens of thousands of choices take seconds, not minutes."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        for start in range(0, len(todo), 4096):
+            batch = todo[start:start + 4096]
+            for text, ids in zip(batch, self.hf(batch, add_special_tokens=False).input_ids):
+                self._memo[text] = ids
+
+    def forget(self) -> None:
+        self._memo.clear()
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
@@ -71,6 +85,7 @@ def _limit(items: list, settings: Settings) -> list:
 def _mc_prepare(load: Callable[[Settings], list[multiple_choice.Item]]):
     def prepare(tok: Tokenizer, settings: Settings) -> Prepared:
         items = _limit(load(settings), settings)
+        tok.warm([text for item in items for i in range(item.num_choices) for text in _pair_texts(*item.pair(i))])
         requests, sizes = [], []
         for item in items:
             reqs = multiple_choice.item_requests(item, tok.encode, tok.eot, settings.max_model_len - 1)  # + 1 output
@@ -84,9 +99,16 @@ def _mc_prepare(load: Callable[[Settings], list[multiple_choice.Item]]):
                 at += size
             return multiple_choice.score_items(items, grouped)
 
+        tok.forget()
         return Prepared(requests, score)
 
     return prepare
+
+
+def _pair_texts(context: str, continuation: str) -> tuple[str, str]:
+    """The two strings ``encode_pair`` tokenizes (context without trailing spaces, and whole)."""
+    stripped = context.rstrip()
+    return stripped, stripped + context[len(stripped):] + continuation
 
 
 def _split_task(folder: str, fmt: Callable[[dict], multiple_choice.Item]):
@@ -108,6 +130,7 @@ def _ppl_prepare(load: Callable[[Settings], list[str]]):
     def prepare(tok: Tokenizer, settings: Settings) -> Prepared:
         docs = _limit(load(settings), settings)
         window = min(settings.ppl_window, settings.max_model_len - 2)  # + the token before + 1 output
+        tok.warm(docs)
         requests, sizes = [], []
         for doc in docs:
             reqs = perplexity.rolling_windows(tok.encode(doc), tok.eot, window)
@@ -122,6 +145,7 @@ def _ppl_prepare(load: Callable[[Settings], list[str]]):
             records = [{"logprob": sum(r.logprob for r in g), "tokens": sum(r.tokens for r in g)} for g in grouped]
             return perplexity.perplexity_metrics(docs, grouped), records
 
+        tok.forget()
         return Prepared(requests, score, [f"rolling windows of {window} tokens"])
 
     return prepare
