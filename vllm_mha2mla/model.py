@@ -69,6 +69,23 @@ def select_attention_backend(layout: MLALayout, vllm_config: VllmConfig) -> type
     return load_class(path)
 
 
+def _check_checkpoint_folder(vllm_config: VllmConfig) -> None:
+    """Refuses a checkpoint whose tensors disagree with its config before any weight loads, with
+    the tensors or fields named (vLLM's loaders would fail later on an anonymous shape assertion)."""
+    from pathlib import Path
+
+    from conversion.errors import ConversionError
+    from conversion.validate import check_checkpoint
+
+    folder = Path(vllm_config.model_config.model)
+    if vllm_config.load_config.load_format == "dummy" or not (folder / "config.json").is_file():
+        return
+    try:
+        check_checkpoint(folder)
+    except ConversionError as exc:
+        raise ValueError(f"MHA2MLA checkpoint check failed: {exc}") from None
+
+
 class MHA2MLAAttention(nn.Module):
     def __init__(
         self,
@@ -215,6 +232,7 @@ class MHA2MLAForCausalLM(nn.Module, SupportsPP):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
+        _check_checkpoint_folder(vllm_config)
         self.model = MHA2MLAModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
