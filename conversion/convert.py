@@ -227,7 +227,9 @@ def convert_attention(
     if second_moment is not None:
         errors["k_nope_output_error"] = relative_output_error(w_k_nope, k_approx, second_moment)
         errors["v_output_error"] = relative_output_error(w_v, v_approx, second_moment)
-    return out, errors
+    if low.energy is not None:
+        errors["latent_energy_kept"] = float(low.energy[: lay.latent_dim].sum() / low.energy.sum().clamp_min(1e-300))
+    return out, errors, low.energy
 
 
 def build_config(plan: ConversionPlan, pairs: list[list[list[int]]]) -> dict:
@@ -310,6 +312,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_prog
         stats = load_or_collect(spec, text, options.cache_dir, options.calib_tokens, options.calib_seq_len)
     pairs = select_rope_pairs(plan, stats)
     layer_errors: list[dict[str, float]] = []
+    spectra: list[list[float]] = []
     with atomic_output_folder(dst, overwrite=options.overwrite) as tmp:
         writer = ShardWriter(tmp, plan.dtype)
         writer.add("model.embed_tokens.weight", weights.get("model.embed_tokens.weight"))
@@ -328,8 +331,10 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_prog
                 b_o=get_opt(f"{attn}.o_proj.bias"),
             )
             moment = stats.input_second_moment[i] if stats is not None else None
-            converted, errors = convert_attention(layer_weights, plan.layout, pairs[i], options.svd, moment)
+            converted, errors, energy = convert_attention(layer_weights, plan.layout, pairs[i], options.svd, moment)
             layer_errors.append({"layer": i, **errors})
+            if energy is not None:
+                spectra.append([float(e) for e in energy])
             for name, tensor in converted.items():
                 writer.add(f"{attn}.{name}", tensor)
             for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
@@ -354,6 +359,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_prog
             "calibration_text": (str(options.calib_text) if options.calib_text else "default corpus (training split)")
             if stats is not None else None,
             "layer_errors": layer_errors,
+            "latent_spectra": spectra,
             "notes": plan.notes,
         }
         write_json(tmp / "mha2mla_report.json", report)

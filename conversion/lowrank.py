@@ -27,11 +27,15 @@ class LowRankKV:
     w_down: torch.Tensor
     w_up_k: torch.Tensor
     w_up_v: torch.Tensor
+    energy: torch.Tensor | None = None
+    """Squared singular values of the full (whitened for aw-joint) spectrum, descending: the
+    output energy each latent dim keeps; ``energy[r:].sum()`` is what rank ``r`` loses. None for
+    ``split``. What per-layer rank allocation compares across layers."""
 
 
-def _truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u[:, :rank], s[:rank], vh[:rank]
+    return u[:, :rank], s[:rank], vh[:rank], s.square()
 
 
 def whitening_factor(second_moment: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
@@ -60,18 +64,18 @@ def factorize_kv(
     if not 1 <= rank <= max_rank:
         raise ConversionError(f"latent rank {rank} is impossible: it must be in [1, {max_rank}]")
     if method == "joint":
-        u, s, vh = _truncated_svd(stacked, rank)
+        u, s, vh, energy = _truncated_svd(stacked, rank)
         up = u * s
-        return LowRankKV(w_down=vh, w_up_k=up[:nk], w_up_v=up[nk:])
+        return LowRankKV(w_down=vh, w_up_k=up[:nk], w_up_v=up[nk:], energy=energy)
     if method == "aw-joint":
         if second_moment is None:
             raise ConversionError("aw-joint SVD needs calibration statistics (--calib-text)")
         chol = whitening_factor(second_moment)
-        u, s, vh = _truncated_svd(stacked @ chol, rank)
+        u, s, vh, energy = _truncated_svd(stacked @ chol, rank)
         # W_down = V_rᵀ L⁻¹, solved rather than inverted for stability.
         w_down = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)
         up = u * s
-        return LowRankKV(w_down=w_down, w_up_k=up[:nk], w_up_v=up[nk:])
+        return LowRankKV(w_down=w_down, w_up_k=up[:nk], w_up_v=up[nk:], energy=energy)
     if method == "split":
         rank_k = rank // 2 if nk else 0
         rank_v = rank - rank_k
@@ -79,10 +83,10 @@ def factorize_kv(
             raise ConversionError(f"latent rank {rank} is too large for split SVD")
         zeros = w_v.new_zeros
         if rank_k:
-            uk, sk, vhk = _truncated_svd(w_k_nope, rank_k)
+            uk, sk, vhk, _ = _truncated_svd(w_k_nope, rank_k)
         else:
             uk, sk, vhk = zeros(nk, 0), zeros(0), zeros(0, hidden)
-        uv, sv, vhv = _truncated_svd(w_v, rank_v)
+        uv, sv, vhv, _ = _truncated_svd(w_v, rank_v)
         w_down = torch.cat([vhk, vhv])
         w_up_k = torch.cat([uk * sk, zeros(nk, rank_v)], dim=1)
         w_up_v = torch.cat([zeros(w_v.shape[0], rank_k), uv * sv], dim=1)

@@ -62,3 +62,30 @@ def test_impossible_rank_and_missing_statistics_are_refused():
         factorize_kv(w_k, w_v, 97, "joint")
     with pytest.raises(ConversionError, match="calibration"):
         factorize_kv(w_k, w_v, 8, "aw-joint")
+
+
+def test_greedy_allocation_is_optimal_and_respects_the_budget():
+    import itertools
+
+    from conversion.allocation import allocate_ranks, kept_energy
+
+    gen = torch.Generator().manual_seed(0)
+    energies = [sorted((torch.rand(64, generator=gen) * s).tolist(), reverse=True) for s in (1.0, 5.0, 0.2)]
+    ranks = allocate_ranks(energies, total=96, step=16)
+    assert sum(ranks) == 96 and all(r % 16 == 0 and 16 <= r <= 64 for r in ranks)
+    best = max((c for c in itertools.product(range(16, 65, 16), repeat=3) if sum(c) == 96),
+               key=lambda c: kept_energy(energies, c))
+    assert kept_energy(energies, ranks) == pytest.approx(kept_energy(energies, best))
+    assert ranks[1] > ranks[0] > ranks[2]  # the high-energy layer gets the most
+    for bad in (40, 100, 16 * 13):
+        with pytest.raises(ConversionError):
+            allocate_ranks(energies, total=bad, step=16)
+
+
+def test_factorization_energy_is_what_truncation_loses():
+    gen = torch.Generator().manual_seed(1)
+    w_k, w_v = torch.randn(24, 40, generator=gen), torch.randn(32, 40, generator=gen)
+    low = factorize_kv(w_k, w_v, rank=10, method="joint")
+    stacked = torch.cat([w_k, w_v]).double()
+    approx = torch.cat([low.w_up_k, low.w_up_v]) @ low.w_down
+    assert float((stacked - approx).square().sum()) == pytest.approx(float(low.energy[10:].sum()), rel=1e-9)

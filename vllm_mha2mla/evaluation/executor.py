@@ -30,7 +30,20 @@ def make_chunks(requests: Sequence[Request], chunk_size: int) -> list[list[int]]
     return [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGKILL to this process when its parent dies (a killed ``mha2mla
+    eval`` must not leave an engine computing for nobody)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _child(conn, model: str, engine_kwargs: dict, env: dict) -> None:
+    _die_with_parent()
     worker = EngineWorker()
     try:
         conn.send(("ready", worker.start(model, engine_kwargs, env)))

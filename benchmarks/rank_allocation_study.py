@@ -1,0 +1,124 @@
+"""Does per-layer rank allocation help before any fine-tuning? (issue 13's question, measured
+without changing the serving format.)
+
+Converts SmolLM2-135M-Instruct once at twice the average latent width (2-norm partial RoPE,
+activation-aware joint SVD, default-corpus calibration). The SVD latent dims come in
+descending order of the energy they keep, so zeroing a layer's trailing latent rows of
+``kv_a_proj_with_mqa`` is exactly that layer's rank-``r`` truncation. Each allocation of the same
+total — uniform, greedy on absolute energy, greedy on relative energy
+(``conversion.allocation``) — is applied to the reference model in place and scored on the
+default corpus's held-out split (PyTorch, float32). Reports the perplexity gap to the original
+that each allocation closes relative to uniform.
+
+Usage: python benchmarks/rank_allocation_study.py OUT_DIR [--tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conversion import ConvertOptions, convert, load_reference  # noqa: E402
+from conversion.allocation import allocate_ranks, kept_energy  # noqa: E402
+from conversion.default_model import ensure_default_model  # noqa: E402
+from conversion.recovery.corpus import load_default_corpus  # noqa: E402
+
+SETTINGS = {  # cache values per token per layer → (rope_dim, average d_kv per kv-head)
+    192: (32, 32),
+    96: (16, 16),
+}
+STEP = 16
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor) -> float:
+    nll, count = 0.0, 0
+    for batch in windows.split(8):
+        logits = model(batch).logits[:, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                 reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def held_out_windows(tokenizer, tokens: int, seq_len: int = 512) -> torch.Tensor:
+    ids: list[int] = []
+    for doc in load_default_corpus().held_out:
+        ids += tokenizer(doc, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        if len(ids) >= tokens:
+            break
+    n = tokens // seq_len
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--tokens", type=int, default=32768)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    src = ensure_default_model()
+    tok = AutoTokenizer.from_pretrained(str(src))
+    windows = held_out_windows(tok, args.tokens)
+    original = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    results: dict = {"command": "python benchmarks/rank_allocation_study.py " + " ".join(sys.argv[1:]),
+                     "held_out_tokens": windows.numel(), "step": STEP,
+                     "original_perplexity": perplexity(original, windows), "budgets": {}}
+    del original
+    print(f"original: {results['original_perplexity']:.3f}", flush=True)
+    for values, (rope_dim, d_kv) in SETTINGS.items():
+        big = args.out / f"wide-{values}"
+        if not (big / "config.json").is_file():
+            convert(src, big, ConvertOptions(rope_dim=rope_dim, d_kv=2 * d_kv, strategy="2-norm", svd="aw-joint",
+                                             layout="exact", dtype="float32"))
+        report = json.loads((big / "mha2mla_report.json").read_text())
+        energies = report["latent_spectra"]
+        layers = len(energies)
+        wide = report["layout"]["d_kv"] * report["layout"]["num_kv_heads"]  # rows 0..wide-1 of kv_a: the latent
+        average = wide // 2
+        model = load_reference(big)
+        kv_a = [layer.self_attn.kv_a_proj_with_mqa.weight for layer in model.model.layers]
+        saved = [w.detach().clone() for w in kv_a]
+        rows = {"uniform": [average] * layers}
+        for criterion in ("absolute", "relative"):
+            rows[f"greedy-{criterion}"] = allocate_ranks(energies, average * layers, STEP, max_rank=wide,
+                                                         criterion=criterion)
+        budget: dict = {"rope_dim": rope_dim, "average_latent": average, "wide_latent": wide, "allocations": {}}
+        for name, ranks in rows.items():
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for w, orig, r in zip(kv_a, saved, ranks):
+                    w.copy_(orig)
+                    w[r:wide] = 0
+            ppl = perplexity(model, windows)
+            budget["allocations"][name] = {"ranks": ranks, "perplexity": ppl,
+                                           "kept_energy_share": kept_energy(energies, ranks) / sum(map(sum, energies)),
+                                           "seconds": time.perf_counter() - t0}
+            print(f"{values} values, {name}: perplexity {ppl:.3f}, ranks {ranks}", flush=True)
+        uni = budget["allocations"]["uniform"]["perplexity"]
+        for name, row in budget["allocations"].items():
+            row["gap_closed_vs_uniform_pct"] = 100 * (uni - row["perplexity"]) / (uni - results["original_perplexity"])
+        results["budgets"][str(values)] = budget
+        (args.out / "allocation.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["| cache values | allocation | held-out perplexity | gap to the original closed vs uniform |",
+             "|---|---|---|---|"]
+    for values, budget in results["budgets"].items():
+        for name, row in budget["allocations"].items():
+            lines.append(f"| {values} | {name} | {row['perplexity']:.2f} | {row['gap_closed_vs_uniform_pct']:.1f}% |")
+    (args.out / "allocation.md").write_text(f"original: {results['original_perplexity']:.2f}\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

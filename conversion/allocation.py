@@ -1,0 +1,58 @@
+"""Per-layer latent ranks under one cache budget (pure).
+
+Layers differ in how much of their key/value output a rank-``r`` latent keeps: the energy
+spectrum of each layer's (activation-whitened) joint SVD says exactly what every extra latent
+dim buys (``LowRankKV.energy``). Given a total number of latent dims over all layers, handing
+them out in aligned groups to whichever layer's next group keeps the most energy is optimal
+for the summed loss, because each layer's spectrum is non-increasing (a concave gain).
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Sequence
+
+from conversion.errors import ConversionError
+
+CRITERIA = ("absolute", "relative")
+
+
+def allocate_ranks(energies: Sequence[Sequence[float]], total: int, step: int = 16,
+                   max_rank: int | None = None, criterion: str = "absolute") -> list[int]:
+    """Latent rank per layer, each a multiple of ``step`` in ``[step, max_rank]``, summing to ``total``.
+
+    ``absolute`` compares the energy itself (whitened output error, in the same units for every
+    layer); ``relative`` compares each layer's share of its own energy.
+    """
+    layers = len(energies)
+    if criterion not in CRITERIA:
+        raise ConversionError(f"unknown allocation criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if total % step:
+        raise ConversionError(f"the latent budget {total} is not a multiple of the group size {step}")
+    caps = [min(len(e), max_rank or len(e)) // step * step for e in energies]
+    if total < step * layers:
+        raise ConversionError(f"a latent budget of {total} dims cannot give each of {layers} layers one group of "
+                              f"{step}; give at least {step * layers}")
+    if total > sum(caps):
+        raise ConversionError(f"a latent budget of {total} dims exceeds what the layers can use ({sum(caps)})")
+    scale = [1.0 / max(sum(e), 1e-300) if criterion == "relative" else 1.0 for e in energies]
+
+    def gain(layer: int, rank: int) -> float:
+        return scale[layer] * float(sum(energies[layer][rank:rank + step]))
+
+    ranks = [step] * layers
+    heap = [(-gain(i, step), i) for i in range(layers) if caps[i] > step]
+    heapq.heapify(heap)
+    left = total - step * layers
+    while left > 0:
+        _, i = heapq.heappop(heap)
+        ranks[i] += step
+        left -= step
+        if ranks[i] < caps[i]:
+            heapq.heappush(heap, (-gain(i, ranks[i]), i))
+    return ranks
+
+
+def kept_energy(energies: Sequence[Sequence[float]], ranks: Sequence[int]) -> float:
+    """Sum over layers of the energy the ranks keep (higher is better)."""
+    return float(sum(sum(e[:r]) for e, r in zip(energies, ranks)))
