@@ -73,24 +73,28 @@ def _place(fillers: Sequence[str], needle: str, depth: float) -> list[str]:
     return [*fillers[:at], needle, *fillers[at:]]
 
 
+def _cells(kind: str, lengths: Sequence[int], depths: Sequence[float], per_cell: int, seed: int):
+    """(length, token budget for the prompt, depth, a generator seeded for this prompt) per prompt."""
+    for li, length in enumerate(lengths):
+        for di, depth in enumerate(depths):
+            for k in range(per_cell):
+                yield length, length - ANSWER_TOKENS, depth, random.Random(f"{kind}-{seed}-{li}-{di}-{k}")
+
+
 def passkey_items(encode: Encode, lengths: Sequence[int], depths: Sequence[float], per_cell: int,
                   seed: int = 0) -> list[Item]:
     unit_tokens = max(1, len(encode(" " + PASSKEY_FILLER)))
     items = []
-    for li, length in enumerate(lengths):
-        budget = length - ANSWER_TOKENS
-        for di, depth in enumerate(depths):
-            for k in range(per_cell):
-                rng = random.Random(f"passkey-{seed}-{li}-{di}-{k}")
-                key = str(rng.randint(10000, 99999))
-                needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    for length, budget, depth, rng in _cells("passkey", lengths, depths, per_cell, seed):
+        key = str(rng.randint(10000, 99999))
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
 
-                def build(n: int) -> str:
-                    body = " ".join(_place([PASSKEY_FILLER] * n, needle, depth))
-                    return f"{PASSKEY_INTRO} {body}\nWhat is the pass key? The pass key is"
+        def build(n: int) -> str:
+            body = " ".join(_place([PASSKEY_FILLER] * n, needle, depth))
+            return f"{PASSKEY_INTRO} {body}\nWhat is the pass key? The pass key is"
 
-                text = _fit(encode, build, [unit_tokens] * (budget // unit_tokens + 2), budget)
-                items.append(Item(length, depth, key, Generate(tuple(encode(text)), ANSWER_TOKENS)))
+        text = _fit(encode, build, [unit_tokens] * (budget // unit_tokens + 2), budget)
+        items.append(Item(length, depth, key, Generate(tuple(encode(text)), ANSWER_TOKENS)))
     return items
 
 
@@ -105,25 +109,21 @@ def niah_items(encode: Encode, haystack: Sequence[str], lengths: Sequence[int], 
     sentence_tokens = [len(encode(" " + sentence)) for sentence in haystack]
     avg_tokens = max(1.0, sum(sentence_tokens) / max(1, len(sentence_tokens)))
     items = []
-    for li, length in enumerate(lengths):
-        budget = length - ANSWER_TOKENS
-        for di, depth in enumerate(depths):
-            for k in range(per_cell):
-                rng = random.Random(f"niah-{seed}-{li}-{di}-{k}")
-                key = rng.choice(_KEYS)
-                value = str(rng.randint(1_000_000, 9_999_999))
-                needle = f"One of the special magic numbers for {key} is: {value}."
-                start = rng.randrange(len(haystack))
-                want = 2 * int(budget / avg_tokens) + 8
-                pool = [haystack[(start + i) % len(haystack)] for i in range(want)]
-                question = (f"What is the special magic number for {key} mentioned in the provided text? "
-                            f"The special magic number for {key} mentioned in the provided text is")
+    for length, budget, depth, rng in _cells("niah", lengths, depths, per_cell, seed):
+        key = rng.choice(_KEYS)
+        value = str(rng.randint(1_000_000, 9_999_999))
+        needle = f"One of the special magic numbers for {key} is: {value}."
+        start = rng.randrange(len(haystack))
+        want = 2 * int(budget / avg_tokens) + 8
+        pool = [haystack[(start + i) % len(haystack)] for i in range(want)]
+        question = (f"What is the special magic number for {key} mentioned in the provided text? "
+                    f"The special magic number for {key} mentioned in the provided text is")
 
-                def build(n: int) -> str:
-                    return f"{NIAH_INTRO}\n{' '.join(_place(pool[:n], needle, depth))}\n{question}"
+        def build(n: int) -> str:
+            return f"{NIAH_INTRO}\n{' '.join(_place(pool[:n], needle, depth))}\n{question}"
 
-                text = _fit(encode, build, [sentence_tokens[(start + i) % len(haystack)] for i in range(want)], budget)
-                items.append(Item(length, depth, value, Generate(tuple(encode(text)), ANSWER_TOKENS)))
+        text = _fit(encode, build, [sentence_tokens[(start + i) % len(haystack)] for i in range(want)], budget)
+        items.append(Item(length, depth, value, Generate(tuple(encode(text)), ANSWER_TOKENS)))
     return items
 
 

@@ -78,6 +78,19 @@ class Task:
     prepare: Callable[[Tokenizer, Settings], Prepared]
 
 
+def _flatten(per_item: list[list[Request]]) -> tuple[list[Request], list[int]]:
+    """One request list for the engines, and how many requests each item contributed."""
+    return [r for reqs in per_item for r in reqs], [len(reqs) for reqs in per_item]
+
+
+def _regroup(results: list[Result], sizes: list[int]) -> list[list[Result]]:
+    out, at = [], 0
+    for size in sizes:
+        out.append(results[at:at + size])
+        at += size
+    return out
+
+
 def _limit(items: list, settings: Settings) -> list:
     return items if settings.limit is None else items[: settings.limit]
 
@@ -86,18 +99,12 @@ def _mc_prepare(load: Callable[[Settings], list[multiple_choice.Item]]):
     def prepare(tok: Tokenizer, settings: Settings) -> Prepared:
         items = _limit(load(settings), settings)
         tok.warm([text for item in items for i in range(item.num_choices) for text in _pair_texts(*item.pair(i))])
-        requests, sizes = [], []
-        for item in items:
-            reqs = multiple_choice.item_requests(item, tok.encode, tok.eot, settings.max_model_len - 1)  # + 1 output
-            requests += reqs
-            sizes.append(len(reqs))
+        requests, sizes = _flatten([multiple_choice.item_requests(item, tok.encode, tok.eot,
+                                                                  settings.max_model_len - 1)  # + 1 output
+                                    for item in items])
 
         def score(results: list[Result]) -> tuple[dict, list[dict]]:
-            grouped, at = [], 0
-            for size in sizes:
-                grouped.append(results[at:at + size])
-                at += size
-            return multiple_choice.score_items(items, grouped)
+            return multiple_choice.score_items(items, _regroup(results, sizes))
 
         tok.forget()
         return Prepared(requests, score)
@@ -131,17 +138,10 @@ def _ppl_prepare(load: Callable[[Settings], list[str]]):
         docs = _limit(load(settings), settings)
         window = min(settings.ppl_window, settings.max_model_len - 2)  # + the token before + 1 output
         tok.warm(docs)
-        requests, sizes = [], []
-        for doc in docs:
-            reqs = perplexity.rolling_windows(tok.encode(doc), tok.eot, window)
-            requests += reqs
-            sizes.append(len(reqs))
+        requests, sizes = _flatten([perplexity.rolling_windows(tok.encode(doc), tok.eot, window) for doc in docs])
 
         def score(results: list[Result]) -> tuple[dict, list[dict]]:
-            grouped, at = [], 0
-            for size in sizes:
-                grouped.append(results[at:at + size])
-                at += size
+            grouped = _regroup(results, sizes)
             records = [{"logprob": sum(r.logprob for r in g), "tokens": sum(r.tokens for r in g)} for g in grouped]
             return perplexity.perplexity_metrics(docs, grouped), records
 
