@@ -94,6 +94,9 @@ def main() -> None:
         for criterion in ("absolute", "relative"):
             rows[f"greedy-{criterion}"] = allocate_ranks(energies, average * layers, STEP, max_rank=wide,
                                                          criterion=criterion)
+            # the same with every layer kept at >= 2/3 of the average (no starved layer)
+            rows[f"greedy-{criterion}-floor"] = allocate_ranks(energies, average * layers, STEP, max_rank=wide,
+                                                               criterion=criterion, min_rank=2 * average // 3)
         budget: dict = {"rope_dim": rope_dim, "average_latent": average, "wide_latent": wide, "allocations": {}}
         for name, ranks in rows.items():
             t0 = time.perf_counter()

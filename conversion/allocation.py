@@ -18,8 +18,9 @@ CRITERIA = ("absolute", "relative")
 
 
 def allocate_ranks(energies: Sequence[Sequence[float]], total: int, step: int = 16,
-                   max_rank: int | None = None, criterion: str = "absolute") -> list[int]:
-    """Latent rank per layer, each a multiple of ``step`` in ``[step, max_rank]``, summing to ``total``.
+                   max_rank: int | None = None, criterion: str = "absolute", min_rank: int | None = None) -> list[int]:
+    """Latent rank per layer, each a multiple of ``step`` in ``[min_rank, max_rank]`` (``min_rank``
+    defaults to one group), summing to ``total``.
 
     ``absolute`` compares the energy itself (whitened output error, in the same units for every
     layer); ``relative`` compares each layer's share of its own energy.
@@ -30,9 +31,10 @@ def allocate_ranks(energies: Sequence[Sequence[float]], total: int, step: int = 
     if total % step:
         raise ConversionError(f"the latent budget {total} is not a multiple of the group size {step}")
     caps = [min(len(e), max_rank or len(e)) // step * step for e in energies]
-    if total < step * layers:
-        raise ConversionError(f"a latent budget of {total} dims cannot give each of {layers} layers one group of "
-                              f"{step}; give at least {step * layers}")
+    floor = max(step, (min_rank or step) // step * step)
+    if total < floor * layers:
+        raise ConversionError(f"a latent budget of {total} dims cannot give each of {layers} layers {floor} dims; "
+                              f"give at least {floor * layers}")
     if total > sum(caps):
         raise ConversionError(f"a latent budget of {total} dims exceeds what the layers can use ({sum(caps)})")
     scale = [1.0 / max(sum(e), 1e-300) if criterion == "relative" else 1.0 for e in energies]
@@ -40,10 +42,10 @@ def allocate_ranks(energies: Sequence[Sequence[float]], total: int, step: int = 
     def gain(layer: int, rank: int) -> float:
         return scale[layer] * float(sum(energies[layer][rank:rank + step]))
 
-    ranks = [step] * layers
-    heap = [(-gain(i, step), i) for i in range(layers) if caps[i] > step]
+    ranks = [floor] * layers
+    heap = [(-gain(i, floor), i) for i in range(layers) if caps[i] > floor]
     heapq.heapify(heap)
-    left = total - step * layers
+    left = total - floor * layers
     while left > 0:
         _, i = heapq.heappop(heap)
         ranks[i] += step
