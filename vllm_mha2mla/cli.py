@@ -68,18 +68,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     from vllm_mha2mla.evaluation.evaluate import EvalOptions, evaluate
 
     try:
-        lengths = _lengths(args.lengths)
-    except EvaluationError as exc:
-        print(f"mha2mla: error: {exc}", file=sys.stderr)
-        return 2
-    options = EvalOptions(
-        tasks=args.tasks, limit=args.limit, replicas=args.replicas, ray_address=args.ray_address,
-        tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, max_model_len=args.max_model_len,
-        kv_cache_gib=args.kv_cache_gib, gpu_memory_utilization=args.gpu_memory_utilization,
-        chunk_size=args.chunk_size, ppl_window=args.ppl_window, per_cell=args.per_cell, seed=args.seed,
-        enforce_eager=args.enforce_eager, lengths=lengths,
-    )
-    try:
+        options = EvalOptions(
+            tasks=args.tasks, limit=args.limit, replicas=args.replicas, ray_address=args.ray_address,
+            tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, max_model_len=args.max_model_len,
+            kv_cache_gib=args.kv_cache_gib, gpu_memory_utilization=args.gpu_memory_utilization,
+            chunk_size=args.chunk_size, ppl_window=args.ppl_window, per_cell=args.per_cell, seed=args.seed,
+            enforce_eager=args.enforce_eager, lengths=_lengths(args.lengths),
+        )
         evaluate(args.models, args.output, options)
     except EvaluationError as exc:
         print(f"mha2mla: error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ text to measure perplexity on; both are reported under the file's stem.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -151,17 +152,21 @@ def _ppl_prepare(load: Callable[[Settings], list[str]]):
     return prepare
 
 
-def _held_out_wikipedia(settings: Settings) -> list[str]:
+@functools.lru_cache(maxsize=2)
+def _corpus(cache_dir: Path | None):
+    """The default corpus, parsed once per run (wikipedia, essays and the haystack all read it)."""
     from conversion.recovery.corpus import load_default_corpus
 
-    return load_default_corpus(settings.cache_dir).held_out
+    return load_default_corpus(cache_dir)
+
+
+def _held_out_wikipedia(settings: Settings) -> list[str]:
+    return _corpus(settings.cache_dir).held_out
 
 
 def _essays(settings: Settings) -> list[str]:
     """The essays as documents of about 8,000 characters (paragraph boundaries kept)."""
-    from conversion.recovery.corpus import load_default_corpus
-
-    paragraphs = [p for p in load_default_corpus(settings.cache_dir).out_of_domain[0].split("\n\n") if p.strip()]
+    paragraphs = [p for p in _corpus(settings.cache_dir).out_of_domain[0].split("\n\n") if p.strip()]
     docs, current = [], ""
     for p in paragraphs:
         current = f"{current}\n\n{p}" if current else p
@@ -172,9 +177,7 @@ def _essays(settings: Settings) -> list[str]:
 
 
 def _haystack(settings: Settings) -> list[str]:
-    from conversion.recovery.corpus import load_default_corpus
-
-    return long_context.essay_sentences(load_default_corpus(settings.cache_dir).out_of_domain[0])
+    return long_context.essay_sentences(_corpus(settings.cache_dir).out_of_domain[0])
 
 
 def _lc_prepare(kind: str):
