@@ -6,11 +6,14 @@ activation-aware joint SVD, default-corpus calibration). The SVD latent dims com
 descending order of the energy they keep, so zeroing a layer's trailing latent rows of
 ``kv_a_proj_with_mqa`` is exactly that layer's rank-``r`` truncation. Each allocation of the same
 total — uniform, greedy on absolute energy, greedy on relative energy
-(``conversion.allocation``) — is applied to the reference model in place and scored on the
+(``conversion.allocation.allocate_ranks``), and the allocation minimising the measured KL cost of
+each layer's truncation (``conversion.sensitivity`` on default-corpus training text,
+``allocate_by_cost``) — is applied to the reference model in place and scored on the
 default corpus's held-out split (PyTorch, float32). Reports the perplexity gap to the original
 that each allocation closes relative to uniform.
 
-Usage: python benchmarks/rank_allocation_study.py OUT_DIR [--tokens N]
+Usage: python benchmarks/rank_allocation_study.py OUT_DIR [--tokens N] [--sensitivity-tokens N]
+       [--only NAME,...]
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conversion import ConvertOptions, convert, load_reference  # noqa: E402
-from conversion.allocation import allocate_ranks, kept_energy  # noqa: E402
+from conversion.allocation import allocate_by_cost, allocate_ranks, kept_energy  # noqa: E402
 from conversion.default_model import ensure_default_model  # noqa: E402
-from conversion.recovery.corpus import load_default_corpus  # noqa: E402
+from conversion.recovery.corpus import default_calibration_text, load_default_corpus  # noqa: E402
+from conversion.recovery.data import text_windows  # noqa: E402
+from conversion.sensitivity import truncation_costs  # noqa: E402
 
 SETTINGS = {  # cache values per token per layer → (rope_dim, average d_kv per kv-head)
     192: (32, 32),
@@ -65,6 +70,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--sensitivity-tokens", type=int, default=1024)
+    ap.add_argument("--only", default="", help="comma-separated allocation names to score (default: all)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
@@ -97,6 +104,20 @@ def main() -> None:
             # the same with every layer kept at >= 2/3 of the average (no starved layer)
             rows[f"greedy-{criterion}-floor"] = allocate_ranks(energies, average * layers, STEP, max_rank=wide,
                                                                criterion=criterion, min_rank=2 * average // 3)
+        costs_file = big / f"truncation_costs-{args.sensitivity_tokens}.json"
+        if not costs_file.is_file():
+            calib = torch.tensor(text_windows(tok, default_calibration_text(args.sensitivity_tokens * 8), 512,
+                                              args.sensitivity_tokens))
+            grid = [r for r in range(STEP, wide + 1, STEP) if r <= average or r % (2 * STEP) == 0]
+            t0 = time.perf_counter()
+            measured = truncation_costs(model, calib, grid)
+            costs_file.write_text(json.dumps({"seconds": time.perf_counter() - t0, "tokens": calib.numel(),
+                                              "costs": [{str(r): c for r, c in m.items()} for m in measured]}))
+        costs = [{int(r): c for r, c in m.items()} for m in json.loads(costs_file.read_text())["costs"]]
+        rows["measured-kl"] = allocate_by_cost(costs, average * layers, STEP)
+        rows["measured-kl-floor"] = allocate_by_cost(costs, average * layers, STEP, min_rank=2 * average // 3)
+        if args.only:
+            rows = {k: v for k, v in rows.items() if k in args.only.split(",")}
         budget: dict = {"rope_dim": rope_dim, "average_latent": average, "wide_latent": wide, "allocations": {}}
         for name, ranks in rows.items():
             t0 = time.perf_counter()

@@ -46,13 +46,17 @@ def write_config_only(folder: Path, config: dict) -> Path:
     return folder
 
 
-def mla_config_for(llama_folder: Path, rope_dim: int, d_kv: int, cache_size: int | None = 576) -> dict:
+def mla_config_for(llama_folder: Path, rope_dim: int, d_kv: int, cache_size: int | None = 576,
+                   layer_latent: list[int] | None = None) -> dict:
     """The converted config.json an MHA2MLA conversion of ``llama_folder`` would write
-    (``cache_size`` None: the exact layout, true sizes)."""
+    (``cache_size`` None: the exact layout, true sizes; ``layer_latent``: per-layer latent
+    widths, exact layout)."""
     spec = read_source_spec(llama_folder)
     dims = (spec.num_heads, spec.num_kv_heads, spec.head_dim, rope_dim, d_kv)
-    layout = plan_exact_layout(*dims) if cache_size is None else plan_native_layout(*dims, cache_size)
+    layout = plan_exact_layout(*dims) if cache_size is None or layer_latent else plan_native_layout(*dims, cache_size)
+    if layer_latent:
+        layout = layout.with_latent(max(layer_latent))
     pairs = select_pairs_fixed("uniform", rope_dim // 2, spec.head_dim // 2)
     opts = ConvertOptions(rope_dim=rope_dim, strategy="uniform", d_kv=d_kv)
-    plan = ConversionPlan(spec, layout, opts, torch.bfloat16)
+    plan = ConversionPlan(spec, layout, opts, torch.bfloat16, layer_latent=layer_latent)
     return build_config(plan, [[pairs] * spec.num_kv_heads] * spec.num_layers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from conversion.layout import MLALayout
@@ -14,10 +15,11 @@ class KVAccounting:
     num_layers: int
     original_values: int
     """2·g·d: keys and values of every kv-head."""
-    essential_values: int
-    """C + R: the latent plus the rotated rope keys MHA2MLA needs."""
-    cached_values: int
-    """kv_lora_rank + qk_rope_head_dim: what vLLM pages (essential plus zero padding)."""
+    essential_values: float
+    """C + R: the latent plus the rotated rope keys MHA2MLA needs (mean over layers)."""
+    cached_values: float
+    """kv_lora_rank + qk_rope_head_dim: what vLLM pages (essential plus zero padding; mean
+    over layers, which differ under a per-layer allocation)."""
 
     @classmethod
     def from_layout(cls, layout: MLALayout, num_layers: int) -> "KVAccounting":
@@ -26,6 +28,18 @@ class KVAccounting:
             original_values=2 * layout.num_kv_heads * layout.head_dim,
             essential_values=layout.essential_values,
             cached_values=layout.cache_values,
+        )
+
+    @classmethod
+    def from_layouts(cls, layouts: Sequence[MLALayout]) -> "KVAccounting":
+        """Per-layer layouts (a per-layer allocation); values are means over the layers."""
+        first = layouts[0]
+        mean = lambda values: _int_if_whole(sum(values) / len(layouts))  # noqa: E731
+        return cls(
+            num_layers=len(layouts),
+            original_values=2 * first.num_kv_heads * first.head_dim,
+            essential_values=mean([lay.essential_values for lay in layouts]),
+            cached_values=mean([lay.cache_values for lay in layouts]),
         )
 
     def reduction(self, values: int, dtype: str = "bf16", original_dtype: str = "bf16") -> float:
@@ -61,3 +75,7 @@ class KVAccounting:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "rows": self.rows()}
+
+
+def _int_if_whole(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value

@@ -15,6 +15,7 @@ from typing import Sequence
 from conversion.errors import ConversionError
 
 CRITERIA = ("absolute", "relative")
+"""Energy criteria of :func:`allocate_ranks`; :func:`allocate_by_cost` takes measured costs."""
 
 
 def allocate_ranks(energies: Sequence[Sequence[float]], total: int, step: int = 16,
@@ -53,6 +54,60 @@ def allocate_ranks(energies: Sequence[Sequence[float]], total: int, step: int = 
         if ranks[i] < caps[i]:
             heapq.heappush(heap, (-gain(i, ranks[i]), i))
     return ranks
+
+
+def interpolate_cost(measured: dict[int, float], rank: int) -> float:
+    """A layer's cost at ``rank`` from costs measured at a few ranks: piecewise linear between
+    them, flat beyond the widest (0 there) and extrapolated from the two narrowest below them."""
+    points = sorted(measured.items())
+    if rank >= points[-1][0]:
+        return points[-1][1]
+    if len(points) == 1:
+        raise ConversionError(f"one measured rank ({points[0][0]}) cannot say what rank {rank} costs")
+    segment = next((i for i in range(len(points) - 1) if rank <= points[i + 1][0]), 0)
+    (r0, c0), (r1, c1) = points[segment], points[segment + 1]
+    return max(0.0, c0 + (c1 - c0) * (rank - r0) / (r1 - r0))
+
+
+def allocate_by_cost(costs: Sequence[dict[int, float]], total: int, step: int = 16, min_rank: int | None = None,
+                     max_rank: int | None = None) -> list[int]:
+    """Latent rank per layer minimising the summed cost, each a multiple of ``step`` in
+    ``[min_rank, max_rank]``, summing to ``total``.
+
+    ``costs[l]``: layer ``l``'s measured cost at some ranks (``sensitivity.truncation_costs``),
+    interpolated in between. Exact (dynamic programming over layers and budget), so unlike a
+    greedy it needs no convexity of the costs, which measured ones need not have.
+    """
+    layers = len(costs)
+    if total % step:
+        raise ConversionError(f"the latent budget {total} is not a multiple of the group size {step}")
+    floor = max(step, (min_rank or step) // step * step)
+    caps = [min(max(c), max_rank or max(c)) // step * step for c in costs]
+    if total < floor * layers:
+        raise ConversionError(f"a latent budget of {total} dims cannot give each of {layers} layers {floor} dims; "
+                              f"give at least {floor * layers}")
+    if total > sum(caps):
+        raise ConversionError(f"a latent budget of {total} dims exceeds what the layers can use ({sum(caps)})")
+    units = total // step
+    inf = float("inf")
+    best = [0.0] + [inf] * units  # best[u]: least cost of the layers so far using u groups
+    choices: list[list[int]] = []
+    for cost, cap in zip(costs, caps):
+        options = [(r // step, interpolate_cost(cost, r)) for r in range(floor, cap + 1, step)]
+        nxt, pick = [inf] * (units + 1), [0] * (units + 1)
+        for used, value in enumerate(best):
+            if value == inf:
+                continue
+            for width, c in options:
+                if used + width <= units and value + c < nxt[used + width]:
+                    nxt[used + width], pick[used + width] = value + c, width
+        best = nxt
+        choices.append(pick)
+    ranks, left = [], units
+    for pick in reversed(choices):
+        ranks.append(pick[left] * step)
+        left -= pick[left]
+    return ranks[::-1]
 
 
 def kept_energy(energies: Sequence[Sequence[float]], ranks: Sequence[int]) -> float:

@@ -20,6 +20,16 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--d-kv", type=int, help="latent dims per kv-head")
     budget.add_argument("--kv-budget", type=int, choices=[576, 512, 320],
                         help="cached values per token per layer (a vLLM-native MLA size)")
+    budget.add_argument("--kv-budget-total", type=int, metavar="VALUES",
+                        help="with --allocate measured: cached values per token summed over all layers")
+    budget.add_argument("--layer-latent", type=lambda v: [int(x) for x in v.split(",")], metavar="R1,R2,...",
+                        help="each layer's latent width, given outright (exact layout)")
+    p.add_argument("--allocate", default="uniform", choices=["uniform", "measured"],
+                   help="uniform: every layer the same latent; measured: per-layer latents (same total) where a "
+                        "measured cost of truncating each layer says they matter most (--d-kv is then the average)")
+    p.add_argument("--rank-step", type=int, default=16, help="per-layer latents are multiples of this (default 16)")
+    p.add_argument("--sensitivity-tokens", type=int, default=2048,
+                   help="--allocate measured: calibration tokens the costs are measured on (default 2048)")
     p.add_argument("--svd", default="joint", choices=["joint", "split", "aw-joint"])
     p.add_argument("--layout", default="auto", choices=["auto", "native", "exact"],
                    help="vLLM cache layout: native 576-value rows (zero-padded, vLLM's own MLA kernels), exact "
@@ -132,11 +142,17 @@ def print_report(report: dict) -> None:
     console.print(f"[bold]vLLM will cache {kv['cached_values']} values per token per layer[/] "
                   f"(original {kv['original_values']}: {change:+.1f}%; {kv['num_layers']} layers)")
     lay = report["layout"]
+    allocation = report.get("allocation")
+    latent = f"per-layer latents {allocation['layer_latent']}" if allocation else f"d_kv={lay['d_kv']}"
     console.print(
         f"[bold]MLA layout[/]: kv_lora_rank={lay['kv_lora_rank']} qk_rope={lay['qk_rope_head_dim']} "
         f"qk_nope={lay['qk_nope_head_dim']} v={lay['v_head_dim']} (rope_dim={lay['rope_dim']}, "
-        f"d_kv={lay['d_kv']}); vLLM-native shape: {report['native_vllm_shape']}"
+        f"{latent}); vLLM-native shape: {report['native_vllm_shape']}"
     )
+    if allocation:
+        kl = allocation["predicted_kl"]
+        console.print(f"allocation ({allocation['method']}, {allocation['seconds']:.0f} s): summed truncation cost "
+                      f"{kl['allocated']:.4f} nats/token vs {kl['uniform']:.4f} for uniform layers")
     table = Table(title="KV cache per token per layer")
     for col in ("what", "values", "dtype", "bytes", "reduction"):
         table.add_column(col, justify="right" if col != "what" else "left")
@@ -187,6 +203,11 @@ def run_command(args: argparse.Namespace) -> int:
                     overwrite=args.overwrite,
                     layout=args.layout,
                     force=args.force,
+                    kv_budget_total=args.kv_budget_total,
+                    allocate=args.allocate,
+                    rank_step=args.rank_step,
+                    sensitivity_tokens=args.sensitivity_tokens,
+                    layer_latent=args.layer_latent,
                 ),
             )
             print_report(report)

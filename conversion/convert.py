@@ -52,9 +52,23 @@ class ConvertOptions:
     than the exact sizes, else exact sizes; native; exact."""
     force: bool = False
     """Allow a layout or budget whose cache is larger than the original MHA cache."""
+    kv_budget_total: int | None = None
+    """Cached values per token summed over layers (latent + rotary keys), for ``allocate``."""
+    allocate: str = "uniform"
+    """uniform: every layer the same latent; measured: per-layer latents where a measured
+    truncation cost says they matter most (``conversion.sensitivity``), same total."""
+    rank_step: int = 16
+    """Per-layer latents are multiples of this (aligned kernel tiles)."""
+    sensitivity_tokens: int = 2048
+    """Calibration tokens on which ``allocate=measured`` measures each layer's truncation cost."""
+    layer_latent: list[int] | None = None
+    """Each layer's latent width, given outright (instead of ``d_kv`` and an allocation)."""
 
 
 LAYOUTS = ("auto", "native", "exact")
+ALLOCATIONS = ("uniform", "measured")
+WIDE_FACTOR = 2
+"""``allocate=measured`` lets a layer take at most this many times the average latent."""
 NATIVE_PADDING_TOLERANCE = 0.10
 """``--layout auto`` pads to a vLLM-native row (for vLLM's own MLA kernels) only while the padding
 costs at most this share of the essential values."""
@@ -77,10 +91,21 @@ class ConversionPlan:
     options: ConvertOptions
     dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
+    latent_total: int | None = None
+    """Latent dims summed over layers that a per-layer allocation hands out (None: uniform)."""
+    layer_latent: list[int] | None = None
+    """Each layer's latent once allocated (None: every layer has ``layout.latent_dim``)."""
 
     @property
     def needs_calibration(self) -> bool:
-        return self.options.strategy == "2-norm" or self.options.svd == "aw-joint"
+        return self.options.strategy == "2-norm" or self.options.svd == "aw-joint" or self.latent_total is not None
+
+    def layer_layout(self, layer: int) -> MLALayout:
+        return self.layout if self.layer_latent is None else self.layout.with_latent(self.layer_latent[layer])
+
+    @property
+    def layer_layouts(self) -> list[MLALayout]:
+        return [self.layer_layout(i) for i in range(self.spec.num_layers)]
 
 
 def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan:
@@ -93,10 +118,18 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
         raise ConversionError(f"unknown --svd {options.svd!r}; choose one of {', '.join(SVD_METHODS)}")
     if options.strategy == "uniform":
         rope.select_pairs_fixed("uniform", options.rope_dim // 2, d // 2, options.uniform_offset)
-    if (options.d_kv is None) == (options.kv_budget is None):
-        raise ConversionError("give exactly one of --d-kv and --kv-budget")
+    if options.allocate not in ALLOCATIONS:
+        raise ConversionError(f"unknown --allocate {options.allocate!r}; choose one of {', '.join(ALLOCATIONS)}")
     if options.layout not in LAYOUTS:
         raise ConversionError(f"unknown --layout {options.layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if options.layer_latent is not None:
+        return _plan_given_widths(spec, options)
+    if options.allocate != "uniform":
+        return _plan_allocation(spec, options)
+    if options.kv_budget_total is not None:
+        raise ConversionError("--kv-budget-total is a budget for --allocate measured; with uniform layers give --d-kv")
+    if (options.d_kv is None) == (options.kv_budget is None):
+        raise ConversionError("give exactly one of --d-kv and --kv-budget")
     if options.kv_budget is not None and options.layout == "exact":
         raise ConversionError("--kv-budget fills a vLLM-native cache size; use --d-kv with --layout exact")
     notes: list[str] = []
@@ -138,19 +171,85 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
                     f"they do not fit vLLM's native MLA sizes {NATIVE_CACHE_SIZES}"
                 notes.append(f"{layout.essential_values} values per token: {why}; written with exact sizes "
                              "(served by this plugin's own backend; --layout native to pad)")
+    return ConversionPlan(spec, layout, options, _check_dtype_and_calibration(spec, options), notes + list(spec.warnings))
+
+
+def _check_dtype_and_calibration(spec: SourceSpec, options: ConvertOptions) -> torch.dtype:
     if options.dtype is not None and options.dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}")
     dtype_name = options.dtype or (spec.torch_dtype if spec.torch_dtype in DTYPES else "float32")
-    if options.strategy == "2-norm" or options.svd == "aw-joint":
+    if options.strategy == "2-norm" or options.svd == "aw-joint" or options.allocate != "uniform":
         if options.calib_text is not None and not Path(options.calib_text).is_file():
             raise ConversionError(f"calibration text {options.calib_text} does not exist")
         if options.calib_text is None and not any((spec.path / f).is_file() for f in TOKENIZER_VOCAB_FILES):
             raise ConversionError(
                 f"--strategy {options.strategy} / --svd {options.svd} calibrate on text tokenised with the model's "
                 f"tokenizer, and {spec.path} has none: add its tokenizer files, or choose options that need no "
-                "calibration (--strategy high|low|uniform with --svd joint|split)"
+                "calibration (--strategy high|low|uniform with --svd joint|split, --allocate uniform)"
             )
-    return ConversionPlan(spec, layout, options, DTYPES[dtype_name], notes + list(spec.warnings))
+    return DTYPES[dtype_name]
+
+
+def _plan_given_widths(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan:
+    """``--layer-latent R1,R2,...``: one latent width per layer, exact layout."""
+    g, d, widths = spec.num_kv_heads, spec.head_dim, list(options.layer_latent)
+    if options.d_kv is not None or options.kv_budget is not None or options.kv_budget_total is not None \
+            or options.allocate != "uniform":
+        raise ConversionError("--layer-latent gives every layer's width itself: drop --d-kv / --kv-budget / "
+                              "--kv-budget-total / --allocate")
+    if options.layout == "native":
+        raise ConversionError("per-layer latent widths are written with exact sizes; drop --layout native")
+    if len(widths) != spec.num_layers:
+        raise ConversionError(f"--layer-latent lists {len(widths)} widths for a model of {spec.num_layers} layers")
+    max_rank = min(g * (2 * d - options.rope_dim), spec.hidden_size)
+    if any(not 1 <= w <= max_rank for w in widths):
+        raise ConversionError(f"--layer-latent widths must lie in [1, {max_rank}] (the rank of a layer's key and "
+                              f"value rows), got {widths}")
+    cache, original = sum(widths) + g * options.rope_dim * spec.num_layers, 2 * g * d * spec.num_layers
+    if cache > original and not options.force:
+        raise ConversionError(f"--layer-latent caches {cache} values per token, more than the original model's "
+                              f"{original}; lower it or pass --force")
+    layout = plan_exact_layout(spec.num_heads, g, d, options.rope_dim,
+                               max(1, sum(widths) // len(widths) // g)).with_latent(max(widths))
+    return ConversionPlan(spec, layout, options, _check_dtype_and_calibration(spec, options), list(spec.warnings),
+                          layer_latent=widths)
+
+
+def _plan_allocation(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan:
+    """Checks a per-layer budget: exact layout, a total that gives every layer at least one
+    aligned group, no layer past the rank its key/value rows allow, no cache past the original's."""
+    h, g, d, layers = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_layers
+    step, rope_total = options.rank_step, g * options.rope_dim
+    if options.kv_budget is not None or (options.d_kv is None) == (options.kv_budget_total is None):
+        raise ConversionError("--allocate measured takes its budget from exactly one of --d-kv (the average per "
+                              "kv-head) and --kv-budget-total (values per token summed over layers)")
+    if options.layout == "native":
+        raise ConversionError("per-layer latent widths are written with exact sizes; drop --layout native")
+    if step < 1:
+        raise ConversionError(f"--rank-step must be positive, got {step}")
+    total = g * options.d_kv * layers if options.d_kv is not None else options.kv_budget_total - rope_total * layers
+    original = 2 * g * d * layers
+    cache = total + rope_total * layers
+    if total < step * layers:
+        raise ConversionError(
+            f"a budget of {cache} cached values per token ({total} latent dims after {rope_total} rotary dims in each "
+            f"of {layers} layers) cannot give every layer one group of {step} latent dims; give at least "
+            f"{(step + rope_total) * layers}")
+    if cache > original and not options.force:
+        raise ConversionError(f"a budget of {cache} cached values per token is more than the original model's "
+                              f"{original}; lower it or pass --force")
+    max_rank = min(g * (2 * d - options.rope_dim), spec.hidden_size) // step * step
+    notes = []
+    if total % step:
+        notes.append(f"latent budget {total} rounded down to {total // step * step}, a multiple of --rank-step {step}")
+        total = total // step * step
+    if total > max_rank * layers:
+        raise ConversionError(f"a latent budget of {total} dims exceeds what {layers} layers can use "
+                              f"({max_rank} each: the rank of their key and value rows)")
+    widest = min(max_rank, max(step, WIDE_FACTOR * total // layers // step * step))
+    layout = plan_exact_layout(h, g, d, options.rope_dim, max(1, total // layers // g)).with_latent(widest)
+    return ConversionPlan(spec, layout, options, _check_dtype_and_calibration(spec, options),
+                          notes + list(spec.warnings), latent_total=total)
 
 
 def select_rope_pairs(plan: ConversionPlan, stats: CalibrationStats | None) -> list[list[list[int]]]:
@@ -253,6 +352,9 @@ def build_config(plan: ConversionPlan, pairs: list[list[list[int]]]) -> dict:
         "original_num_key_value_heads": spec.num_kv_heads,
         "original_head_dim": spec.head_dim,
     }
+    if plan.layer_latent is not None:
+        section["layer_kv_lora_rank"] = list(plan.layer_latent)
+        section["allocation"] = "given" if opts.layer_latent is not None else opts.allocate
     config = DeepseekV2Config(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
@@ -306,11 +408,72 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_prog
     dst = Path(dst)
     if dst.exists() and not options.overwrite:
         raise ConversionError(f"output folder {dst} already exists (pass --overwrite to replace it)")
-    stats = None
+    stats, text = None, None
     if plan.needs_calibration:
         text = calibration_text(options)
         stats = load_or_collect(spec, text, options.cache_dir, options.calib_tokens, options.calib_seq_len)
     pairs = select_rope_pairs(plan, stats)
+    allocation = None
+    if plan.latent_total is not None:
+        allocation = allocate_measured(plan, weights, stats, pairs, text, dst, show_progress)
+    return _write_checkpoint(plan, weights, stats, pairs, dst, show_progress, allocation)
+
+
+def allocate_measured(plan: ConversionPlan, weights: SourceWeights, stats: CalibrationStats | None,
+                      pairs: list[list[list[int]]], text: str, dst: Path, show_progress: bool) -> dict:
+    """Fixes ``plan.layer_latent``: converts at the widest latent a layer may take into a
+    scratch folder beside ``dst`` (removed afterwards), measures each layer's truncation cost
+    on the calibration text (:func:`conversion.sensitivity.truncation_costs`) and spends the
+    budget where it cuts the summed cost most (:func:`conversion.allocation.allocate_by_cost`).
+    Returns what the report shows about it."""
+    import tempfile
+    import time
+
+    from conversion.allocation import allocate_by_cost, interpolate_cost
+    from conversion.recovery.data import text_windows
+    from conversion.reference_model import load_reference
+    from conversion.sensitivity import truncation_costs
+
+    opts, layers, step = plan.options, plan.spec.num_layers, plan.options.rank_step
+    wide = plan.layout.latent_dim
+    average = plan.latent_total // layers
+    started = time.perf_counter()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.wide-", dir=dst.parent) as scratch:
+        wide_dir = Path(scratch) / "wide"
+        wide_plan = ConversionPlan(plan.spec, plan.layout, opts, torch.float32, [])
+        _write_checkpoint(wide_plan, weights, stats, pairs, wide_dir, show_progress, None)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(plan.spec.path))
+        seq_len = min(opts.calib_seq_len, 512)
+        windows = torch.tensor(text_windows(tokenizer, text, seq_len, opts.sensitivity_tokens))
+        model = load_reference(wide_dir)
+        grid = [r for r in range(step, wide + 1, step) if r <= average or r % (2 * step) == 0 or r == wide]
+        costs = truncation_costs(model, windows, grid, show_progress=show_progress)
+        del model
+    ranks = allocate_by_cost(costs, plan.latent_total, step, max_rank=wide)
+    uniform = [plan.latent_total / layers] * layers
+    plan.layer_latent = ranks
+    plan.layout = plan.layout.with_latent(max(ranks))
+    predicted = lambda rs: float(sum(interpolate_cost(c, r) for c, r in zip(costs, rs)))  # noqa: E731
+    return {
+        "method": opts.allocate,
+        "latent_total": plan.latent_total,
+        "rank_step": step,
+        "widest_allowed": wide,
+        "layer_latent": ranks,
+        "measured_on_tokens": int(windows.numel()),
+        "measured_ranks": grid,
+        "truncation_costs": [{str(r): c for r, c in layer.items()} for layer in costs],
+        "predicted_kl": {"uniform": predicted(uniform), "allocated": predicted(ranks)},
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _write_checkpoint(plan: ConversionPlan, weights: SourceWeights, stats: CalibrationStats | None,
+                      pairs: list[list[list[int]]], dst: Path, show_progress: bool, allocation: dict | None) -> dict:
+    spec, options = plan.spec, plan.options
     layer_errors: list[dict[str, float]] = []
     spectra: list[list[float]] = []
     with atomic_output_folder(dst, overwrite=options.overwrite) as tmp:
@@ -331,8 +494,9 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_prog
                 b_o=get_opt(f"{attn}.o_proj.bias"),
             )
             moment = stats.input_second_moment[i] if stats is not None else None
-            converted, errors, energy = convert_attention(layer_weights, plan.layout, pairs[i], options.svd, moment)
-            layer_errors.append({"layer": i, **errors})
+            converted, errors, energy = convert_attention(layer_weights, plan.layer_layout(i), pairs[i], options.svd,
+                                                          moment)
+            layer_errors.append({"layer": i, "latent": plan.layer_layout(i).latent_dim, **errors})
             if energy is not None:
                 spectra.append([float(e) for e in energy])
             for name, tensor in converted.items():
@@ -353,8 +517,8 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_prog
             "destination": str(dst),
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()},
             "layout": plan.layout.to_dict(),
-            "native_vllm_shape": plan.layout.is_native,
-            "kv_cache": KVAccounting.from_layout(plan.layout, spec.num_layers).to_dict(),
+            "native_vllm_shape": plan.layout.is_native and plan.layer_latent is None,
+            "kv_cache": KVAccounting.from_layouts(plan.layer_layouts).to_dict(),
             "calibration_tokens": stats.num_tokens if stats is not None else 0,
             "calibration_text": (str(options.calib_text) if options.calib_text else "default corpus (training split)")
             if stats is not None else None,
@@ -362,5 +526,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_prog
             "latent_spectra": spectra,
             "notes": plan.notes,
         }
+        if allocation is not None:
+            report["allocation"] = allocation
         write_json(tmp / "mha2mla_report.json", report)
     return report

@@ -18,7 +18,7 @@ is pure index arithmetic shared by the converter, the reference model and the vL
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 
 import torch
@@ -47,9 +47,18 @@ class MLALayout:
     qk_rope_head_dim: int
     qk_nope_head_dim: int
     v_head_dim: int
+    latent_dim: int = 0
+    """C: the SVD latent shared by keys and values (all kv-heads). 0 (the default, and what
+    checkpoints written before per-layer widths hold) means ``num_kv_heads · d_kv``; a
+    per-layer allocation gives each layer its own (:meth:`with_latent`), ``d_kv`` then being
+    the budget's average per kv-head."""
 
     def __post_init__(self) -> None:
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.latent_dim == 0:
+            object.__setattr__(self, "latent_dim", g * self.d_kv)
+        if self.latent_dim < 1:
+            raise ConversionError(f"latent width {self.latent_dim} must be at least 1")
         if h % g:
             raise ConversionError(f"{h} query heads do not split into {g} kv-head groups")
         if self.latent_dim + self.rope_overflow > self.kv_lora_rank:
@@ -66,12 +75,14 @@ class MLALayout:
         if d > self.v_head_dim:
             raise ConversionError(f"v_head_dim {self.v_head_dim} < head_dim {d}")
 
-    # -- sizes -------------------------------------------------------------------------------
-    @property
-    def latent_dim(self) -> int:
-        """C: the SVD latent shared by keys and values (all kv-heads)."""
-        return self.num_kv_heads * self.d_kv
+    def with_latent(self, latent_dim: int) -> "MLALayout":
+        """This layout with a latent of ``latent_dim`` (one layer of a per-layer allocation);
+        an exact layout's ``kv_lora_rank`` follows the latent, a native one keeps its row."""
+        exact = self.kv_lora_rank == self.latent_dim + self.rope_overflow
+        rank = latent_dim + self.rope_overflow if exact else self.kv_lora_rank
+        return replace(self, latent_dim=latent_dim, kv_lora_rank=rank)
 
+    # -- sizes -------------------------------------------------------------------------------
     @property
     def rope_total(self) -> int:
         """R: rotated key dims cached per token (all kv-heads)."""
@@ -216,7 +227,7 @@ class MLALayout:
 
     @classmethod
     def from_dict(cls, values: dict) -> "MLALayout":
-        return cls(**{k: int(values[k]) for k in cls.__dataclass_fields__})
+        return cls(**{k: int(values[k]) for k in cls.__dataclass_fields__ if k in values or k != "latent_dim"})
 
 
 def native_prefill_dims(head_dim: int) -> tuple[int, int]:

@@ -30,6 +30,23 @@ class MHA2MLASpec:
     q_bias: bool
     kv_a_bias: bool
     o_bias: bool
+    layer_kv_lora_rank: tuple[int, ...] | None = None
+    """Each layer's latent width (= its ``kv_lora_rank``, exact layouts) when the conversion
+    allocated the cache per layer; None when every layer has ``layout``'s. ``layout`` then
+    describes the widest layer, so code that sizes by it never undersizes."""
+
+    def __post_init__(self) -> None:
+        ranks = self.layer_kv_lora_rank
+        if ranks is None:
+            return
+        lay = self.layout
+        if len(ranks) != len(self.rope_pairs):
+            raise ValueError(f"mha2mla.layer_kv_lora_rank has {len(ranks)} entries for {len(self.rope_pairs)} layers")
+        if lay.kv_lora_rank != lay.latent_dim or lay.rope_overflow:
+            raise ValueError("per-layer latent widths need the exact layout (kv_lora_rank = latent width)")
+        if any(not 1 <= r <= lay.kv_lora_rank for r in ranks):
+            raise ValueError(f"mha2mla.layer_kv_lora_rank {list(ranks)} must lie in [1, {lay.kv_lora_rank}] "
+                             "(the layout's kv_lora_rank is the widest layer's)")
 
     @classmethod
     def from_config(cls, config: Any) -> "MHA2MLASpec":
@@ -47,7 +64,20 @@ class MHA2MLASpec:
             q_bias=bool(section.get("q_bias", False)),
             kv_a_bias=bool(section.get("kv_a_bias", False)),
             o_bias=bool(section.get("o_bias", False)),
+            layer_kv_lora_rank=None if section.get("layer_kv_lora_rank") is None
+            else tuple(int(r) for r in section["layer_kv_lora_rank"]),
         )
+
+    @property
+    def per_layer(self) -> bool:
+        """True when layers cache latents of different widths."""
+        return self.layer_kv_lora_rank is not None and len(set(self.layer_kv_lora_rank)) > 1
+
+    def layer_layout(self, layer_idx: int) -> MLALayout:
+        """The layout of one layer (its own latent width under a per-layer allocation)."""
+        if self.layer_kv_lora_rank is None:
+            return self.layout
+        return self.layout.with_latent(self.layer_kv_lora_rank[layer_idx])
 
     def layer_inv_freq(self, layer_idx: int) -> torch.Tensor:
         """``[kv_heads, r]`` float32 frequencies of the pairs this layer keeps rotary."""
@@ -58,7 +88,7 @@ class MHA2MLASpec:
         """(inv_freq per query head, inv_freq per kv-head, q gather index, kv gather index) of
         one layer for query heads ``[head_start, head_end)`` (a tensor-parallel shard), on CPU:
         the constant arguments of ``mla_inputs``."""
-        lay = self.layout
+        lay = self.layer_layout(layer_idx)
         head_end = lay.num_heads if head_end is None else head_end
         inv_freq = self.layer_inv_freq(layer_idx)
         per_head = inv_freq.repeat_interleave(lay.group_size, 0)[head_start:head_end]

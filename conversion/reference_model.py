@@ -101,7 +101,7 @@ class MHA2MLAAttention(nn.Module):
         super().__init__()
         self.spec = MHA2MLASpec.from_config(config)
         self.layer_idx = layer_idx
-        lay = self.spec.layout
+        lay = self.spec.layer_layout(layer_idx)
         self.layout = lay
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, lay.compact_q_dim, bias=self.spec.q_bias)

@@ -11,9 +11,10 @@ ARCHITECTURE = "MHA2MLAForCausalLM"
 def register() -> None:
     from vllm import ModelRegistry
 
-    from vllm_mha2mla.compat import keep_chunked_prefill_on_cpu, register_attention_backend
+    from vllm_mha2mla.compat import keep_chunked_prefill_on_cpu, keep_layer_widths_apart, register_attention_backend
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "vllm_mha2mla.model:MHA2MLAForCausalLM")
     register_attention_backend()
     keep_chunked_prefill_on_cpu()
+    keep_layer_widths_apart()

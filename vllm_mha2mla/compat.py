@@ -110,19 +110,81 @@ def extend_cache_gather_to_any_width() -> None:
     ops.gather_and_maybe_dequant_cache = gather_and_maybe_dequant_cache
 
 
+def keep_layer_widths_apart() -> None:
+    """Makes vLLM give layers of different cache widths a KV cache tensor each, of its own width.
+
+    vLLM's KV cache manager first tries to merge every layer's spec into one
+    (``is_kv_cache_spec_uniform``); only if that fails does it group them as
+    ``UniformTypeKVCacheSpecs`` (one block table, per-layer tensors and page sizes). vLLM 0.32's
+    ``MLAAttentionSpec.merge`` refuses specs whose head sizes differ; 0.26's copies the first
+    layer's head size without comparing, which would size every layer's cache by the first
+    layer's width, silently. Where merge does not compare (a feature test, not a version
+    check), it is wrapped to refuse differing head sizes, as 0.32 does. Runs in every vLLM
+    process through the plugin hook (the merge happens in the engine core). Idempotent.
+    """
+    from vllm.v1 import kv_cache_interface as kv
+
+    if not per_layer_kv_cache_supported() or merge_refuses_different_widths():
+        return
+    original = kv.MLAAttentionSpec.__dict__["merge"].__func__
+
+    def merge(cls, specs):
+        assert len({spec.head_size for spec in specs}) == 1, (
+            "MLA layers with different head sizes cannot share one KV cache spec")
+        return original(cls, specs)
+
+    kv.MLAAttentionSpec.merge = classmethod(merge)  # type: ignore[method-assign,assignment]
+
+
+def merge_refuses_different_widths() -> bool:
+    """Whether ``MLAAttentionSpec.merge`` raises for two layers of different head sizes."""
+    from vllm.v1 import kv_cache_interface as kv
+
+    probe = [kv.MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=size, dtype=torch.bfloat16)
+             for size in (64, 80)]
+    try:
+        kv.MLAAttentionSpec.merge(probe)
+    except AssertionError:
+        return True
+    return False
+
+
+def require_per_layer_kv_cache() -> None:
+    """Refuses, at model construction, a checkpoint with per-layer latent widths on a vLLM whose
+    KV cache manager would not give each layer a cache of its own width: never a mis-sized cache."""
+    import vllm
+
+    if not per_layer_kv_cache_supported():
+        raise ValueError(f"this checkpoint's layers cache latents of different widths, and vLLM {vllm.__version__} has "
+                         "no per-layer KV cache specs (UniformTypeKVCacheSpecs); convert it with --allocate uniform")
+    keep_layer_widths_apart()
+    if not merge_refuses_different_widths():
+        raise ValueError(f"vLLM {vllm.__version__} merges MLA layers of different widths into one KV cache spec, which "
+                         "would size every layer by the first one's width; convert it with --allocate uniform")
+
+
+def per_layer_kv_cache_supported() -> bool:
+    """Whether this vLLM's KV cache manager can hold layers of different widths in one group
+    (``UniformTypeKVCacheSpecs``, vLLM PR #25101)."""
+    from vllm.v1 import kv_cache_interface as kv
+
+    return hasattr(kv, "UniformTypeKVCacheSpecs")
+
+
 def requested_backend_name(vllm_config) -> str | None:
     """The attention backend the user named (``--attention-backend``), if any."""
     backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
     return None if backend is None else getattr(backend, "name", str(backend))
 
 
-def plugin_backend_wanted(layout, vllm_config) -> bool:
+def plugin_backend_wanted(layout, vllm_config, per_layer: bool = False) -> bool:
     """Whether the plugin's backend serves this :class:`MLALayout`: vLLM's kernels on this
-    platform refuse its shape, or the user asked for it (``--attention-backend CUSTOM``)."""
+    platform refuse its shape, the user asked for it (``--attention-backend CUSTOM``), or the
+    layers have different widths (one backend for all of them, whatever each one's shape)."""
     from vllm_mha2mla.backend_name import BACKEND_NAME
 
     native = layout.is_native and layout.cache_values in native_cache_sizes()
-    return not native or requested_backend_name(vllm_config) == BACKEND_NAME
+    return per_layer or not native or requested_backend_name(vllm_config) == BACKEND_NAME
 
 
 def keep_chunked_prefill_on_cpu() -> None:
@@ -158,19 +220,19 @@ def keep_chunked_prefill_on_cpu() -> None:
 
 
 def _served_by_plugin_backend(vllm_config) -> bool:
-    layout = mha2mla_layout(vllm_config)
-    return layout is not None and plugin_backend_wanted(layout, vllm_config)
+    spec = mha2mla_spec(vllm_config)
+    return spec is not None and plugin_backend_wanted(spec.layout, vllm_config, spec.per_layer)
 
 
-def mha2mla_layout(vllm_config):
-    """The :class:`MLALayout` of the model ``vllm_config`` serves; None when it is not an
+def mha2mla_spec(vllm_config):
+    """The :class:`MHA2MLASpec` of the model ``vllm_config`` serves; None when it is not an
     MHA2MLA checkpoint (its config.json has no ``mha2mla`` section)."""
     hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
     if hf_config is None or not hasattr(hf_config, "mha2mla"):
         return None
     from conversion.mla_config import MHA2MLASpec
 
-    return MHA2MLASpec.from_config(hf_config).layout
+    return MHA2MLASpec.from_config(hf_config)
 
 
 def load_class(dotted: str) -> type:

@@ -46,16 +46,18 @@ from vllm_mha2mla.compat import (
     plugin_backend_class_path,
     plugin_backend_wanted,
     plugin_prefill_kwargs,
+    require_per_layer_kv_cache,
 )
 
 
-def select_attention_backend(layout: MLALayout, vllm_config: VllmConfig) -> type | None:
+def select_attention_backend(layout: MLALayout, vllm_config: VllmConfig, per_layer: bool = False) -> type | None:
     """None to let vLLM pick its own MLA kernels (native shapes), else the plugin's backend.
 
     The plugin's backend serves any shape; it is used when vLLM's kernels on this platform
-    refuse the shape, or when the user asks for it with ``--attention-backend CUSTOM``.
+    refuse the shape, when the user asks for it with ``--attention-backend CUSTOM``, and for
+    every layer of a checkpoint whose layers have different latent widths.
     """
-    if not plugin_backend_wanted(layout, vllm_config):
+    if not plugin_backend_wanted(layout, vllm_config, per_layer):
         return None
     path = plugin_backend_class_path()
     if path is None:
@@ -96,7 +98,8 @@ class MHA2MLAAttention(nn.Module):
     ) -> None:
         cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
         super().__init__()
-        lay = spec.layout
+        layer_idx = extract_layer_index(prefix)
+        lay = spec.layer_layout(layer_idx)
         self.layout = lay
         tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         if lay.num_heads % tp_size:
@@ -112,13 +115,12 @@ class MHA2MLAAttention(nn.Module):
                                               bias=False, quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
         self.o_proj = RowParallelLinear(lay.num_heads * lay.head_dim, hidden, bias=spec.o_bias,
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
-        layer_idx = extract_layer_index(prefix)
         start, end = tp_rank * self.num_local_heads, (tp_rank + 1) * self.num_local_heads
         device = default_device()
         constants = spec.input_constants(layer_idx, start, end)
         for name, tensor in zip(("inv_freq_q", "inv_freq_k", "q_index", "kv_index"), constants):
             self.register_buffer(name, tensor.to(device), persistent=False)
-        backend = select_attention_backend(lay, vllm_config)
+        backend = select_attention_backend(lay, vllm_config, spec.per_layer)
         prefill = plugin_prefill_kwargs(vllm_config) if backend is not None else {}
         self.mla_attn = MLAAttention(
             num_heads=self.num_local_heads,
@@ -233,6 +235,8 @@ class MHA2MLAForCausalLM(nn.Module, SupportsPP):
         config = vllm_config.model_config.hf_config
         self.config = config
         _check_checkpoint_folder(vllm_config)
+        if MHA2MLASpec.from_config(config).per_layer:
+            require_per_layer_kv_cache()
         self.model = MHA2MLAModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,

@@ -61,11 +61,12 @@ def varlen_attention_reference(
 
 def _rope_columns_for(vllm_config, num_heads: int) -> torch.Tensor | None:
     """This rank's per-head rope columns, when the model is an MHA2MLA checkpoint."""
-    from vllm_mha2mla.compat import mha2mla_layout
+    from vllm_mha2mla.compat import mha2mla_spec
 
-    layout = mha2mla_layout(vllm_config)
-    if layout is None:
+    spec = mha2mla_spec(vllm_config)
+    if spec is None:
         return None
+    layout = spec.layout  # rope columns do not depend on a layer's latent width
     from vllm.distributed import parallel_state
 
     rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0

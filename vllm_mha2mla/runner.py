@@ -94,6 +94,19 @@ def backend_names(model) -> list[str]:
     return sorted(names)
 
 
+def kv_cache_widths(model) -> list[int]:
+    """The row width of each attention layer's paged KV cache tensor, in layer order (what
+    vLLM actually allocated: a per-layer allocation must show each layer's own width)."""
+    widths = []
+    for module in model.modules():
+        cache = getattr(module, "kv_cache", None)
+        if hasattr(module, "attn_backend") and isinstance(cache, list):
+            cache = cache[0] if cache else None
+        if hasattr(module, "attn_backend") and cache is not None and getattr(cache, "ndim", 0) >= 2:
+            widths.append(int(cache.shape[-1]))
+    return widths
+
+
 def run_engine(req: EngineRequest) -> dict[str, Any]:
     """Runs the request in this process (use ``run_engine_in_subprocess`` from tests)."""
     from vllm import LLM, SamplingParams
@@ -137,8 +150,9 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
         })
     try:
         backends = sorted(set(sum(llm.apply_model(backend_names), [])))
+        cache_widths = llm.apply_model(kv_cache_widths)[0]
     except Exception as exc:  # apply_model needs pickling across processes on some setups
-        backends = [f"unknown ({type(exc).__name__})"]
+        backends, cache_widths = [f"unknown ({type(exc).__name__})"], []
     import torch
     import vllm
 
@@ -152,6 +166,7 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
         "block_size": cache_config.block_size,
         "kv_cache_tokens": (cache_config.num_gpu_blocks or 0) * cache_config.block_size,
         "attention_backends": backends,
+        "kv_cache_widths": cache_widths,
         "scheduling": {  # what the engine runs with, after vLLM's platform adjusted the request
             "enable_chunked_prefill": vllm_config.scheduler_config.enable_chunked_prefill,
             "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,

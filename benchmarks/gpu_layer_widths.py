@@ -1,0 +1,112 @@
+"""Per-layer latent widths on the GPU (issue 13, item 3): vLLM 0.26 + the plugin's Triton backend.
+
+  parity:     a random-weight GQA Llama converted with a different latent width per layer
+              (``--layer-latent``), served in bf16 with CUDA graphs and torch.compile, with and
+              without chunked prefill + prefix caching, and with an fp8 KV cache: every layer's
+              paged cache has its own width, and the tokens are scored teacher-forced against
+              the float32 reference model (as ``gpu_plugin.py parity`` does).
+  throughput: dummy-weight Llama-2-7B-shaped engines at equal total cache: the uniform exact
+              layout (rope_dim 16, d_kv 16: 1024 values per token per layer) vs per-layer
+              latents with the same mean, vs the MHA original; output tokens/s of one batch.
+
+Usage: python benchmarks/gpu_layer_widths.py {parity,throughput} OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_plugin import _prompts, score_runs  # noqa: E402
+from benchmarks.synthetic import llama_config, mla_config_for, save_random_llama, write_config_only  # noqa: E402
+from conversion import ConvertOptions, convert, load_reference  # noqa: E402
+from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
+
+PARITY_LLAMA = llama_config(1024, 16, 4, 64, 6, 4096, 2816)
+PARITY_WIDTHS = [32, 160, 96, 48, 128, 64]  # latent per layer (4 kv-heads × rope_dim 16 = 64 rope values)
+SEVEN_B = llama_config(4096, 32, 32, 128, 32, 32000, 11008)
+THROUGHPUT_PATTERN = [128, 896, 512, 384, 640]  # mean 512 = the uniform latent (32 kv-heads × d_kv 16)
+
+
+def parity(out_file: Path) -> dict:
+    tmp = Path(tempfile.mkdtemp())
+    src = save_random_llama(tmp / "src", PARITY_LLAMA)
+    mla = tmp / "mla"
+    convert(src, mla, ConvertOptions(rope_dim=16, strategy="uniform", layer_latent=PARITY_WIDTHS, dtype="bfloat16"),
+            show_progress=False)
+    prompts = _prompts(8, 4096) + [p * 6 for p in _prompts(4, 4096, seed=1)]  # some long enough to chunk
+    common = dict(prompt_token_ids=prompts, max_tokens=32, dtype="bfloat16", prompt_logprobs=True,
+                  skip_tokenizer_init=True, max_model_len=1024, gpu_memory_utilization=0.5)
+    variants = {
+        "cuda_graphs": {},
+        "chunked_prefill_prefix_cache": {"enable_chunked_prefill": True, "enable_prefix_caching": True,
+                                         "max_num_batched_tokens": 64},
+        "fp8_kv": {"kv_cache_dtype": "fp8"},
+    }
+    runs = {}
+    for key, extra in variants.items():
+        try:
+            runs[key] = run_engine_in_subprocess(EngineRequest(model=str(mla), **common, **extra))
+        except RuntimeError as exc:
+            runs[key] = {"error": str(exc)[-2000:]}
+    device = torch.device("cuda")
+    reference = load_reference(mla).to(device)
+    rope = json.loads((mla / "config.json").read_text())["qk_rope_head_dim"]
+    scored = score_runs(runs, None, reference, device)
+    for key, run in runs.items():
+        if "error" not in run:
+            scored[key]["kv_cache_widths"] = run["kv_cache_widths"]
+            scored[key]["widths_as_converted"] = run["kv_cache_widths"] == [w + rope for w in PARITY_WIDTHS]
+    results = {"llama": PARITY_LLAMA, "layer_latent": PARITY_WIDTHS, "rope_values": rope, "runs": scored,
+               "vllm_version": next((r["vllm_version"] for r in runs.values() if "vllm_version" in r), None)}
+    out_file.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return results
+
+
+def throughput(out_file: Path, num_prompts: int = 256, prompt_len: int = 512, out_len: int = 256) -> dict:
+    tmp = Path(tempfile.mkdtemp())
+    base = write_config_only(tmp / "llama7b", SEVEN_B)
+    layers = SEVEN_B["num_hidden_layers"]
+    widths = (THROUGHPUT_PATTERN * layers)[:layers]
+    widths[-1] += 512 * layers - sum(widths)  # the same total as uniform exactly
+    folders = {
+        "mha_original": base,
+        "mla_uniform": write_config_only(tmp / "uniform", mla_config_for(base, 16, 16, cache_size=None)),
+        "mla_per_layer": write_config_only(tmp / "per_layer", mla_config_for(base, 16, 16, layer_latent=widths)),
+    }
+    prompts = _prompts(num_prompts, 32000, seed=2)
+    prompts = [(p * (prompt_len // len(p) + 1))[:prompt_len] for p in prompts]
+    results: dict = {"shape": "Llama-2-7B (dummy weights)", "num_prompts": num_prompts, "prompt_len": prompt_len,
+                     "out_len": out_len, "layer_latent": widths, "engines": {}}
+    for name, folder in folders.items():
+        req = EngineRequest(model=str(folder), prompt_token_ids=prompts, max_tokens=out_len, dtype="bfloat16",
+                            load_format="dummy", skip_tokenizer_init=True, max_model_len=2048,
+                            timed_repeats=3, max_num_seqs=num_prompts, gpu_memory_utilization=0.9)
+        try:
+            run = run_engine_in_subprocess(req)
+        except RuntimeError as exc:
+            results["engines"][name] = {"error": str(exc)[-2000:]}
+            continue
+        results["engines"][name] = {k: run.get(k) for k in (
+            "output_tokens_per_s", "timed_seconds_median", "timed_runs", "kv_cache_tokens", "attention_backends",
+            "kv_cache_widths", "device", "vllm_version")}
+        print(name, results["engines"][name], flush=True)
+    engines = results["engines"]
+    if all("output_tokens_per_s" in engines.get(k, {}) for k in ("mla_uniform", "mla_per_layer")):
+        uni, per = engines["mla_uniform"], engines["mla_per_layer"]
+        results["per_layer_vs_uniform_throughput"] = per["output_tokens_per_s"] / uni["output_tokens_per_s"]
+        results["per_layer_vs_uniform_kv_tokens"] = per["kv_cache_tokens"] / uni["kv_cache_tokens"]
+    out_file.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    {"parity": parity, "throughput": throughput}[mode](out)

@@ -1,0 +1,268 @@
+"""Per-layer latent widths (issue 13): the allocation math, the measured truncation costs,
+conversion with ``--allocate measured``, the format, and serving each layer at its own width."""
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from conversion import ConvertOptions, convert, load_reference
+from conversion.accounting import KVAccounting
+from conversion.allocation import allocate_by_cost, interpolate_cost
+from conversion.errors import ConversionError
+from conversion.layout import MLALayout, plan_exact_layout
+from conversion.mla_config import MHA2MLASpec
+from conversion.validate import check_checkpoint
+from tests.helpers import TinySpec
+
+SPEC = TinySpec(num_heads=4, num_kv_heads=2, head_dim=32, hidden_size=128, num_layers=4)
+OPTIONS = dict(rope_dim=8, strategy="2-norm", svd="aw-joint", d_kv=16, allocate="measured", rank_step=8,
+               calib_tokens=2048, sensitivity_tokens=512, dtype="float32")
+
+
+# -- pure pieces ---------------------------------------------------------------------------
+
+def test_allocation_by_cost_is_optimal():
+    """Exhaustive search over every allocation of the budget agrees with the DP, costs not convex."""
+    rng = random.Random(0)
+    for _ in range(20):
+        costs = [{r: rng.random() * (5 - r / 8) for r in range(8, 41, 8)} for _ in range(4)]
+        for c in costs:
+            c[40] = 0.0
+        total = rng.choice([64, 80, 96, 112])
+        got = allocate_by_cost(costs, total, step=8)
+        assert sum(got) == total and all(r % 8 == 0 and 8 <= r <= 40 for r in got)
+        best = min((combo for combo in itertools.product(range(8, 41, 8), repeat=4) if sum(combo) == total),
+                   key=lambda combo: sum(c[r] for c, r in zip(costs, combo)))
+        assert sum(c[r] for c, r in zip(costs, got)) == pytest.approx(sum(c[r] for c, r in zip(costs, best)))
+
+
+def test_cost_interpolation_and_budget_errors():
+    measured = {16: 2.0, 32: 1.0, 64: 0.0}
+    assert interpolate_cost(measured, 24) == pytest.approx(1.5)
+    assert interpolate_cost(measured, 48) == pytest.approx(0.5)
+    assert interpolate_cost(measured, 8) == pytest.approx(2.5)  # extrapolated below the narrowest
+    assert interpolate_cost(measured, 80) == 0.0
+    with pytest.raises(ConversionError, match="cannot give each of 2 layers 16"):
+        allocate_by_cost([measured, measured], 16, step=16)
+    with pytest.raises(ConversionError, match="exceeds what the layers can use"):
+        allocate_by_cost([measured, measured], 160, step=16)
+    with pytest.raises(ConversionError, match="not a multiple"):
+        allocate_by_cost([measured, measured], 40, step=16)
+
+
+def test_layout_latent_width_and_old_configs():
+    lay = plan_exact_layout(4, 2, 32, 8, 16)
+    assert lay.latent_dim == 32 and lay.kv_lora_rank == 32
+    old = {k: v for k, v in lay.to_dict().items() if k != "latent_dim"}  # written before per-layer widths
+    assert MLALayout.from_dict(old) == lay
+    narrow = lay.with_latent(8)
+    assert (narrow.latent_dim, narrow.kv_lora_rank, narrow.cache_values) == (8, 8, 8 + 16)
+    assert narrow.kv_gather_index.tolist()[:8] == list(range(8))
+    acc = KVAccounting.from_layouts([lay.with_latent(8), lay.with_latent(24)])
+    assert acc.essential_values == 16 + 16 and acc.original_values == 128
+
+
+def test_spec_refuses_inconsistent_per_layer_widths(per_layer):
+    config = json.loads((per_layer / "config.json").read_text())
+    section = config["mha2mla"]
+    spec = MHA2MLASpec.from_config(config)
+    assert spec.per_layer and [spec.layer_layout(i).latent_dim for i in range(4)] == section["layer_kv_lora_rank"]
+    for bad, message in (([8, 8, 8], "has 3 entries for 4 layers"), ([8, 8, 8, 999], "must lie in")):
+        with pytest.raises(ValueError, match=message):
+            MHA2MLASpec.from_config({**config, "mha2mla": {**section, "layer_kv_lora_rank": bad}})
+
+
+def test_layer_width_view():
+    from vllm_mha2mla.metadata import layer_width_view
+
+    workspace = torch.arange(4 * 6.0).view(4, 6)
+    view = layer_width_view(workspace, 4)
+    assert view.shape == (4, 4) and view.data_ptr() == workspace.data_ptr()
+    view[1] = -1  # row 1 of the narrow view is elements 4..7 of the storage
+    assert workspace.view(-1)[4:8].tolist() == [-1.0] * 4
+    with pytest.raises(ValueError, match="cannot hold rows of 7"):
+        layer_width_view(workspace, 7)
+
+
+# -- measured costs and conversion ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wide_model(tiny_model_factory, tmp_path_factory, calib_text_file):
+    dst = tmp_path_factory.mktemp("wide") / "wide"
+    convert(tiny_model_factory(SPEC), dst, ConvertOptions(rope_dim=8, d_kv=32, strategy="high", layout="exact",
+                                                          dtype="float32"), show_progress=False)
+    return load_reference(dst)
+
+
+def test_truncation_costs_equal_a_directly_truncated_model(wide_model):
+    """The cached-prefix fast path gives exactly KL(wide ‖ wide with one layer cut)."""
+    from conversion.sensitivity import truncation_costs
+
+    torch.manual_seed(0)
+    windows = torch.randint(0, SPEC.vocab_size, (3, 24))
+    costs = truncation_costs(wide_model, windows, [16, 48], batch_size=2, show_progress=False)
+    assert all(c[64] == 0.0 for c in costs) and all(c[16] >= c[48] >= 0 for c in costs)
+    with torch.no_grad():
+        reference = wide_model(windows).logits.log_softmax(-1)
+        weight = wide_model.model.layers[2].self_attn.kv_a_proj_with_mqa.weight
+        saved = weight.clone()
+        weight[16:64] = 0
+        cut = wide_model(windows).logits.log_softmax(-1)
+        weight.copy_(saved)
+    direct = torch.nn.functional.kl_div(cut, reference, log_target=True, reduction="sum").item() / windows.numel()
+    assert costs[2][16] == pytest.approx(direct, rel=1e-4)
+    with pytest.raises(ConversionError, match="must lie in"):
+        truncation_costs(wide_model, windows, [80], show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def per_layer(tiny_model_factory, tmp_path_factory, calib_text_file):
+    dst = tmp_path_factory.mktemp("per-layer") / "mla"
+    convert(tiny_model_factory(SPEC), dst, ConvertOptions(**OPTIONS, calib_text=calib_text_file), show_progress=False)
+    return dst
+
+
+def test_measured_allocation_writes_per_layer_widths(per_layer):
+    dst = per_layer
+    config = json.loads((dst / "config.json").read_text())
+    report = json.loads((dst / "mha2mla_report.json").read_text())
+    ranks = config["mha2mla"]["layer_kv_lora_rank"]
+    assert sum(ranks) == 4 * 2 * 16 and all(r % 8 == 0 and 8 <= r <= 64 for r in ranks)
+    assert config["kv_lora_rank"] == max(ranks)  # the widest layer: a safe size for anything generic
+    allocation = report["allocation"]
+    assert allocation["layer_latent"] == ranks
+    assert allocation["predicted_kl"]["allocated"] <= allocation["predicted_kl"]["uniform"] + 1e-12
+    assert report["kv_cache"]["essential_values"] == 2 * 16 + 2 * 8  # the budget's mean, rope keys included
+    assert [e["latent"] for e in report["layer_errors"]] == ranks
+    check_checkpoint(dst)
+    assert [p.name for p in dst.parent.iterdir()] == ["mla"]  # the scratch wide conversion is gone
+
+
+def test_per_layer_checkpoint_equals_the_truncated_wide_conversion(tiny_model_factory, tmp_path, per_layer,
+                                                                    calib_text_file):
+    """A layer converted at rank r is the wide conversion with its trailing latent rows zeroed
+    (the SVD dims are nested), so the reference model reproduces that function."""
+    dst = per_layer
+    ranks = json.loads((dst / "config.json").read_text())["mha2mla"]["layer_kv_lora_rank"]
+    wide_dst = tmp_path / "wide-again"
+    convert(tiny_model_factory(SPEC), wide_dst, ConvertOptions(**{**OPTIONS, "allocate": "uniform", "d_kv": 32,
+                                                                   "layout": "exact",
+                                                                   "calib_text": calib_text_file}),
+            show_progress=False)
+    wide, per_layer = load_reference(wide_dst), load_reference(dst)
+    with torch.no_grad():
+        for layer, r in zip(wide.model.layers, ranks):
+            layer.self_attn.kv_a_proj_with_mqa.weight[r:64] = 0
+        ids = torch.randint(0, SPEC.vocab_size, (2, 40))
+        torch.testing.assert_close(per_layer(ids).logits, wide(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--d-kv", "2"], "cannot give every layer one group of 8"),
+    (["--kv-budget-total", "100000"], "more than the original model's"),
+    (["--d-kv", "16", "--layout", "native"], "drop --layout native"),
+    (["--kv-budget", "576"], "exactly one of --d-kv"),
+])
+def test_bad_budgets_are_refused(tiny_model_factory, tmp_path, capsys, extra, message):
+    from conversion.cli import main
+
+    dst = tmp_path / "out"
+    rc = main(["convert", str(tiny_model_factory(SPEC)), str(dst), "--rope-dim", "8", "--strategy", "high",
+               "--allocate", "measured", "--rank-step", "8", *extra])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not dst.exists()
+
+
+# -- served by vLLM, each layer at its own width -------------------------------------------
+
+KV_BYTES = 16 << 20
+
+
+@pytest.fixture(scope="module")
+def prompts_sharing_a_prefix(tiny_model_factory):
+    """5 prompts of 70–122 tokens sharing a 40-token prefix (2 full cache blocks of 16)."""
+    from transformers import AutoTokenizer
+
+    from conversion.text_data import shared_text_path, split_text
+
+    _, held_out = split_text(shared_text_path().read_text())
+    ids = AutoTokenizer.from_pretrained(str(tiny_model_factory(SPEC)))(held_out, add_special_tokens=False).input_ids
+    return [ids[:40] + ids[500 + 200 * i: 500 + 200 * i + 30 + 13 * i] for i in range(5)]
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("scheduling", [
+    {},
+    {"enable_chunked_prefill": True, "enable_prefix_caching": True, "max_num_batched_tokens": 32},
+], ids=["whole-prompts", "chunked-prefill-and-prefix-cache"])
+def test_vllm_serves_each_layer_at_its_own_width(per_layer, prompts_sharing_a_prefix, scheduling):
+    """Greedy tokens equal the reference model's; every layer's paged cache has its own row
+    width (no padding to the widest); the KV capacity is the memory over the summed widths.
+    With 32-token steps, later chunks attend to cached context through each layer's own-width
+    workspace view, and prompts reuse the cached prefix."""
+    from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+
+    config = json.loads((per_layer / "config.json").read_text())
+    rope = config["qk_rope_head_dim"]
+    widths = [r + rope for r in config["mha2mla"]["layer_kv_lora_rank"]]
+    assert len(set(widths)) > 1, "the allocation should give layers different widths"
+    prompts = prompts_sharing_a_prefix
+    result = run_engine_in_subprocess(EngineRequest(model=str(per_layer), prompt_token_ids=prompts, max_tokens=16,
+                                                    dtype="float32", kv_cache_memory_bytes=KV_BYTES, **scheduling))
+    assert "CUSTOM" in result["attention_backends"]
+    assert result["kv_cache_widths"] == widths
+    assert abs(result["kv_cache_tokens"] * sum(widths) * 4 / KV_BYTES - 1) < 0.05
+    if scheduling:
+        assert max(out["num_cached_tokens"] for out in result["outputs"]) >= 32
+    ref = load_reference(per_layer)
+    for prompt, out in zip(prompts, result["outputs"]):
+        assert out["token_ids"] == ref.greedy_generate(torch.tensor([prompt]), 16)[0].tolist()
+
+
+def test_a_vllm_that_merges_widths_is_made_to_keep_them_apart(monkeypatch):
+    """vLLM 0.26's MLAAttentionSpec.merge copies the first layer's head size without comparing;
+    the plugin's hook wraps it so that layers of different widths get per-layer specs."""
+    from vllm.v1 import kv_cache_interface as kv
+
+    from vllm_mha2mla import compat
+
+    def careless_merge(cls, specs):  # what 0.26 does: no comparison of head sizes
+        return specs[0]
+
+    monkeypatch.setattr(kv.MLAAttentionSpec, "merge", classmethod(careless_merge))
+    assert not compat.merge_refuses_different_widths()
+    compat.keep_layer_widths_apart()
+    assert compat.merge_refuses_different_widths()
+    same = [kv.MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=40, dtype=torch.float32)] * 2
+    assert kv.MLAAttentionSpec.merge(same) is same[0]  # layers of one width still merge
+
+
+def test_a_vllm_without_per_layer_specs_refuses_per_layer_checkpoints(monkeypatch):
+    from vllm.v1 import kv_cache_interface as kv
+
+    from vllm_mha2mla import compat
+
+    monkeypatch.delattr(kv, "UniformTypeKVCacheSpecs")
+    with pytest.raises(ValueError, match="no per-layer KV cache specs"):
+        compat.require_per_layer_kv_cache()
+
+
+def test_given_widths_round_trip(tiny_model_factory, tmp_path, capsys):
+    """--layer-latent writes exactly the widths asked for; a list of the wrong length is refused."""
+    from conversion.cli import main
+
+    src, dst = tiny_model_factory(SPEC), tmp_path / "given"
+    assert main(["convert", str(src), str(dst), "--rope-dim", "8", "--strategy", "high", "--layer-latent",
+                 "8,40,24,16", "--dtype", "float32"]) == 0
+    config = json.loads((dst / "config.json").read_text())
+    assert config["mha2mla"]["layer_kv_lora_rank"] == [8, 40, 24, 16] and config["kv_lora_rank"] == 40
+    model = load_reference(dst)
+    assert [layer.self_attn.kv_b_proj.weight.shape[1] for layer in model.model.layers] == [8, 40, 24, 16]
+    check_checkpoint(dst)
+    capsys.readouterr()
+    rc = main(["convert", str(src), str(tmp_path / "bad"), "--rope-dim", "8", "--strategy", "high",
+               "--layer-latent", "8,40,24"])
+    assert rc == 2 and "lists 3 widths for a model of 4 layers" in capsys.readouterr().err
