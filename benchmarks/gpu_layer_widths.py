@@ -37,36 +37,41 @@ THROUGHPUT_PATTERN = [128, 896, 512, 384, 640]  # mean 512 = the uniform latent 
 def parity(out_file: Path) -> dict:
     tmp = Path(tempfile.mkdtemp())
     src = save_random_llama(tmp / "src", PARITY_LLAMA)
-    mla = tmp / "mla"
-    convert(src, mla, ConvertOptions(rope_dim=16, strategy="uniform", layer_latent=PARITY_WIDTHS, dtype="bfloat16"),
-            show_progress=False)
+    models = {"per_layer": tmp / "mla", "uniform": tmp / "uniform"}
+    convert(src, models["per_layer"], ConvertOptions(rope_dim=16, strategy="uniform", layer_latent=PARITY_WIDTHS,
+                                                     dtype="bfloat16"), show_progress=False)
+    mean = sum(PARITY_WIDTHS) // len(PARITY_WIDTHS) // 4  # the same mean latent, every layer alike
+    convert(src, models["uniform"], ConvertOptions(rope_dim=16, strategy="uniform", d_kv=mean, layout="exact",
+                                                   dtype="bfloat16"), show_progress=False)
     prompts = _prompts(8, 4096) + [p * 6 for p in _prompts(4, 4096, seed=1)]  # some long enough to chunk
     common = dict(prompt_token_ids=prompts, max_tokens=32, dtype="bfloat16", prompt_logprobs=True,
                   skip_tokenizer_init=True, max_model_len=1024, gpu_memory_utilization=0.5)
+    chunked = {"enable_chunked_prefill": True, "enable_prefix_caching": True, "max_num_batched_tokens": 64}
     variants = {
-        "cuda_graphs": {},
-        "chunked_prefill_prefix_cache": {"enable_chunked_prefill": True, "enable_prefix_caching": True,
-                                         "max_num_batched_tokens": 64},
-        "fp8_kv": {"kv_cache_dtype": "fp8"},
+        "per_layer_cuda_graphs": ("per_layer", {}),
+        "per_layer_chunked_prefill_prefix_cache": ("per_layer", chunked),
+        "uniform_chunked_prefill_prefix_cache": ("uniform", chunked),
+        "per_layer_fp8_kv": ("per_layer", {"kv_cache_dtype": "fp8"}),
     }
-    runs = {}
-    for key, extra in variants.items():
-        try:
-            runs[key] = run_engine_in_subprocess(EngineRequest(model=str(mla), **common, **extra))
-        except RuntimeError as exc:
-            runs[key] = {"error": str(exc)[-2000:]}
     device = torch.device("cuda")
-    reference = load_reference(mla).to(device)
-    rope = json.loads((mla / "config.json").read_text())["qk_rope_head_dim"]
-    scored = score_runs(runs, None, reference, device)
-    for key, run in runs.items():
-        if "error" not in run:
-            scored[key]["kv_cache_widths"] = run["kv_cache_widths"]
-            scored[key]["widths_as_converted"] = run["kv_cache_widths"] == [w + rope for w in PARITY_WIDTHS]
-    results = {"llama": PARITY_LLAMA, "layer_latent": PARITY_WIDTHS, "rope_values": rope, "runs": scored,
-               "vllm_version": next((r["vllm_version"] for r in runs.values() if "vllm_version" in r), None)}
+    rope = json.loads((models["per_layer"] / "config.json").read_text())["qk_rope_head_dim"]
+    results: dict = {"llama": PARITY_LLAMA, "layer_latent": PARITY_WIDTHS, "uniform_latent": 4 * mean,
+                     "rope_values": rope, "runs": {}}
+    for key, (model, extra) in variants.items():
+        try:
+            run = run_engine_in_subprocess(EngineRequest(model=str(models[model]), **common, **extra))
+        except RuntimeError as exc:
+            results["runs"][key] = {"error": str(exc)[-2000:]}
+            continue
+        results["vllm_version"] = run["vllm_version"]
+        reference = load_reference(models[model]).to(device)
+        scored = score_runs({key: run}, None, reference, device)[key]
+        scored["kv_cache_widths"] = run["kv_cache_widths"]
+        if model == "per_layer":
+            scored["widths_as_converted"] = run["kv_cache_widths"] == [w + rope for w in PARITY_WIDTHS]
+        results["runs"][key] = scored
+        print(key, json.dumps(scored), flush=True)
     out_file.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
     return results
 
 

@@ -85,3 +85,16 @@ def test_rejects_mismatched_cache_width():
     q, cache, table, lens = _paged_problem(64, 16, 2, 16, [4])
     with pytest.raises(ValueError, match="cache rows have 80 values, queries 81"):
         mla_paged_decode(torch.cat([q, q[..., :1]], -1), cache, table, lens, 0.5, 64, 4)
+
+
+def test_very_wide_rows_fit_shared_memory():
+    """A 896-latent + 512-rope row (a per-layer allocation's widest layer) once asked Triton for
+    242 KiB of shared memory on an H200 (limit 227 KiB); the plan now shrinks the row tile."""
+    from vllm_mha2mla.triton_decode import SHARED_MEMORY_BUDGET, shared_memory_bytes
+
+    assert shared_memory_bytes(16, 64, 1024, 512) == 245760  # Triton asked for 247808 bytes
+    for latent, rope in [(896, 512), (2048, 512), (1536, 1024), (512, 512), (96, 96)]:
+        plan = plan_launch(batch=64, num_heads=32, latent=latent, rope=rope, max_seq_len=4096, num_sms=132)
+        assert shared_memory_bytes(plan.block_h, plan.block_n, plan.block_c, plan.block_r) <= SHARED_MEMORY_BUDGET \
+            or plan.block_n == 16
+    assert plan_launch(64, 32, 512, 512, 4096, 132).block_n == 64  # the measured 1024-value config keeps its tile

@@ -31,6 +31,15 @@ import triton.language as tl
 ACC_REGISTER_BUDGET = 16384
 """Max ``BLOCK_H × BLOCK_C`` float32 accumulator elements per program (fits 8 warps without spills)."""
 MIN_TOKENS_PER_SPLIT = 256
+SHARED_MEMORY_BUDGET = 200 * 1024
+"""Bytes of shared memory a program may use: H100/H200 allow 227 KiB per block; the margin
+covers Triton's own scratch."""
+
+
+def shared_memory_bytes(block_h: int, block_n: int, block_c: int, block_r: int, element_bytes: int = 2) -> int:
+    """What the split kernel keeps in shared memory: one tile of ``block_n`` cached rows and the
+    head group's query, both ``block_c + block_r`` wide (matches Triton's report to ~1%)."""
+    return element_bytes * (block_n + block_h) * (block_c + block_r)
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
     block_h = max(16, min(64, triton.next_power_of_2(num_heads), fit))
     wide = block_c + block_r >= 1024  # measured on H100 (benchmarks/results/h100-anyshape)
     block_n = 64 if wide else 32
+    while block_n > 16 and shared_memory_bytes(block_h, block_n, block_c, block_r) > SHARED_MEMORY_BUDGET:
+        block_n //= 2  # very wide rows (latent ~900 + rope 512): fewer rows per tile
     num_warps = 8 if wide else 4
     programs = triton.cdiv(num_heads, block_h) * batch
     want = triton.next_power_of_2(max(1, triton.cdiv(2 * num_sms, programs)))
