@@ -9,7 +9,13 @@
               layout (rope_dim 16, d_kv 16: 1024 values per token per layer) vs per-layer
               latents with the same mean, vs the MHA original; output tokens/s of one batch.
 
-Usage: python benchmarks/gpu_layer_widths.py {parity,throughput} OUT.json
+  kernels:    the decode kernel alone at each latent width of the throughput pattern (batch 256,
+              32 heads, 768 cached tokens, rope 512): time per call with the default launch plan
+              and with every head in one program group, summed over the pattern vs uniform.
+  throughput-narrow: as throughput, uniform latent 448 vs per-layer 384..512, a pattern whose
+              widths all share the uniform layer's kernel tiles (isolates per-width overheads).
+
+Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels} OUT.json
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ PARITY_LLAMA = llama_config(1024, 16, 4, 64, 6, 4096, 2816)
 PARITY_WIDTHS = [32, 160, 96, 48, 128, 64]  # latent per layer (4 kv-heads × rope_dim 16 = 64 rope values)
 SEVEN_B = llama_config(4096, 32, 32, 128, 32, 32000, 11008)
 THROUGHPUT_PATTERN = [128, 896, 512, 384, 640]  # mean 512 = the uniform latent (32 kv-heads × d_kv 16)
+NARROW_PATTERN = [384, 416, 448, 480, 512]  # mean 448 = 32 kv-heads × d_kv 14; one tile class (block_c 512)
 
 
 def parity(out_file: Path) -> dict:
@@ -75,16 +82,19 @@ def parity(out_file: Path) -> dict:
     return results
 
 
-def throughput(out_file: Path, num_prompts: int = 256, prompt_len: int = 512, out_len: int = 256) -> dict:
+def throughput(out_file: Path, num_prompts: int = 256, prompt_len: int = 512, out_len: int = 256,
+               pattern: list[int] = THROUGHPUT_PATTERN, with_mha: bool = True) -> dict:
     tmp = Path(tempfile.mkdtemp())
     base = write_config_only(tmp / "llama7b", SEVEN_B)
     layers = SEVEN_B["num_hidden_layers"]
-    widths = (THROUGHPUT_PATTERN * layers)[:layers]
-    widths[-1] += 512 * layers - sum(widths)  # the same total as uniform exactly
+    mean = sum(pattern) // len(pattern)
+    d_kv = mean // SEVEN_B["num_key_value_heads"]
+    widths = (pattern * layers)[:layers]
+    widths[-1] += mean * layers - sum(widths)  # the same total as uniform exactly
     folders = {
-        "mha_original": base,
-        "mla_uniform": write_config_only(tmp / "uniform", mla_config_for(base, 16, 16, cache_size=None)),
-        "mla_per_layer": write_config_only(tmp / "per_layer", mla_config_for(base, 16, 16, layer_latent=widths)),
+        **({"mha_original": base} if with_mha else {}),
+        "mla_uniform": write_config_only(tmp / "uniform", mla_config_for(base, 16, d_kv, cache_size=None)),
+        "mla_per_layer": write_config_only(tmp / "per_layer", mla_config_for(base, 16, d_kv, layer_latent=widths)),
     }
     prompts = _prompts(num_prompts, 32000, seed=2)
     prompts = [(p * (prompt_len // len(p) + 1))[:prompt_len] for p in prompts]
@@ -112,6 +122,46 @@ def throughput(out_file: Path, num_prompts: int = 256, prompt_len: int = 512, ou
     return results
 
 
+def kernels(out_file: Path, batch: int = 256, heads: int = 32, rope: int = 512, seq_len: int = 768) -> dict:
+    from dataclasses import replace
+
+    import triton
+
+    from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch
+
+    page = 16
+    pages_per_seq = seq_len // page
+    table = torch.arange(batch * pages_per_seq, device="cuda", dtype=torch.int32).view(batch, pages_per_seq)
+    lens = torch.full((batch,), seq_len, device="cuda", dtype=torch.int32)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows: dict = {}
+    for latent in sorted(set(THROUGHPUT_PATTERN)):
+        width = latent + rope
+        cache = torch.randn(batch * pages_per_seq, page, width, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(batch, heads, width, device="cuda", dtype=torch.bfloat16)
+        plan = plan_launch(batch, heads, latent, rope, seq_len, sms)
+        variants = {"default": plan, "all_heads_one_group": replace(plan, block_h=max(16, triton.next_power_of_2(heads)),
+                                                                     num_warps=8)}
+        rows[latent] = {"plan": vars(plan)}
+        for name, launch in variants.items():
+            try:
+                ms = triton.testing.do_bench(lambda: mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len,
+                                                                      num_sms=sms, launch=launch))
+                rows[latent][name] = {"ms": ms, "GB_per_s": batch * seq_len * width * 2 / ms / 1e6}
+            except Exception as exc:  # a variant may not fit the hardware
+                rows[latent][name] = {"error": str(exc)[-300:]}
+        print(latent, rows[latent], flush=True)
+    pattern_ms = {v: sum(rows[w][v].get("ms", float("nan")) for w in THROUGHPUT_PATTERN) for v in
+                  ("default", "all_heads_one_group")}
+    results = {"batch": batch, "heads": heads, "rope": rope, "seq_len": seq_len, "widths": rows,
+               "pattern_sum_ms": pattern_ms, "uniform_512_x5_ms": {v: 5 * rows[512][v].get("ms", float("nan"))
+                                                                    for v in ("default", "all_heads_one_group")}}
+    out_file.write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: results[k] for k in ("pattern_sum_ms", "uniform_512_x5_ms")}))
+    return results
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    {"parity": parity, "throughput": throughput}[mode](out)
+    {"parity": parity, "throughput": throughput, "kernels": kernels,
+     "throughput-narrow": lambda o: throughput(o, pattern=NARROW_PATTERN, with_mha=False)}[mode](out)

@@ -104,18 +104,23 @@ def main() -> None:
             # the same with every layer kept at >= 2/3 of the average (no starved layer)
             rows[f"greedy-{criterion}-floor"] = allocate_ranks(energies, average * layers, STEP, max_rank=wide,
                                                                criterion=criterion, min_rank=2 * average // 3)
-        costs_file = big / f"truncation_costs-{args.sensitivity_tokens}.json"
-        if not costs_file.is_file():
-            calib = torch.tensor(text_windows(tok, default_calibration_text(args.sensitivity_tokens * 8), 512,
-                                              args.sensitivity_tokens))
-            grid = [r for r in range(STEP, wide + 1, STEP) if r <= average or r % (2 * STEP) == 0]
-            t0 = time.perf_counter()
-            measured = truncation_costs(model, calib, grid)
-            costs_file.write_text(json.dumps({"seconds": time.perf_counter() - t0, "tokens": calib.numel(),
-                                              "costs": [{str(r): c for r, c in m.items()} for m in measured]}))
-        costs = [{int(r): c for r, c in m.items()} for m in json.loads(costs_file.read_text())["costs"]]
-        rows["measured-kl"] = allocate_by_cost(costs, average * layers, STEP)
-        rows["measured-kl-floor"] = allocate_by_cost(costs, average * layers, STEP, min_rank=2 * average // 3)
+        calib = torch.tensor(text_windows(tok, default_calibration_text(args.sensitivity_tokens * 8), 512,
+                                          args.sensitivity_tokens))
+        grid = [r for r in range(STEP, wide + 1, STEP) if r <= average or r % (2 * STEP) == 0]
+        for label, base, suffix in (("measured-kl", None, ""), ("measured-kl-at-uniform", [average] * layers,
+                                                                 "-at-uniform")):
+            if args.only and not any(name.startswith(label) for name in args.only.split(",")):
+                continue
+            costs_file = big / f"truncation_costs-{args.sensitivity_tokens}{suffix}.json"
+            if not costs_file.is_file():
+                t0 = time.perf_counter()
+                measured = truncation_costs(model, calib, grid, base_ranks=base)
+                costs_file.write_text(json.dumps({"seconds": time.perf_counter() - t0, "tokens": calib.numel(),
+                                                  "base_ranks": base,
+                                                  "costs": [{str(r): c for r, c in m.items()} for m in measured]}))
+            costs = [{int(r): c for r, c in m.items()} for m in json.loads(costs_file.read_text())["costs"]]
+            rows[label] = allocate_by_cost(costs, average * layers, STEP)
+            rows[f"{label}-floor"] = allocate_by_cost(costs, average * layers, STEP, min_rank=2 * average // 3)
         if args.only:
             rows = {k: v for k, v in rows.items() if k in args.only.split(",")}
         budget: dict = {"rope_dim": rope_dim, "average_latent": average, "wide_latent": wide, "allocations": {}}

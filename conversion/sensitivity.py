@@ -37,40 +37,62 @@ def _run_layers(model, hidden: torch.Tensor, positions: torch.Tensor, start: int
 
 @torch.no_grad()
 def truncation_costs(model, windows: torch.Tensor, ranks: Sequence[int], batch_size: int = 4,
-                     show_progress: bool = True) -> list[dict[int, float]]:
+                     show_progress: bool = True, base_ranks: Sequence[int] | None = None) -> list[dict[int, float]]:
     """``[layer] → {rank: mean KL(wide ‖ layer cut to rank) per token, in nats}``.
 
     ``model``: the reference model of a conversion at the widest latent considered
     (:class:`~conversion.reference_model.MHA2MLAForCausalLM`); ``windows``: ``[n, T]`` token
     ids of calibration text; ``ranks``: latent widths to measure, each at most the model's
-    latent (which costs 0 by definition and is always included).
+    latent. ``base_ranks``: the widths every *other* layer has while one layer is measured
+    (default: the full width, so the wide model's own cost is 0); measuring around an
+    allocation's operating point (e.g. uniform) sees how layers interact there.
+    The KL is always taken against the wide model's predictions, so costs at different
+    ranks of one layer are comparable.
     """
     layers = model.model.layers
     wide = layers[0].self_attn.layout.latent_dim
     if any(not 0 < r <= wide for r in ranks):
         raise ConversionError(f"ranks to measure {sorted(ranks)} must lie in [1, {wide}] (the model's latent)")
-    ranks = sorted(set(ranks) - {wide})
-    costs: list[dict[int, float]] = [{wide: 0.0} for _ in layers]
+    base = list(base_ranks) if base_ranks is not None else [wide] * len(layers)
+    if len(base) != len(layers) or any(not 0 < r <= wide for r in base):
+        raise ConversionError(f"base ranks {base} must give each of {len(layers)} layers a width in [1, {wide}]")
+    ranks = sorted(set(ranks) | {wide})
+    costs: list[dict[int, float]] = [{} for _ in layers]
     down = [layer.self_attn.kv_a_proj_with_mqa.weight for layer in layers]
+    saved = [weight[:wide].clone() for weight in down]
+
+    def set_rank(i: int, r: int) -> None:
+        down[i][:wide] = saved[i]
+        down[i][r:wide] = 0
+
     steps = len(layers) * len(ranks) * -(-windows.shape[0] // batch_size)
     bar = tqdm(total=steps, desc="measuring rank sensitivity", unit="pass", disable=not show_progress)
     tokens = 0
-    for batch in windows.split(batch_size):
-        positions = torch.arange(batch.shape[1], device=batch.device)[None].expand(batch.shape[0], -1)
-        inputs = [model.model.embed_tokens(batch)]
-        for layer in layers:
-            inputs.append(layer(inputs[-1], positions, None))
-        reference = _next_token_logprobs(model, inputs[-1])
-        count = batch.numel()
-        for i, weight in enumerate(down):
-            saved = weight[:wide].clone()
-            for r in ranks:
-                weight[r:wide] = 0
-                logprobs = _next_token_logprobs(model, _run_layers(model, inputs[i], positions, i))
-                kl = F.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
-                costs[i][r] = costs[i].get(r, 0.0) + kl
-                weight[:wide] = saved
-                bar.update()
-        tokens += count
-    bar.close()
-    return [{r: (v / tokens if r != wide else 0.0) for r, v in sorted(c.items())} for c in costs]
+    try:
+        for batch in windows.split(batch_size):
+            positions = torch.arange(batch.shape[1], device=batch.device)[None].expand(batch.shape[0], -1)
+            for i in range(len(layers)):
+                set_rank(i, wide)
+            reference = _next_token_logprobs(model, _run_layers(model, model.model.embed_tokens(batch), positions, 0))
+            for i, r in enumerate(base):
+                set_rank(i, r)
+            inputs = [model.model.embed_tokens(batch)]
+            for layer in layers:
+                inputs.append(layer(inputs[-1], positions, None))
+            for i in range(len(layers)):
+                for r in ranks:
+                    if r == wide and base[i] == wide:
+                        kl = 0.0  # the wide model itself
+                    else:
+                        set_rank(i, r)
+                        logprobs = _next_token_logprobs(model, _run_layers(model, inputs[i], positions, i))
+                        kl = F.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
+                    costs[i][r] = costs[i].get(r, 0.0) + kl
+                    bar.update()
+                set_rank(i, base[i])
+            tokens += batch.numel()
+    finally:
+        for i in range(len(layers)):
+            set_rank(i, wide)
+        bar.close()
+    return [{r: v / tokens for r, v in sorted(c.items())} for c in costs]

@@ -266,3 +266,29 @@ def test_given_widths_round_trip(tiny_model_factory, tmp_path, capsys):
     rc = main(["convert", str(src), str(tmp_path / "bad"), "--rope-dim", "8", "--strategy", "high",
                "--layer-latent", "8,40,24"])
     assert rc == 2 and "lists 3 widths for a model of 4 layers" in capsys.readouterr().err
+
+
+def test_costs_around_an_operating_point(wide_model):
+    """With every other layer held at a base width, a layer's cost is the KL of that model from
+    the wide one (measured directly here); the weights come back untouched."""
+    from conversion.sensitivity import truncation_costs
+
+    torch.manual_seed(1)
+    windows = torch.randint(0, SPEC.vocab_size, (2, 20))
+    before = [layer.self_attn.kv_a_proj_with_mqa.weight.clone() for layer in wide_model.model.layers]
+    base = [32, 32, 32, 32]
+    costs = truncation_costs(wide_model, windows, [16, 64], show_progress=False, base_ranks=base)
+    with torch.no_grad():
+        reference = wide_model(windows).logits.log_softmax(-1)
+        weights = [layer.self_attn.kv_a_proj_with_mqa.weight for layer in wide_model.model.layers]
+        for w, b, r in zip(weights, before, [32, 16, 32, 32]):
+            w.copy_(b)
+            w[r:64] = 0
+        cut = wide_model(windows).logits.log_softmax(-1)
+        for w, b in zip(weights, before):
+            w.copy_(b)
+    direct = torch.nn.functional.kl_div(cut, reference, log_target=True, reduction="sum").item() / windows.numel()
+    assert costs[1][16] == pytest.approx(direct, rel=1e-4)
+    assert all(c[64] < c[16] for c in costs)
+    assert all(torch.equal(layer.self_attn.kv_a_proj_with_mqa.weight, b)
+               for layer, b in zip(wide_model.model.layers, before))
