@@ -161,7 +161,46 @@ def kernels(out_file: Path, batch: int = 256, heads: int = 32, rope: int = 512, 
     return results
 
 
+def sweep(out_file: Path, heads: int = 32, rope: int = 512) -> dict:
+    """Launch configurations of the decode kernel for latents wider than 512 (1024-wide tiles),
+    where the default plan reads at half the bandwidth of narrower rows (``kernels``)."""
+    import itertools
+
+    import triton
+
+    from vllm_mha2mla.triton_decode import DecodeLaunch, mla_paged_decode, shared_memory_bytes
+
+    page, sms = 16, torch.cuda.get_device_properties(0).multi_processor_count
+    results: dict = {"heads": heads, "rope": rope, "cases": []}
+    for latent, batch, seq_len in [(896, 256, 768), (640, 256, 768), (896, 32, 4096)]:
+        width = latent + rope
+        pages_per_seq = seq_len // page
+        table = torch.arange(batch * pages_per_seq, device="cuda", dtype=torch.int32).view(batch, pages_per_seq)
+        lens = torch.full((batch,), seq_len, device="cuda", dtype=torch.int32)
+        cache = torch.randn(batch * pages_per_seq, page, width, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(batch, heads, width, device="cuda", dtype=torch.bfloat16)
+        best = None
+        for block_h, block_n, warps, stages, splits in itertools.product((16, 32), (16, 32), (4, 8), (1, 2),
+                                                                        (1, 2, 4, 8)):
+            if shared_memory_bytes(block_h, block_n, 1024, triton.next_power_of_2(rope)) > 228 * 1024:
+                continue
+            launch = DecodeLaunch(block_h, block_n, 1024, triton.next_power_of_2(rope), warps, stages, splits)
+            try:
+                ms = triton.testing.do_bench(lambda: mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len,
+                                                                      num_sms=sms, launch=launch), rep=20)
+            except Exception:
+                continue
+            row = {"latent": latent, "batch": batch, "seq_len": seq_len, "launch": vars(launch), "ms": ms,
+                   "GB_per_s": batch * seq_len * width * 2 / ms / 1e6}
+            results["cases"].append(row)
+            if best is None or ms < best["ms"]:
+                best = row
+        print("best", json.dumps(best), flush=True)
+    out_file.write_text(json.dumps(results, indent=2))
+    return results
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    {"parity": parity, "throughput": throughput, "kernels": kernels,
+    {"parity": parity, "throughput": throughput, "kernels": kernels, "sweep": sweep,
      "throughput-narrow": lambda o: throughput(o, pattern=NARROW_PATTERN, with_mha=False)}[mode](out)
