@@ -1,0 +1,68 @@
+"""Does a better per-layer allocation still matter after recovery? (issue 13's second question)
+
+SmolLM2-135M-Instruct at 192 cached values per token per layer (rope_dim 32; 2-norm partial RoPE,
+activation-aware joint SVD, default-corpus calibration, exact layout, float32), converted twice —
+uniform latents and ``--allocate measured`` (same total) — and each recovered with the same
+layer-wise distillation budget (``mha2mla finetune --stage local``, the demo's CPU setting). Held-out
+perplexity (the default corpus's Wikipedia split) of the original, each conversion and each
+recovered model come from ``finetune``'s own before/after evaluation.
+
+Usage: python benchmarks/allocation_after_recovery.py OUT_DIR [--local-seconds S] [--sensitivity-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conversion import ConvertOptions, convert  # noqa: E402
+from conversion.default_model import ensure_default_model  # noqa: E402
+from conversion.recovery.finetune import FinetuneOptions, finetune  # noqa: E402
+from conversion.recovery.local import LocalOptions  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--local-seconds", type=float, default=150.0)
+    ap.add_argument("--sensitivity-tokens", type=int, default=1024)
+    ap.add_argument("--held-out-tokens", type=int, default=16384)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    src = ensure_default_model()
+    base = dict(rope_dim=32, d_kv=32, strategy="2-norm", svd="aw-joint", layout="exact", dtype="float32")
+    results: dict = {"command": "python benchmarks/allocation_after_recovery.py " + " ".join(sys.argv[1:]),
+                     "cache_values_per_layer": 192, "allocations": {}}
+    for name, extra in (("uniform", {}), ("measured", {"allocate": "measured",
+                                                       "sensitivity_tokens": args.sensitivity_tokens})):
+        converted, recovered = args.out / f"{name}-mla", args.out / f"{name}-recovered"
+        t0 = time.perf_counter()
+        report = convert(src, converted, ConvertOptions(**base, **extra, overwrite=True))
+        convert_s = time.perf_counter() - t0
+        rec = finetune(converted, recovered, FinetuneOptions(
+            teacher=src, stage="local", seq_len=512, held_out_tokens=args.held_out_tokens, overwrite=True,
+            local=LocalOptions(steps_per_layer=40, time_budget_s=args.local_seconds)))
+        row = {"convert_seconds": convert_s, "perplexity": rec["perplexity"],
+               "layer_latent": report.get("allocation", {}).get("layer_latent", [report["layout"]["latent_dim"]] * 30)}
+        results["allocations"][name] = row
+        print(name, json.dumps(row["perplexity"]), flush=True)
+        (args.out / "after_recovery.json").write_text(json.dumps(results, indent=2) + "\n")
+    keys = list(next(iter(results["allocations"].values()))["perplexity"])
+    lines = ["| allocation | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, row in results["allocations"].items():
+        p = row["perplexity"]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in p.values()) + " |")
+    (args.out / "after_recovery.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
