@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--sensitivity-tokens", type=int, default=1024)
+    ap.add_argument("--wide-factor", type=int, default=2, help="widest latent a layer may take, × the average")
+    ap.add_argument("--budgets", default="192,96", help="cache values per layer to study (comma-separated)")
     ap.add_argument("--only", default="", help="comma-separated allocation names to score (default: all)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -85,15 +87,18 @@ def main() -> None:
     del original
     print(f"original: {results['original_perplexity']:.3f}", flush=True)
     for values, (rope_dim, d_kv) in SETTINGS.items():
-        big = args.out / f"wide-{values}"
+        if str(values) not in args.budgets.split(","):
+            continue
+        suffix = "" if args.wide_factor == 2 else f"-x{args.wide_factor}"
+        big = args.out / f"wide-{values}{suffix}"
         if not (big / "config.json").is_file():
-            convert(src, big, ConvertOptions(rope_dim=rope_dim, d_kv=2 * d_kv, strategy="2-norm", svd="aw-joint",
+            convert(src, big, ConvertOptions(rope_dim=rope_dim, d_kv=args.wide_factor * d_kv, strategy="2-norm", svd="aw-joint",
                                              layout="exact", dtype="float32"))
         report = json.loads((big / "mha2mla_report.json").read_text())
         energies = report["latent_spectra"]
         layers = len(energies)
         wide = report["layout"]["d_kv"] * report["layout"]["num_kv_heads"]  # rows 0..wide-1 of kv_a: the latent
-        average = wide // 2
+        average = wide // args.wide_factor
         model = load_reference(big)
         kv_a = [layer.self_attn.kv_a_proj_with_mqa.weight for layer in model.model.layers]
         saved = [w.detach().clone() for w in kv_a]
