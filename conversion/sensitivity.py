@@ -56,6 +56,7 @@ def truncation_costs(model, windows: torch.Tensor, ranks: Sequence[int], batch_s
     base = list(base_ranks) if base_ranks is not None else [wide] * len(layers)
     if len(base) != len(layers) or any(not 0 < r <= wide for r in base):
         raise ConversionError(f"base ranks {base} must give each of {len(layers)} layers a width in [1, {wide}]")
+    base_is_wide = all(b == wide for b in base)
     ranks = sorted(set(ranks) | {wide})
     costs: list[dict[int, float]] = [{} for _ in layers]
     down = [layer.self_attn.kv_a_proj_with_mqa.weight for layer in layers]
@@ -81,7 +82,7 @@ def truncation_costs(model, windows: torch.Tensor, ranks: Sequence[int], batch_s
                 inputs.append(layer(inputs[-1], positions, None))
             for i in range(len(layers)):
                 for r in ranks:
-                    if r == wide and base[i] == wide:
+                    if r == wide and base_is_wide:
                         kl = 0.0  # the wide model itself
                     else:
                         set_rank(i, r)
