@@ -18,6 +18,21 @@ CRITERIA = ("absolute", "relative")
 """Energy criteria of :func:`allocate_ranks`; :func:`allocate_by_cost` takes measured costs."""
 
 
+def _check_budget(total: int, step: int, min_rank: int | None, caps: Sequence[int]) -> int:
+    """The smallest rank any layer gets (``min_rank`` rounded to a group, at least one group),
+    after checking that ``total`` is whole groups, covers that floor in every layer and fits
+    the layers' caps."""
+    if total % step:
+        raise ConversionError(f"the latent budget {total} is not a multiple of the group size {step}")
+    floor = max(step, (min_rank or step) // step * step)
+    if total < floor * len(caps):
+        raise ConversionError(f"a latent budget of {total} dims cannot give each of {len(caps)} layers {floor} dims; "
+                              f"give at least {floor * len(caps)}")
+    if total > sum(caps):
+        raise ConversionError(f"a latent budget of {total} dims exceeds what the layers can use ({sum(caps)})")
+    return floor
+
+
 def allocate_ranks(energies: Sequence[Sequence[float]], total: int, step: int = 16,
                    max_rank: int | None = None, criterion: str = "absolute", min_rank: int | None = None) -> list[int]:
     """Latent rank per layer, each a multiple of ``step`` in ``[min_rank, max_rank]`` (``min_rank``
@@ -29,15 +44,8 @@ def allocate_ranks(energies: Sequence[Sequence[float]], total: int, step: int = 
     layers = len(energies)
     if criterion not in CRITERIA:
         raise ConversionError(f"unknown allocation criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if total % step:
-        raise ConversionError(f"the latent budget {total} is not a multiple of the group size {step}")
     caps = [min(len(e), max_rank or len(e)) // step * step for e in energies]
-    floor = max(step, (min_rank or step) // step * step)
-    if total < floor * layers:
-        raise ConversionError(f"a latent budget of {total} dims cannot give each of {layers} layers {floor} dims; "
-                              f"give at least {floor * layers}")
-    if total > sum(caps):
-        raise ConversionError(f"a latent budget of {total} dims exceeds what the layers can use ({sum(caps)})")
+    floor = _check_budget(total, step, min_rank, caps)
     scale = [1.0 / max(sum(e), 1e-300) if criterion == "relative" else 1.0 for e in energies]
 
     def gain(layer: int, rank: int) -> float:
@@ -78,16 +86,8 @@ def allocate_by_cost(costs: Sequence[dict[int, float]], total: int, step: int = 
     interpolated in between. Exact (dynamic programming over layers and budget), so unlike a
     greedy it needs no convexity of the costs, which measured ones need not have.
     """
-    layers = len(costs)
-    if total % step:
-        raise ConversionError(f"the latent budget {total} is not a multiple of the group size {step}")
-    floor = max(step, (min_rank or step) // step * step)
     caps = [min(max(c), max_rank or max(c)) // step * step for c in costs]
-    if total < floor * layers:
-        raise ConversionError(f"a latent budget of {total} dims cannot give each of {layers} layers {floor} dims; "
-                              f"give at least {floor * layers}")
-    if total > sum(caps):
-        raise ConversionError(f"a latent budget of {total} dims exceeds what the layers can use ({sum(caps)})")
+    floor = _check_budget(total, step, min_rank, caps)
     units = total // step
     inf = float("inf")
     best = [0.0] + [inf] * units  # best[u]: least cost of the layers so far using u groups

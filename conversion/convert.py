@@ -68,10 +68,16 @@ class ConvertOptions:
 LAYOUTS = ("auto", "native", "exact")
 ALLOCATIONS = ("uniform", "measured")
 WIDE_FACTOR = 2
+NATIVE_PER_LAYER = "per-layer latent widths are written with exact sizes; drop --layout native"
 """``allocate=measured`` lets a layer take at most this many times the average latent."""
 NATIVE_PADDING_TOLERANCE = 0.10
 """``--layout auto`` pads to a vLLM-native row (for vLLM's own MLA kernels) only while the padding
 costs at most this share of the essential values."""
+
+
+def _max_latent_rank(spec: SourceSpec, rope_dim: int) -> int:
+    """The widest latent a layer can use: the rank of its stacked non-rotary key and value rows."""
+    return min(spec.num_kv_heads * (2 * spec.head_dim - rope_dim), spec.hidden_size)
 
 
 def _refuse_larger_cache(cache_values: int, original_values: int, what: str, force: bool) -> None:
@@ -133,7 +139,7 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
     if options.kv_budget is not None and options.layout == "exact":
         raise ConversionError("--kv-budget fills a vLLM-native cache size; use --d-kv with --layout exact")
     notes: list[str] = []
-    max_rank = min(g * (2 * d - options.rope_dim), spec.hidden_size)
+    max_rank = _max_latent_rank(spec, options.rope_dim)
     if options.kv_budget is not None:
         if options.kv_budget not in NATIVE_CACHE_SIZES:
             raise ConversionError(f"--kv-budget must be one of {NATIVE_CACHE_SIZES}, got {options.kv_budget}")
@@ -192,53 +198,63 @@ def _check_dtype_and_calibration(spec: SourceSpec, options: ConvertOptions) -> t
 
 def _plan_given_widths(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan:
     """``--layer-latent R1,R2,...``: one latent width per layer, exact layout."""
-    g, d, widths = spec.num_kv_heads, spec.head_dim, list(options.layer_latent)
+    widths = list(options.layer_latent)
     if options.d_kv is not None or options.kv_budget is not None or options.kv_budget_total is not None \
             or options.allocate != "uniform":
         raise ConversionError("--layer-latent gives every layer's width itself: drop --d-kv / --kv-budget / "
                               "--kv-budget-total / --allocate")
     if options.layout == "native":
-        raise ConversionError("per-layer latent widths are written with exact sizes; drop --layout native")
+        raise ConversionError(NATIVE_PER_LAYER)
     if len(widths) != spec.num_layers:
         raise ConversionError(f"--layer-latent lists {len(widths)} widths for a model of {spec.num_layers} layers")
-    max_rank = min(g * (2 * d - options.rope_dim), spec.hidden_size)
+    max_rank = _max_latent_rank(spec, options.rope_dim)
     if any(not 1 <= w <= max_rank for w in widths):
         raise ConversionError(f"--layer-latent widths must lie in [1, {max_rank}] (the rank of a layer's key and "
                               f"value rows), got {widths}")
-    cache, original = sum(widths) + g * options.rope_dim * spec.num_layers, 2 * g * d * spec.num_layers
+    _refuse_larger_total(spec, options, sum(widths), "--layer-latent")
+    return _per_layer_plan(spec, options, sum(widths), max(widths), [], layer_latent=widths)
+
+
+def _refuse_larger_total(spec: SourceSpec, options: ConvertOptions, latent_total: int, what: str) -> None:
+    """A per-layer budget may not cache more, summed over layers, than the original (``--force``)."""
+    g, layers = spec.num_kv_heads, spec.num_layers
+    cache, original = latent_total + g * options.rope_dim * layers, 2 * g * spec.head_dim * layers
     if cache > original and not options.force:
-        raise ConversionError(f"--layer-latent caches {cache} values per token, more than the original model's "
+        raise ConversionError(f"{what} caches {cache} values per token, more than the original model's "
                               f"{original}; lower it or pass --force")
-    layout = plan_exact_layout(spec.num_heads, g, d, options.rope_dim,
-                               max(1, sum(widths) // len(widths) // g)).with_latent(max(widths))
-    return ConversionPlan(spec, layout, options, _check_dtype_and_calibration(spec, options), list(spec.warnings),
-                          layer_latent=widths)
+
+
+def _per_layer_plan(spec: SourceSpec, options: ConvertOptions, latents: int, widest: int, notes: list[str],
+                    **fields) -> ConversionPlan:
+    """What both per-layer planners end with: the exact layout, ``layout`` describing the widest
+    layer and ``d_kv`` the average per kv-head of ``latents`` (summed over layers)."""
+    g = spec.num_kv_heads
+    layout = plan_exact_layout(spec.num_heads, g, spec.head_dim, options.rope_dim,
+                               max(1, latents // spec.num_layers // g)).with_latent(widest)
+    return ConversionPlan(spec, layout, options, _check_dtype_and_calibration(spec, options),
+                          notes + list(spec.warnings), **fields)
 
 
 def _plan_allocation(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan:
     """Checks a per-layer budget: exact layout, a total that gives every layer at least one
     aligned group, no layer past the rank its key/value rows allow, no cache past the original's."""
-    h, g, d, layers = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_layers
+    g, layers = spec.num_kv_heads, spec.num_layers
     step, rope_total = options.rank_step, g * options.rope_dim
     if options.kv_budget is not None or (options.d_kv is None) == (options.kv_budget_total is None):
         raise ConversionError("--allocate measured takes its budget from exactly one of --d-kv (the average per "
                               "kv-head) and --kv-budget-total (values per token summed over layers)")
     if options.layout == "native":
-        raise ConversionError("per-layer latent widths are written with exact sizes; drop --layout native")
+        raise ConversionError(NATIVE_PER_LAYER)
     if step < 1:
         raise ConversionError(f"--rank-step must be positive, got {step}")
     total = g * options.d_kv * layers if options.d_kv is not None else options.kv_budget_total - rope_total * layers
-    original = 2 * g * d * layers
-    cache = total + rope_total * layers
     if total < step * layers:
         raise ConversionError(
-            f"a budget of {cache} cached values per token ({total} latent dims after {rope_total} rotary dims in each "
-            f"of {layers} layers) cannot give every layer one group of {step} latent dims; give at least "
-            f"{(step + rope_total) * layers}")
-    if cache > original and not options.force:
-        raise ConversionError(f"a budget of {cache} cached values per token is more than the original model's "
-                              f"{original}; lower it or pass --force")
-    max_rank = min(g * (2 * d - options.rope_dim), spec.hidden_size) // step * step
+            f"a budget of {total + rope_total * layers} cached values per token ({total} latent dims after "
+            f"{rope_total} rotary dims in each of {layers} layers) cannot give every layer one group of {step} "
+            f"latent dims; give at least {(step + rope_total) * layers}")
+    _refuse_larger_total(spec, options, total, "this budget")
+    max_rank = _max_latent_rank(spec, options.rope_dim) // step * step
     notes = []
     if total % step:
         notes.append(f"latent budget {total} rounded down to {total // step * step}, a multiple of --rank-step {step}")
@@ -247,9 +263,7 @@ def _plan_allocation(spec: SourceSpec, options: ConvertOptions) -> ConversionPla
         raise ConversionError(f"a latent budget of {total} dims exceeds what {layers} layers can use "
                               f"({max_rank} each: the rank of their key and value rows)")
     widest = min(max_rank, max(step, WIDE_FACTOR * total // layers // step * step))
-    layout = plan_exact_layout(h, g, d, options.rope_dim, max(1, total // layers // g)).with_latent(widest)
-    return ConversionPlan(spec, layout, options, _check_dtype_and_calibration(spec, options),
-                          notes + list(spec.warnings), latent_total=total)
+    return _per_layer_plan(spec, options, total, widest, notes, latent_total=total)
 
 
 def select_rope_pairs(plan: ConversionPlan, stats: CalibrationStats | None) -> list[list[list[int]]]:

@@ -99,10 +99,12 @@ def kv_cache_widths(model) -> list[int]:
     vLLM actually allocated: a per-layer allocation must show each layer's own width)."""
     widths = []
     for module in model.modules():
+        if not hasattr(module, "attn_backend"):
+            continue
         cache = getattr(module, "kv_cache", None)
-        if hasattr(module, "attn_backend") and isinstance(cache, list):
+        if isinstance(cache, list):  # one per virtual engine in some releases
             cache = cache[0] if cache else None
-        if hasattr(module, "attn_backend") and cache is not None and getattr(cache, "ndim", 0) >= 2:
+        if cache is not None and getattr(cache, "ndim", 0) >= 2:
             widths.append(int(cache.shape[-1]))
     return widths
 
