@@ -1,25 +1,60 @@
-"""Where a global-stage training step spends its time on the GPU (one batch, CUDA events).
+"""Where a distillation training step spends its time on the GPU, and what each speed-up buys.
 
-Usage (GPU machine, after `gpu_recovery.sh` converted a model): python3 benchmarks/train_step_profile.py
-MLA_DIR TEACHER_DIR OUT.json [batch] [seq_len]. Times, for one batch under bf16 autocast: the
-student's forward + backward with a plain LM loss, the teacher's forward, the distillation loss
-forward + backward on logits and its fused form on hidden states, and the student's attention
-under each SDPA kernel that accepts it.
+Times the global stage's whole step (student forward, teacher forward, distillation loss,
+backward, AdamW on the trainable parameters; bf16 autocast, attention-only training, as
+``mha2mla finetune`` runs it) for each variant, in one process on one GPU, so the ratios are
+like for like:
+
+  checkpointed   the loss as first shipped: logits projected per chunk under activation
+                 checkpointing (each chunk's student and teacher projections run twice)
+  fused          the shipped loss: gradients taken in the forward pass, nothing recomputed
+  fused+compile  the same with student and teacher under torch.compile (``--compile``)
+
+plus the parts of one step (student forward + backward, teacher forward, loss) and a
+torch.profiler table of the CUDA kernels of the fastest variant's step.
+
+Usage (GPU machine):
+  python3 benchmarks/train_step_profile.py OUT.json --model MLA_DIR --teacher TEACHER_DIR [--batch 16 32]
+  python3 benchmarks/train_step_profile.py OUT.json --random LLAMA_CONFIG_DIR --rope-dim 32 --d-kv 32
+(``--random``: the models of a Llama config.json with random weights; speed does not depend on the values.)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from conversion.recovery.losses import distillation_loss, fused_distillation_loss, next_token_loss
-from conversion.reference_model import load_reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conversion.recovery.global_stage import H100_BF16_DENSE_FLOPS, training_flops_per_token  # noqa: E402
+from conversion.recovery.losses import fused_distillation_loss  # noqa: E402
 
 
-def timed(fn, reps: int = 5, warmup: int = 2) -> float:
+def checkpointed_distillation_loss(h_s, w_s, h_t, w_t, chunk_tokens: int = 4096):
+    """The distillation loss as first shipped (activation checkpointing per chunk): the baseline."""
+
+    def chunk_kl(a, wa, b, wb):
+        log_p_s = F.log_softmax((a @ wa.T).float(), dim=-1)
+        log_p_t = F.log_softmax((b @ wb.T).float(), dim=-1)
+        return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+
+    hs, ht = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
+    total = hs.new_zeros((), dtype=torch.float32)
+    for i in range(0, hs.shape[0], chunk_tokens):
+        total = total + checkpoint(chunk_kl, hs[i : i + chunk_tokens], w_s, ht[i : i + chunk_tokens], w_t,
+                                   use_reentrant=False)
+    return total / hs.shape[0]
+
+
+def timed(fn, reps: int = 6, warmup: int = 3) -> float:
     """Median milliseconds of ``fn()`` (CUDA events, after warm-up)."""
     for _ in range(warmup):
         fn()
@@ -35,59 +70,152 @@ def timed(fn, reps: int = 5, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def main() -> None:
+def random_models(config_dir: Path, rope_dim: int, d_kv: int):
+    """Student (exact-layout MHA2MLA of the config) and teacher with random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from benchmarks.synthetic import mla_config_for
+    from conversion.reference_model import MHA2MLAForCausalLM
+
+    teacher = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(config_dir)), attn_implementation="sdpa")
+    mla = Path(tempfile.mkdtemp()) / "mla"
+    mla.mkdir()
+    (mla / "config.json").write_text(json.dumps(mla_config_for(config_dir, rope_dim, d_kv, cache_size=None)))
+    student = MHA2MLAForCausalLM(AutoConfig.from_pretrained(str(mla)))
+    return student, teacher
+
+
+def real_models(mla_dir: Path, teacher_dir: Path):
     from transformers import AutoModelForCausalLM
 
-    mla_dir, teacher_dir, out = sys.argv[1:4]
-    batch = int(sys.argv[4]) if len(sys.argv) > 4 else 16
-    seq = int(sys.argv[5]) if len(sys.argv) > 5 else 2048
-    student = load_reference(mla_dir).cuda().train()
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, attn_implementation="sdpa")
-    teacher = teacher.cuda().eval().requires_grad_(False)
+    from conversion.reference_model import load_reference
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32, attn_implementation="sdpa")
+    return load_reference(mla_dir), teacher
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--model")
+    ap.add_argument("--teacher")
+    ap.add_argument("--random")
+    ap.add_argument("--rope-dim", type=int, default=32)
+    ap.add_argument("--d-kv", type=int, default=32)
+    ap.add_argument("--batch", type=int, nargs="+", default=[16])
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--variants", default="checkpointed,fused,fused+compile")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    if args.random:
+        student, teacher = random_models(Path(args.random), args.rope_dim, args.d_kv)
+    else:
+        student, teacher = real_models(Path(args.model), Path(args.teacher))
+    student = student.float().cuda().train()
+    teacher = teacher.float().cuda().eval().requires_grad_(False)
     for name, p in student.named_parameters():
         p.requires_grad_(".self_attn." in name)
-    ids = torch.randint(0, student.config.vocab_size, (batch, seq), device="cuda")
+    params = [p for p in student.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), fused=True)
+    w_s, w_t = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
     auto = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "seq_len": args.seq_len,
+                     "weights": "random" if args.random else "real", "variants": {}, "parts_ms": {}}
+    flops_per_token = training_flops_per_token(student, args.seq_len, teacher)
+    results["flops_per_token"] = flops_per_token
+    compiled = {}
 
-    def student_step():
-        with auto():
-            loss = next_token_loss(student(input_ids=ids, use_cache=False).logits, ids)
-        loss.backward()
+    def bodies(compile_them: bool):
+        if not compile_them:
+            return student.model, teacher.model
+        if not compiled:
+            compiled["s"], compiled["t"] = torch.compile(student.model), torch.compile(teacher.model)
+        return compiled["s"], compiled["t"]
 
-    def teacher_forward():
-        with torch.no_grad(), auto():
-            teacher(input_ids=ids, use_cache=False)
+    def make_step(ids, loss_fn, compile_them):
+        s_body, t_body = bodies(compile_them)
 
-    with torch.no_grad(), auto():
-        t_logits = teacher(input_ids=ids, use_cache=False).logits
-    s_logits = t_logits.detach().float().clone().requires_grad_(True)
+        def step():
+            with auto():
+                hidden = s_body(input_ids=ids, use_cache=False).last_hidden_state
+                with torch.no_grad():
+                    t_hidden = t_body(input_ids=ids, use_cache=False).last_hidden_state
+                loss = loss_fn(hidden[:, :-1], w_s, t_hidden[:, :-1], w_t)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+        return step
 
-    def kd_step():
-        distillation_loss(s_logits[:, :-1], t_logits[:, :-1]).backward()
+    losses = {"checkpointed": checkpointed_distillation_loss, "fused": fused_distillation_loss}
+    best = None
+    for batch in args.batch:
+        ids = torch.randint(0, student.config.vocab_size, (batch, args.seq_len), device="cuda")
+        tokens = batch * args.seq_len
+        for variant in args.variants.split(","):
+            key = f"{variant}@batch{batch}"
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                t0 = time.perf_counter()
+                step = make_step(ids, losses[variant.split("+")[0]], variant.endswith("+compile"))
+                ms = timed(step)
+                rate = tokens / (ms / 1e3)
+                results["variants"][key] = {
+                    "step_ms": ms, "tokens_per_s": rate, "mfu": flops_per_token * rate / H100_BF16_DENSE_FLOPS,
+                    "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+                    "first_steps_s": time.perf_counter() - t0}
+                if best is None or rate > best[1]:
+                    best = (key, rate, step)
+            except torch.OutOfMemoryError as exc:
+                results["variants"][key] = {"error": str(exc).splitlines()[0][:160]}
+            optim.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            print(key, json.dumps(results["variants"][key]), flush=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))
 
+    # the parts of one step, eager and compiled, at the first batch size
+    ids = torch.randint(0, student.config.vocab_size, (args.batch[0], args.seq_len), device="cuda")
+    for compile_them in (False, True):
+        s_body, t_body = bodies(compile_them)
+        tag = "compiled" if compile_them else "eager"
+
+        def student_fwd_bwd():
+            with auto():
+                hidden = s_body(input_ids=ids, use_cache=False).last_hidden_state
+            hidden.float().square().mean().backward()
+
+        def teacher_fwd():
+            with torch.no_grad(), auto():
+                t_body(input_ids=ids, use_cache=False)
+
+        results["parts_ms"][f"student_fwd_bwd[{tag}]"] = timed(student_fwd_bwd)
+        results["parts_ms"][f"teacher_fwd[{tag}]"] = timed(teacher_fwd)
+        optim.zero_grad(set_to_none=True)
     with torch.no_grad(), auto():
         t_hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
     s_hidden = t_hidden.detach().clone().requires_grad_(True)
-    w_t = teacher.get_output_embeddings().weight
+    for name, fn in losses.items():
+        def loss_fwd_bwd(fn=fn):
+            with auto():
+                fn(s_hidden[:, :-1], w_s, t_hidden[:, :-1], w_t).backward()
+        results["parts_ms"][f"loss_fwd_bwd[{name}]"] = timed(loss_fwd_bwd)
+    print(json.dumps(results["parts_ms"], indent=1), flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
 
-    def kd_fused_step():  # the same loss from hidden states, logits projected chunk by chunk
-        with auto():
-            fused_distillation_loss(s_hidden[:, :-1], w_t, t_hidden[:, :-1], w_t).backward()
+    if best is not None:  # CUDA kernels of the fastest variant's step
+        from torch.profiler import ProfilerActivity, profile
 
-    results = {"device": torch.cuda.get_device_name(), "batch": batch, "seq_len": seq, "tokens": batch * seq,
-               "ms": {"student_fwd_bwd_lm": timed(student_step), "teacher_fwd": timed(teacher_forward),
-                      "kd_loss_fwd_bwd": timed(kd_step), "kd_fused_loss_fwd_bwd": timed(kd_fused_step)}}
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                    SDPBackend.MATH):
-        try:
-            with sdpa_kernel([backend]):
-                results["ms"][f"student_fwd_bwd_lm[{backend.name}]"] = timed(student_step, reps=3, warmup=1)
-        except RuntimeError as exc:
-            results["ms"][f"student_fwd_bwd_lm[{backend.name}]"] = f"refused: {str(exc).splitlines()[0][:120]}"
-    results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    print(json.dumps(results, indent=2))
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            best[2]()
+            torch.cuda.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+        total = sum(e.device_time_total for e in events if e.device_time_total > 0 and not e.key.startswith("aten::"))
+        results["kernels_of"] = best[0]
+        results["kernels"] = [{"kernel": e.key[:120], "calls": e.count, "ms": e.device_time_total / 1e3,
+                               "share": e.device_time_total / total if total else None}
+                              for e in events[:25]]
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=25), flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

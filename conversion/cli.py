@@ -125,9 +125,11 @@ def print_finetune_summary(report: dict) -> None:
         console.print(f"gap to the original closed: [bold]{report['gap_closed_pct']:.1f}%[/]")
     if "global" in report:
         g = report["global"]
+        steady = g.get("train_tokens_per_s")
         console.print(f"global stage: {g['tokens_seen']:,} tokens in {g['seconds']:.0f} s "
-                      f"({g['tokens_per_s']:,.0f} tokens/s" + (f", MFU {100 * g['mfu']:.1f}%" if g["mfu"] else "")
-                      + ")")
+                      f"({g['tokens_per_s']:,.0f} tokens/s overall"
+                      + (f"; steps alone {steady:,.0f} tokens/s" if steady else "")
+                      + (f", MFU {100 * g['mfu']:.1f}%" if g["mfu"] else "") + ")")
     console.print(f"wrote {report['destination']} (finetune_report.json, loss.png)")
 
 

@@ -83,6 +83,25 @@ def test_fused_losses_equal_the_plain_ones_in_value_and_gradient():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_losses_under_bf16_autocast_match_the_plain_ones_and_leave_a_frozen_projection_alone():
+    """The training step runs under bf16 autocast with a frozen output embedding (attention-only
+    training): the fused gradients take the projection's precision and skip the frozen weight."""
+    from conversion.recovery.losses import fused_distillation_loss, fused_next_token_loss
+
+    torch.manual_seed(1)
+    h_s, h_t = torch.randn(3, 9, 16, requires_grad=True), torch.randn(3, 9, 16)
+    w_s, w_t = torch.randn(40, 16) / 4, torch.randn(40, 16) / 4
+    ids = torch.randint(0, 40, (3, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = distillation_loss(h_s @ w_s.T, h_t @ w_t.T) + next_token_loss(h_s @ w_s.T, ids)
+        fused = fused_distillation_loss(h_s, w_s, h_t, w_t, chunk_tokens=7) + fused_next_token_loss(h_s, w_s, ids, 5)
+    (want,) = torch.autograd.grad(plain, (h_s,))
+    (got,) = torch.autograd.grad(fused, (h_s,))
+    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)  # bf16 projections on both sides
+    assert got.dtype == h_s.dtype and not w_s.requires_grad
+
+
 def test_next_token_loss_shifts_by_one():
     logits = torch.full((1, 3, 4), -1e4)
     ids = torch.tensor([[0, 2, 3]])

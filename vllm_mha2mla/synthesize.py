@@ -42,15 +42,20 @@ def generate_teacher_text(
 ) -> list[str]:
     """About ``num_tokens`` generated tokens of teacher text (prompt + answer per document).
 
-    The engine gets a fixed KV-cache size rather than a share of the device's memory: it runs
-    beside the training process, which already holds the models (on a CPU vLLM would otherwise
-    ask for 92% of RAM and refuse to start)."""
+    On a CPU the engine gets a fixed KV-cache size rather than a share of the memory (vLLM
+    would otherwise ask for 92% of RAM and refuse to start beside the training process). On a
+    GPU it runs before the training process puts its models there, so it takes half the card
+    and a wide batch: generation is decode-bound, and 1 GiB holds only ~45k tokens of
+    SmolLM2-135M's MHA cache (~150 sequences of the lengths generated here)."""
+    import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     prompts = synthesis_prompts(tokenizer, documents, max(1, math.ceil(num_tokens / GENERATION_TOKENS)), seed)
     result = run_engine_in_subprocess(EngineRequest(
         model=str(teacher_dir), prompts=prompts, max_tokens=GENERATION_TOKENS, temperature=TEMPERATURE,
-        top_p=TOP_P, seed=seed, dtype=dtype, max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_memory_bytes,
+        top_p=TOP_P, seed=seed, dtype=dtype, max_model_len=max_model_len,
+        **({"gpu_memory_utilization": 0.5, "max_num_seqs": 512} if torch.cuda.is_available()
+           else {"kv_cache_memory_bytes": kv_cache_memory_bytes}),
     ))
     return [prompt + out["text"] for prompt, out in zip(prompts, result["outputs"])]

@@ -89,6 +89,10 @@ class GlobalReport:
     tokens_seen: int = 0
     seconds: float = 0.0
     tokens_per_s: float = 0.0
+    """Over the whole run: evaluation, checkpoints and compilation included."""
+    train_tokens_per_s: float | None = None
+    """Steady state: optimizer steps alone, after the first (compilation, warm-up), without the
+    held-out evaluations and checkpoint saves between them. What the hardware sustains."""
     world_size: int = 1
     device: str = "cpu"
     dtype: str = "float32"
@@ -97,6 +101,7 @@ class GlobalReport:
     trainable_parameters: int = 0
     flops_per_token: float = 0.0
     mfu: float | None = None
+    """Model FLOPs utilisation of ``train_tokens_per_s`` (GPU runs)."""
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -140,9 +145,15 @@ class DistillationTrainer(Trainer):
         self.loss_kind = loss_kind
         self.temperature = temperature
         self.model_accepts_loss_kwargs = False  # mean losses; Trainer averages over accumulation
+        self.nonfinite_loss: torch.Tensor | None = None
+        """Set on the device when a training loss is not finite; read only where Trainer is about
+        to log, evaluate or save (:class:`_FiniteLossCheck`), so steps never wait for the GPU."""
         if teacher is not None:
             teacher.eval().requires_grad_(False)
             self.teacher = teacher.to(self.args.device)
+        self.teacher_body = self.teacher.model if self.teacher is not None else None
+        if self.teacher is not None and self.args.torch_compile:  # Trainer compiles only the student
+            self.teacher_body = torch.compile(self.teacher.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids = inputs["input_ids"]
@@ -153,19 +164,60 @@ class DistillationTrainer(Trainer):
             outputs = model(input_ids=input_ids, use_cache=False, skip_logits=True)
             hidden = outputs.hidden_states[-1]
             with torch.no_grad():
-                teacher_hidden = self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
+                teacher_hidden = self.teacher_body(input_ids=input_ids, use_cache=False).last_hidden_state
             w_student = self.accelerator.unwrap_model(model).get_output_embeddings().weight
             w_teacher = self.teacher.get_output_embeddings().weight
             loss = fused_distillation_loss(hidden[:, :-1], w_student, teacher_hidden[:, :-1], w_teacher,
                                            self.temperature)
             if "lm" in self.loss_kind:
                 loss = loss + fused_next_token_loss(hidden, w_student, input_ids)
-        if model.training and not torch.isfinite(loss):  # Trainer's logs would hide it and save NaN weights
+        if model.training:
+            bad = ~torch.isfinite(loss.detach())
+            self.nonfinite_loss = bad if self.nonfinite_loss is None else self.nonfinite_loss | bad
+        return (loss, outputs) if return_outputs else loss
+
+
+class _FiniteLossCheck(TrainerCallback):
+    """Stops with a clear error once a training loss was not finite, checked where Trainer is
+    about to log, evaluate or save (its logs would hide NaN, and a save would keep NaN weights).
+
+    Checking there rather than after every loss keeps the steps free of a GPU round trip."""
+
+    def __init__(self, trainer: "DistillationTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = self.trainer.nonfinite_loss
+        due = control.should_log or control.should_evaluate or control.should_save or control.should_training_stop
+        if flag is not None and (due or state.global_step >= state.max_steps) and bool(flag):
             raise ConversionError(
-                f"the training loss became {float(loss)} at step {self.state.global_step + 1}: training diverged; "
+                f"the training loss became non-finite by step {state.global_step}: training diverged; "
                 "lower --lr, or train in float32 to locate the overflow"
             )
-        return (loss, outputs) if return_outputs else loss
+
+
+class _StepTimer(TrainerCallback):
+    """Steady-state training time: the intervals between consecutive optimizer steps that held
+    no evaluation or checkpoint save, the first step (compilation, warm-up) left out."""
+
+    def __init__(self):
+        self.last: float | None = None
+        self.clean = True
+        self.steps = 0
+        self.seconds = 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self.last is not None and self.clean:
+            self.steps += 1
+            self.seconds += now - self.last
+        self.last, self.clean = now, True
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.clean = False
+
+    def on_save(self, args, state, control, **kwargs):
+        self.clean = False
 
 
 class _GuardCallback(TrainerCallback):
@@ -294,7 +346,8 @@ def run_global_stage(
     args = build_training_arguments(opts, work_dir, max_steps, use_bf16)
     trainable = select_trainable(student, opts.train)
     guard = StructureGuard(student)
-    callbacks: list[TrainerCallback] = [_GuardCallback(guard), _Progress(tokens_per_step)]
+    timer = _StepTimer()
+    callbacks: list[TrainerCallback] = [_GuardCallback(guard), _Progress(tokens_per_step), timer]
     if opts.stop_after_steps is not None or opts.time_budget_s is not None:
         callbacks.append(_StopEarly(opts.stop_after_steps, opts.time_budget_s))
     trainer = DistillationTrainer(
@@ -302,6 +355,7 @@ def run_global_stage(
         teacher=teacher if "kd" in opts.loss else None, loss_kind=opts.loss, temperature=opts.temperature,
         callbacks=callbacks,
     )
+    trainer.add_callback(_FiniteLossCheck(trainer))
     checkpoint = latest_complete_checkpoint(work_dir) if resume else None
     if resume and checkpoint is None:
         raise ConversionError(f"--resume: no complete checkpoint under {work_dir}")
@@ -320,6 +374,7 @@ def run_global_stage(
         tokens_seen=trainer.state.global_step * tokens_per_step,
         seconds=seconds,
         tokens_per_s=steps_run * tokens_per_step / seconds if seconds > 0 else 0.0,
+        train_tokens_per_s=timer.steps * tokens_per_step / timer.seconds if timer.seconds > 0 else None,
         world_size=world,
         device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         dtype="bfloat16" if use_bf16 else "float32",
@@ -330,6 +385,7 @@ def run_global_stage(
         trainable_parameters=trainable,
         flops_per_token=training_flops_per_token(student, seq_len, teacher if "kd" in opts.loss else None),
     )
-    if torch.cuda.is_available() and report.tokens_per_s:
-        report.mfu = report.flops_per_token * report.tokens_per_s / (H100_BF16_DENSE_FLOPS * world)
+    if torch.cuda.is_available() and (report.train_tokens_per_s or report.tokens_per_s):
+        rate = report.train_tokens_per_s or report.tokens_per_s
+        report.mfu = report.flops_per_token * rate / (H100_BF16_DENSE_FLOPS * world)
     return report

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 LOSSES = ("kd", "lm", "kd+lm")
 
@@ -40,11 +39,60 @@ def distillation_loss(
     return total * temperature**2 / s.shape[0]
 
 
-def _chunk_kl_sum(h_student: torch.Tensor, w_student: torch.Tensor, h_teacher: torch.Tensor,
-                  w_teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    log_p_s = F.log_softmax((h_student @ w_student.T).float() / temperature, dim=-1)
-    log_p_t = F.log_softmax((h_teacher @ w_teacher.T).float() / temperature, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+class _FusedLinearLoss(torch.autograd.Function):
+    """A summed loss of ``logits = h @ wᵀ`` whose gradient is computed in the forward pass.
+
+    Liger-style: for each chunk of tokens the logits are projected, the loss and its gradient
+    with respect to the logits are taken in float32 (both have closed forms: softmax minus the
+    target distribution), and that gradient is pushed through the projection at once
+    (``dh = g @ w``; ``dw += gᵀ h`` only when ``w`` trains). Nothing of size ``[tokens, V]``
+    outlives its chunk, and unlike activation checkpointing no projection is computed twice:
+    per chunk, the student's and teacher's projections plus one gradient matmul (two when the
+    output embedding trains), instead of five or six.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, target_fn, scale, chunk_tokens, *target_args):
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], chunk_tokens):
+            h_i = h[i : i + chunk_tokens]
+            logits = h_i @ w.T  # bf16 under autocast: the gradient matmuls use the same precision
+            loss_sum, grad_logits = target_fn(logits, i, i + h_i.shape[0], *target_args)
+            total += loss_sum
+            grad_logits = grad_logits.mul_(scale).to(logits.dtype)
+            grad_h[i : i + h_i.shape[0]] = (grad_logits @ w.to(logits.dtype)).to(h.dtype)
+            if grad_w is not None:
+                grad_w += (grad_logits.T @ h_i.to(logits.dtype)).float()
+        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else h.new_empty(0))
+        ctx.has_grad_w = grad_w is not None
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out, grad_w * grad_out if ctx.has_grad_w else None, None, None, None,
+                *([None] * (len(ctx.needs_input_grad) - 5)))
+
+
+def _kl_chunk(student_logits, start, end, h_teacher, w_teacher, temperature):
+    """Sum over a chunk of KL(teacher ‖ student) and its gradient w.r.t. the student's logits."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax((h_teacher[start:end] @ w_teacher.T).float() / temperature, dim=-1)
+    p_t = log_p_t.exp()
+    loss_sum = (p_t * (log_p_t - log_p_s)).sum()
+    return loss_sum, log_p_s.exp_().sub_(p_t).div_(temperature)
+
+
+def _ce_chunk(logits, start, end, targets):
+    """Summed cross-entropy of a chunk and its gradient w.r.t. the logits."""
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    chunk_targets = targets[start:end]
+    loss_sum = -log_p.gather(-1, chunk_targets[:, None]).sum()
+    grad = log_p.exp_()
+    grad[torch.arange(grad.shape[0], device=grad.device), chunk_targets] -= 1.0
+    return loss_sum, grad
 
 
 def fused_distillation_loss(
@@ -53,22 +101,17 @@ def fused_distillation_loss(
 ) -> torch.Tensor:
     """:func:`distillation_loss` of ``h_student @ w_studentᵀ`` against ``h_teacher @ w_teacherᵀ``
     (final hidden states ``[..., D]`` and output embeddings ``[V, D]``) without ever holding the
-    full logits: each chunk of tokens is projected, scored and dropped, and recomputed in the
-    backward pass (activation checkpointing). Two full ``[tokens, V]`` float32 logit tensors and
-    their log-softmaxes were most of a step's memory and, near the card's limit, of its time.
+    full logits: each chunk of tokens is projected, scored, differentiated and dropped
+    (:class:`_FusedLinearLoss`). Two full ``[tokens, V]`` float32 logit tensors and their
+    log-softmaxes were most of a step's memory and, near the card's limit, of its time.
+    The teacher's side carries no gradient.
     """
     hs, ht = h_student.reshape(-1, h_student.shape[-1]), h_teacher.reshape(-1, h_teacher.shape[-1])
     if hs.shape[0] != ht.shape[0]:
         raise ValueError(f"token counts differ: {hs.shape[0]} vs {ht.shape[0]}")
-    total = hs.new_zeros((), dtype=torch.float32)
-    for i in range(0, hs.shape[0], chunk_tokens):
-        total = total + checkpoint(_chunk_kl_sum, hs[i : i + chunk_tokens], w_student, ht[i : i + chunk_tokens],
-                                   w_teacher, temperature, use_reentrant=False)
-    return total * temperature**2 / hs.shape[0]
-
-
-def _chunk_ce_sum(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy((h @ w.T).float(), targets, reduction="sum")
+    scale = temperature**2 / hs.shape[0]
+    return _FusedLinearLoss.apply(hs, w_student, _kl_chunk, scale, chunk_tokens, ht.detach(), w_teacher.detach(),
+                                  temperature)
 
 
 def fused_next_token_loss(hidden: torch.Tensor, w_out: torch.Tensor, input_ids: torch.Tensor,
@@ -77,8 +120,4 @@ def fused_next_token_loss(hidden: torch.Tensor, w_out: torch.Tensor, input_ids: 
     chunk like :func:`fused_distillation_loss`."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = input_ids[:, 1:].reshape(-1)
-    total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.shape[0], chunk_tokens):
-        total = total + checkpoint(_chunk_ce_sum, h[i : i + chunk_tokens], w_out, targets[i : i + chunk_tokens],
-                                   use_reentrant=False)
-    return total / h.shape[0]
+    return _FusedLinearLoss.apply(h, w_out, _ce_chunk, 1.0 / h.shape[0], chunk_tokens, targets)
