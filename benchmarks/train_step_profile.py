@@ -8,7 +8,8 @@ like for like:
   checkpointed   the loss as first shipped: logits projected per chunk under activation
                  checkpointing (each chunk's student and teacher projections run twice)
   fused          the shipped loss: gradients taken in the forward pass, nothing recomputed
-  fused+compile  the same with student and teacher under torch.compile (``--compile``)
+  fused+compile  the same with student, teacher and the loss's per-chunk softmax passes under
+                 torch.compile (what ``--compile`` does)
 
 plus the parts of one step (student forward + backward, teacher forward, loss) and a
 torch.profiler table of the CUDA kernels of the fastest variant's step.
@@ -134,13 +135,14 @@ def main() -> None:
 
     def make_step(ids, loss_fn, compile_them):
         s_body, t_body = bodies(compile_them)
+        loss_kwargs = {"compiled": True} if compile_them and loss_fn is fused_distillation_loss else {}
 
         def step():
             with auto():
                 hidden = s_body(input_ids=ids, use_cache=False).last_hidden_state
                 with torch.no_grad():
                     t_hidden = t_body(input_ids=ids, use_cache=False).last_hidden_state
-                loss = loss_fn(hidden[:, :-1], w_s, t_hidden[:, :-1], w_t)
+                loss = loss_fn(hidden[:, :-1], w_s, t_hidden[:, :-1], w_t, **loss_kwargs)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
@@ -194,10 +196,12 @@ def main() -> None:
     with torch.no_grad(), auto():
         t_hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
     s_hidden = t_hidden.detach().clone().requires_grad_(True)
-    for name, fn in losses.items():
-        def loss_fwd_bwd(fn=fn):
+    loss_variants = {**{name: (fn, {}) for name, fn in losses.items()},
+                     "fused+compile": (fused_distillation_loss, {"compiled": True})}
+    for name, (fn, kwargs) in loss_variants.items():
+        def loss_fwd_bwd(fn=fn, kwargs=kwargs):
             with auto():
-                fn(s_hidden[:, :-1], w_s, t_hidden[:, :-1], w_t).backward()
+                fn(s_hidden[:, :-1], w_s, t_hidden[:, :-1], w_t, **kwargs).backward()
         results["parts_ms"][f"loss_fwd_bwd[{name}]"] = timed(loss_fwd_bwd)
     print(json.dumps(results["parts_ms"], indent=1), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

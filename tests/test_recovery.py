@@ -102,6 +102,25 @@ def test_fused_losses_under_bf16_autocast_match_the_plain_ones_and_leave_a_froze
     assert got.dtype == h_s.dtype and not w_s.requires_grad
 
 
+def test_compiled_fused_losses_equal_the_eager_ones():
+    """``--compile`` also compiles the per-chunk softmax passes of the fused losses."""
+    from conversion.recovery.losses import fused_distillation_loss, fused_next_token_loss
+
+    torch.manual_seed(2)
+    h_s, h_t = torch.randn(2, 10, 8, requires_grad=True), torch.randn(2, 10, 8)
+    w_s, w_t = torch.randn(30, 8, requires_grad=True), torch.randn(30, 8)
+    ids = torch.randint(0, 30, (2, 10))
+    values, grads = [], []
+    for compiled in (False, True):
+        loss = fused_distillation_loss(h_s, w_s, h_t, w_t, 2.0, chunk_tokens=8, compiled=compiled) + \
+            fused_next_token_loss(h_s, w_s, ids, chunk_tokens=8, compiled=compiled)
+        values.append(loss)
+        grads.append(torch.autograd.grad(loss, (h_s, w_s)))
+    torch.testing.assert_close(values[1], values[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_next_token_loss_shifts_by_one():
     logits = torch.full((1, 3, 4), -1e4)
     ids = torch.tensor([[0, 2, 3]])

@@ -16,6 +16,7 @@ is specific to MHA2MLA is small and lives here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -163,18 +164,30 @@ class DistillationTrainer(Trainer):
         else:  # distillation: logits compared chunk by chunk, never [tokens, vocab] for both models at once
             outputs = model(input_ids=input_ids, use_cache=False, skip_logits=True)
             hidden = outputs.hidden_states[-1]
-            with torch.no_grad():
-                teacher_hidden = self.teacher_body(input_ids=input_ids, use_cache=False).last_hidden_state
-            w_student = self.accelerator.unwrap_model(model).get_output_embeddings().weight
-            w_teacher = self.teacher.get_output_embeddings().weight
-            loss = fused_distillation_loss(hidden[:, :-1], w_student, teacher_hidden[:, :-1], w_teacher,
-                                           self.temperature)
-            if "lm" in self.loss_kind:
-                loss = loss + fused_next_token_loss(hidden, w_student, input_ids)
+            compiled = self.args.torch_compile
+            # accelerate puts autocast around the student's forward only (and hands its outputs back
+            # in float32): without this the teacher and the output projections ran in float32,
+            # 2.5x slower per step on an H100
+            with _autocast_or_nothing(self.args):
+                with torch.no_grad():
+                    teacher_hidden = self.teacher_body(input_ids=input_ids, use_cache=False).last_hidden_state
+                w_student = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+                w_teacher = self.teacher.get_output_embeddings().weight
+                loss = fused_distillation_loss(hidden[:, :-1], w_student, teacher_hidden[:, :-1], w_teacher,
+                                               self.temperature, compiled=compiled)
+                if "lm" in self.loss_kind:
+                    loss = loss + fused_next_token_loss(hidden, w_student, input_ids, compiled=compiled)
         if model.training:
             bad = ~torch.isfinite(loss.detach())
             self.nonfinite_loss = bad if self.nonfinite_loss is None else self.nonfinite_loss | bad
         return (loss, outputs) if return_outputs else loss
+
+
+def _autocast_or_nothing(args: TrainingArguments):
+    """bf16 autocast on the training device when the run trains in bf16, else nothing."""
+    if args.bf16:
+        return torch.autocast(device_type=args.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class _FiniteLossCheck(TrainerCallback):

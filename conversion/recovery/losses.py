@@ -49,17 +49,21 @@ class _FusedLinearLoss(torch.autograd.Function):
     outlives its chunk, and unlike activation checkpointing no projection is computed twice:
     per chunk, the student's and teacher's projections plus one gradient matmul (two when the
     output embedding trains), instead of five or six.
+
+    ``target_fn(logits, *per_token_chunk, *shared) -> (loss_sum, grad_logits)`` sees each
+    ``per_token`` tensor cut to the chunk's rows, so it has no index arguments and compiles
+    once (``torch.compile`` fuses its float32 softmax passes, most of the loss's time).
     """
 
     @staticmethod
-    def forward(ctx, h, w, target_fn, scale, chunk_tokens, *target_args):
+    def forward(ctx, h, w, target_fn, scale, chunk_tokens, per_token, shared):
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], chunk_tokens):
             h_i = h[i : i + chunk_tokens]
             logits = h_i @ w.T  # bf16 under autocast: the gradient matmuls use the same precision
-            loss_sum, grad_logits = target_fn(logits, i, i + h_i.shape[0], *target_args)
+            loss_sum, grad_logits = target_fn(logits, *(t[i : i + chunk_tokens] for t in per_token), *shared)
             total += loss_sum
             grad_logits = grad_logits.mul_(scale).to(logits.dtype)
             grad_h[i : i + h_i.shape[0]] = (grad_logits @ w.to(logits.dtype)).to(h.dtype)
@@ -72,52 +76,61 @@ class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out, grad_w * grad_out if ctx.has_grad_w else None, None, None, None,
-                *([None] * (len(ctx.needs_input_grad) - 5)))
+        return grad_h * grad_out, grad_w * grad_out if ctx.has_grad_w else None, None, None, None, None, None
 
 
-def _kl_chunk(student_logits, start, end, h_teacher, w_teacher, temperature):
+def _kl_chunk(student_logits, h_teacher, w_teacher, temperature):
     """Sum over a chunk of KL(teacher ‖ student) and its gradient w.r.t. the student's logits."""
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax((h_teacher[start:end] @ w_teacher.T).float() / temperature, dim=-1)
+    log_p_t = F.log_softmax((h_teacher @ w_teacher.T).float() / temperature, dim=-1)
     p_t = log_p_t.exp()
     loss_sum = (p_t * (log_p_t - log_p_s)).sum()
-    return loss_sum, log_p_s.exp_().sub_(p_t).div_(temperature)
+    return loss_sum, (log_p_s.exp() - p_t) / temperature
 
 
-def _ce_chunk(logits, start, end, targets):
+def _ce_chunk(logits, targets):
     """Summed cross-entropy of a chunk and its gradient w.r.t. the logits."""
     log_p = F.log_softmax(logits.float(), dim=-1)
-    chunk_targets = targets[start:end]
-    loss_sum = -log_p.gather(-1, chunk_targets[:, None]).sum()
-    grad = log_p.exp_()
-    grad[torch.arange(grad.shape[0], device=grad.device), chunk_targets] -= 1.0
-    return loss_sum, grad
+    loss_sum = -log_p.gather(-1, targets[:, None]).sum()
+    return loss_sum, log_p.exp() - F.one_hot(targets, log_p.shape[-1]).to(log_p.dtype)
+
+
+_COMPILED: dict = {}
+
+
+def _chunk_fn(fn, compiled: bool):
+    """``fn`` itself, or its ``torch.compile``d form (built once per process)."""
+    if not compiled:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
 
 
 def fused_distillation_loss(
     h_student: torch.Tensor, w_student: torch.Tensor, h_teacher: torch.Tensor, w_teacher: torch.Tensor,
-    temperature: float = 1.0, chunk_tokens: int = 4096,
+    temperature: float = 1.0, chunk_tokens: int = 4096, compiled: bool = False,
 ) -> torch.Tensor:
     """:func:`distillation_loss` of ``h_student @ w_studentᵀ`` against ``h_teacher @ w_teacherᵀ``
     (final hidden states ``[..., D]`` and output embeddings ``[V, D]``) without ever holding the
     full logits: each chunk of tokens is projected, scored, differentiated and dropped
     (:class:`_FusedLinearLoss`). Two full ``[tokens, V]`` float32 logit tensors and their
     log-softmaxes were most of a step's memory and, near the card's limit, of its time.
-    The teacher's side carries no gradient.
+    The teacher's side carries no gradient. ``compiled``: fuse each chunk's softmax passes.
     """
     hs, ht = h_student.reshape(-1, h_student.shape[-1]), h_teacher.reshape(-1, h_teacher.shape[-1])
     if hs.shape[0] != ht.shape[0]:
         raise ValueError(f"token counts differ: {hs.shape[0]} vs {ht.shape[0]}")
     scale = temperature**2 / hs.shape[0]
-    return _FusedLinearLoss.apply(hs, w_student, _kl_chunk, scale, chunk_tokens, ht.detach(), w_teacher.detach(),
-                                  temperature)
+    return _FusedLinearLoss.apply(hs, w_student, _chunk_fn(_kl_chunk, compiled), scale, chunk_tokens,
+                                  (ht.detach(),), (w_teacher.detach(), temperature))
 
 
 def fused_next_token_loss(hidden: torch.Tensor, w_out: torch.Tensor, input_ids: torch.Tensor,
-                          chunk_tokens: int = 4096) -> torch.Tensor:
+                          chunk_tokens: int = 4096, compiled: bool = False) -> torch.Tensor:
     """:func:`next_token_loss` of ``hidden @ w_outᵀ`` (``[B, T, D]``, ``[V, D]``), projected chunk by
     chunk like :func:`fused_distillation_loss`."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = input_ids[:, 1:].reshape(-1)
-    return _FusedLinearLoss.apply(h, w_out, _ce_chunk, 1.0 / h.shape[0], chunk_tokens, targets)
+    return _FusedLinearLoss.apply(h, w_out, _chunk_fn(_ce_chunk, compiled), 1.0 / h.shape[0], chunk_tokens,
+                                  (targets,), ())
