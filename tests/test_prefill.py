@@ -122,3 +122,33 @@ def test_padded_value_heads_come_back_contiguous():
     ctx, _ = backend.run_prefill_context_chunk(0, q, k, v)
     assert new.is_contiguous() and ctx.is_contiguous() and new.stride() == ctx.stride()
     assert new.shape[-1] == layout.v_head_dim and sum(lens) == new.shape[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_prefill_backend_equals_vllms_dense_cpu_prefill(dtype):
+    """The plugin's CPU prefill (fused flash attention on compacted heads) against vLLM's own
+    CPU SDPA prefill on the full ``qk_nope + qk_rope`` dims: new tokens (causal, with LSE) and a
+    context chunk (unmasked)."""
+    from vllm_mha2mla.prefill import CPUSDPAMLAPrefillBackend, MHA2MLACPUPrefillBackend
+
+    layout = LAYOUTS["exact_mha_small"]()
+    kwargs = dict(num_heads=layout.num_heads, scale=0.125, kv_lora_rank=layout.kv_lora_rank,
+                  qk_nope_head_dim=layout.qk_nope_head_dim, qk_rope_head_dim=layout.qk_rope_head_dim,
+                  v_head_dim=layout.v_head_dim)
+    config = SimpleNamespace(model_config=SimpleNamespace(hf_config=_hf_config(layout)))
+    ours, vllms = MHA2MLACPUPrefillBackend(vllm_config=config, **kwargs), CPUSDPAMLAPrefillBackend(vllm_config=config,
+                                                                                                   **kwargs)
+    assert ours.padded_dim == layout.head_dim  # 32 nope + 32 own rope columns; v (64) fits
+    q, k = (x.to(dtype) for x in _mla_qk(layout, tokens=15))
+    v = torch.randn(15, layout.num_heads, layout.v_head_dim).to(dtype)
+    cu = torch.tensor([0, 5, 6, 15])
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for causal, cu_k in ((True, cu), (False, torch.tensor([0, 2, 9, 15]))):
+        want, want_lse = vllms._ragged_sdpa(q, k, v, cu, cu_k, causal, True)
+        got, got_lse = ours._ragged_sdpa(q, k, v, cu, cu_k, causal, True)
+        assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+        torch.testing.assert_close(got_lse.float(), want_lse.float(), **tol)
+    new_only = ours._ragged_sdpa(q, k, v, cu, cu, True, False)
+    assert torch.equal(new_only, ours._ragged_sdpa(q, k, v, cu, cu, True, True)[0])
+    assert new_only.shape == (15, layout.num_heads, layout.v_head_dim)

@@ -33,14 +33,26 @@ def plugin_backend_class_path() -> str | None:
 
 
 PREFILL_BACKEND_PATH = "vllm_mha2mla.prefill.MHA2MLAPrefillBackend"
+CPU_PREFILL_BACKEND_PATH = "vllm_mha2mla.prefill.MHA2MLACPUPrefillBackend"
 
 
 def _uses_plugin_prefill() -> bool:
     """GPU: vLLM's MLA prefill kernels take three head shapes, so the plugin brings its own.
-    CPU: vLLM's SDPA prefill already takes any shape."""
+    CPU: vLLM's SDPA prefill takes any shape (the plugin only makes it faster, see
+    :func:`plugin_prefill_kwargs`)."""
     from vllm.platforms import current_platform
 
     return current_platform.is_cuda()
+
+
+def _plugin_prefill_path() -> str | None:
+    """The plugin's prefill backend for this platform: the any-shape one on GPUs; on CPUs the
+    fused-flash variant of vLLM's SDPA prefill, where this vLLM has that backend."""
+    if _uses_plugin_prefill():
+        return PREFILL_BACKEND_PATH
+    from vllm_mha2mla.prefill import CPUSDPAMLAPrefillBackend
+
+    return CPU_PREFILL_BACKEND_PATH if CPUSDPAMLAPrefillBackend is not None else None
 
 
 def register_attention_backend() -> None:
@@ -70,14 +82,17 @@ def plugin_prefill_kwargs(vllm_config) -> dict:
     prefill backend from ``attention_config.mla_prefill_backend``, so it is set to the
     registered ``CUSTOM`` entry (the model's layers are all MHA2MLA layers).
     """
-    if not _uses_plugin_prefill():
+    path = _plugin_prefill_path()
+    if path is None:
         return {}
     import inspect
 
     from vllm.model_executor.layers.attention import MLAAttention
 
     if "prefill_backend_cls" in inspect.signature(MLAAttention.__init__).parameters:
-        return {"prefill_backend_cls": load_class(PREFILL_BACKEND_PATH)}
+        return {"prefill_backend_cls": load_class(path)}
+    if not _uses_plugin_prefill():
+        return {}  # a CPU vLLM that picks prefill backends only from its registry: keep its own
     from vllm.v1.attention.backends.mla.prefill.registry import MLAPrefillBackendEnum
 
     register_attention_backend()  # this process may not have run the plugin hook yet

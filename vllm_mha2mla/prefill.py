@@ -20,6 +20,10 @@ try:
     from vllm.v1.attention.backends.mla.prefill.base import MLAPrefillBackend
 except ImportError:  # pragma: no cover - vLLM releases before the prefill-backend registry
     MLAPrefillBackend = object  # type: ignore[assignment,misc]
+try:
+    from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBackend
+except ImportError:  # vLLM releases without the CPU SDPA prefill backend (the GPU bundle's 0.26)
+    CPUSDPAMLAPrefillBackend = None  # type: ignore[assignment,misc]
 
 FLASH_ATTN_MAX_HEAD_DIM = 256
 
@@ -146,3 +150,54 @@ class MHA2MLAPrefillBackend(MLAPrefillBackend):
         chunk = meta.chunked_context
         return self._attend(q, k, v, meta.query_start_loc, chunk.cu_seq_lens[chunk_idx], meta.max_query_len,
                             chunk.max_seq_lens[chunk_idx], causal=False)
+
+
+def cpu_flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                     scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`varlen_attention_reference` with PyTorch's fused CPU flash attention, one sequence
+    at a time (q, k and v of one head size). Causal sequences here have as many queries as keys
+    (new tokens attend to themselves; context chunks are never causal)."""
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    for i in range(len(cu_q) - 1):
+        qs, qe, ks, ke = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        if qe == qs:
+            continue
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None],
+            0.0, causal, attn_mask=None, scale=scale)
+        out[qs:qe] = o[0].transpose(0, 1)
+        lse[:, qs:qe] = l[0]
+    return out, lse
+
+
+if CPUSDPAMLAPrefillBackend is not None:
+
+    class MHA2MLACPUPrefillBackend(CPUSDPAMLAPrefillBackend):
+        """vLLM's CPU MLA prefill with its per-request dense attention (float32 ``[H, S, S]``
+        scores, an explicit mask and softmax: most of a scoring run's attention time on the CPU)
+        replaced by PyTorch's fused CPU flash attention on the same compacted, zero-padded
+        heads as the GPU backend (that kernel needs one head size for q, k and v)."""
+
+        def __init__(self, num_heads, scale, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
+                     vllm_config) -> None:
+            super().__init__(num_heads=num_heads, scale=scale, kv_lora_rank=kv_lora_rank,
+                             qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+                             v_head_dim=v_head_dim, vllm_config=vllm_config)
+            self.rope_columns = _rope_columns_for(vllm_config, num_heads)
+            qk = qk_nope_head_dim + (qk_rope_head_dim if self.rope_columns is None else self.rope_columns.shape[1])
+            self.padded_dim = max(qk, v_head_dim)
+
+        @staticmethod
+        def get_name() -> str:
+            return "MHA2MLA_CPU_PREFILL"
+
+        kernel_name = "torch_cpu_flash"
+
+        def _ragged_sdpa(self, q, k, v, q_cu_seq_lens, kv_cu_seq_lens, causal, return_softmax_lse):
+            nope, width = self.qk_nope_head_dim, self.padded_dim
+            q = pad_last(compact_heads(q, nope, self.rope_columns), width)
+            k = pad_last(compact_heads(k, nope, self.rope_columns), width)
+            out, lse = cpu_flash_varlen(q, k, pad_last(v, width), q_cu_seq_lens, kv_cu_seq_lens, self.scale, causal)
+            out = out if out.shape[-1] == self.v_head_dim else out[..., : self.v_head_dim].contiguous()
+            return (out, lse) if return_softmax_lse else out
