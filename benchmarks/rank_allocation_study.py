@@ -34,7 +34,7 @@ from conversion.allocation import allocate_by_cost, allocate_ranks, kept_energy 
 from conversion.default_model import ensure_default_model  # noqa: E402
 from conversion.recovery.corpus import default_calibration_text, load_default_corpus  # noqa: E402
 from conversion.recovery.data import text_windows  # noqa: E402
-from conversion.sensitivity import truncation_costs  # noqa: E402
+from conversion.sensitivity import measured_allocation, truncation_costs  # noqa: E402
 
 SETTINGS = {  # cache values per token per layer → (rope_dim, average d_kv per kv-head)
     192: (32, 32),
@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--wide-factor", type=int, default=2, help="widest latent a layer may take, × the average")
     ap.add_argument("--budgets", default="192,96", help="cache values per layer to study (comma-separated)")
     ap.add_argument("--only", default="", help="comma-separated allocation names to score (default: all)")
+    ap.add_argument("--passes", type=int, default=3,
+                    help="measured-kl-passes: measure -> allocate passes, each around the last allocation")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
@@ -126,8 +128,19 @@ def main() -> None:
             costs = [{int(r): c for r, c in m.items()} for m in json.loads(costs_file.read_text())["costs"]]
             rows[label] = allocate_by_cost(costs, average * layers, STEP)
             rows[f"{label}-floor"] = allocate_by_cost(costs, average * layers, STEP, min_rank=2 * average // 3)
+            if base is not None and (not args.only or "measured-kl-passes" in args.only.split(",")):
+                # what `convert --allocate measured --allocation-passes N` does, pass 1 from the cache
+                t0 = time.perf_counter()
+                chosen, history = measured_allocation(model, calib, grid, average * layers, STEP, args.passes,
+                                                      first_costs=costs)
+                rows["measured-kl-passes"] = chosen
+                for k, h in enumerate(history[1:], start=2):
+                    rows[f"measured-kl-pass{k}-start"] = h["base"]
+                passes_log = [{"base": h["base"], "measured_kl": h["base_kl"]} for h in history]
+                (big / f"passes-{args.sensitivity_tokens}.json").write_text(json.dumps(
+                    {"seconds": time.perf_counter() - t0, "passes": passes_log}, indent=1))
         if args.only:
-            rows = {k: v for k, v in rows.items() if k in args.only.split(",")}
+            rows = {k: v for k, v in rows.items() if k in args.only.split(",") or k.startswith("measured-kl-pass")}
         budget: dict = {"rope_dim": rope_dim, "average_latent": average, "wide_latent": wide, "allocations": {}}
         for name, ranks in rows.items():
             t0 = time.perf_counter()

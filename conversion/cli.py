@@ -30,6 +30,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank-step", type=int, default=16, help="per-layer latents are multiples of this (default 16)")
     p.add_argument("--sensitivity-tokens", type=int, default=2048,
                    help="--allocate measured: calibration tokens the costs are measured on (default 2048)")
+    p.add_argument("--allocation-passes", type=int, default=1,
+                   help="--allocate measured: measure -> allocate passes, each around the last allocation; with "
+                        "more than one the allocation of lowest measured KL is kept (default 1)")
     p.add_argument("--svd", default="joint", choices=["joint", "split", "aw-joint"])
     p.add_argument("--layout", default="auto", choices=["auto", "native", "exact"],
                    help="vLLM cache layout: native 576-value rows (zero-padded, vLLM's own MLA kernels), exact "
@@ -209,6 +212,7 @@ def run_command(args: argparse.Namespace) -> int:
                     allocate=args.allocate,
                     rank_step=args.rank_step,
                     sensitivity_tokens=args.sensitivity_tokens,
+                    allocation_passes=args.allocation_passes,
                     layer_latent=args.layer_latent,
                 ),
             )

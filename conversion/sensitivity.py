@@ -97,3 +97,71 @@ def truncation_costs(model, windows: torch.Tensor, ranks: Sequence[int], batch_s
             set_rank(i, wide)
         bar.close()
     return [{r: v / tokens for r, v in sorted(c.items())} for c in costs]
+
+
+@torch.no_grad()
+def allocation_kl(model, windows: torch.Tensor, layer_ranks: Sequence[int], batch_size: int = 4) -> float:
+    """Mean KL per token (nats) of the model with every layer cut to its width in ``layer_ranks``
+    from the wide model itself: what an allocation really costs, interactions included."""
+    layers = model.model.layers
+    wide = layers[0].self_attn.layout.latent_dim
+    if len(layer_ranks) != len(layers) or any(not 0 < r <= wide for r in layer_ranks):
+        raise ConversionError(f"widths {list(layer_ranks)} must give each of {len(layers)} layers a width in [1, {wide}]")
+    down = [layer.self_attn.kv_a_proj_with_mqa.weight for layer in layers]
+    saved = [weight[:wide].clone() for weight in down]
+    total, tokens = 0.0, 0
+    try:
+        for batch in windows.split(batch_size):
+            positions = torch.arange(batch.shape[1], device=batch.device)[None].expand(batch.shape[0], -1)
+            embedded = model.model.embed_tokens(batch)
+            for weight, orig in zip(down, saved):
+                weight[:wide] = orig
+            reference = _next_token_logprobs(model, _run_layers(model, embedded, positions, 0))
+            for weight, r in zip(down, layer_ranks):
+                weight[r:wide] = 0
+            logprobs = _next_token_logprobs(model, _run_layers(model, embedded, positions, 0))
+            total += F.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
+            tokens += batch.numel()
+    finally:
+        for weight, orig in zip(down, saved):
+            weight[:wide] = orig
+    return total / tokens
+
+
+def measured_allocation(model, windows: torch.Tensor, grid: Sequence[int], total: int, step: int, passes: int = 1,
+                        show_progress: bool = True, first_costs: list[dict[int, float]] | None = None):
+    """Per-layer widths summing to ``total`` from measured truncation costs, refined in passes.
+
+    Pass 1 measures each layer's cost with every other layer at the average width and spends
+    the budget by those costs (:func:`allocation.allocate_by_cost`). Costs measured around one
+    operating point are only locally additive, and at a tight budget (96 values for SmolLM2)
+    the allocation lands far from uniform; so each further pass measures again around the
+    allocation just found and re-allocates. Every pass also measures what its starting
+    allocation really costs (a layer at its own base width *is* the base model), so the result
+    is the allocation of lowest measured KL among those visited, never a worse one.
+
+    ``first_costs``: pass 1's costs if already measured. Returns (widths, one record per pass).
+    """
+    from conversion.allocation import allocate_by_cost
+
+    layers = len(model.model.layers)
+    wide = model.model.layers[0].self_attn.layout.latent_dim
+    base = [total // layers] * layers
+    history: list[dict] = []
+    ranks = base
+    for p in range(max(1, passes)):
+        widths = sorted(set(grid) | set(base))
+        costs = first_costs if p == 0 and first_costs is not None else \
+            truncation_costs(model, windows, widths, show_progress=show_progress, base_ranks=base)
+        ranks = allocate_by_cost(costs, total, step, max_rank=wide)
+        history.append({"base": base, "base_kl": costs[0].get(base[0]), "costs": costs, "allocated": ranks})
+        if any(h["base"] == ranks for h in history):
+            break  # converged (or back to a width set already measured)
+        base = ranks
+    if passes <= 1:
+        return ranks, history
+    measured = [(h["base_kl"], h["base"]) for h in history if h["base_kl"] is not None]
+    if all(h["base"] != ranks for h in history):
+        measured.append((allocation_kl(model, windows, ranks), ranks))
+        history.append({"base": ranks, "base_kl": measured[-1][0], "costs": None, "allocated": None})
+    return min(measured, key=lambda m: m[0])[1], history

@@ -292,3 +292,36 @@ def test_costs_around_an_operating_point(wide_model):
     assert all(c[64] < c[16] for c in costs)
     assert all(torch.equal(layer.self_attn.kv_a_proj_with_mqa.weight, b)
                for layer, b in zip(wide_model.model.layers, before))
+
+
+def test_allocation_kl_is_the_cut_models_kl_and_passes_never_end_worse(wide_model):
+    """``allocation_kl`` equals the KL of the model with every layer cut at once (measured directly);
+    refining in passes returns one of the allocations it measured, the one of lowest KL, never
+    one worse than uniform, and leaves the weights as they were."""
+    from conversion.sensitivity import allocation_kl, measured_allocation
+
+    torch.manual_seed(2)
+    windows = torch.randint(0, SPEC.vocab_size, (2, 20))
+    before = [layer.self_attn.kv_a_proj_with_mqa.weight.clone() for layer in wide_model.model.layers]
+    widths = [16, 48, 32, 32]
+    with torch.no_grad():
+        reference = wide_model(windows).logits.log_softmax(-1)
+        for layer, b, r in zip(wide_model.model.layers, before, widths):
+            layer.self_attn.kv_a_proj_with_mqa.weight[r:64] = 0
+        cut = wide_model(windows).logits.log_softmax(-1)
+        for layer, b in zip(wide_model.model.layers, before):
+            layer.self_attn.kv_a_proj_with_mqa.weight.copy_(b)
+    direct = torch.nn.functional.kl_div(cut, reference, log_target=True, reduction="sum").item() / windows.numel()
+    assert allocation_kl(wide_model, windows, widths) == pytest.approx(direct, rel=1e-4)
+    with pytest.raises(ConversionError, match="must give each of 4 layers"):
+        allocation_kl(wide_model, windows, [16, 16])
+
+    ranks, history = measured_allocation(wide_model, windows, [16, 32, 48, 64], 128, 16, passes=3, show_progress=False)
+    measured = {tuple(h["base"]): h["base_kl"] for h in history}
+    assert sum(ranks) == 128 and tuple(ranks) in measured
+    assert measured[tuple(ranks)] == min(measured.values()) <= measured[(32, 32, 32, 32)]
+    assert measured[(32, 32, 32, 32)] == pytest.approx(allocation_kl(wide_model, windows, [32] * 4), rel=1e-4)
+    one_pass, _ = measured_allocation(wide_model, windows, [16, 32, 48, 64], 128, 16, passes=1, show_progress=False)
+    assert one_pass == history[0]["allocated"]
+    assert all(torch.equal(layer.self_attn.kv_a_proj_with_mqa.weight, b)
+               for layer, b in zip(wide_model.model.layers, before))
