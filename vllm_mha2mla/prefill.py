@@ -41,26 +41,34 @@ def pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.shape[-1] == width else torch.nn.functional.pad(x, [0, width - x.shape[-1]])
 
 
+def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                  attend) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs ``attend(q_i, k_i, v_i) -> (out_i [Tq, H, Dv], lse_i [H, Tq])`` on each sequence of a
+    ragged batch and lays the results out as FlashAttention does (``[Tq, H, Dv]``, ``[H, Tq]``)."""
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    for i in range(len(cu_q) - 1):
+        qs, qe, ks, ke = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        if qe > qs:
+            out[qs:qe], lse[:, qs:qe] = attend(q[qs:qe], k[ks:ke], v[ks:ke])
+    return out, lse
+
+
 def varlen_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
     scale: float, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence attention in float32: ``out`` ``[Tq, H, Dv]`` and ``lse`` ``[H, Tq]``
     (FlashAttention's layouts). Causal masks align the query to the end of its keys."""
-    out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
-    for i in range(len(cu_q) - 1):
-        qs, qe, ks, ke = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
-        if qe == qs:
-            continue
-        scores = torch.einsum("qhd,khd->hqk", q[qs:qe].float(), k[ks:ke].float()) * scale
+
+    def attend(qi, ki, vi):
+        scores = torch.einsum("qhd,khd->hqk", qi.float(), ki.float()) * scale
         if causal:
-            offset = (ke - ks) - (qe - qs)
-            rows = torch.arange(qe - qs, device=q.device)[:, None] + offset
-            scores = scores.masked_fill(torch.arange(ke - ks, device=q.device)[None, :] > rows, float("-inf"))
-        lse[:, qs:qe] = scores.logsumexp(-1)
-        out[qs:qe] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[ks:ke].float()).to(q.dtype)
-    return out, lse
+            rows = torch.arange(qi.shape[0], device=q.device)[:, None] + (ki.shape[0] - qi.shape[0])
+            scores = scores.masked_fill(torch.arange(ki.shape[0], device=q.device)[None, :] > rows, float("-inf"))
+        return torch.einsum("hqk,khd->qhd", scores.softmax(-1), vi.float()).to(q.dtype), scores.logsumexp(-1)
+
+    return _per_sequence(q, k, v, cu_q, cu_k, attend)
 
 
 def _rope_columns_for(vllm_config, num_heads: int) -> torch.Tensor | None:
@@ -78,8 +86,36 @@ def _rope_columns_for(vllm_config, num_heads: int) -> torch.Tensor | None:
     return layout.rope_slot_columns(start, start + num_heads)
 
 
-class MHA2MLAPrefillBackend(MLAPrefillBackend):
+class _CompactedHeads:
+    """What the GPU and CPU prefill backends share: each query/key head reduced to its nope dims
+    and its own kv-head's rope columns (:func:`compact_heads`), all three of q, k and v
+    zero-padded to one head size (a multiple of ``PAD_TO``), values sliced back after."""
+
+    PAD_TO = 1
+
+    def __init__(self, num_heads, scale, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
+                 vllm_config) -> None:
+        super().__init__(num_heads=num_heads, scale=scale, kv_lora_rank=kv_lora_rank,
+                         qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+                         v_head_dim=v_head_dim, vllm_config=vllm_config)
+        self.rope_columns = _rope_columns_for(vllm_config, num_heads)
+        qk = qk_nope_head_dim + (qk_rope_head_dim if self.rope_columns is None else self.rope_columns.shape[1])
+        self.padded_dim = -(-max(qk, v_head_dim) // self.PAD_TO) * self.PAD_TO
+
+    def _compacted(self, q, k, v):
+        nope, width = self.qk_nope_head_dim, self.padded_dim
+        return (pad_last(compact_heads(q, nope, self.rope_columns), width),
+                pad_last(compact_heads(k, nope, self.rope_columns), width), pad_last(v, width))
+
+    def _value_dims(self, out: torch.Tensor) -> torch.Tensor:
+        # contiguous: vLLM merges context and new-token outputs and needs equal strides
+        return out if out.shape[-1] == self.v_head_dim else out[..., : self.v_head_dim].contiguous()
+
+
+class MHA2MLAPrefillBackend(_CompactedHeads, MLAPrefillBackend):
     """FlashAttention varlen on compacted, zero-padded heads; PyTorch where FA cannot run."""
+
+    PAD_TO = 8
 
     @staticmethod
     def get_name() -> str:
@@ -89,14 +125,8 @@ class MHA2MLAPrefillBackend(MLAPrefillBackend):
     def supports_mla_dimensions(cls, mla_dimensions) -> bool:
         return True
 
-    def __init__(self, num_heads, scale, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
-                 vllm_config) -> None:
-        super().__init__(num_heads=num_heads, scale=scale, kv_lora_rank=kv_lora_rank,
-                         qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
-                         v_head_dim=v_head_dim, vllm_config=vllm_config)
-        self.rope_columns = _rope_columns_for(vllm_config, num_heads)
-        qk = qk_nope_head_dim + (qk_rope_head_dim if self.rope_columns is None else self.rope_columns.shape[1])
-        self.padded_dim = -(-max(qk, v_head_dim) // 8) * 8
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.flash_attn = self._load_flash_attn() if self.padded_dim <= FLASH_ATTN_MAX_HEAD_DIM else None
 
     def _load_flash_attn(self):
@@ -120,19 +150,14 @@ class MHA2MLAPrefillBackend(MLAPrefillBackend):
         return "flash_attn_varlen" if self.flash_attn is not None else "torch"
 
     def _attend(self, q, k, v, cu_q, cu_k, max_q, max_k, causal: bool):
-        nope = self.qk_nope_head_dim
-        width = self.padded_dim
-        q = pad_last(compact_heads(q, nope, self.rope_columns), width)
-        k = pad_last(compact_heads(k, nope, self.rope_columns), width)
-        v = pad_last(v, width)
+        q, k, v = self._compacted(q, k, v)
         if self.flash_attn is None:
             out, lse = varlen_attention_reference(q, k, v, cu_q, cu_k, self.scale, causal)
         else:
             out, lse = self.flash_attn(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
                                        max_seqlen_k=max_k, softmax_scale=self.scale, causal=causal,
                                        return_softmax_lse=True)
-        # contiguous: vLLM merges context and new-token outputs and needs equal strides
-        return (out if out.shape[-1] == self.v_head_dim else out[..., : self.v_head_dim].contiguous()), lse
+        return self._value_dims(out), lse
 
     def run_prefill_new_tokens(self, q, k, v, return_softmax_lse, out=None, output_scale=None):
         if output_scale is not None:
@@ -157,47 +182,31 @@ def cpu_flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     """:func:`varlen_attention_reference` with PyTorch's fused CPU flash attention, one sequence
     at a time (q, k and v of one head size). Causal sequences here have as many queries as keys
     (new tokens attend to themselves; context chunks are never causal)."""
-    out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
-    for i in range(len(cu_q) - 1):
-        qs, qe, ks, ke = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
-        if qe == qs:
-            continue
-        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None],
-            0.0, causal, attn_mask=None, scale=scale)
-        out[qs:qe] = o[0].transpose(0, 1)
-        lse[:, qs:qe] = l[0]
-    return out, lse
+
+    def attend(qi, ki, vi):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qi.transpose(0, 1)[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None], 0.0, causal,
+            attn_mask=None, scale=scale)
+        return o[0].transpose(0, 1), lse[0]
+
+    return _per_sequence(q, k, v, cu_q, cu_k, attend)
 
 
 if CPUSDPAMLAPrefillBackend is not None:
 
-    class MHA2MLACPUPrefillBackend(CPUSDPAMLAPrefillBackend):
+    class MHA2MLACPUPrefillBackend(_CompactedHeads, CPUSDPAMLAPrefillBackend):
         """vLLM's CPU MLA prefill with its per-request dense attention (float32 ``[H, S, S]``
         scores, an explicit mask and softmax: most of a scoring run's attention time on the CPU)
         replaced by PyTorch's fused CPU flash attention on the same compacted, zero-padded
         heads as the GPU backend (that kernel needs one head size for q, k and v)."""
 
-        def __init__(self, num_heads, scale, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
-                     vllm_config) -> None:
-            super().__init__(num_heads=num_heads, scale=scale, kv_lora_rank=kv_lora_rank,
-                             qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
-                             v_head_dim=v_head_dim, vllm_config=vllm_config)
-            self.rope_columns = _rope_columns_for(vllm_config, num_heads)
-            qk = qk_nope_head_dim + (qk_rope_head_dim if self.rope_columns is None else self.rope_columns.shape[1])
-            self.padded_dim = max(qk, v_head_dim)
+        kernel_name = "torch_cpu_flash"
 
         @staticmethod
         def get_name() -> str:
             return "MHA2MLA_CPU_PREFILL"
 
-        kernel_name = "torch_cpu_flash"
-
         def _ragged_sdpa(self, q, k, v, q_cu_seq_lens, kv_cu_seq_lens, causal, return_softmax_lse):
-            nope, width = self.qk_nope_head_dim, self.padded_dim
-            q = pad_last(compact_heads(q, nope, self.rope_columns), width)
-            k = pad_last(compact_heads(k, nope, self.rope_columns), width)
-            out, lse = cpu_flash_varlen(q, k, pad_last(v, width), q_cu_seq_lens, kv_cu_seq_lens, self.scale, causal)
-            out = out if out.shape[-1] == self.v_head_dim else out[..., : self.v_head_dim].contiguous()
+            out, lse = cpu_flash_varlen(*self._compacted(q, k, v), q_cu_seq_lens, kv_cu_seq_lens, self.scale, causal)
+            out = self._value_dims(out)
             return (out, lse) if return_softmax_lse else out
