@@ -71,8 +71,8 @@ class ConvertOptions:
 LAYOUTS = ("auto", "native", "exact")
 ALLOCATIONS = ("uniform", "measured")
 WIDE_FACTOR = 2
-NATIVE_PER_LAYER = "per-layer latent widths are written with exact sizes; drop --layout native"
 """``allocate=measured`` lets a layer take at most this many times the average latent."""
+NATIVE_PER_LAYER = "per-layer latent widths are written with exact sizes; drop --layout native"
 NATIVE_PADDING_TOLERANCE = 0.10
 """``--layout auto`` pads to a vLLM-native row (for vLLM's own MLA kernels) only while the padding
 costs at most this share of the essential values."""

@@ -35,6 +35,38 @@ def _run_layers(model, hidden: torch.Tensor, positions: torch.Tensor, start: int
     return hidden
 
 
+class _LatentWidths:
+    """Cuts layers of a wide conversion to narrower latents in place, and puts them back.
+
+    Zeroing the trailing rows of a layer's ``kv_a_proj_with_mqa`` latent block is exactly its
+    rank-``r`` truncation (the SVD dims are ordered); the full rows are kept to restore."""
+
+    def __init__(self, model):
+        self.layers = model.model.layers
+        self.wide = self.layers[0].self_attn.layout.latent_dim
+        self.down = [layer.self_attn.kv_a_proj_with_mqa.weight for layer in self.layers]
+        self.saved = [weight[: self.wide].clone() for weight in self.down]
+
+    def check(self, widths: Sequence[int], what: str) -> list[int]:
+        """``widths`` (one per layer, each in [1, wide]) as a list, or a clear error."""
+        widths = list(widths)
+        if len(widths) != len(self.layers) or any(not 0 < r <= self.wide for r in widths):
+            raise ConversionError(f"{what} {widths} must give each of {len(self.layers)} layers a width in "
+                                  f"[1, {self.wide}]")
+        return widths
+
+    def set(self, i: int, r: int) -> None:
+        self.down[i][: self.wide] = self.saved[i]
+        self.down[i][r : self.wide] = 0
+
+    def set_all(self, widths: Sequence[int]) -> None:
+        for i, r in enumerate(widths):
+            self.set(i, r)
+
+    def restore(self) -> None:
+        self.set_all([self.wide] * len(self.layers))
+
+
 @torch.no_grad()
 def truncation_costs(model, windows: torch.Tensor, ranks: Sequence[int], batch_size: int = 4,
                      show_progress: bool = True, base_ranks: Sequence[int] | None = None) -> list[dict[int, float]]:
@@ -49,34 +81,23 @@ def truncation_costs(model, windows: torch.Tensor, ranks: Sequence[int], batch_s
     The KL is always taken against the wide model's predictions, so costs at different
     ranks of one layer are comparable.
     """
-    layers = model.model.layers
-    wide = layers[0].self_attn.layout.latent_dim
+    cut = _LatentWidths(model)
+    layers, wide = cut.layers, cut.wide
     if any(not 0 < r <= wide for r in ranks):
         raise ConversionError(f"ranks to measure {sorted(ranks)} must lie in [1, {wide}] (the model's latent)")
-    base = list(base_ranks) if base_ranks is not None else [wide] * len(layers)
-    if len(base) != len(layers) or any(not 0 < r <= wide for r in base):
-        raise ConversionError(f"base ranks {base} must give each of {len(layers)} layers a width in [1, {wide}]")
+    base = cut.check(base_ranks if base_ranks is not None else [wide] * len(layers), "base ranks")
     base_is_wide = all(b == wide for b in base)
     ranks = sorted(set(ranks) | {wide})
     costs: list[dict[int, float]] = [{} for _ in layers]
-    down = [layer.self_attn.kv_a_proj_with_mqa.weight for layer in layers]
-    saved = [weight[:wide].clone() for weight in down]
-
-    def set_rank(i: int, r: int) -> None:
-        down[i][:wide] = saved[i]
-        down[i][r:wide] = 0
-
     steps = len(layers) * len(ranks) * -(-windows.shape[0] // batch_size)
     bar = tqdm(total=steps, desc="measuring rank sensitivity", unit="pass", disable=not show_progress)
     tokens = 0
     try:
         for batch in windows.split(batch_size):
             positions = torch.arange(batch.shape[1], device=batch.device)[None].expand(batch.shape[0], -1)
-            for i in range(len(layers)):
-                set_rank(i, wide)
+            cut.restore()
             reference = _next_token_logprobs(model, _run_layers(model, model.model.embed_tokens(batch), positions, 0))
-            for i, r in enumerate(base):
-                set_rank(i, r)
+            cut.set_all(base)
             inputs = [model.model.embed_tokens(batch)]
             for layer in layers:
                 inputs.append(layer(inputs[-1], positions, None))
@@ -85,16 +106,15 @@ def truncation_costs(model, windows: torch.Tensor, ranks: Sequence[int], batch_s
                     if r == wide and base_is_wide:
                         kl = 0.0  # the wide model itself
                     else:
-                        set_rank(i, r)
+                        cut.set(i, r)
                         logprobs = _next_token_logprobs(model, _run_layers(model, inputs[i], positions, i))
                         kl = F.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
                     costs[i][r] = costs[i].get(r, 0.0) + kl
                     bar.update()
-                set_rank(i, base[i])
+                cut.set(i, base[i])
             tokens += batch.numel()
     finally:
-        for i in range(len(layers)):
-            set_rank(i, wide)
+        cut.restore()
         bar.close()
     return [{r: v / tokens for r, v in sorted(c.items())} for c in costs]
 
@@ -103,28 +123,21 @@ def truncation_costs(model, windows: torch.Tensor, ranks: Sequence[int], batch_s
 def allocation_kl(model, windows: torch.Tensor, layer_ranks: Sequence[int], batch_size: int = 4) -> float:
     """Mean KL per token (nats) of the model with every layer cut to its width in ``layer_ranks``
     from the wide model itself: what an allocation really costs, interactions included."""
-    layers = model.model.layers
-    wide = layers[0].self_attn.layout.latent_dim
-    if len(layer_ranks) != len(layers) or any(not 0 < r <= wide for r in layer_ranks):
-        raise ConversionError(f"widths {list(layer_ranks)} must give each of {len(layers)} layers a width in [1, {wide}]")
-    down = [layer.self_attn.kv_a_proj_with_mqa.weight for layer in layers]
-    saved = [weight[:wide].clone() for weight in down]
+    cut = _LatentWidths(model)
+    widths = cut.check(layer_ranks, "widths")
     total, tokens = 0.0, 0
     try:
         for batch in windows.split(batch_size):
             positions = torch.arange(batch.shape[1], device=batch.device)[None].expand(batch.shape[0], -1)
             embedded = model.model.embed_tokens(batch)
-            for weight, orig in zip(down, saved):
-                weight[:wide] = orig
+            cut.restore()
             reference = _next_token_logprobs(model, _run_layers(model, embedded, positions, 0))
-            for weight, r in zip(down, layer_ranks):
-                weight[r:wide] = 0
+            cut.set_all(widths)
             logprobs = _next_token_logprobs(model, _run_layers(model, embedded, positions, 0))
             total += F.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
             tokens += batch.numel()
     finally:
-        for weight, orig in zip(down, saved):
-            weight[:wide] = orig
+        cut.restore()
     return total / tokens
 
 
