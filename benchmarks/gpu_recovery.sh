@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Recovery fine-tuning of SmolLM2-135M-Instruct on the lent GPU (no network there).
+# Recovery fine-tuning of SmolLM2-135M-Instruct, and `mha2mla bench`, on the lent GPU (no network there).
 #
 # What travels (built here by `bash benchmarks/gpu_recovery.sh pack`, ignored by git), one folder per call
 # (a call carries at most 64 MiB, the working tree included):
@@ -9,7 +9,10 @@
 # Each call: carry [".gpu-extra/cN"], command `bash benchmarks/gpu_recovery.sh stage && bash benchmarks/gpu_recovery.sh MODE ...`;
 # calls back to back (the machine stays warm ~30 s). Jobs that need the model wait for c0+c1, jobs that
 # need vLLM (--synthesize, serve) for c2..c4 as well.
-# Each job converts the dequantised GGUF (2-norm + activation-aware joint SVD, exact layout,
+# `bench [mha2mla bench args]` needs only c2..c4: it runs `mha2mla bench` over every GPU of the machine into
+# /root/bench (rows of later calls in the same lease merge into its summary.json) and copies summary.json,
+# summary.md and a tarball of the tools' logs and JSON into $OUT; BENCH_SECONDS (default 540) bounds it.
+# Each training job converts the dequantised GGUF (2-norm + activation-aware joint SVD, exact layout,
 # calibrated on the default corpus), runs `mha2mla finetune` and copies the report and the plot into $OUT
 # (COLLECT_WEIGHTS=1: also the trained attention weights, bf16, for serving the result elsewhere).
 set -euo pipefail
@@ -176,6 +179,14 @@ case $MODE in
     done
     mkdir -p "$OUT" && python3 benchmarks/recovered_serving.py "$OUT/$OUTNAME.json" "${args[@]}" 2>&1 \
       | grep -v -E "it/s\]$|s/it\]$" | tail -60
+    ;;
+  bench)  # [mha2mla bench args]
+    vllm_env
+    mkdir -p "$OUT" /root/bench
+    nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
+    timeout -k 20 "${BENCH_SECONDS:-540}" python3 -m vllm_mha2mla.cli bench --output /root/bench "$@" 2>&1 | tail -80 || true
+    cp /root/bench/summary.json /root/bench/summary.md "$OUT/" 2>/dev/null || true
+    tar cJf "$OUT/bench-logs.tar.xz" -C /root/bench logs raw 2>/dev/null || true
     ;;
   *) echo "unknown mode $MODE" >&2; exit 2 ;;
 esac

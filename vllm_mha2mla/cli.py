@@ -1,5 +1,6 @@
 """The ``mha2mla`` command: ``convert`` and ``finetune`` (from ``conversion.cli``, which needs
-no vLLM), ``eval`` (quality on vLLM engines, optionally on Ray replicas) and ``demo``."""
+no vLLM), ``eval`` (quality on vLLM engines, optionally on Ray replicas), ``bench`` (speed
+against the MHA original with vLLM's own benchmark tools) and ``demo``."""
 
 from __future__ import annotations
 
@@ -84,11 +85,80 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    from vllm_mha2mla.bench.run import DEFAULT_RUNS, DEFAULT_WORKLOADS, BenchOptions
+    from vllm_mha2mla.bench.shapes import SHAPES
+
+    d = BenchOptions()
+    p.add_argument("runs", nargs="*", metavar="SHAPE:VARIANTS",
+                   help=f"a shape ({', '.join(SHAPES)}: dummy weights; or a model folder: its own weights) and the "
+                        "variants to run on it, comma-separated: mha (the original), native (vLLM's 576-value MLA "
+                        "row), rR-dD (exact layout, rope_dim R, d_kv D), cutP (exact layout caching P%% fewer values), "
+                        f"each optionally @BACKEND (default: {' '.join(DEFAULT_RUNS)})")
+    p.add_argument("--output", type=Path, required=True,
+                   help="folder for summary.json (rows merge with an earlier run's), summary.md, plots, logs/, raw/")
+    p.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                   help="comma-separated IN/OUT token counts, K suffix allowed (default %(default)s)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="comma-separated KV cache dtypes: auto, fp8 (default auto)")
+    p.add_argument("--num-prompts", type=int,
+                   help="prompts per throughput run (default: twice what each model's KV cache holds at once)")
+    p.add_argument("--gpus", help="comma-separated GPU indices to spread runs over, one run per GPU (default all)")
+    p.add_argument("--serve-rates", default="",
+                   help="comma-separated request rates (req/s) for `vllm serve` + `vllm bench serve` (default: none)")
+    p.add_argument("--serve-workload", default=d.serve_workload, help="IN/OUT tokens of serving requests")
+    p.add_argument("--serve-prompts", type=int, default=d.serve_prompts, help="requests per serving rate")
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    p.add_argument("--cpu-kv-cache-gib", type=float, default=d.cpu_kv_cache_gib, help="CPU: KV cache per engine")
+    p.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="no CUDA graphs / torch.compile (the default on the CPU)")
+    p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds per tool run")
+    p.add_argument("--workdir", type=Path, help="where model folders are written (default ~/.cache/mha2mla/bench)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only regenerate summary.md and the plots from OUTPUT/summary.json")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from conversion.errors import ConversionError
+    from vllm_mha2mla.bench import BenchError, BenchOptions, run_bench, write_report
+
+    def floats(text: str) -> list[float]:
+        try:
+            return [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise BenchError(f"--serve-rates {text!r}: expected comma-separated numbers") from None
+
+    try:
+        if args.report_only:
+            if not (args.output / "summary.json").is_file():
+                raise BenchError(f"{args.output / 'summary.json'} does not exist")
+            write_report(args.output)
+        else:
+            options = BenchOptions(
+                workloads=[w for w in args.workloads.split(",") if w.strip()],
+                kv_cache_dtypes=[k.strip() for k in args.kv_cache_dtype.split(",") if k.strip()],
+                num_prompts=args.num_prompts, gpus=args.gpus.split(",") if args.gpus else None,
+                serve_rates=floats(args.serve_rates), serve_workload=args.serve_workload,
+                serve_prompts=args.serve_prompts, gpu_memory_utilization=args.gpu_memory_utilization,
+                cpu_kv_cache_gib=args.cpu_kv_cache_gib, enforce_eager=args.enforce_eager, timeout_s=args.timeout,
+                workdir=args.workdir)
+            if args.runs:
+                options.runs = args.runs
+            run_bench(options, args.output)
+    except (BenchError, ConversionError) as exc:
+        print(f"mha2mla: error: {exc}", file=sys.stderr)
+        return 2
+    print((args.output / "summary.md").read_text())
+    print(f"wrote {args.output}/summary.json, summary.md and plots")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mha2mla", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_commands(sub)
     _add_eval_args(sub.add_parser("eval", help="score models on standard tasks in vLLM (Ray for several engines)"))
+    _add_bench_args(sub.add_parser("bench", help="throughput and serving latency against the MHA original, with "
+                                                 "vLLM's own benchmark tools"))
     from vllm_mha2mla.demo import add_arguments
 
     add_arguments(sub.add_parser("demo", help="convert a real model and compare it with the original in vLLM"))
@@ -99,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return main_from_args(args)
     if args.command == "eval":
         return _run_eval(args)
+    if args.command == "bench":
+        return _run_bench(args)
     return run_command(args)
 
 

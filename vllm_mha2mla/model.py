@@ -18,6 +18,7 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import MLAAttention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -48,6 +49,10 @@ from vllm_mha2mla.compat import (
     plugin_prefill_kwargs,
     require_per_layer_kv_cache,
 )
+
+logger = init_logger("vllm.mha2mla")  # under "vllm": vLLM's logging configuration prints it
+BACKEND_LOG = "MHA2MLA attention backend: %s, cache row %d values"
+"""Logged once per process: which kernels serve the layers (``mha2mla bench`` reads it back)."""
 
 
 def select_attention_backend(layout: MLALayout, vllm_config: VllmConfig, per_layer: bool = False) -> type | None:
@@ -137,6 +142,8 @@ class MHA2MLAAttention(nn.Module):
             attn_backend=backend,
             **prefill,
         )
+        chosen = getattr(self.mla_attn, "attn_backend", None)
+        logger.info_once(BACKEND_LOG, chosen.get_name() if chosen is not None else "unknown", lay.cache_values)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         lay = self.layout

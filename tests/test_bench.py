@@ -1,0 +1,241 @@
+"""``mha2mla bench``: the shapes and conversions it names, the folders it writes, what it reads
+back from vLLM's tools, the summary it keeps — and one real run of ``vllm bench throughput`` and
+``vllm serve`` + ``vllm bench serve`` on the CPU with the real SmolLM2 and a conversion of it."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from vllm_mha2mla.bench.folders import mla_config_for, prepare_original, prepare_variant, token_word
+from vllm_mha2mla.bench.shapes import (
+    SHAPES,
+    BenchError,
+    auto_num_prompts,
+    mha_cache_values,
+    parse_variant,
+    parse_workload,
+    shape_config,
+    weight_bytes,
+)
+from vllm_mha2mla.bench.summary import best_serving_rates, markdown, merge_rows, with_ratios
+from vllm_mha2mla.bench.vllm_tools import attention_backend, kv_capacity_tokens, phase_rates, prefill_backend
+
+
+# -- shapes and variants -----------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, spec, values", [
+    ("llama2-7b", "mha", 8192),
+    ("llama2-7b", "native", 576),
+    ("llama2-7b", "r16-d16", 1024),   # the MHA2MLA paper's Llama-2-7B settings
+    ("llama2-7b", "r16-d32", 1536),
+    ("llama2-7b", "r16-d64", 2560),
+    ("llama3-8b", "mha", 2048),
+    ("llama3-8b", "cut50", 1024),
+    ("llama3-8b", "cut75", 512),
+    ("qwen2.5-7b", "cut75", 256),
+    ("smollm2-135m", "r32-d32", 192),
+    ("smollm2-135m", "cut50", 192),
+])
+def test_variant_cache_values(shape, spec, values):
+    assert parse_variant(spec, SHAPES[shape]).cache_values(SHAPES[shape]) == values
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("spec", ["native", "r16-d16", "cut50", "cut75"])
+def test_written_config_caches_what_the_variant_says(tmp_path, shape, spec):
+    """The converted config.json (what vLLM sizes the cache by) holds the row the variant
+    promises: the variant arithmetic and the converter agree for every shape."""
+    original = prepare_original(shape, tmp_path, max_positions=9216)
+    variant = parse_variant(spec, original.config)
+    folder = prepare_variant(original, shape, variant, tmp_path)
+    config = folder.config
+    assert config["kv_lora_rank"] + config["qk_rope_head_dim"] == variant.cache_values(original.config)
+    assert config["max_position_embeddings"] == 9216
+    assert (folder.tokenizer / "tokenizer.json").is_file() and folder.dummy_weights
+
+
+def test_variant_parsing_refuses_what_cannot_be_converted():
+    llama = SHAPES["llama2-7b"]
+    assert parse_variant("native@custom", llama).attention_backend == "CUSTOM"
+    for bad, message in [("r15-d16", "even"), ("r0-d16", "even"), ("r16-d0", "no latent"),
+                         ("r16-d300", "more than the original"), ("cut0", "percentage"), ("cut100", "percentage"),
+                         ("gqa", "expected mha")]:
+        with pytest.raises(BenchError, match=message):
+            parse_variant(bad, llama)
+
+
+def test_workloads_and_prompt_counts():
+    assert parse_workload("8K/1K") == (8192, 1024)
+    assert parse_workload("1024/256") == (1024, 256)
+    for bad in ("8192", "8K/x", "0/10", "1/2/3"):
+        with pytest.raises(BenchError):
+            parse_workload(bad)
+    # Llama-2-7B MHA at 8K/1K: 512 KiB per token → 55 GiB holds 12 sequences; two waves.
+    per_token = mha_cache_values(SHAPES["llama2-7b"]) * 32 * 2
+    assert auto_num_prompts(55 * 2**30, per_token, 8192, 1024) == 24
+    assert auto_num_prompts(55 * 2**30, 576 * 32 * 2, 8192, 1024) == 2 * int(55 * 2**30 // (576 * 64 * 9216))
+    assert auto_num_prompts(1.0, per_token, 8192, 1024) == 8  # never fewer than the floor
+    assert abs(weight_bytes(SHAPES["llama2-7b"]) / 2 - 6.74e9) < 0.01e9  # Llama-2-7B's 6.74 B parameters
+    assert abs(weight_bytes(SHAPES["llama3-8b"]) / 2 - 8.03e9) < 0.01e9
+    with pytest.raises(BenchError, match="unknown shape"):
+        shape_config("llama9", 4096)
+
+
+def test_word_tokenizer_round_trips_random_prompts(tmp_path):
+    """vLLM's random dataset decodes random ids and re-encodes the text: it must get the same
+    ids back, at every id up to the largest vocabulary (Qwen2.5's)."""
+    from transformers import AutoTokenizer
+
+    words = {token_word(i) for i in range(3, SHAPES["qwen2.5-7b"]["vocab_size"])}
+    assert len(words) == SHAPES["qwen2.5-7b"]["vocab_size"] - 3 and max(map(len, words)) <= 3
+    original = prepare_original("qwen2.5-7b", tmp_path, 4096)
+    tok = AutoTokenizer.from_pretrained(str(original.tokenizer))
+    assert tok.vocab_size == original.config["vocab_size"]
+    ids = [random.Random(0).randrange(3, tok.vocab_size) for _ in range(2000)] + [tok.vocab_size - 1]
+    text = tok.decode(ids)
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert len(text) / len(ids) < 6  # vLLM refuses prompts of more characters per token
+
+
+def test_mla_config_for_keeps_the_benchmark_scripts_shapes(tmp_path):
+    original = prepare_original("llama2-7b", tmp_path, 4096)
+    config = mla_config_for(original.path, rope_dim=16, d_kv=16, cache_size=None)
+    assert (config["kv_lora_rank"], config["qk_rope_head_dim"]) == (512, 512)
+
+
+def test_model_folder_errors(tmp_path):
+    with pytest.raises(BenchError, match="neither a named shape"):
+        prepare_original(str(tmp_path / "missing"), tmp_path, 4096)
+    (tmp_path / "notok").mkdir()
+    (tmp_path / "notok" / "config.json").write_text(json.dumps(SHAPES["smollm2-135m"]))
+    with pytest.raises(BenchError, match="no tokenizer"):
+        prepare_original(str(tmp_path / "notok"), tmp_path, 4096)
+
+
+# -- reading the tools' logs ---------------------------------------------------------------------------
+LOG_GPU_AUTO = ("(EngineCore pid=5) INFO 11-26 09:01:20 [cuda.py:483] Using FLASHMLA attention backend out of "
+                "potential backends: ['FLASHMLA', 'TRITON_MLA'].\n(EngineCore pid=5) INFO 11-26 09:01:21 "
+                "[selector.py:137] Using FLASH_ATTN MLA prefill backend.\n(EngineCore pid=5) INFO 11-26 "
+                "[kv_cache_utils.py:2177] GPU KV cache size: 1,706,800 tokens\n")
+LOG_PLUGIN = ("(Worker pid=6006) INFO 11-26 09:02:08 [model.py:146] MHA2MLA attention backend: CUSTOM, cache row "
+              "192 values\n(EngineCore pid=5993) INFO 11-26 09:02:10 [kv_cache_utils.py:2327] CPU KV cache size: "
+              "186,400 tokens, Maximum concurrency for 144 tokens per request: 1294.44x\n")
+LOG_CPU_MHA = ("(EngineCore pid=5890) INFO 11-26 09:01:20 [kv_cache_utils.py:2327] CPU KV cache size: 52,416 tokens, "
+               "Maximum concurrency for 144 tokens per request: 364.00x\n")
+LOG_FORCED = "(EngineCore pid=7) INFO 11-26 [cuda.py:422] Using AttentionBackendEnum.TRITON_MLA backend.\n"
+
+
+def test_log_parsers_on_real_lines():
+    assert kv_capacity_tokens(LOG_GPU_AUTO) == 1_706_800
+    assert attention_backend(LOG_GPU_AUTO, None, False, False) == "FLASHMLA"
+    assert prefill_backend(LOG_GPU_AUTO) == "FLASH_ATTN"
+    assert (kv_capacity_tokens(LOG_PLUGIN), attention_backend(LOG_PLUGIN, None, False, True)) == (186_400, "CUSTOM")
+    assert attention_backend(LOG_CPU_MHA, None, True, True) == "CPU_ATTN"
+    assert attention_backend(LOG_FORCED, "TRITON_MLA", False, False) == "TRITON_MLA"
+    assert attention_backend("", None, False, False) == "unknown"
+    assert kv_capacity_tokens("no engine started") is None
+
+
+def _stats(prompt, generation, running):
+    return (f"INFO 11-26 09:14:16 [loggers.py:310] Engine 000: Avg prompt throughput: {prompt} tokens/s, Avg "
+            f"generation throughput: {generation} tokens/s, Running: {running} reqs, Waiting: 5 reqs, GPU KV cache "
+            "usage: 21.7%, Prefix cache hit rate: 0.0%\n")
+
+
+def test_phase_rates_separate_prefill_from_decode():
+    log = "".join(_stats(p, g, r) for p, g, r in [(38605.1, 101.4, 87), (39968.9, 268.3, 137), (17960.7, 5194.9, 393),
+                                                   (0.0, 9020.1, 382), (0.0, 8813.2, 372), (0.0, 8501.4, 362),
+                                                   (37268.6, 828.6, 358)])
+    rates = phase_rates(log)
+    assert (rates["decode_tokens_per_s"], rates["decode_running"]) == (8813.2, 372)  # the median pure-decode interval
+    assert rates["prefill_tokens_per_s"] == 38605.1  # 17960.7 (a mixed interval) is left out
+    assert phase_rates("no stats") == {"decode_tokens_per_s": None, "decode_running": None,
+                                       "prefill_tokens_per_s": None}
+
+
+# -- summary ---------------------------------------------------------------------------------------------
+def _row(variant, values, tps, capacity, dtype="auto", workload=(8192, 1024), device="H100"):
+    return {"device": device, "vllm_version": "0.26.0", "shape": "llama2-7b", "variant": variant,
+            "cache_values": values, "kv_cache_dtype": dtype, "attention_backend": "X", "input_len": workload[0],
+            "output_len": workload[1], "num_prompts": 8, "output_tokens_per_s": tps, "kv_capacity_tokens": capacity}
+
+
+def test_summary_ratios_merge_and_tables():
+    rows = [_row("mha", 8192, 400.0, 100_000), _row("native", 576, 5000.0, 1_400_000),
+            _row("native", 576, 6000.0, 2_800_000, dtype="fp8"), _row("native", 576, 9000.0, 1, device="H200")]
+    by = {(r["variant"], r["kv_cache_dtype"], r["device"]): r for r in with_ratios(rows)}
+    assert by["native", "auto", "H100"]["vs_mha"] == pytest.approx(12.5)
+    assert by["native", "auto", "H100"]["expected_capacity"] == pytest.approx(8192 / 576)
+    assert by["native", "fp8", "H100"]["expected_capacity"] == pytest.approx(2 * 8192 / 576)  # 1-byte cache
+    assert "vs_mha" not in by["native", "fp8", "H100"]  # no MHA run with an fp8 cache to compare with
+    assert "vs_mha" not in by["native", "auto", "H200"]  # never across devices
+    again = _row("mha", 8192, 410.0, 100_000)
+    merged = merge_rows(rows, [again])
+    assert len(merged) == len(rows) and again in merged and rows[0] not in merged
+    failed = dict(_row("r16-d16", 1024, None, None), error="engine failed\nTraceback")
+    table = markdown({"rows": rows + [failed], "serving": []})
+    assert "| 12.50 |" in table and "failed: engine failed" in table
+
+
+def test_best_serving_rate_is_the_highest_under_the_tpot_limit():
+    base = {"device": "H100", "shape": "s", "variant": "mha", "kv_cache_dtype": "auto", "input_len": 1024,
+            "output_len": 256, "failed": 0}
+    serving = [dict(base, request_rate=r, p99_tpot_ms=t) for r, t in ((1, 20.0), (2, 40.0), (4, 99.0), (8, 250.0))]
+    serving.append(dict(base, variant="native", request_rate=1, p99_tpot_ms=120.0))
+    best = best_serving_rates(serving)
+    assert best[("H100", "s", "mha", "auto", 1024, 256)] == 4
+    assert best[("H100", "s", "native", "auto", 1024, 256)] is None
+
+
+# -- a real run on the CPU -------------------------------------------------------------------------------
+def _bench(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "vllm_mha2mla.cli", "bench", *args], capture_output=True, text=True,
+                          timeout=1800, cwd=cwd)
+
+
+def test_bench_refuses_a_bad_matrix_before_starting_engines(tmp_path):
+    run = _bench("llama2-7b:mha,r16-d300", "--output", str(tmp_path / "out"))
+    assert run.returncode == 2 and "more than the original" in run.stderr
+    run = _bench("llama2-7b:mha", "--workloads", "8K", "--output", str(tmp_path / "out"))
+    assert run.returncode == 2 and "IN/OUT" in run.stderr
+    run = _bench("llama2-7b", "--output", str(tmp_path / "out"))
+    assert run.returncode == 2 and "SHAPE:VARIANT" in run.stderr
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.vllm
+def test_bench_runs_vllms_tools_on_the_real_model_and_a_conversion(tmp_path):
+    """``vllm bench throughput`` and ``vllm serve`` + ``vllm bench serve`` through the plugin's
+    entry point: the real SmolLM2 (vLLM's CPU attention) against its 192-value conversion (the
+    plugin's backend), one row each with the recorded backend, KV capacity in the cache-size
+    ratio, and latency percentiles from the serving run. (The context is 2K: vLLM's CPU attention
+    gives the original a smaller share of the same KV memory at very short contexts.)"""
+    from conversion.default_model import ensure_default_model
+
+    model = ensure_default_model()
+    out = tmp_path / "bench"
+    run = _bench(f"{model}:mha,r32-d32", "--workloads", "2000/16", "--num-prompts", "2", "--serve-rates", "4",
+                 "--serve-prompts", "4", "--serve-workload", "64/8", "--output", str(out))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["variant"]: r for r in summary["rows"]}
+    assert set(rows) == {"mha", "r32-d32"}
+    for r in rows.values():
+        assert not r.get("error") and r["output_tokens_per_s"] > 0 and r["num_prompts"] == 2
+        assert r["device"].startswith("CPU") and r["vllm_version"] and r["command"].startswith("vllm bench throughput")
+    assert (rows["mha"]["attention_backend"], rows["r32-d32"]["attention_backend"]) == ("CPU_ATTN", "CUSTOM")
+    assert (rows["mha"]["cache_values"], rows["r32-d32"]["cache_values"]) == (384, 192)
+    assert rows["r32-d32"]["kv_capacity_tokens"] / rows["mha"]["kv_capacity_tokens"] == pytest.approx(2.0, rel=0.05)
+    serving = {r["variant"]: r for r in summary["serving"]}
+    assert set(serving) == {"mha", "r32-d32"}
+    for r in serving.values():
+        assert not r.get("error") and (r["completed"], r["failed"], r["request_rate"]) == (4, 0, 4.0)
+        assert 0 < r["p50_tpot_ms"] <= r["p99_tpot_ms"] and 0 < r["p50_ttft_ms"] <= r["p99_ttft_ms"]
+    assert serving["r32-d32"]["attention_backend"] == "CUSTOM"
+    md = (out / "summary.md").read_text()
+    assert "| r32-d32 | 192 |" in md and "TPOT p50 / p99" in md
+    assert (out / "throughput.png").is_file() and (out / "kv_capacity.png").is_file() and (out / "serving.png").is_file()
+    again = _bench("--report-only", "--output", str(out))
+    assert again.returncode == 0 and "r32-d32" in again.stdout

@@ -1,0 +1,210 @@
+"""``summary.json`` and what is made from it: the ratios against the MHA original, the
+Markdown tables and the plots.
+
+``summary.json`` holds ``{"rows": [...], "serving": [...]}``: one throughput row per (device,
+shape, variant, KV dtype, workload) with the fields :data:`ROW_FIELDS` (and a few more), one
+serving row per (device, shape, variant, KV dtype, workload, request rate). New runs replace
+the rows they measure again and keep the others, so a matrix can grow over several sessions
+and machines. Ratios are computed here, only between rows of the same device, shape, KV dtype
+and workload — never across runs of different hardware.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROW_FIELDS = ("device", "vllm_version", "shape", "variant", "cache_values", "kv_cache_dtype", "attention_backend",
+              "input_len", "output_len", "num_prompts", "output_tokens_per_s", "kv_capacity_tokens")
+ROW_KEY = ("device", "shape", "variant", "kv_cache_dtype", "input_len", "output_len")
+SERVING_KEY = (*ROW_KEY, "request_rate")
+TPOT_LIMIT_MS = 100.0
+KV_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+
+
+def _key(row: dict, fields: tuple[str, ...]) -> tuple:
+    return tuple(row.get(f) for f in fields)
+
+
+def merge_rows(old: list[dict], new: list[dict], fields: tuple[str, ...] = ROW_KEY) -> list[dict]:
+    """``old`` with every row that ``new`` measures again replaced, then ``new``'s other rows."""
+    fresh = {_key(r, fields): r for r in new}
+    kept = [r for r in old if _key(r, fields) not in fresh]
+    return kept + list(fresh.values())
+
+
+def load_summary(path: Path) -> dict:
+    if not path.is_file():
+        return {"rows": [], "serving": []}
+    data = json.loads(path.read_text())
+    return {"rows": data.get("rows", []), "serving": data.get("serving", [])}
+
+
+def save_summary(path: Path, rows: list[dict], serving: list[dict]) -> dict:
+    data = load_summary(path)
+    data = {"rows": merge_rows(data["rows"], rows), "serving": merge_rows(data["serving"], serving, SERVING_KEY)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return data
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Each successful row with ``vs_mha`` (output tokens/s over the original's, same device,
+    shape, KV dtype and workload), ``capacity_vs_mha`` (KV capacity over the original's) and
+    ``expected_capacity`` (the original's cache bytes per token over this row's: what the
+    capacity ratio should be if vLLM sizes the cache by the row width)."""
+    ok = [r for r in rows if not r.get("error")]
+    mha = {(r["device"], r["shape"], r["kv_cache_dtype"], r["input_len"], r["output_len"]): r
+           for r in ok if r["variant"].split("@")[0] == "mha"}
+    mha_any_dtype = {(r["device"], r["shape"]): r for r in ok if r["variant"].split("@")[0] == "mha"}
+    out = []
+    for r in ok:
+        r = dict(r)
+        base = mha.get((r["device"], r["shape"], r["kv_cache_dtype"], r["input_len"], r["output_len"]))
+        if base and base["output_tokens_per_s"]:
+            r["vs_mha"] = r["output_tokens_per_s"] / base["output_tokens_per_s"]
+        if base and base.get("decode_tokens_per_s") and r.get("decode_tokens_per_s"):
+            r["decode_vs_mha"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        cap_base = base or mha_any_dtype.get((r["device"], r["shape"]))
+        if cap_base and cap_base.get("kv_capacity_tokens") and r.get("kv_capacity_tokens"):
+            r["capacity_vs_mha"] = r["kv_capacity_tokens"] / cap_base["kv_capacity_tokens"]
+            r["expected_capacity"] = (cap_base["cache_values"] * KV_BYTES.get(cap_base["kv_cache_dtype"], 2)) / (
+                r["cache_values"] * KV_BYTES.get(r["kv_cache_dtype"], 2))
+        out.append(r)
+    return out
+
+
+def best_serving_rates(serving: list[dict]) -> dict[tuple, float | None]:
+    """Per (device, shape, variant, KV dtype, workload): the highest request rate whose TPOT p99
+    stayed under :data:`TPOT_LIMIT_MS` (None if none did)."""
+    best: dict[tuple, float | None] = {}
+    for r in serving:
+        if r.get("error"):
+            continue
+        key = _key(r, ROW_KEY)
+        best.setdefault(key, None)
+        if r.get("p99_tpot_ms") is not None and r["p99_tpot_ms"] < TPOT_LIMIT_MS and r.get("failed", 0) == 0:
+            best[key] = max(best[key] or 0.0, r["request_rate"])
+    return best
+
+
+def _fmt(value, spec: str = ",.0f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _workload(r: dict) -> str:
+    return f"{r['input_len']}/{r['output_len']}"
+
+
+def markdown(summary: dict) -> str:
+    """The tables the README shows: throughput with ratios, then serving latency."""
+    rows = sorted(with_ratios(summary["rows"]), key=lambda r: (r["device"], r["shape"], r["input_len"],
+                                                               r["output_len"], r["kv_cache_dtype"], r["cache_values"],
+                                                               r["variant"]))
+    lines = ["| device | shape | workload (in/out) | variant | cache values | KV dtype | attention | prompts | "
+             "output tok/s | × MHA | decode-phase tok/s (running) | × MHA | KV capacity (tokens) | "
+             "capacity × MHA (expected) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cap = (f"{r['capacity_vs_mha']:.2f} ({r['expected_capacity']:.2f})" if "capacity_vs_mha" in r else "–")
+        decode = (f"{r['decode_tokens_per_s']:,.0f} ({r['decode_running']})" if r.get("decode_tokens_per_s")
+                  else "–")
+        lines.append(f"| {r['device']} | {r['shape']} | {_workload(r)} | {r['variant']} | {r['cache_values']} | "
+                     f"{r['kv_cache_dtype']} | {r['attention_backend']} | {r['num_prompts']} | "
+                     f"{_fmt(r['output_tokens_per_s'])} | {_fmt(r.get('vs_mha'), '.2f')} | {decode} | "
+                     f"{_fmt(r.get('decode_vs_mha'), '.2f')} | {_fmt(r.get('kv_capacity_tokens'))} | {cap} |")
+    failed = [r for r in summary["rows"] if r.get("error")]
+    for r in failed:
+        lines.append(f"| {r['device']} | {r['shape']} | {_workload(r)} | {r['variant']} | {r.get('cache_values')} | "
+                     f"{r['kv_cache_dtype']} | – | – | failed: {r['error'].splitlines()[0][:80]} | | | | | | |")
+    serving = [r for r in summary["serving"] if not r.get("error")]
+    if serving:
+        best = best_serving_rates(serving)
+        lines += ["", f"Serving (`vllm bench serve`, Poisson arrivals; best rate = highest with TPOT p99 < "
+                      f"{TPOT_LIMIT_MS:g} ms):", "",
+                  "| device | shape | workload | variant | KV dtype | rate (req/s) | TTFT p50 / p99 (ms) | "
+                  "TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) | output tok/s | best rate |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(serving, key=lambda r: (*_key(r, ROW_KEY), r["request_rate"])):
+            lines.append(
+                f"| {r['device']} | {r['shape']} | {_workload(r)} | {r['variant']} | {r['kv_cache_dtype']} | "
+                f"{_fmt(r['request_rate'], 'g')} | {_fmt(r.get('p50_ttft_ms'), '.1f')} / "
+                f"{_fmt(r.get('p99_ttft_ms'), '.1f')} | {_fmt(r.get('p50_tpot_ms'), '.1f')} / "
+                f"{_fmt(r.get('p99_tpot_ms'), '.1f')} | {_fmt(r.get('p50_itl_ms'), '.1f')} / "
+                f"{_fmt(r.get('p99_itl_ms'), '.1f')} | {_fmt(r.get('output_tokens_per_s'))} | "
+                f"{_fmt(best.get(_key(r, ROW_KEY)), 'g')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, folder: Path) -> list[Path]:
+    """``throughput.png`` (output tokens/s against context length, MHA vs each conversion, one
+    panel per device × shape), ``kv_capacity.png`` and, with serving rows, ``serving.png``
+    (TPOT p99 against request rate). Skipped (empty list) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    rows = with_ratios(summary["rows"])
+    written = []
+    panels = sorted({(r["device"], r["shape"]) for r in rows})
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+        for ax, (device, shape) in zip(axes[0], panels):
+            mine = [r for r in rows if (r["device"], r["shape"]) == (device, shape)]
+            for series in sorted({(r["variant"], r["kv_cache_dtype"], r["cache_values"]) for r in mine},
+                                 key=lambda s: -s[2]):
+                pts = sorted((r["input_len"] + r["output_len"], r["output_tokens_per_s"]) for r in mine
+                             if (r["variant"], r["kv_cache_dtype"], r["cache_values"]) == series)
+                style = "--" if series[1] != "auto" else "-"
+                label = f"{series[0]} ({series[2]} values{', ' + series[1] if series[1] != 'auto' else ''})"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel("context (input + output tokens)")
+            ax.set_ylabel("output tokens/s")
+            ax.set_title(f"{shape} — {device}", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(folder / "throughput.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+        for ax, (device, shape) in zip(axes[0], panels):
+            caps = {}
+            for r in rows:
+                if (r["device"], r["shape"]) == (device, shape) and r.get("kv_capacity_tokens"):
+                    caps[f"{r['variant']}\n{r['kv_cache_dtype']}"] = r["kv_capacity_tokens"]
+            ax.bar(list(caps), list(caps.values()), color="tab:blue")
+            ax.set_ylabel("KV capacity (tokens)")
+            ax.set_title(f"{shape} — {device}", fontsize=9)
+            ax.tick_params(axis="x", labelsize=7)
+        fig.tight_layout()
+        written.append(folder / "kv_capacity.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    serving = [r for r in summary["serving"] if not r.get("error")]
+    groups = sorted({(r["device"], r["shape"], _workload(r)) for r in serving})
+    if groups:
+        fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+        for ax, group in zip(axes[0], groups):
+            mine = [r for r in serving if (r["device"], r["shape"], _workload(r)) == group]
+            for series in sorted({(r["variant"], r["kv_cache_dtype"]) for r in mine}):
+                pts = sorted((r["request_rate"], r.get("p99_tpot_ms")) for r in mine
+                             if (r["variant"], r["kv_cache_dtype"]) == series and r["request_rate"] != float("inf"))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" ".join(series))
+            ax.axhline(TPOT_LIMIT_MS, color="grey", lw=0.8, ls=":")
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel("request rate (req/s)")
+            ax.set_ylabel("TPOT p99 (ms)")
+            ax.set_title(f"{group[1]} {group[2]} — {group[0]}", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(folder / "serving.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
