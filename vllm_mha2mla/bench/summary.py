@@ -137,6 +137,51 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _panels(plt, count: int):
+    fig, axes = plt.subplots(1, count, figsize=(5.5 * count, 4), squeeze=False)
+    return fig, axes[0]
+
+
+def _finish(plt, fig, path: Path, written: list[Path]) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+
+def _throughput_panel(ax, rows: list[dict], title: str) -> None:
+    for series in sorted({(r["variant"], r["kv_cache_dtype"], r["cache_values"]) for r in rows}, key=lambda s: -s[2]):
+        pts = sorted((r["input_len"] + r["output_len"], r["output_tokens_per_s"]) for r in rows
+                     if (r["variant"], r["kv_cache_dtype"], r["cache_values"]) == series)
+        label = f"{series[0]} ({series[2]} values{', ' + series[1] if series[1] != 'auto' else ''})"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if series[1] == "auto" else "--", marker="o",
+                label=label)
+    ax.set_xscale("log", base=2)
+    ax.set(ylim=(0, None), xlabel="context (input + output tokens)", ylabel="output tokens/s")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _capacity_panel(ax, rows: list[dict], title: str) -> None:
+    caps = {f"{r['variant']}\n{r['kv_cache_dtype']}": r["kv_capacity_tokens"] for r in rows
+            if r.get("kv_capacity_tokens")}
+    ax.bar(list(caps), list(caps.values()), color="tab:blue")
+    ax.set_ylabel("KV capacity (tokens)")
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelsize=7)
+
+
+def _serving_panel(ax, rows: list[dict], title: str) -> None:
+    for series in sorted({(r["variant"], r["kv_cache_dtype"]) for r in rows}):
+        pts = sorted((r["request_rate"], r.get("p99_tpot_ms")) for r in rows
+                     if (r["variant"], r["kv_cache_dtype"]) == series)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" ".join(series))
+    ax.axhline(TPOT_LIMIT_MS, color="grey", lw=0.8, ls=":")
+    ax.set(ylim=(0, None), xlabel="request rate (req/s)", ylabel="TPOT p99 (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
 def plot(summary: dict, folder: Path) -> list[Path]:
     """``throughput.png`` (output tokens/s against context length, MHA vs each conversion, one
     panel per device × shape), ``kv_capacity.png`` and, with serving rows, ``serving.png``
@@ -149,62 +194,17 @@ def plot(summary: dict, folder: Path) -> list[Path]:
     except ImportError:
         return []
     rows = with_ratios(summary["rows"])
-    written = []
-    panels = sorted({(r["device"], r["shape"]) for r in rows})
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-        for ax, (device, shape) in zip(axes[0], panels):
-            mine = [r for r in rows if (r["device"], r["shape"]) == (device, shape)]
-            for series in sorted({(r["variant"], r["kv_cache_dtype"], r["cache_values"]) for r in mine},
-                                 key=lambda s: -s[2]):
-                pts = sorted((r["input_len"] + r["output_len"], r["output_tokens_per_s"]) for r in mine
-                             if (r["variant"], r["kv_cache_dtype"], r["cache_values"]) == series)
-                style = "--" if series[1] != "auto" else "-"
-                label = f"{series[0]} ({series[2]} values{', ' + series[1] if series[1] != 'auto' else ''})"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
-            ax.set_xscale("log", base=2)
-            ax.set_ylim(bottom=0)
-            ax.set_xlabel("context (input + output tokens)")
-            ax.set_ylabel("output tokens/s")
-            ax.set_title(f"{shape} — {device}", fontsize=9)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(folder / "throughput.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-        for ax, (device, shape) in zip(axes[0], panels):
-            caps = {}
-            for r in rows:
-                if (r["device"], r["shape"]) == (device, shape) and r.get("kv_capacity_tokens"):
-                    caps[f"{r['variant']}\n{r['kv_cache_dtype']}"] = r["kv_capacity_tokens"]
-            ax.bar(list(caps), list(caps.values()), color="tab:blue")
-            ax.set_ylabel("KV capacity (tokens)")
-            ax.set_title(f"{shape} — {device}", fontsize=9)
-            ax.tick_params(axis="x", labelsize=7)
-        fig.tight_layout()
-        written.append(folder / "kv_capacity.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
     serving = [r for r in summary["serving"] if not r.get("error")]
-    groups = sorted({(r["device"], r["shape"], _workload(r)) for r in serving})
-    if groups:
-        fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
-        for ax, group in zip(axes[0], groups):
-            mine = [r for r in serving if (r["device"], r["shape"], _workload(r)) == group]
-            for series in sorted({(r["variant"], r["kv_cache_dtype"]) for r in mine}):
-                pts = sorted((r["request_rate"], r.get("p99_tpot_ms")) for r in mine
-                             if (r["variant"], r["kv_cache_dtype"]) == series and r["request_rate"] != float("inf"))
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" ".join(series))
-            ax.axhline(TPOT_LIMIT_MS, color="grey", lw=0.8, ls=":")
-            ax.set_ylim(bottom=0)
-            ax.set_xlabel("request rate (req/s)")
-            ax.set_ylabel("TPOT p99 (ms)")
-            ax.set_title(f"{group[1]} {group[2]} — {group[0]}", fontsize=9)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(folder / "serving.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+    written: list[Path] = []
+    figures = (("throughput.png", _throughput_panel, rows, lambda r: (r["device"], r["shape"])),
+               ("kv_capacity.png", _capacity_panel, rows, lambda r: (r["device"], r["shape"])),
+               ("serving.png", _serving_panel, serving, lambda r: (r["device"], r["shape"], _workload(r))))
+    for name, draw, data, group_of in figures:
+        groups = sorted({group_of(r) for r in data})
+        if not groups:
+            continue
+        fig, axes = _panels(plt, len(groups))
+        for ax, group in zip(axes, groups):
+            draw(ax, [r for r in data if group_of(r) == group], " — ".join(reversed(group)))
+        _finish(plt, fig, folder / name, written)
     return written
