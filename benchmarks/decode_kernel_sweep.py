@@ -81,7 +81,6 @@ def main(out_file: Path) -> None:
               f"{best['ms']:.3f} ms ({best['tb_per_s']:.2f} TB/s) [n{best['block_n']} w{best['num_warps']} "
               f"s{best['num_stages']} x{best['num_splits']}]", flush=True)
         out_file.write_text(json.dumps(results, indent=1))
-        del q, cache, table, lens, want
         torch.cuda.empty_cache()
 
 
