@@ -54,8 +54,10 @@ def main(out_file: Path) -> None:
         default = plan_launch(batch, heads, latent, rope, context, sms)
         want, _ = mla_paged_decode(q, cache, table, lens, 0.07, latent, context, launch=default)
         rows = []
-        for block_n, warps, stages, splits in itertools.product((32, 64), (4, 8), (2, 3), (1, 4)):
-            launch = replace(default, block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
+        variants = [replace(default, block_n=n, num_warps=w, num_stages=s, num_splits=x)
+                    for n, w, s, x in itertools.product((32, 64), (4, 8), (2, 3), (1, 2, 4, 8))]
+        for launch in [default] + [v for v in variants if v != default]:
+            block_n, stages = launch.block_n, launch.num_stages
             if shared_memory_bytes(launch.block_h, block_n, launch.block_c, launch.block_r) * (stages - 1) > \
                     SHARED_MEMORY_BUDGET:
                 continue
