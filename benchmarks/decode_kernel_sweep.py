@@ -28,6 +28,9 @@ SHAPES = [
     ("576_llama2_b310_8k", 512, 64, 32, 310, 8700),
     ("1024_llama2_b212_8k", 512, 512, 32, 212, 8700),
     ("512_llama3_cut75_b348_8k", 384, 128, 32, 348, 8700),
+    ("576_llama2_b1024_1k", 512, 64, 32, 1024, 1280),  # the 1K/256 runs
+    ("576_llama2_b32_8k", 512, 64, 32, 32, 8700),
+    ("1024_llama2_b16_8k", 512, 512, 32, 16, 8192),
 ]
 PAGE = 16  # vLLM's default block size for this backend
 
@@ -55,7 +58,7 @@ def main(out_file: Path) -> None:
         want, _ = mla_paged_decode(q, cache, table, lens, 0.07, latent, context, launch=default)
         rows = []
         variants = [replace(default, block_n=n, num_warps=w, num_stages=s, num_splits=x)
-                    for n, w, s, x in itertools.product((32, 64), (4, 8), (2, 3), (1, 2, 4, 8))]
+                    for n, w, s, x in itertools.product((32, 64), (4, 8), (2,), (1, 2, 4, 8, 16, 32))]
         for launch in [default] + [v for v in variants if v != default]:
             block_n, stages = launch.block_n, launch.num_stages
             if shared_memory_bytes(launch.block_h, block_n, launch.block_c, launch.block_r) * (stages - 1) > \

@@ -30,7 +30,14 @@ import triton.language as tl
 
 ACC_REGISTER_BUDGET = 16384
 """Max ``BLOCK_H × BLOCK_C`` float32 accumulator elements per program (fits 8 warps without spills)."""
-MIN_TOKENS_PER_SPLIT = 256
+MIN_TOKENS_PER_SPLIT = 1024
+"""Shorter splits lose more to the merge and per-split setup than they gain (measured: 8 splits of
+~1K tokens beat 16 and 32 at 16–32 requests of 8K)."""
+PROGRAMS_PER_SM = 8
+"""Split long sequences until about this many programs per multiprocessor: with one program per
+(request, head group), a few hundred long requests leave a ragged last wave. Measured on an H200
+(benchmarks/results/h200-decode-splits/): at 310 × 8.7K tokens of 576 values 4 splits run 1.48×
+faster than 1 (1.39 → 2.05 TB/s); 8 splits 1.11× at 212 × 8.7K of 1024 values."""
 SHARED_MEMORY_BUDGET = 200 * 1024
 """Bytes of shared memory a program may use: H100/H200 allow 227 KiB per block; the margin
 covers Triton's own scratch."""
@@ -75,8 +82,8 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
         block_n //= 2  # very wide rows (latent ~900 + rope 512): fewer rows per tile
     num_warps = 8 if wide else 4
     programs = triton.cdiv(num_heads, block_h) * batch
-    want = triton.next_power_of_2(max(1, triton.cdiv(2 * num_sms, programs)))
-    by_length = triton.next_power_of_2(max(1, max_seq_len // MIN_TOKENS_PER_SPLIT))
+    want = triton.next_power_of_2(max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)))
+    by_length = 1 << (max(1, max_seq_len // MIN_TOKENS_PER_SPLIT).bit_length() - 1)  # at least MIN tokens a split
     num_splits = max(1, min(want, by_length, 64))
     return DecodeLaunch(block_h, block_n, block_c, block_r, num_warps, 2, num_splits)
 
