@@ -158,7 +158,7 @@ def _env(machine: Machine, options: BenchOptions, gpu: str | None) -> dict[str, 
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     else:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{options.cpu_kv_cache_gib:g}")
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{options.cpu_kv_cache_gib:g}"  # what the prompt count was sized for
     return env
 
 

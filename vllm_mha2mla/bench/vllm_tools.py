@@ -182,6 +182,7 @@ class Server:
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
+                self.__exit__(None, None, None)
                 raise BenchError(f"vllm serve exited with {self.proc.returncode} before it was ready:\n"
                                  + "\n".join(self.log().splitlines()[-30:]))
             try:
