@@ -200,6 +200,8 @@ def test_bench_refuses_a_bad_matrix_before_starting_engines(tmp_path):
     assert run.returncode == 2 and "more than the original" in run.stderr
     run = _bench("llama2-7b:mha", "--workloads", "8K", "--output", str(tmp_path / "out"))
     assert run.returncode == 2 and "IN/OUT" in run.stderr
+    run = _bench("llama2-7b:mha", "--workloads", "", "--output", str(tmp_path / "out"))
+    assert run.returncode == 2 and "nothing to run" in run.stderr
     run = _bench("llama2-7b", "--output", str(tmp_path / "out"))
     assert run.returncode == 2 and "SHAPE:VARIANT" in run.stderr
     assert not (tmp_path / "out" / "summary.json").exists()

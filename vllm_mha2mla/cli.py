@@ -98,7 +98,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", type=Path, required=True,
                    help="folder for summary.json (rows merge with an earlier run's), summary.md, plots, logs/, raw/")
     p.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
-                   help="comma-separated IN/OUT token counts, K suffix allowed (default %(default)s)")
+                   help="comma-separated IN/OUT token counts, K suffix allowed; '' for serving runs only "
+                        "(default %(default)s)")
     p.add_argument("--kv-cache-dtype", default="auto", help="comma-separated KV cache dtypes: auto, fp8 (default auto)")
     p.add_argument("--num-prompts", type=int,
                    help="prompts per throughput run (default: twice what each model's KV cache holds at once)")

@@ -261,6 +261,8 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True) -
     workdir = options.workdir or Path(os.environ.get("MHA2MLA_CACHE", Path.home() / ".cache" / "mha2mla")) / "bench"
     for w in options.workloads:
         parse_workload(w)
+    if not options.workloads and not options.serve_rates:
+        raise BenchError("nothing to run: give --workloads for throughput runs or --serve-rates for serving runs")
     if any(r <= 0 for r in options.serve_rates):
         raise BenchError("--serve-rates: every rate must be a positive number of requests per second")
     lengths = [sum(parse_workload(w)) for w in options.workloads]
