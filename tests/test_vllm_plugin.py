@@ -152,3 +152,37 @@ def test_plugin_backend_can_be_chosen_explicitly_for_native_shapes(models, promp
     ref = load_reference(models["mla"])
     for prompt, out in zip(prompts, result["outputs"]):
         assert out["token_ids"] == ref.greedy_generate(torch.tensor([prompt]), 12)[0].tolist()
+
+
+def _worst_greedy_margin(model, prompts, outputs) -> float:
+    """Teacher-forced on the engine's prompt + greedy tokens: the largest gap between the model's top
+    logit and the logit of the token the engine chose (0 when every choice is the model's argmax)."""
+    worst = 0.0
+    for prompt, out in zip(prompts, outputs):
+        seq = prompt + out["token_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, len(prompt) - 1 : len(seq) - 1].float()
+        chosen = logits.gather(1, torch.tensor(out["token_ids"])[:, None])[:, 0]
+        worst = max(worst, float((logits.max(-1).values - chosen).max()))
+    return worst
+
+
+def test_bf16_decode_kernel_in_the_engine(exact_model, prompts, monkeypatch):
+    """bf16 engines on a shape only the plugin serves: decode through the compiled CPU kernel, and
+    through the PyTorch decode (MHA2MLA_CPU_DECODE=torch). Against the float32 reference, the
+    kernel's greedy choices may not be more than 2× (+0.05) further from its argmax than the PyTorch
+    decode's (both engines round weights and activations to bf16)."""
+    from vllm_mha2mla.cpu_decode_kernel import load_variant
+
+    kw = dict(max_tokens=24, dtype="bfloat16", enforce_eager=True)
+    kernel_run = run_engine_in_subprocess(_request(exact_model, prompts, **kw))
+    monkeypatch.setenv("MHA2MLA_CPU_DECODE", "torch")
+    torch_run = run_engine_in_subprocess(_request(exact_model, prompts, **kw))
+    assert "decode:torch" in torch_run["attention_backends"]
+    if load_variant() is not None:
+        assert any(b.startswith("decode:cpu-kernel(avx512") for b in kernel_run["attention_backends"])
+    ref = load_reference(exact_model)
+    margins = {name: _worst_greedy_margin(ref, prompts, run["outputs"])
+               for name, run in (("kernel", kernel_run), ("torch", torch_run))}
+    print(f"worst greedy margin against the float32 reference: {margins}")
+    assert margins["kernel"] <= 2 * margins["torch"] + 0.05

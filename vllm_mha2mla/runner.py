@@ -87,6 +87,9 @@ def backend_names(model) -> list[str]:
         backend = getattr(module, "attn_backend", None)
         if backend is not None and hasattr(backend, "get_name"):
             names.add(backend.get_name())
+        decode = getattr(getattr(module, "impl", None), "decode_kernel_name", None)  # the plugin's CPU backend
+        if decode:
+            names.add(f"decode:{decode}")
         prefill = getattr(module, "prefill_backend", None)
         if prefill is not None:
             kernel = getattr(prefill, "kernel_name", None)
