@@ -156,7 +156,10 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
         _refuse_larger_cache(layout.cache_values, 2 * g * d, f"--kv-budget {options.kv_budget}", options.force)
     else:
         d_kv = options.d_kv
-        if d_kv < 1 or g * d_kv > max_rank:
+        if d_kv < 1:
+            raise ConversionError(f"--d-kv {d_kv} must be at least 1 (the latent's dims per kv-head); to keep more "
+                                  "rotary dims instead, raise --rope-dim and lower --d-kv")
+        if g * d_kv > max_rank:
             raise ConversionError(
                 f"--d-kv {d_kv} is too large: the latent (kv-heads × d_kv = {g * d_kv}) cannot exceed "
                 f"rank {max_rank} (min of hidden size and key+value rows); use --d-kv <= {max_rank // g}"

@@ -171,6 +171,7 @@ def test_bad_options_are_refused(tiny_model_factory, tmp_path, capsys):
     _assert_refused(capsys, tmp_path, src, ["--rope-dim", "7", "--d-kv", "8", *base], "--rope-dim 7")
     _assert_refused(capsys, tmp_path, src, ["--rope-dim", "66", "--d-kv", "8", *base], "--rope-dim 66")
     _assert_refused(capsys, tmp_path, src, ["--rope-dim", "8", "--d-kv", "500", *base], "--d-kv 500 is too large")
+    _assert_refused(capsys, tmp_path, src, ["--rope-dim", "8", "--d-kv", "0", *base], "--d-kv 0 must be at least 1")
     no_tokenizer = tmp_path / "no-tokenizer"
     no_tokenizer.mkdir()
     for f in ("config.json", "model.safetensors"):
