@@ -10,6 +10,7 @@ for the summed loss, because each layer's spectrum is non-increasing (a concave 
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Sequence
 
 from conversion.errors import ConversionError
@@ -77,37 +78,62 @@ def interpolate_cost(measured: dict[int, float], rank: int) -> float:
     return max(0.0, c0 + (c1 - c0) * (rank - r0) / (r1 - r0))
 
 
+def _least_cost_picks(options: Sequence[Sequence[tuple[int, float]]], units: int, exact: bool) -> list[int]:
+    """Dynamic programming over layers and budget: one ``(size in units, cost)`` option per
+    layer, least summed cost, sizes summing to ``units`` (``exact``) or at most that. Exact for
+    any costs (measured ones need not be convex, so a greedy could miss)."""
+    inf = float("inf")
+    best = [0.0] + [inf] * units  # best[u]: least cost of the layers so far using exactly u units
+    choices: list[list[int]] = []
+    for layer_options in options:
+        nxt, pick = [inf] * (units + 1), [0] * (units + 1)
+        for used, value in enumerate(best):
+            if value == inf:
+                continue
+            for width, c in layer_options:
+                if used + width <= units and value + c < nxt[used + width]:
+                    nxt[used + width], pick[used + width] = value + c, width
+        best = nxt
+        choices.append(pick)
+    left = units if exact else min(range(units + 1), key=lambda u: best[u])
+    sizes = []
+    for pick in reversed(choices):
+        sizes.append(pick[left])
+        left -= pick[left]
+    return sizes[::-1]
+
+
 def allocate_by_cost(costs: Sequence[dict[int, float]], total: int, step: int = 16, min_rank: int | None = None,
                      max_rank: int | None = None) -> list[int]:
     """Latent rank per layer minimising the summed cost, each a multiple of ``step`` in
     ``[min_rank, max_rank]``, summing to ``total``.
 
     ``costs[l]``: layer ``l``'s measured cost at some ranks (``sensitivity.truncation_costs``),
-    interpolated in between. Exact (dynamic programming over layers and budget), so unlike a
-    greedy it needs no convexity of the costs, which measured ones need not have.
+    interpolated in between.
     """
     caps = [min(max(c), max_rank or max(c)) // step * step for c in costs]
     floor = _check_budget(total, step, min_rank, caps)
-    units = total // step
-    inf = float("inf")
-    best = [0.0] + [inf] * units  # best[u]: least cost of the layers so far using u groups
-    choices: list[list[int]] = []
-    for cost, cap in zip(costs, caps):
-        options = [(r // step, interpolate_cost(cost, r)) for r in range(floor, cap + 1, step)]
-        nxt, pick = [inf] * (units + 1), [0] * (units + 1)
-        for used, value in enumerate(best):
-            if value == inf:
-                continue
-            for width, c in options:
-                if used + width <= units and value + c < nxt[used + width]:
-                    nxt[used + width], pick[used + width] = value + c, width
-        best = nxt
-        choices.append(pick)
-    ranks, left = [], units
-    for pick in reversed(choices):
-        ranks.append(pick[left] * step)
-        left -= pick[left]
-    return ranks[::-1]
+    options = [[(r // step, interpolate_cost(cost, r)) for r in range(floor, cap + 1, step)]
+               for cost, cap in zip(costs, caps)]
+    return [units * step for units in _least_cost_picks(options, total // step, exact=True)]
+
+
+def allocate_options(costs: Sequence[dict[int, float]], total: int) -> list[int]:
+    """One of each layer's measured options per layer, minimising the summed cost with the
+    options' sizes summing to at most ``total``.
+
+    ``costs[l]``: ``{size: cost}`` of the options layer ``l`` may take (e.g. cached values per
+    token of a (rotary dims, latent width) pair, each measured, none interpolated). Returns
+    each layer's chosen size.
+    """
+    if not costs or any(not c for c in costs):
+        raise ConversionError("every layer needs at least one measured option")
+    unit = math.gcd(*(size for c in costs for size in c))
+    smallest = sum(min(c) for c in costs)
+    if total < smallest:
+        raise ConversionError(f"a budget of {total} values is below the narrowest option of every layer ({smallest})")
+    options = [[(size // unit, c) for size, c in cost.items()] for cost in costs]
+    return [units * unit for units in _least_cost_picks(options, total // unit, exact=False)]
 
 
 def kept_energy(energies: Sequence[Sequence[float]], ranks: Sequence[int]) -> float:

@@ -10,7 +10,7 @@ import torch
 
 from conversion import ConvertOptions, convert, load_reference
 from conversion.accounting import KVAccounting
-from conversion.allocation import allocate_by_cost, interpolate_cost
+from conversion.allocation import allocate_by_cost, allocate_options, interpolate_cost
 from conversion.errors import ConversionError
 from conversion.layout import MLALayout, plan_exact_layout
 from conversion.mla_config import MHA2MLASpec
@@ -37,6 +37,25 @@ def test_allocation_by_cost_is_optimal():
         best = min((combo for combo in itertools.product(range(8, 41, 8), repeat=4) if sum(combo) == total),
                    key=lambda combo: sum(c[r] for c, r in zip(costs, combo)))
         assert sum(c[r] for c, r in zip(costs, got)) == pytest.approx(sum(c[r] for c, r in zip(costs, best)))
+
+
+def test_allocation_over_measured_options_is_optimal():
+    """Each layer picks one of its own measured option sizes (uneven, e.g. rotary + latent values);
+    exhaustive search over every pick within the budget agrees with the DP."""
+    rng = random.Random(1)
+    for _ in range(20):
+        costs = [{size: rng.random() * 5 for size in rng.sample([24, 40, 48, 56, 72, 88, 96, 120], 4)}
+                 for _ in range(4)]
+        total = sum(min(c) for c in costs) + rng.choice([0, 8, 40, 100, 400])
+        got = allocate_options(costs, total)
+        assert all(size in c for c, size in zip(costs, got)) and sum(got) <= total
+        best = min((combo for combo in itertools.product(*(sorted(c) for c in costs)) if sum(combo) <= total),
+                   key=lambda combo: sum(c[s] for c, s in zip(costs, combo)))
+        assert sum(c[s] for c, s in zip(costs, got)) == pytest.approx(sum(c[s] for c, s in zip(costs, best)))
+    with pytest.raises(ConversionError, match="below the narrowest option of every layer"):
+        allocate_options([{24: 1.0, 48: 0.5}, {40: 1.0}], 60)
+    with pytest.raises(ConversionError, match="at least one measured option"):
+        allocate_options([{24: 1.0}, {}], 100)
 
 
 def test_cost_interpolation_and_budget_errors():
