@@ -24,6 +24,8 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
                         help="with --allocate measured: cached values per token summed over all layers")
     budget.add_argument("--layer-latent", type=lambda v: [int(x) for x in v.split(",")], metavar="R1,R2,...",
                         help="each layer's latent width, given outright (exact layout)")
+    p.add_argument("--layer-rope", type=lambda v: [int(x) for x in v.split(",")], metavar="R1,R2,...",
+                   help="with --layer-latent: each layer's rotary dims per head (--rope-dim is then ignored)")
     p.add_argument("--allocate", default="uniform", choices=["uniform", "measured"],
                    help="uniform: every layer the same latent; measured: per-layer latents (same total) where a "
                         "measured cost of truncating each layer says they matter most (--d-kv is then the average)")
@@ -148,10 +150,14 @@ def print_report(report: dict) -> None:
                   f"(original {kv['original_values']}: {change:+.1f}%; {kv['num_layers']} layers)")
     lay = report["layout"]
     allocation = report.get("allocation")
-    latent = f"per-layer latents {allocation['layer_latent']}" if allocation else f"d_kv={lay['d_kv']}"
+    latents = report.get("layer_latent") or (allocation or {}).get("layer_latent")
+    latent = f"per-layer latents {latents}" if latents else f"d_kv={lay['d_kv']}"
+    ropes = report.get("layer_rope")
+    rope_dims = f"per-layer rope_dim {ropes}" if ropes else f"rope_dim={lay['rope_dim']}"
+    widest = " (the widest layer)" if latents or ropes else ""
     console.print(
-        f"[bold]MLA layout[/]: kv_lora_rank={lay['kv_lora_rank']} qk_rope={lay['qk_rope_head_dim']} "
-        f"qk_nope={lay['qk_nope_head_dim']} v={lay['v_head_dim']} (rope_dim={lay['rope_dim']}, "
+        f"[bold]MLA layout[/]{widest}: kv_lora_rank={lay['kv_lora_rank']} qk_rope={lay['qk_rope_head_dim']} "
+        f"qk_nope={lay['qk_nope_head_dim']} v={lay['v_head_dim']} ({rope_dims}, "
         f"{latent}); vLLM-native shape: {report['native_vllm_shape']}"
     )
     if allocation:
@@ -214,6 +220,7 @@ def run_command(args: argparse.Namespace) -> int:
                     sensitivity_tokens=args.sensitivity_tokens,
                     allocation_passes=args.allocation_passes,
                     layer_latent=args.layer_latent,
+                    layer_rope=args.layer_rope,
                 ),
             )
             print_report(report)

@@ -66,6 +66,9 @@ class ConvertOptions:
     more than one, the allocation of lowest measured KL among those visited is kept."""
     layer_latent: list[int] | None = None
     """Each layer's latent width, given outright (instead of ``d_kv`` and an allocation)."""
+    layer_rope: list[int] | None = None
+    """Each layer's rotary dims per head, given outright with ``layer_latent`` (``rope_dim`` is
+    then ignored): layers differ in how much their keys need rotation kept exact."""
 
 
 LAYOUTS = ("auto", "native", "exact")
@@ -104,13 +107,18 @@ class ConversionPlan:
     """Latent dims summed over layers that a per-layer allocation hands out (None: uniform)."""
     layer_latent: list[int] | None = None
     """Each layer's latent once allocated (None: every layer has ``layout.latent_dim``)."""
+    layer_rope: list[int] | None = None
+    """Each layer's rotary dims per head (None: every layer has ``layout.rope_dim``)."""
 
     @property
     def needs_calibration(self) -> bool:
         return self.options.strategy == "2-norm" or self.options.svd == "aw-joint" or self.latent_total is not None
 
     def layer_layout(self, layer: int) -> MLALayout:
-        return self.layout if self.layer_latent is None else self.layout.with_latent(self.layer_latent[layer])
+        lay = self.layout if self.layer_latent is None else self.layout.with_latent(self.layer_latent[layer])
+        if self.layer_rope is not None and self.layer_rope[layer] != lay.rope_dim:
+            lay = lay.with_rope(self.layer_rope[layer])
+        return lay
 
     @property
     def layer_layouts(self) -> list[MLALayout]:
@@ -133,6 +141,8 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
         raise ConversionError(f"unknown --layout {options.layout!r}; choose one of {', '.join(LAYOUTS)}")
     if options.layer_latent is not None:
         return _plan_given_widths(spec, options)
+    if options.layer_rope is not None:
+        raise ConversionError("--layer-rope goes with --layer-latent (each layer's latent width given too)")
     if options.allocate != "uniform":
         return _plan_allocation(spec, options)
     if options.kv_budget_total is not None:
@@ -213,18 +223,31 @@ def _plan_given_widths(spec: SourceSpec, options: ConvertOptions) -> ConversionP
         raise ConversionError(NATIVE_PER_LAYER)
     if len(widths) != spec.num_layers:
         raise ConversionError(f"--layer-latent lists {len(widths)} widths for a model of {spec.num_layers} layers")
-    max_rank = _max_latent_rank(spec, options.rope_dim)
-    if any(not 1 <= w <= max_rank for w in widths):
-        raise ConversionError(f"--layer-latent widths must lie in [1, {max_rank}] (the rank of a layer's key and "
-                              f"value rows), got {widths}")
-    _refuse_larger_total(spec, options, sum(widths), "--layer-latent")
-    return _per_layer_plan(spec, options, sum(widths), max(widths), [], layer_latent=widths)
+    ropes = [options.rope_dim] * spec.num_layers if options.layer_rope is None else list(options.layer_rope)
+    if len(ropes) != spec.num_layers:
+        raise ConversionError(f"--layer-rope lists {len(ropes)} rotary widths for a model of {spec.num_layers} layers")
+    for r in set(ropes):
+        rope.check_rope_dim(r, spec.head_dim)
+    for i, (w, r) in enumerate(zip(widths, ropes)):
+        max_rank = _max_latent_rank(spec, r)
+        if not 1 <= w <= max_rank:
+            raise ConversionError(f"--layer-latent width {w} of layer {i} must lie in [1, {max_rank}] (the rank of "
+                                  f"its key and value rows with {r} rotary dims per head)")
+    _refuse_larger_total(spec, options, sum(widths), "--layer-latent", rope_total=spec.num_kv_heads * sum(ropes))
+    plan = _per_layer_plan(spec, options, sum(widths), max(widths), [], layer_latent=widths)
+    if options.layer_rope is not None:
+        plan.layout = plan.layout.with_rope(max(ropes))
+        plan.layer_rope = ropes
+    return plan
 
 
-def _refuse_larger_total(spec: SourceSpec, options: ConvertOptions, latent_total: int, what: str) -> None:
-    """A per-layer budget may not cache more, summed over layers, than the original (``--force``)."""
+def _refuse_larger_total(spec: SourceSpec, options: ConvertOptions, latent_total: int, what: str,
+                         rope_total: int | None = None) -> None:
+    """A per-layer budget may not cache more, summed over layers, than the original (``--force``).
+    ``rope_total``: rotary values summed over layers (default: ``rope_dim`` in every layer)."""
     g, layers = spec.num_kv_heads, spec.num_layers
-    cache, original = latent_total + g * options.rope_dim * layers, 2 * g * spec.head_dim * layers
+    rope_total = g * options.rope_dim * layers if rope_total is None else rope_total
+    cache, original = latent_total + rope_total, 2 * g * spec.head_dim * layers
     if cache > original and not options.force:
         raise ConversionError(f"{what} caches {cache} values per token, more than the original model's "
                               f"{original}; lower it or pass --force")
@@ -277,12 +300,13 @@ def _plan_allocation(spec: SourceSpec, options: ConvertOptions) -> ConversionPla
 def select_rope_pairs(plan: ConversionPlan, stats: CalibrationStats | None) -> list[list[list[int]]]:
     """``[layer][kv_head] → pairs`` for the chosen strategy."""
     spec, opts = plan.spec, plan.options
-    r, n = opts.rope_dim // 2, spec.head_dim // 2
+    n = spec.head_dim // 2
+    kept = [plan.layer_layout(i).rope_dim // 2 for i in range(spec.num_layers)]
     if opts.strategy == "2-norm":
         assert stats is not None
-        return rope.select_pairs_by_score(stats.pair_scores, r).tolist()
-    pairs = rope.select_pairs_fixed(opts.strategy, r, n, opts.uniform_offset)
-    return [[list(pairs) for _ in range(spec.num_kv_heads)] for _ in range(spec.num_layers)]
+        return [rope.select_pairs_by_score(stats.pair_scores[i], r).tolist() for i, r in enumerate(kept)]
+    return [[rope.select_pairs_fixed(opts.strategy, r, n, opts.uniform_offset) for _ in range(spec.num_kv_heads)]
+            for r in kept]
 
 
 @dataclass
@@ -374,6 +398,8 @@ def build_config(plan: ConversionPlan, pairs: list[list[list[int]]]) -> dict:
         "original_num_key_value_heads": spec.num_kv_heads,
         "original_head_dim": spec.head_dim,
     }
+    if plan.layer_rope is not None:
+        section["layer_rope_dim"] = list(plan.layer_rope)
     if plan.layer_latent is not None:
         section["layer_kv_lora_rank"] = list(plan.layer_latent)
         section["allocation"] = "given" if opts.layer_latent is not None else opts.allocate
@@ -547,6 +573,8 @@ def _write_checkpoint(plan: ConversionPlan, weights: SourceWeights, stats: Calib
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()},
             "layout": plan.layout.to_dict(),
             "native_vllm_shape": plan.layout.is_native and plan.layer_latent is None,
+            "layer_latent": plan.layer_latent,
+            "layer_rope": plan.layer_rope,
             "kv_cache": KVAccounting.from_layouts(plan.layer_layouts).to_dict(),
             "calibration_tokens": stats.num_tokens if stats is not None else 0,
             "calibration_text": (str(options.calib_text) if options.calib_text else "default corpus (training split)")

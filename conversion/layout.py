@@ -82,6 +82,17 @@ class MLALayout:
         rank = latent_dim + self.rope_overflow if exact else self.kv_lora_rank
         return replace(self, latent_dim=latent_dim, kv_lora_rank=rank)
 
+    def with_rope(self, rope_dim: int) -> "MLALayout":
+        """This exact layout with ``rope_dim`` rotary dims per head (one layer of a per-layer
+        allocation that also spends rotary dims per layer): the rope slot holds every kv-head's
+        rotated keys and the nope part the rest of each head, so only those sizes change."""
+        if self.kv_lora_rank != self.latent_dim or self.rope_overflow:
+            raise ConversionError("per-layer rotary dims need the exact layout (kv_lora_rank = latent width)")
+        if rope_dim % 2 or not 2 <= rope_dim <= self.head_dim:
+            raise ConversionError(f"rotary dims {rope_dim} must be even and in [2, {self.head_dim}]")
+        return replace(self, rope_dim=rope_dim, qk_rope_head_dim=self.num_kv_heads * rope_dim,
+                       qk_nope_head_dim=self.head_dim - rope_dim)
+
     # -- sizes -------------------------------------------------------------------------------
     @property
     def rope_total(self) -> int:

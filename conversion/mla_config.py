@@ -34,19 +34,28 @@ class MHA2MLASpec:
     """Each layer's latent width (= its ``kv_lora_rank``, exact layouts) when the conversion
     allocated the cache per layer; None when every layer has ``layout``'s. ``layout`` then
     describes the widest layer, so code that sizes by it never undersizes."""
+    layer_rope_dim: tuple[int, ...] | None = None
+    """Each layer's rotary dims per head when the conversion also spent rotary dims per layer
+    (exact layouts); None when every layer has ``layout.rope_dim``, which is then the widest."""
 
     def __post_init__(self) -> None:
-        ranks = self.layer_kv_lora_rank
-        if ranks is None:
-            return
-        lay = self.layout
-        if len(ranks) != len(self.rope_pairs):
-            raise ValueError(f"mha2mla.layer_kv_lora_rank has {len(ranks)} entries for {len(self.rope_pairs)} layers")
-        if lay.kv_lora_rank != lay.latent_dim or lay.rope_overflow:
-            raise ValueError("per-layer latent widths need the exact layout (kv_lora_rank = latent width)")
-        if any(not 1 <= r <= lay.kv_lora_rank for r in ranks):
-            raise ValueError(f"mha2mla.layer_kv_lora_rank {list(ranks)} must lie in [1, {lay.kv_lora_rank}] "
-                             "(the layout's kv_lora_rank is the widest layer's)")
+        lay, layers = self.layout, len(self.rope_pairs)
+        for name, values, top in (("layer_kv_lora_rank", self.layer_kv_lora_rank, lay.kv_lora_rank),
+                                  ("layer_rope_dim", self.layer_rope_dim, lay.rope_dim)):
+            if values is None:
+                continue
+            if len(values) != layers:
+                raise ValueError(f"mha2mla.{name} has {len(values)} entries for {layers} layers")
+            if lay.kv_lora_rank != lay.latent_dim or lay.rope_overflow:
+                raise ValueError(f"per-layer widths ({name}) need the exact layout (kv_lora_rank = latent width)")
+            if any(not 1 <= v <= top for v in values):
+                raise ValueError(f"mha2mla.{name} {list(values)} must lie in [1, {top}] (the layout is the widest "
+                                 "layer's)")
+        for i, heads in enumerate(self.rope_pairs):
+            want = self.layer_layout(i).rope_dim // 2
+            if any(len(pairs) != want for pairs in heads):
+                raise ValueError(f"mha2mla.rope_pairs of layer {i} keep {[len(p) for p in heads]} pairs per kv-head; "
+                                 f"its rotary dims say {want}")
 
     @classmethod
     def from_config(cls, config: Any) -> "MHA2MLASpec":
@@ -66,18 +75,24 @@ class MHA2MLASpec:
             o_bias=bool(section.get("o_bias", False)),
             layer_kv_lora_rank=None if section.get("layer_kv_lora_rank") is None
             else tuple(int(r) for r in section["layer_kv_lora_rank"]),
+            layer_rope_dim=None if section.get("layer_rope_dim") is None
+            else tuple(int(r) for r in section["layer_rope_dim"]),
         )
 
     @property
     def per_layer(self) -> bool:
-        """True when layers cache latents of different widths."""
-        return self.layer_kv_lora_rank is not None and len(set(self.layer_kv_lora_rank)) > 1
+        """True when layers cache rows of different shapes (latent or rotary widths)."""
+        return any(values is not None and len(set(values)) > 1
+                   for values in (self.layer_kv_lora_rank, self.layer_rope_dim))
 
     def layer_layout(self, layer_idx: int) -> MLALayout:
-        """The layout of one layer (its own latent width under a per-layer allocation)."""
-        if self.layer_kv_lora_rank is None:
-            return self.layout
-        return self.layout.with_latent(self.layer_kv_lora_rank[layer_idx])
+        """The layout of one layer (its own latent and rotary widths under a per-layer allocation)."""
+        lay = self.layout
+        if self.layer_kv_lora_rank is not None:
+            lay = lay.with_latent(self.layer_kv_lora_rank[layer_idx])
+        if self.layer_rope_dim is not None and self.layer_rope_dim[layer_idx] != lay.rope_dim:
+            lay = lay.with_rope(self.layer_rope_dim[layer_idx])
+        return lay
 
     def layer_inv_freq(self, layer_idx: int) -> torch.Tensor:
         """``[kv_heads, r]`` float32 frequencies of the pairs this layer keeps rotary."""

@@ -344,3 +344,91 @@ def test_allocation_kl_is_the_cut_models_kl_and_passes_never_end_worse(wide_mode
     assert one_pass == history[0]["allocated"]
     assert all(torch.equal(layer.self_attn.kv_a_proj_with_mqa.weight, b)
                for layer, b in zip(wide_model.model.layers, before))
+
+
+# -- rotary dims per layer too -------------------------------------------------------------
+
+LATENTS, ROPES = [8, 40, 24, 16], [8, 4, 12, 8]
+"""Per-layer latent widths and rotary dims per head of the tiny model (head_dim 32, 2 kv-heads)."""
+
+
+@pytest.fixture(scope="module")
+def per_layer_rope(tiny_model_factory, tmp_path_factory):
+    from conversion.cli import main
+
+    dst = tmp_path_factory.mktemp("per-layer-rope") / "mla"
+    assert main(["convert", str(tiny_model_factory(SPEC)), str(dst), "--rope-dim", "8", "--strategy", "high",
+                 "--layer-latent", ",".join(map(str, LATENTS)), "--layer-rope", ",".join(map(str, ROPES)),
+                 "--dtype", "float32"]) == 0
+    return dst
+
+
+def test_per_layer_rope_layers_equal_uniform_conversions_at_their_rotary_dims(per_layer_rope, tiny_model_factory,
+                                                                              tmp_path):
+    """Each attention layer is converted on its own, so layer i of a checkpoint with per-layer rotary
+    dims holds exactly the tensors of a uniform conversion at layer i's rotary dims; config and
+    report name every layer's widths and the widest layer's layout."""
+    from safetensors.torch import load_file
+
+    config = json.loads((per_layer_rope / "config.json").read_text())
+    section = config["mha2mla"]
+    assert section["layer_rope_dim"] == ROPES and section["layer_kv_lora_rank"] == LATENTS
+    assert (config["qk_rope_head_dim"], config["kv_lora_rank"]) == (2 * max(ROPES), max(LATENTS))
+    assert [len(heads[0]) for heads in section["rope_pairs"]] == [r // 2 for r in ROPES]
+    report = json.loads((per_layer_rope / "mha2mla_report.json").read_text())
+    assert report["kv_cache"]["essential_values"] == sum(w + 2 * r for w, r in zip(LATENTS, ROPES)) / 4
+    check_checkpoint(per_layer_rope)
+    mixed = load_file(str(next(per_layer_rope.glob("*.safetensors"))))
+    for rope_dim in sorted(set(ROPES)):
+        uniform = tmp_path / f"rope{rope_dim}"
+        convert(tiny_model_factory(SPEC), uniform, ConvertOptions(rope_dim=rope_dim, strategy="high",
+                                                                  layer_latent=LATENTS, dtype="float32"),
+                show_progress=False)
+        tensors = load_file(str(next(uniform.glob("*.safetensors"))))
+        for i in (i for i, r in enumerate(ROPES) if r == rope_dim):
+            names = [n for n in tensors if n.startswith(f"model.layers.{i}.self_attn.")]
+            assert len(names) == 4 and all(torch.equal(mixed[n], tensors[n]) for n in names)
+    spec = MHA2MLASpec.from_config(config)
+    assert spec.per_layer and [spec.layer_layout(i).cache_values for i in range(4)] == \
+        [w + 2 * r for w, r in zip(LATENTS, ROPES)]
+
+
+def test_per_layer_rope_is_refused_when_inconsistent(per_layer_rope, tiny_model_factory, tmp_path, capsys):
+    from conversion.cli import main
+
+    config = json.loads((per_layer_rope / "config.json").read_text())
+    section = config["mha2mla"]
+    for bad, message in (({"layer_rope_dim": [8, 8, 12, 8]}, "layer 1 keep"),
+                         ({"layer_rope_dim": [8, 4, 12]}, "has 3 entries for 4 layers"),
+                         ({"layer_rope_dim": [8, 4, 14, 8]}, "must lie in")):
+        with pytest.raises(ValueError, match=message):
+            MHA2MLASpec.from_config({**config, "mha2mla": {**section, **bad}})
+    src = tiny_model_factory(SPEC)
+    base = ["--rope-dim", "8", "--strategy", "high"]
+    for extra, message in ((["--d-kv", "8", "--layer-rope", "8,4,12,8"], "--layer-rope goes with --layer-latent"),
+                           (["--layer-latent", "8,8,8,8", "--layer-rope", "8,4"], "lists 2 rotary widths"),
+                           (["--layer-latent", "8,8,8,8", "--layer-rope", "8,5,8,8"], "--rope-dim 5")):
+        dst = tmp_path / "out"
+        assert main(["convert", str(src), str(dst), *base, *extra]) == 2
+        assert message in capsys.readouterr().err and not dst.exists()
+
+
+@pytest.mark.vllm
+def test_vllm_serves_per_layer_rotary_dims(per_layer_rope, prompts_sharing_a_prefix):
+    """Layers of different rotary and latent widths: greedy tokens equal the reference model's under
+    chunked prefill with a prefix cache (each layer's prefill attends over its own rope columns),
+    every layer's cache row is its own latent + rotary width."""
+    from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+
+    widths = [w + 2 * r for w, r in zip(LATENTS, ROPES)]
+    prompts = prompts_sharing_a_prefix
+    result = run_engine_in_subprocess(EngineRequest(
+        model=str(per_layer_rope), prompt_token_ids=prompts, max_tokens=16, dtype="float32",
+        kv_cache_memory_bytes=KV_BYTES, enable_chunked_prefill=True, enable_prefix_caching=True,
+        max_num_batched_tokens=32))
+    assert "CUSTOM" in result["attention_backends"]
+    assert result["kv_cache_widths"] == widths
+    assert abs(result["kv_cache_tokens"] * sum(widths) * 4 / KV_BYTES - 1) < 0.05
+    ref = load_reference(per_layer_rope)
+    for prompt, out in zip(prompts, result["outputs"]):
+        assert out["token_ids"] == ref.greedy_generate(torch.tensor([prompt]), 16)[0].tolist()

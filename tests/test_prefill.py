@@ -76,12 +76,34 @@ def test_prefill_backend_equals_full_dim_attention(name):
     v = torch.randn(sum(lens), layout.num_heads, layout.v_head_dim, dtype=torch.float64)
     cu = torch.tensor([0, 5, 6, 15])
     backend = _backend(layout, _hf_config(layout))
-    assert backend.rope_columns is not None and backend.padded_dim == layout.head_dim
+    width = layout.qk_nope_head_dim + layout.qk_rope_head_dim
+    assert backend.head_geometry(width)[1] is not None and backend.padded_dim == layout.head_dim
     backend.prepare_metadata(SimpleNamespace(query_start_loc=cu, max_query_len=9, chunked_context=None))
     out, lse = backend.run_prefill_new_tokens(q, k, v, return_softmax_lse=True)
     want, want_lse = varlen_attention_reference(q, k, v, cu, cu, 0.125, causal=True)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)  # float32 sums, different order
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_one_backend_serves_layers_of_different_rotary_dims():
+    """vLLM hands one prefill backend every layer of a group; a checkpoint whose layers keep
+    different rotary dims is told apart by query width, each layer compacted by its own columns."""
+    from vllm_mha2mla.prefill import layer_layout_for_width
+
+    widest = plan_exact_layout(8, 4, 64, 16, 24)  # what config.json's layout describes
+    backend = _backend(widest, _hf_config(widest))
+    cu = torch.tensor([0, 5, 12])
+    backend.prepare_metadata(SimpleNamespace(query_start_loc=cu, max_query_len=7, chunked_context=None))
+    for layout in (widest, widest.with_rope(8), widest.with_rope(2), widest):
+        width = layout.qk_nope_head_dim + layout.qk_rope_head_dim
+        assert layer_layout_for_width(widest, width) == layout
+        q, k = _mla_qk(layout, tokens=12, seed=width)
+        v = torch.randn(12, layout.num_heads, layout.v_head_dim, dtype=torch.float64)
+        out = backend.run_prefill_new_tokens(q, k, v, return_softmax_lse=False)
+        torch.testing.assert_close(out, varlen_attention_reference(q, k, v, cu, cu, 0.125, causal=True)[0],
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fits no rotary width"):
+        layer_layout_for_width(widest, 64 + 3 * 8 + 1)
 
 
 def test_context_chunk_is_unmasked_and_returns_lse():
@@ -103,7 +125,7 @@ def test_context_chunk_is_unmasked_and_returns_lse():
 def test_without_an_mha2mla_config_heads_are_padded_not_compacted():
     layout = LAYOUTS["exact_gqa"]()
     backend = _backend(layout)
-    assert backend.rope_columns is None
+    assert backend.head_geometry(layout.qk_nope_head_dim + layout.qk_rope_head_dim)[1] is None
     assert backend.padded_dim == 48 + 64  # qk_nope 48 + qk_rope 64, already a multiple of 8
 
 

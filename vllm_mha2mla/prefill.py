@@ -71,25 +71,38 @@ def varlen_attention_reference(
     return _per_sequence(q, k, v, cu_q, cu_k, attend)
 
 
-def _rope_columns_for(vllm_config, num_heads: int) -> torch.Tensor | None:
-    """This rank's per-head rope columns, when the model is an MHA2MLA checkpoint."""
+def _checkpoint_heads(vllm_config, num_heads: int):
+    """(layout, first head of this rank) when the model is an MHA2MLA checkpoint, else None."""
     from vllm_mha2mla.compat import mha2mla_spec
 
     spec = mha2mla_spec(vllm_config)
     if spec is None:
         return None
-    layout = spec.layout  # rope columns do not depend on a layer's latent width
     from vllm.distributed import parallel_state
 
     rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
-    start = rank * num_heads
-    return layout.rope_slot_columns(start, start + num_heads)
+    return spec.layout, rank * num_heads
+
+
+def layer_layout_for_width(layout, qk_width: int):
+    """The layout of a layer whose query/key heads are ``qk_width`` wide.
+
+    vLLM builds one prefill backend per group of layers and calls it with every layer's q and
+    k, so a checkpoint whose layers keep different rotary dims (exact layouts: ``qk_nope = d -
+    r``, ``qk_rope = g·r``, width ``d + (g-1)·r``) tells each layer apart by that width alone."""
+    if qk_width == layout.qk_nope_head_dim + layout.qk_rope_head_dim or layout.num_kv_heads == 1:
+        return layout
+    rope_dim, rest = divmod(qk_width - layout.head_dim, layout.num_kv_heads - 1)
+    if rest or rope_dim <= 0:
+        raise ValueError(f"a query head of {qk_width} dims fits no rotary width of this checkpoint's layout")
+    return layout.with_rope(rope_dim)
 
 
 class _CompactedHeads:
     """What the GPU and CPU prefill backends share: each query/key head reduced to its nope dims
-    and its own kv-head's rope columns (:func:`compact_heads`), all three of q, k and v
-    zero-padded to one head size (a multiple of ``PAD_TO``), values sliced back after."""
+    and its own kv-head's rope columns (:func:`compact_heads`, :meth:`MLALayout.rope_slot_columns`),
+    all three of q, k and v zero-padded to one head size (a multiple of ``PAD_TO``), values sliced
+    back after. Layers with their own rotary dims are told apart by their query width."""
 
     PAD_TO = 1
 
@@ -98,14 +111,28 @@ class _CompactedHeads:
         super().__init__(num_heads=num_heads, scale=scale, kv_lora_rank=kv_lora_rank,
                          qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
                          v_head_dim=v_head_dim, vllm_config=vllm_config)
-        self.rope_columns = _rope_columns_for(vllm_config, num_heads)
-        qk = qk_nope_head_dim + (qk_rope_head_dim if self.rope_columns is None else self.rope_columns.shape[1])
-        self.padded_dim = -(-max(qk, v_head_dim) // self.PAD_TO) * self.PAD_TO
+        self._heads = _checkpoint_heads(vllm_config, num_heads)
+        self._geometry_by_width: dict[int, tuple[int, torch.Tensor | None, int]] = {}
+        self.padded_dim = self.head_geometry(qk_nope_head_dim + qk_rope_head_dim)[2]
+
+    def head_geometry(self, qk_width: int) -> tuple[int, torch.Tensor | None, int]:
+        """(nope dims, per-head rope columns or None, padded head size) of a layer's heads."""
+        found = self._geometry_by_width.get(qk_width)
+        if found is None:
+            nope, columns = self.qk_nope_head_dim, None
+            if self._heads is not None:
+                layout, start = self._heads
+                lay = layer_layout_for_width(layout, qk_width)
+                nope, columns = lay.qk_nope_head_dim, lay.rope_slot_columns(start, start + self.num_heads)
+            qk = nope + (qk_width - nope if columns is None else columns.shape[1])
+            found = (nope, columns, -(-max(qk, self.v_head_dim) // self.PAD_TO) * self.PAD_TO)
+            self._geometry_by_width[qk_width] = found
+        return found
 
     def _compacted(self, q, k, v):
-        nope, width = self.qk_nope_head_dim, self.padded_dim
-        return (pad_last(compact_heads(q, nope, self.rope_columns), width),
-                pad_last(compact_heads(k, nope, self.rope_columns), width), pad_last(v, width))
+        nope, columns, width = self.head_geometry(q.shape[-1])
+        return (pad_last(compact_heads(q, nope, columns), width),
+                pad_last(compact_heads(k, nope, columns), width), pad_last(v, width))
 
     def _value_dims(self, out: torch.Tensor) -> torch.Tensor:
         # contiguous: vLLM merges context and new-token outputs and needs equal strides
