@@ -136,6 +136,26 @@ def allocate_options(costs: Sequence[dict[int, float]], total: int) -> list[int]
     return [units * unit for units in _least_cost_picks(options, total // unit, exact=False)]
 
 
+def choose_options(costs: Sequence[dict[tuple[int, int], float]], total_values: int,
+                   kv_heads: int) -> list[tuple[int, int]]:
+    """Each layer's (rotary dims per head R, latent width w) of least summed measured cost with
+    the cached values ``kv_heads·R + w`` summed over layers at most ``total_values``.
+
+    ``costs[l]``: layer ``l``'s measured ``{(R, w): cost}`` (``sensitivity.option_costs``). Of
+    several options of one size a layer only ever wants the cheapest, so the choice reduces to
+    :func:`allocate_options` over sizes."""
+    cheapest = []  # per layer: {values: (cost, option)}
+    for layer in costs:
+        best: dict[int, tuple[float, tuple[int, int]]] = {}
+        for (r, w), c in layer.items():
+            size = kv_heads * r + w
+            if size not in best or c < best[size][0]:
+                best[size] = (c, (r, w))
+        cheapest.append(best)
+    sizes = allocate_options([{size: c for size, (c, _) in best.items()} for best in cheapest], total_values)
+    return [best[size][1] for best, size in zip(cheapest, sizes)]
+
+
 def kept_energy(energies: Sequence[Sequence[float]], ranks: Sequence[int]) -> float:
     """Sum over layers of the energy the ranks keep (higher is better)."""
     return float(sum(sum(e[:r]) for e, r in zip(energies, ranks)))

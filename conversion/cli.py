@@ -26,6 +26,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
                         help="each layer's latent width, given outright (exact layout)")
     p.add_argument("--layer-rope", type=lambda v: [int(x) for x in v.split(",")], metavar="R1,R2,...",
                    help="with --layer-latent: each layer's rotary dims per head (--rope-dim is then ignored)")
+    p.add_argument("--rope-choices", type=lambda v: [int(x) for x in v.split(",")], metavar="R1,R2,...",
+                   help="with --allocate measured: rotary dims per head a layer may take, chosen per layer with its "
+                        "latent width under the same total (--rope-dim is the uniform point costs are measured at)")
     p.add_argument("--allocate", default="uniform", choices=["uniform", "measured"],
                    help="uniform: every layer the same latent; measured: per-layer latents (same total) where a "
                         "measured cost of truncating each layer says they matter most (--d-kv is then the average)")
@@ -164,6 +167,10 @@ def print_report(report: dict) -> None:
         kl = allocation["predicted_kl"]
         console.print(f"allocation ({allocation['method']}, {allocation['seconds']:.0f} s): summed truncation cost "
                       f"{kl['allocated']:.4f} nats/token vs {kl['uniform']:.4f} for uniform layers")
+        if "measured_kl" in allocation:
+            kl = allocation["measured_kl"]
+            console.print(f"measured KL from the original, all layers at once: {kl['allocated']:.4f} nats/token vs "
+                          f"{kl['uniform']:.4f} for uniform layers")
     table = Table(title="KV cache per token per layer")
     for col in ("what", "values", "dtype", "bytes", "reduction"):
         table.add_column(col, justify="right" if col != "what" else "left")
@@ -221,6 +228,7 @@ def run_command(args: argparse.Namespace) -> int:
                     allocation_passes=args.allocation_passes,
                     layer_latent=args.layer_latent,
                     layer_rope=args.layer_rope,
+                    rope_choices=args.rope_choices,
                 ),
             )
             print_report(report)

@@ -178,3 +178,107 @@ def measured_allocation(model, windows: torch.Tensor, grid: Sequence[int], total
         measured.append((allocation_kl(model, windows, ranks), ranks))
         history.append({"base": ranks, "base_kl": measured[-1][0], "costs": None, "allocated": None})
     return min(measured, key=lambda m: m[0])[1], history
+
+
+# -- rotary dims per layer too: options taken from conversions at different rotary widths --------
+
+Option = tuple[int, int]
+"""(rotary dims per head, latent width) of one layer."""
+
+
+class MixedAttention:
+    """One model whose layer ``l`` runs the attention of the conversion with ``R`` rotary dims,
+    its latent cut to ``w``: every (R, w) a layer may take, without converting it again.
+
+    ``models[R]``: reference models of one source converted with R rotary dims at a wide latent
+    (the MLPs, norms and embeddings are the source's in each, so only attention differs); the
+    model of ``host_rope`` is the one whose decoder layers are switched in place. Each layer's
+    attention is converted on its own, so a layer taken from conversion R and cut to w is
+    exactly what a conversion with that layer at (R, w) holds."""
+
+    def __init__(self, models: dict, host_rope: int):
+        self.host = models[host_rope]
+        # each conversion's own attention modules, kept apart from the host's switched layers
+        self.attention = {r: [layer.self_attn for layer in m.model.layers] for r, m in models.items()}
+        self.wide = {r: attn[0].layout.latent_dim for r, attn in self.attention.items()}
+        self.saved = {r: [a.kv_a_proj_with_mqa.weight[: self.wide[r]].clone() for a in attn]
+                      for r, attn in self.attention.items()}
+        self.layers = len(self.host.model.layers)
+
+    def check(self, options: Sequence[Option], what: str) -> list[Option]:
+        options = [tuple(o) for o in options]
+        if len(options) != self.layers or any(r not in self.wide or not 0 < w <= self.wide[r] for r, w in options):
+            raise ConversionError(f"{what} {options} must give each of {self.layers} layers a (rotary dims, latent) "
+                                  f"with rotary dims in {sorted(self.wide)} and latent in [1, the widest converted]")
+        return options
+
+    @torch.no_grad()
+    def set(self, layer: int, rope: int, width: int) -> None:
+        attn = self.attention[rope][layer]
+        weight = attn.kv_a_proj_with_mqa.weight
+        weight[: self.wide[rope]] = self.saved[rope][layer]
+        weight[width : self.wide[rope]] = 0
+        self.host.model.layers[layer].self_attn = attn
+
+    def set_all(self, options: Sequence[Option]) -> None:
+        for layer, (rope, width) in enumerate(options):
+            self.set(layer, rope, width)
+
+
+@torch.no_grad()
+def reference_logprobs(original, windows: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
+    """The original model's next-token log-probabilities on each batch of ``windows``: the
+    common reference of options taken from different conversions."""
+    return [F.log_softmax(original(batch).logits.float(), dim=-1) for batch in windows.split(batch_size)]
+
+
+@torch.no_grad()
+def option_costs(mixed: MixedAttention, reference: Sequence[torch.Tensor], windows: torch.Tensor,
+                 grid: dict[int, Sequence[int]], base: Sequence[Option], batch_size: int = 4,
+                 show_progress: bool = True) -> list[dict[Option, float]]:
+    """``[layer] → {(R, w): mean KL(original ‖ model with every other layer at base) per token}``.
+
+    Measured from the original (``reference``, :func:`reference_logprobs` on the same windows
+    and batches) so that options from different conversions are comparable; layer inputs are
+    cached, so an option of layer ``l`` reruns layers ``l..L-1`` only."""
+    base = mixed.check(base, "base options")
+    options = [(r, w) for r, widths in grid.items() for w in widths]
+    for option in options:
+        mixed.check([option] * mixed.layers, "options to measure")
+    model = mixed.host
+    costs: list[dict[Option, float]] = [{} for _ in range(mixed.layers)]
+    bar = tqdm(total=mixed.layers * len(options) * len(reference), desc="measuring (rotary, latent) options",
+               unit="pass", disable=not show_progress)
+    try:
+        for batch, ref in zip(windows.split(batch_size), reference):
+            positions = torch.arange(batch.shape[1], device=batch.device)[None].expand(batch.shape[0], -1)
+            mixed.set_all(base)
+            inputs = [model.model.embed_tokens(batch)]
+            for layer in model.model.layers:
+                inputs.append(layer(inputs[-1], positions, None))
+            for i in range(mixed.layers):
+                for option in options:
+                    mixed.set(i, *option)
+                    logprobs = _next_token_logprobs(model, _run_layers(model, inputs[i], positions, i))
+                    kl = F.kl_div(logprobs, ref, log_target=True, reduction="sum").item()
+                    costs[i][option] = costs[i].get(option, 0.0) + kl
+                    bar.update()
+                mixed.set(i, *base[i])
+    finally:
+        bar.close()
+    return [{o: c / windows.numel() for o, c in layer.items()} for layer in costs]
+
+
+@torch.no_grad()
+def mixed_kl(mixed: MixedAttention, reference: Sequence[torch.Tensor], windows: torch.Tensor,
+             options: Sequence[Option], batch_size: int = 4) -> float:
+    """Mean KL per token (nats) from the original of the model with every layer at its option:
+    what an allocation really costs, interactions included."""
+    mixed.set_all(mixed.check(options, "options"))
+    total = 0.0
+    for batch, ref in zip(windows.split(batch_size), reference):
+        positions = torch.arange(batch.shape[1], device=batch.device)[None].expand(batch.shape[0], -1)
+        logprobs = _next_token_logprobs(mixed.host, _run_layers(mixed.host, mixed.host.model.embed_tokens(batch),
+                                                                positions, 0))
+        total += F.kl_div(logprobs, ref, log_target=True, reduction="sum").item()
+    return total / windows.numel()

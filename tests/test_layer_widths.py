@@ -432,3 +432,93 @@ def test_vllm_serves_per_layer_rotary_dims(per_layer_rope, prompts_sharing_a_pre
     ref = load_reference(per_layer_rope)
     for prompt, out in zip(prompts, result["outputs"]):
         assert out["token_ids"] == ref.greedy_generate(torch.tensor([prompt]), 16)[0].tolist()
+
+
+@pytest.fixture(scope="module")
+def rope_allocated(tiny_model_factory, tmp_path_factory, calib_text_file):
+    dst = tmp_path_factory.mktemp("rope-allocated") / "mla"
+    convert(tiny_model_factory(SPEC), dst, ConvertOptions(**{**OPTIONS, "rope_choices": [4, 8, 12]},
+                                                          calib_text=calib_text_file), show_progress=False)
+    return dst
+
+
+def test_option_costs_equal_directly_mixed_models(tiny_model_factory, tmp_path):
+    """The cached-prefix fast path gives exactly KL(original ‖ model with every layer at base but one
+    at (R, w)), that model built by taking the layer from the R conversion and cutting it; the
+    whole-model KL is the same with several layers switched."""
+    from transformers import AutoModelForCausalLM
+
+    from conversion.sensitivity import MixedAttention, mixed_kl, option_costs, reference_logprobs
+
+    src = tiny_model_factory(SPEC)
+    models = {}
+    for r in (4, 8):
+        convert(src, tmp_path / f"r{r}", ConvertOptions(rope_dim=r, d_kv=24, strategy="high", layout="exact",
+                                                        dtype="float32"), show_progress=False)
+        models[r] = load_reference(tmp_path / f"r{r}")
+    torch.manual_seed(3)
+    windows = torch.randint(0, SPEC.vocab_size, (3, 20))
+    reference = reference_logprobs(AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32), windows, 2)
+    mixed = MixedAttention(models, host_rope=8)
+    base = [(8, 32)] * 4
+    costs = option_costs(mixed, reference, windows, {4: [16, 48], 8: [16, 32]}, base, batch_size=2,
+                         show_progress=False)
+    assert set(costs[0]) == {(4, 16), (4, 48), (8, 16), (8, 32)}
+    for layer, option in ((1, (4, 48)), (3, (8, 16))):
+        options = list(base)
+        options[layer] = option
+        assert costs[layer][option] == pytest.approx(mixed_kl(mixed, reference, windows, options, 2), rel=1e-4)
+    with torch.no_grad():  # built by hand: layer 2 of the rope-4 conversion, latent cut to 16, in the rope-8 model
+        direct = load_reference(tmp_path / "r8")
+        for layer in direct.model.layers:
+            layer.self_attn.kv_a_proj_with_mqa.weight[32:48] = 0
+        direct.model.layers[2].self_attn = load_reference(tmp_path / "r4").model.layers[2].self_attn
+        direct.model.layers[2].self_attn.kv_a_proj_with_mqa.weight[16:48] = 0
+        logprobs = direct(windows).logits.log_softmax(-1)
+    want = torch.nn.functional.kl_div(logprobs, torch.cat(reference), log_target=True, reduction="sum").item()
+    options = list(base)
+    options[2] = (4, 16)
+    assert mixed_kl(mixed, reference, windows, options, 2) == pytest.approx(want / windows.numel(), rel=1e-4)
+    with pytest.raises(ConversionError, match="must give each of 4 layers"):
+        mixed_kl(mixed, reference, windows, [(12, 16)] * 4)
+
+
+def test_measured_rope_allocation_round_trips(rope_allocated, tiny_model_factory, tmp_path):
+    """--rope-choices writes per-layer rotary dims and latents within the budget, reports measured
+    KLs (allocated never above uniform), and the checkpoint is exactly the conversion given those
+    lists outright; the scratch conversions are gone."""
+    config = json.loads((rope_allocated / "config.json").read_text())
+    allocation = json.loads((rope_allocated / "mha2mla_report.json").read_text())["allocation"]
+    ropes, latents = config["mha2mla"]["layer_rope_dim"], config["mha2mla"]["layer_kv_lora_rank"]
+    assert ropes == allocation["layer_rope"] and latents == allocation["layer_latent"]
+    assert set(ropes) <= {4, 8, 12} and all(w % 8 == 0 for w in latents)
+    assert sum(2 * r + w for r, w in zip(ropes, latents)) <= 4 * (2 * 8 + 2 * 16)  # the budget: rope 8, d_kv 16
+    assert allocation["measured_kl"]["allocated"] <= allocation["measured_kl"]["uniform"]
+    assert allocation["predicted_kl"]["allocated"] <= allocation["predicted_kl"]["uniform"] + 1e-12
+    assert [p.name for p in rope_allocated.parent.iterdir()] == ["mla"]
+    check_checkpoint(rope_allocated)
+    from safetensors.torch import load_file
+
+    given = tmp_path / "given"
+    convert(tiny_model_factory(SPEC), given, ConvertOptions(
+        rope_dim=8, strategy="2-norm", svd="aw-joint", calib_tokens=2048, dtype="float32", layer_latent=latents,
+        layer_rope=ropes, calib_text=json.loads((rope_allocated / "mha2mla_report.json").read_text())
+        ["options"]["calib_text"]), show_progress=False)
+    a, b = (load_file(str(next(p.glob("*.safetensors")))) for p in (rope_allocated, given))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--d-kv", "16", "--rope-choices", "4,8"], "--rope-choices goes with --allocate measured"),
+    (["--d-kv", "16", "--allocate", "measured", "--rope-choices", "4,7"], "--rope-dim 7"),
+    (["--d-kv", "16", "--allocate", "measured", "--rope-choices", "4,8", "--allocation-passes", "2"],
+     "drop it with --rope-choices"),
+])
+def test_bad_rope_choices_are_refused(tiny_model_factory, tmp_path, capsys, extra, message):
+    from conversion.cli import main
+
+    dst = tmp_path / "out"
+    rc = main(["convert", str(tiny_model_factory(SPEC)), str(dst), "--rope-dim", "8", "--strategy", "high",
+               "--rank-step", "8", *extra])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not dst.exists()
