@@ -64,8 +64,19 @@ def held_out_windows(tokenizer, tokens: int, seq_len: int = 512) -> torch.Tensor
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
+def study_setup(out: Path):
+    """What every study of the default model starts with: its output folder, the 2 cores' threads,
+    the model folder and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    src = ensure_default_model()
+    return src, AutoTokenizer.from_pretrained(str(src))
+
+
 def main() -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
@@ -77,10 +88,7 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=3,
                     help="measured-kl-passes: measure -> allocate passes, each around the last allocation")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
-    src = ensure_default_model()
-    tok = AutoTokenizer.from_pretrained(str(src))
+    src, tok = study_setup(args.out)
     windows = held_out_windows(tok, args.tokens)
     original = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     results: dict = {"command": "python benchmarks/rank_allocation_study.py " + " ".join(sys.argv[1:]),

@@ -35,11 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conversion import ConvertOptions, convert, load_reference  # noqa: E402
 from conversion.allocation import choose_options  # noqa: E402
-from conversion.default_model import ensure_default_model  # noqa: E402
 from conversion.recovery.corpus import default_calibration_text  # noqa: E402
 from conversion.recovery.data import text_windows  # noqa: E402
 from conversion.sensitivity import MixedAttention, mixed_kl, option_costs, reference_logprobs  # noqa: E402
-from rank_allocation_study import held_out_windows, perplexity  # noqa: E402
+from rank_allocation_study import held_out_windows, perplexity, study_setup  # noqa: E402
 
 BASE = (16, 48)  # the uniform 96-value conversion: rotary dims per head, latent width (3 kv-heads × 16)
 LATENT_GRID = {  # rotary dims per head → latent widths measured (values per layer ≤ 192, twice the average)
@@ -51,17 +50,14 @@ LATENT_GRID = {  # rotary dims per head → latent widths measured (values per l
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--sensitivity-tokens", type=int, default=1024)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
-    src = ensure_default_model()
-    tok = AutoTokenizer.from_pretrained(str(src))
+    src, tok = study_setup(args.out)
     held_out = held_out_windows(tok, args.tokens)
     calib = torch.tensor(text_windows(tok, default_calibration_text(args.sensitivity_tokens * 8), 512,
                                       args.sensitivity_tokens))
