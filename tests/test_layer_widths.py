@@ -485,8 +485,8 @@ def test_option_costs_equal_directly_mixed_models(tiny_model_factory, tmp_path):
 
 def test_measured_rope_allocation_round_trips(rope_allocated, tiny_model_factory, tmp_path):
     """--rope-choices writes per-layer rotary dims and latents within the budget, reports measured
-    KLs (allocated never above uniform), and the checkpoint is exactly the conversion given those
-    lists outright; the scratch conversions are gone."""
+    KLs (allocated never above uniform), and the checkpoint is the conversion given those lists
+    outright (same tensors to 1e-5); the scratch conversions are gone."""
     config = json.loads((rope_allocated / "config.json").read_text())
     allocation = json.loads((rope_allocated / "mha2mla_report.json").read_text())["allocation"]
     ropes, latents = config["mha2mla"]["layer_rope_dim"], config["mha2mla"]["layer_kv_lora_rank"]
@@ -505,7 +505,11 @@ def test_measured_rope_allocation_round_trips(rope_allocated, tiny_model_factory
         layer_rope=ropes, calib_text=json.loads((rope_allocated / "mha2mla_report.json").read_text())
         ["options"]["calib_text"]), show_progress=False)
     a, b = (load_file(str(next(p.glob("*.safetensors")))) for p in (rope_allocated, given))
-    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert a.keys() == b.keys() and all(a[n].shape == b[n].shape for n in a)
+    # equal up to float32 rounding of the float64 activation-aware SVD (calibration statistics
+    # collected in one process and read back from their cache in another differ in the last bits)
+    differ = {n: (a[n] - b[n]).abs().max().item() for n in a if not torch.allclose(a[n], b[n], rtol=0, atol=1e-5)}
+    assert not differ, differ
 
 
 @pytest.mark.parametrize("extra, message", [
