@@ -119,10 +119,8 @@ class ConversionPlan:
         return self.options.strategy == "2-norm" or self.options.svd == "aw-joint" or self.latent_total is not None
 
     def layer_layout(self, layer: int) -> MLALayout:
-        lay = self.layout if self.layer_latent is None else self.layout.with_latent(self.layer_latent[layer])
-        if self.layer_rope is not None and self.layer_rope[layer] != lay.rope_dim:
-            lay = lay.with_rope(self.layer_rope[layer])
-        return lay
+        return self.layout.for_layer(None if self.layer_latent is None else self.layer_latent[layer],
+                                     None if self.layer_rope is None else self.layer_rope[layer])
 
     @property
     def layer_layouts(self) -> list[MLALayout]:
@@ -472,18 +470,16 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_prog
     if plan.needs_calibration:
         text = calibration_text(options)
         stats = load_or_collect(spec, text, options.cache_dir, options.calib_tokens, options.calib_seq_len)
-    pairs = select_rope_pairs(plan, stats)
     allocation = None
-    if plan.latent_total is not None and options.rope_choices:
-        allocation = allocate_measured_with_rope(plan, weights, stats, text, dst, show_progress)
-        pairs = select_rope_pairs(plan, stats)  # each layer's own number of pairs
-    elif plan.latent_total is not None:
-        allocation = allocate_measured(plan, weights, stats, pairs, text, dst, show_progress)
-    return _write_checkpoint(plan, weights, stats, pairs, dst, show_progress, allocation)
+    if plan.latent_total is not None:
+        allocate = allocate_measured_with_rope if options.rope_choices else allocate_measured
+        allocation = allocate(plan, weights, stats, text, dst, show_progress)
+    # after any allocation: a layer keeps as many pairs as its own rotary dims say
+    return _write_checkpoint(plan, weights, stats, select_rope_pairs(plan, stats), dst, show_progress, allocation)
 
 
 def allocate_measured(plan: ConversionPlan, weights: SourceWeights, stats: CalibrationStats | None,
-                      pairs: list[list[list[int]]], text: str, dst: Path, show_progress: bool) -> dict:
+                      text: str, dst: Path, show_progress: bool) -> dict:
     """Fixes ``plan.layer_latent``: converts at the widest latent a layer may take into a
     scratch folder beside ``dst`` (removed afterwards), measures each layer's cost at each width
     with every other layer at the average (:func:`conversion.sensitivity.truncation_costs`, KL
@@ -505,7 +501,8 @@ def allocate_measured(plan: ConversionPlan, weights: SourceWeights, stats: Calib
     with tempfile.TemporaryDirectory(prefix=f".{dst.name}.wide-", dir=dst.parent) as scratch:
         wide_dir = Path(scratch) / "wide"
         wide_plan = ConversionPlan(plan.spec, plan.layout, opts, torch.float32, [])
-        _write_checkpoint(wide_plan, weights, stats, pairs, wide_dir, show_progress, None)
+        _write_checkpoint(wide_plan, weights, stats, select_rope_pairs(wide_plan, stats), wide_dir, show_progress,
+                          None)
         windows = _sensitivity_windows(plan, text)
         model = load_reference(wide_dir)
         grid = sorted({r for r in range(step, wide + 1, step) if r <= average or r % (2 * step) == 0} | {average, wide})

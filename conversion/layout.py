@@ -93,6 +93,12 @@ class MLALayout:
         return replace(self, rope_dim=rope_dim, qk_rope_head_dim=self.num_kv_heads * rope_dim,
                        qk_nope_head_dim=self.head_dim - rope_dim)
 
+    def for_layer(self, latent_dim: int | None = None, rope_dim: int | None = None) -> "MLALayout":
+        """One layer's layout under a per-layer allocation: its own latent width and rotary dims
+        where given (None: this layout's), for the converter's plan and a checkpoint's spec alike."""
+        lay = self if latent_dim is None else self.with_latent(latent_dim)
+        return lay if rope_dim is None or rope_dim == lay.rope_dim else lay.with_rope(rope_dim)
+
     # -- sizes -------------------------------------------------------------------------------
     @property
     def rope_total(self) -> int:

@@ -87,12 +87,9 @@ class MHA2MLASpec:
 
     def layer_layout(self, layer_idx: int) -> MLALayout:
         """The layout of one layer (its own latent and rotary widths under a per-layer allocation)."""
-        lay = self.layout
-        if self.layer_kv_lora_rank is not None:
-            lay = lay.with_latent(self.layer_kv_lora_rank[layer_idx])
-        if self.layer_rope_dim is not None and self.layer_rope_dim[layer_idx] != lay.rope_dim:
-            lay = lay.with_rope(self.layer_rope_dim[layer_idx])
-        return lay
+        return self.layout.for_layer(
+            None if self.layer_kv_lora_rank is None else self.layer_kv_lora_rank[layer_idx],
+            None if self.layer_rope_dim is None else self.layer_rope_dim[layer_idx])
 
     def layer_inv_freq(self, layer_idx: int) -> torch.Tensor:
         """``[kv_heads, r]`` float32 frequencies of the pairs this layer keeps rotary."""

@@ -198,11 +198,10 @@ class MixedAttention:
 
     def __init__(self, models: dict, host_rope: int):
         self.host = models[host_rope]
-        # each conversion's own attention modules, kept apart from the host's switched layers
+        # each conversion's own attention modules and latent cuts, kept apart from the host's switched layers
         self.attention = {r: [layer.self_attn for layer in m.model.layers] for r, m in models.items()}
-        self.wide = {r: attn[0].layout.latent_dim for r, attn in self.attention.items()}
-        self.saved = {r: [a.kv_a_proj_with_mqa.weight[: self.wide[r]].clone() for a in attn]
-                      for r, attn in self.attention.items()}
+        self.cuts = {r: _LatentWidths(m) for r, m in models.items()}
+        self.wide = {r: cut.wide for r, cut in self.cuts.items()}
         self.layers = len(self.host.model.layers)
 
     def check(self, options: Sequence[Option], what: str) -> list[Option]:
@@ -214,11 +213,8 @@ class MixedAttention:
 
     @torch.no_grad()
     def set(self, layer: int, rope: int, width: int) -> None:
-        attn = self.attention[rope][layer]
-        weight = attn.kv_a_proj_with_mqa.weight
-        weight[: self.wide[rope]] = self.saved[rope][layer]
-        weight[width : self.wide[rope]] = 0
-        self.host.model.layers[layer].self_attn = attn
+        self.cuts[rope].set(layer, width)
+        self.host.model.layers[layer].self_attn = self.attention[rope][layer]
 
     def set_all(self, options: Sequence[Option]) -> None:
         for layer, (rope, width) in enumerate(options):
