@@ -14,8 +14,10 @@
               and with every head in one program group, summed over the pattern vs uniform.
   throughput-narrow: as throughput, uniform latent 448 vs per-layer 384..512, a pattern whose
               widths all share the uniform layer's kernel tiles (isolates per-width overheads).
+  blocks:     the decode kernel with the latent in power-of-two blocks (640 = 512 + 128) against
+              one padded tile, over head groups, row tiles and warps (no vLLM needed).
 
-Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels} OUT.json
+Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks} OUT.json
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ def sweep(out_file: Path, heads: int = 32, rope: int = 512) -> dict:
                                                                         (1, 2, 4, 8)):
             if shared_memory_bytes(block_h, block_n, 1024, triton.next_power_of_2(rope)) > 228 * 1024:
                 continue
-            launch = DecodeLaunch(block_h, block_n, 1024, triton.next_power_of_2(rope), warps, stages, splits)
+            launch = DecodeLaunch(block_h, block_n, (1024,), triton.next_power_of_2(rope), warps, stages, splits)
             try:
                 ms = triton.testing.do_bench(lambda: mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len,
                                                                       num_sms=sms, launch=launch), rep=20)
@@ -200,7 +202,76 @@ def sweep(out_file: Path, heads: int = 32, rope: int = 512) -> dict:
     return results
 
 
+BLOCK_CASES = [  # (latent, rope, batch, seq_len): the throughput pattern's widths, and the 8K/1K engines' shapes
+    *[(w, 512, 256, 768) for w in (128, 384, 448, 512, 640, 896)],
+    (384, 128, 348, 8704),  # Llama-3-8B cut75 (8 kv-heads × 16 rope), 8K/1K decode batch
+    (512, 64, 310, 8704),  # the native 576 row, for reference (one block either way)
+]
+
+
+def blocks(out_file: Path, heads: int = 32) -> dict:
+    """The latent held in power-of-two blocks (640 = 512 + 128) against one padded tile (1024),
+    over head groups, row tiles and warps; each output checked against the padded plan's and,
+    on the first requests, against float32 PyTorch."""
+    import itertools
+    from dataclasses import replace
+
+    import triton
+
+    from vllm_mha2mla.paged_attention import paged_latent_decode
+    from vllm_mha2mla.triton_decode import (SHARED_MEMORY_BUDGET, latent_blocks, mla_paged_decode, plan_launch,
+                                            shared_memory_bytes)
+
+    page, sms = 16, torch.cuda.get_device_properties(0).multi_processor_count
+    results: dict = {"device": torch.cuda.get_device_name(0), "heads": heads, "page": page, "cases": []}
+    for latent, rope, batch, seq_len in BLOCK_CASES:
+        torch.cuda.empty_cache()
+        width = latent + rope
+        pages_per_seq = -(-seq_len // page)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        table = torch.randperm(batch * pages_per_seq, device="cuda", generator=g).view(batch, pages_per_seq).int()
+        lens = torch.randint(seq_len * 9 // 10, seq_len + 1, (batch,), device="cuda", generator=g).int()
+        cache = (torch.randn(batch * pages_per_seq, page, width, device="cuda", generator=g) * 0.5).bfloat16()
+        q = (torch.randn(batch, heads, width, device="cuda", generator=g) * 0.5).bfloat16()
+        gbytes = float(lens.sum()) * width * 2 / 1e9
+        plan = plan_launch(batch, heads, latent, rope, seq_len, sms)
+        padded = replace(plan, latent_blocks=latent_blocks(latent, max_blocks=1))
+        want = paged_latent_decode(q[:4].float(), cache.float(), table[:4], lens[:4], 0.1, latent)
+        base, _ = mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, launch=padded)
+        case: dict = {"latent": latent, "rope": rope, "batch": batch, "seq_len": seq_len, "gbytes": gbytes,
+                      "plan": {**vars(plan), "latent_blocks": list(plan.latent_blocks)}, "variants": []}
+        grid = itertools.product((plan.latent_blocks, padded.latent_blocks), (16, 32), (16, 32, 64), (4, 8))
+        for lat_blocks, block_h, block_n, warps in grid:
+            launch = replace(plan, latent_blocks=lat_blocks, block_h=block_h, block_n=block_n, num_warps=warps)
+            if shared_memory_bytes(block_h, block_n, launch.block_c, launch.block_r) > SHARED_MEMORY_BUDGET:
+                continue
+            row = {"latent_blocks": list(lat_blocks), "block_h": block_h, "block_n": block_n, "num_warps": warps,
+                   "is_plan": launch == plan, "is_padded_plan": launch == padded}
+            try:
+                out, _ = mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, launch=launch)
+                row["max_abs_diff_vs_padded"] = float((out.float() - base.float()).abs().max())
+                row["max_abs_diff_vs_torch"] = float((out[:4].float() - want).abs().max())
+                row["ms"] = triton.testing.do_bench(
+                    lambda: mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, launch=launch),
+                    rep=50, return_mode="median")
+                row["tb_per_s"] = gbytes / row["ms"]
+            except Exception as exc:  # a variant may not fit the hardware
+                row["error"] = str(exc).splitlines()[0][:200]
+            case["variants"].append(row)
+        timed = [r for r in case["variants"] if "ms" in r and r["max_abs_diff_vs_torch"] < 2e-2]
+        for key in ("is_plan", "is_padded_plan"):
+            case[key[3:]] = next((r for r in timed if r[key]), None)
+        case["best"] = min(timed, key=lambda r: r["ms"]) if timed else None
+        results["cases"].append(case)
+        print(f"latent {latent} + rope {rope}, {batch} x {seq_len}: " + "  ".join(
+            f"{k} {case[k]['ms']:.3f} ms {case[k]['tb_per_s']:.2f} TB/s {case[k]['latent_blocks']} "
+            f"h{case[k]['block_h']} n{case[k]['block_n']} w{case[k]['num_warps']}"
+            for k in ("padded_plan", "plan", "best") if case[k]), flush=True)
+        out_file.write_text(json.dumps(results, indent=1))
+    return results
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    {"parity": parity, "throughput": throughput, "kernels": kernels, "sweep": sweep,
+    {"parity": parity, "throughput": throughput, "kernels": kernels, "sweep": sweep, "blocks": blocks,
      "throughput-narrow": lambda o: throughput(o, pattern=NARROW_PATTERN, with_mha=False)}[mode](out)

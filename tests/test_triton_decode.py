@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from vllm_mha2mla.paged_attention import gather_paged_rows, paged_latent_decode  # noqa: E402
-from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch  # noqa: E402
+from vllm_mha2mla.triton_decode import latent_blocks, mla_paged_decode, plan_launch  # noqa: E402
 
 del os.environ["TRITON_INTERPRET"]  # not for the engines other tests start
 
@@ -55,6 +55,39 @@ def test_kernel_equals_reference_decode(latent, rope, heads, block, splits):
     torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
 
 
+def test_latent_blocks_cover_the_latent_in_powers_of_two():
+    assert latent_blocks(640) == (512, 128)  # no padding: 640 columns, not 1024
+    assert latent_blocks(896) == (512, 256, 128)
+    assert latent_blocks(512) == (512,)
+    assert latent_blocks(120) == (64, 32, 32)  # three blocks at most: the last one padded (24 of 32 used)
+    assert latent_blocks(1000) == (512, 256, 256)
+    assert latent_blocks(7) == (16,)  # Triton's smallest dot tile
+    assert latent_blocks(640, max_blocks=1) == (1024,)  # the old single padded tile
+    for latent in range(1, 2100, 7):
+        blocks = latent_blocks(latent)
+        assert sum(blocks) >= latent and sum(blocks[:-1]) < latent and len(blocks) <= 3
+        assert all(b >= 16 and b & (b - 1) == 0 for b in blocks)
+    with pytest.raises(ValueError, match="must be positive"):
+        latent_blocks(0)
+
+
+@pytest.mark.parametrize("latent,rope,blocks", [(640, 64, (512, 128)), (640, 64, (1024,)), (208, 48, (128, 64, 16)),
+                                                (208, 48, (128, 128)), (96, 32, (64, 32))])
+def test_every_block_split_of_the_latent_gives_the_reference(latent, rope, blocks):
+    q, cache, table, lens = _paged_problem(latent, rope, 5, 16, [1, 40, 23])
+    plan = replace(plan_launch(3, 5, latent, rope, 40, num_sms=8), latent_blocks=blocks, num_splits=2)
+    out, _ = mla_paged_decode(q, cache, table, lens, 0.1, latent, 40, launch=plan)
+    want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.1, latent)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_that_do_not_cover_the_latent_are_refused():
+    q, cache, table, lens = _paged_problem(640, 64, 2, 16, [4])
+    plan = replace(plan_launch(1, 2, 640, 64, 4, num_sms=8), latent_blocks=(512, 64))
+    with pytest.raises(ValueError, match=r"latent blocks \(512, 64\) cover 576 of 640"):
+        mla_paged_decode(q, cache, table, lens, 0.5, 640, 4, launch=plan)
+
+
 def test_more_splits_than_tokens_leaves_empty_splits_out():
     q, cache, table, lens = _paged_problem(64, 16, 4, 16, [1, 2, 3])
     plan = replace(plan_launch(3, 4, 64, 16, 3, num_sms=8), num_splits=8)
@@ -64,17 +97,23 @@ def test_more_splits_than_tokens_leaves_empty_splits_out():
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_scaled_cache_is_dequantised_with_k_scale():
-    q, cache, table, lens = _paged_problem(64, 32, 5, 16, [9, 40])
+@pytest.mark.parametrize("latent", [64, 112])  # one latent block; three (64 + 32 + 16)
+def test_scaled_cache_is_dequantised_with_k_scale(latent):
+    q, cache, table, lens = _paged_problem(latent, 32, 5, 16, [9, 40])
     k_scale = torch.tensor([4.0])
-    out, _ = mla_paged_decode(q, cache / 4.0, table, lens, 0.2, 64, 40, k_scale=k_scale)
-    want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.2, 64)
+    out, _ = mla_paged_decode(q, cache / 4.0, table, lens, 0.2, latent, 40, k_scale=k_scale)
+    want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.2, latent)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_launch_plan_fits_registers_and_fills_the_gpu():
-    wide = plan_launch(batch=1, num_heads=32, latent=960, rope=64, max_seq_len=8192, num_sms=132)
-    assert wide.block_c == 1024 and wide.block_h == 32 and wide.num_splits > 1  # one head group (measured faster)
+    wide = plan_launch(batch=1, num_heads=32, latent=896, rope=512, max_seq_len=8192, num_sms=132)
+    assert wide.latent_blocks == (512, 256, 128) and wide.num_splits > 1  # 896 columns held, not 1024
+    assert (wide.block_h, wide.block_n, wide.num_warps) == (32, 32, 8)  # one head group (measured fastest)
+    assert plan_launch(64, 32, 640, 512, 8192, 132).latent_blocks == (512, 128)
+    assert plan_launch(64, 32, 448, 512, 8192, 132).latent_blocks == (512,)  # one tile 1/8 padded beat 3 blocks
+    assert plan_launch(64, 32, 384, 128, 8192, 132).latent_blocks == (256, 128)  # 1/4 padded: blocks (1.66x)
+    assert plan_launch(64, 64, 128, 64, 8192, 132).block_h == 64  # small accumulators: 64 heads per program
     narrow = plan_launch(batch=512, num_heads=32, latent=512, rope=64, max_seq_len=8192, num_sms=132)
     assert narrow.block_h == 32  # all heads share one read of each row
     assert narrow.num_splits == 4  # 512 requests: ~8 programs per SM (measured: no ragged last wave)

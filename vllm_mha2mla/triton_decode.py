@@ -13,7 +13,11 @@ not fit one group the second group's reads of the same rows hit L2.
 
 Why not vLLM's ``decode_attention_fwd``: its MLA path assumes the 512 + 64 split of
 DeepSeek and head groups of 16; MHA2MLA latents range from ~100 to 2,500 values with rotary
-slots from 8 to 512. Both widths here are arbitrary (padded to powers of two and masked).
+slots from 8 to 512. Both widths here are arbitrary: Triton tiles are powers of two, so the
+latent is cut into up to three power-of-two blocks (640 = 512 + 128, 896 = 512 + 256 + 128), each
+with its own accumulator, and only the last block is padded and masked. One block padded to the
+next power of two (640 → 1024) would spend registers and shared memory on columns that hold
+nothing; the padding is what kept wide per-layer latents at half the bandwidth of the rest.
 
 CUDA graphs: the grid depends only on the batch size, the head count and ``num_splits``;
 each program derives its token range from ``seq_lens`` on the device, so a captured graph
@@ -43,6 +47,30 @@ SHARED_MEMORY_BUDGET = 200 * 1024
 covers Triton's own scratch."""
 
 
+MAX_LATENT_BLOCKS = 3
+"""Latent blocks per row: enough for every multiple of 128 below 1024 without padding."""
+
+
+def latent_blocks(latent: int, max_blocks: int = MAX_LATENT_BLOCKS) -> tuple[int, ...]:
+    """Power-of-two tile widths (≥ 16) covering ``latent``: the largest power of two that fits,
+    then the rest the same way; the last allowed block takes whatever is left, padded.
+
+    ``latent_blocks(640) == (512, 128)``; ``latent_blocks(120) == (64, 32, 32)`` (24 of the last 32
+    used); ``max_blocks=1`` gives the single padded tile (``(1024,)`` for 640)."""
+    if latent < 1 or max_blocks < 1:
+        raise ValueError(f"latent {latent} and max_blocks {max_blocks} must be positive")
+    blocks: list[int] = []
+    left = latent
+    while left > 0:
+        if len(blocks) == max_blocks - 1 or left <= 16:
+            blocks.append(max(16, triton.next_power_of_2(left)))
+            break
+        block = 1 << (left.bit_length() - 1)
+        blocks.append(block)
+        left -= block
+    return tuple(blocks)
+
+
 def shared_memory_bytes(block_h: int, block_n: int, block_c: int, block_r: int, element_bytes: int = 2) -> int:
     """What the split kernel keeps in shared memory: one tile of ``block_n`` cached rows and the
     head group's query, both ``block_c + block_r`` wide (matches Triton's report to ~1%)."""
@@ -55,37 +83,81 @@ class DecodeLaunch:
 
     block_h: int
     block_n: int
-    block_c: int
+    latent_blocks: tuple[int, ...]
     block_r: int
     num_warps: int
     num_stages: int
     num_splits: int
 
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.latent_blocks) <= MAX_LATENT_BLOCKS:
+            raise ValueError(f"1 to {MAX_LATENT_BLOCKS} latent blocks, not {self.latent_blocks}")
+
+    @property
+    def block_c(self) -> int:
+        """Latent columns a program holds (the blocks' sum; ≥ the latent)."""
+        return sum(self.latent_blocks)
+
     def grid(self, batch: int, num_heads: int) -> tuple[int, int, int]:
         return (triton.cdiv(num_heads, self.block_h), batch, self.num_splits)
+
+
+def plan_latent_blocks(latent: int) -> tuple[int, ...]:
+    """Power-of-two blocks for latents past 512 (640 → 512 + 128, 896 → 512 + 256 + 128) and for
+    those that would leave a quarter or more of a 512 tile empty (384 → 256 + 128); one padded tile
+    otherwise (448 → 512; narrower latents, whose programs are short anyway, as before).
+
+    Measured on an H100 (benchmarks/results/h100-latent-blocks/): blocks run 1.27–1.75× faster than
+    a padded 1024 tile at latents 640 and 896, and 1.66× faster than a padded 512 tile at latent
+    384 (Llama-3-8B −75%, 8K context); at 448 three blocks ran 1.09× slower than one padded tile."""
+    padded = max(16, triton.next_power_of_2(latent))
+    if padded < 512 or (padded == 512 and 4 * latent > 3 * padded):
+        return (padded,)
+    return latent_blocks(latent)
+
+
+def row_tiles(block_c: int, block_r: int, max_seq_len: int) -> tuple[int, int, int]:
+    """(most heads per program, cached rows per tile, warps) for a row of ``block_c`` latent and
+    ``block_r`` rotary columns: the fastest of 12 combinations per shape on an H100
+    (benchmarks/results/h100-latent-blocks/blocks.json), as a rule over the row's width."""
+    total = block_c + block_r
+    if block_c > 512:  # accumulators past 512 columns: 32-row tiles; 16 heads while the row is < 1280
+        return (16, 32, 4) if total < 1280 else (32, 32, 8)
+    if total >= 896:  # rotary-heavy rows of 896–1024 values (the paper's 1024-value layout)
+        return (64, 64, 8)
+    if block_c < 512 and max_seq_len >= 4096:  # narrow latents at long context: longer tiles
+        return (64, 64, 4)
+    return (64, 32, 4)
 
 
 def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len: int,
                 num_sms: int) -> DecodeLaunch:
     """Tiles that keep the float32 accumulator in registers, and enough splits to fill the GPU."""
-    block_c = max(16, triton.next_power_of_2(latent))
+    blocks = plan_latent_blocks(latent)
+    block_c = sum(blocks)
     block_r = max(16, triton.next_power_of_2(max(rope, 1)))
-    fit = max(16, ACC_REGISTER_BUDGET // block_c)
-    if block_c == 1024:
-        # Measured on an H200 (benchmarks/results/h200-layer-widths/sweep.json): one 32-head group
-        # beats two 16-head groups by 11-20% for latents of 640-896 (each row is read once).
-        fit = 32
-    block_h = max(16, min(64, triton.next_power_of_2(num_heads), fit))
-    wide = block_c + block_r >= 1024  # measured on H100 (benchmarks/results/h100-anyshape)
-    block_n = 64 if wide else 32
+    most_heads, block_n, num_warps = row_tiles(block_c, block_r, max_seq_len)
+    if block_c <= 512:  # wider rows have their head group measured (row_tiles)
+        most_heads = min(most_heads, ACC_REGISTER_BUDGET // block_c)
+    fit = min(most_heads, triton.next_power_of_2(num_heads))
+    block_h = max(16, 1 << (fit.bit_length() - 1))
     while block_n > 16 and shared_memory_bytes(block_h, block_n, block_c, block_r) > SHARED_MEMORY_BUDGET:
-        block_n //= 2  # very wide rows (latent ~900 + rope 512): fewer rows per tile
-    num_warps = 8 if wide else 4
+        block_n //= 2  # very wide rows (latent ~2000 + rope 512): fewer rows per tile
     programs = triton.cdiv(num_heads, block_h) * batch
     want = triton.next_power_of_2(max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)))
     by_length = 1 << (max(1, max_seq_len // MIN_TOKENS_PER_SPLIT).bit_length() - 1)  # at least MIN tokens a split
     num_splits = max(1, min(want, by_length, 64))
-    return DecodeLaunch(block_h, block_n, block_c, block_r, num_warps, 2, num_splits)
+    return DecodeLaunch(block_h, block_n, blocks, block_r, num_warps, 2, num_splits)
+
+
+@triton.jit
+def _load_rows(base, offs, ok, SCALED_CACHE: tl.constexpr, k_scale, like):
+    """One block of cached columns for a tile of rows; an fp8 cache is dequantised on load into
+    the query's dtype (``like``)."""
+    tile = tl.load(base + offs[None, :], mask=ok, other=0.0)
+    if SCALED_CACHE:
+        tile = (tile.to(tl.float32) * k_scale).to(like.dtype)
+    return tile
 
 
 @triton.jit
@@ -100,23 +172,35 @@ def _mla_decode_split_kernel(
     num_heads,
     num_splits,
     LATENT: tl.constexpr, ROPE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SCALED_CACHE: tl.constexpr,
 ):
+    """Latent blocks: columns [0, C0), [C0, C0 + C1), [C0 + C1, C0 + C1 + C2), the first NUM_BLOCKS
+    of them used (the others are 16-wide placeholders, never loaded or stored), masked at LATENT;
+    each has its own query slice and accumulator."""
     head_group = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
 
     heads = head_group * BLOCK_H + tl.arange(0, BLOCK_H)
-    head_ok = heads < num_heads
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_r = tl.arange(0, BLOCK_R)
-    c_ok = offs_c < LATENT
-    r_ok = offs_r < ROPE
+    head_ok = heads[:, None] < num_heads
+    offs_0 = tl.arange(0, C0)
+    offs_1 = C0 + tl.arange(0, C1)
+    offs_2 = C0 + C1 + tl.arange(0, C2)
+    ok_0 = offs_0[None, :] < LATENT
+    ok_1 = offs_1[None, :] < LATENT
+    ok_2 = offs_2[None, :] < LATENT
+    offs_r = LATENT + tl.arange(0, BLOCK_R)
+    ok_r = offs_r[None, :] < LATENT + ROPE
 
     q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
-    q_c = tl.load(q_rows + offs_c[None, :], mask=head_ok[:, None] & c_ok[None, :], other=0.0)
-    q_r = tl.load(q_rows + LATENT + offs_r[None, :], mask=head_ok[:, None] & r_ok[None, :], other=0.0)
+    q_0 = tl.load(q_rows + offs_0[None, :], mask=head_ok & ok_0, other=0.0)
+    q_r = tl.load(q_rows + offs_r[None, :], mask=head_ok & ok_r, other=0.0)
+    if NUM_BLOCKS > 1:
+        q_1 = tl.load(q_rows + offs_1[None, :], mask=head_ok & ok_1, other=0.0)
+    if NUM_BLOCKS > 2:
+        q_2 = tl.load(q_rows + offs_2[None, :], mask=head_ok & ok_2, other=0.0)
 
     seq_len = tl.load(SeqLens + b)
     split_len = tl.cdiv(seq_len, num_splits)
@@ -125,7 +209,10 @@ def _mla_decode_split_kernel(
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    acc_0 = tl.zeros([BLOCK_H, C0], dtype=tl.float32)
+    acc_1 = tl.zeros([BLOCK_H, C1], dtype=tl.float32)
+    acc_2 = tl.zeros([BLOCK_H, C2], dtype=tl.float32)
+    k_scale = 1.0
     if SCALED_CACHE:
         k_scale = tl.load(KScale)
 
@@ -133,27 +220,39 @@ def _mla_decode_split_kernel(
         pos = n0 + tl.arange(0, BLOCK_N)
         pos_ok = pos < end
         page = tl.load(BlockTable + b * stride_bt + pos // PAGE, mask=pos_ok, other=0)
-        row = KV + page.to(tl.int64) * stride_kv_page + (pos % PAGE) * stride_kv_tok
-        kv_c = tl.load(row[:, None] + offs_c[None, :], mask=pos_ok[:, None] & c_ok[None, :], other=0.0)
-        kv_r = tl.load(row[:, None] + LATENT + offs_r[None, :], mask=pos_ok[:, None] & r_ok[None, :], other=0.0)
-        if SCALED_CACHE:  # fp8 cache: dequantise on load, compute in the query's dtype
-            kv_c = (kv_c.to(tl.float32) * k_scale).to(q_c.dtype)
-            kv_r = (kv_r.to(tl.float32) * k_scale).to(q_r.dtype)
-        scores = tl.dot(q_c, tl.trans(kv_c)) + tl.dot(q_r, tl.trans(kv_r))
+        row = (KV + page.to(tl.int64) * stride_kv_page + (pos % PAGE) * stride_kv_tok)[:, None]
+        kv_0 = _load_rows(row, offs_0, pos_ok[:, None] & ok_0, SCALED_CACHE, k_scale, q_0)
+        kv_r = _load_rows(row, offs_r, pos_ok[:, None] & ok_r, SCALED_CACHE, k_scale, q_r)
+        scores = tl.dot(q_0, tl.trans(kv_0)) + tl.dot(q_r, tl.trans(kv_r))
+        if NUM_BLOCKS > 1:
+            kv_1 = _load_rows(row, offs_1, pos_ok[:, None] & ok_1, SCALED_CACHE, k_scale, q_1)
+            scores += tl.dot(q_1, tl.trans(kv_1))
+        if NUM_BLOCKS > 2:
+            kv_2 = _load_rows(row, offs_2, pos_ok[:, None] & ok_2, SCALED_CACHE, k_scale, q_2)
+            scores += tl.dot(q_2, tl.trans(kv_2))
         scores = tl.where(pos_ok[None, :], scores * sm_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv_c.dtype), kv_c)
+        p = p.to(kv_0.dtype)
+        acc_0 = acc_0 * alpha[:, None] + tl.dot(p, kv_0)
+        if NUM_BLOCKS > 1:
+            acc_1 = acc_1 * alpha[:, None] + tl.dot(p, kv_1)
+        if NUM_BLOCKS > 2:
+            acc_2 = acc_2 * alpha[:, None] + tl.dot(p, kv_2)
         m_i = m_new
 
     out_rows = Partial + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps
     has_tokens = end > start
-    safe_l = tl.where(l_i > 0, l_i, 1.0)
-    tl.store(out_rows + offs_c[None, :], acc / safe_l[:, None], mask=head_ok[:, None] & c_ok[None, :])
-    lse = tl.where(has_tokens, m_i + tl.log(safe_l), float("-inf"))
-    tl.store(Partial + b * stride_pb + heads * stride_ph + split * stride_ps + LATENT, lse, mask=head_ok)
+    safe_l = tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_rows + offs_0[None, :], acc_0 / safe_l, mask=head_ok & ok_0)
+    if NUM_BLOCKS > 1:
+        tl.store(out_rows + offs_1[None, :], acc_1 / safe_l, mask=head_ok & ok_1)
+    if NUM_BLOCKS > 2:
+        tl.store(out_rows + offs_2[None, :], acc_2 / safe_l, mask=head_ok & ok_2)
+    lse = tl.where(has_tokens, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(Partial + b * stride_pb + heads * stride_ph + split * stride_ps + LATENT, lse, mask=heads < num_heads)
 
 
 @triton.jit
@@ -216,6 +315,9 @@ def mla_paged_decode(
         # fp8 tiles are dequantised into a second, bf16 copy in shared memory: 64-token
         # tiles of 1024-wide rows exceed the H100's 227 KiB (measured).
         plan = replace(plan, block_n=32)
+    if plan.block_c < latent_dim:
+        raise ValueError(f"latent blocks {plan.latent_blocks} cover {plan.block_c} of {latent_dim} latent columns")
+    blocks = plan.latent_blocks + (16,) * (MAX_LATENT_BLOCKS - len(plan.latent_blocks))  # placeholders
     partial = torch.empty(batch, num_heads, plan.num_splits, latent_dim + 1, dtype=torch.float32, device=q.device)
     out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
@@ -231,7 +333,8 @@ def mla_paged_decode(
         num_heads,
         plan.num_splits,
         LATENT=latent_dim, ROPE=rope,
-        BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n,
+        NUM_BLOCKS=len(plan.latent_blocks), C0=blocks[0], C1=blocks[1], C2=blocks[2],
+        BLOCK_R=plan.block_r, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n,
         PAGE=kv_cache.shape[1], SCALED_CACHE=scaled,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
@@ -240,7 +343,7 @@ def mla_paged_decode(
         out, out.stride(0), out.stride(1),
         lse, lse.stride(0),
         plan.num_splits,
-        LATENT=latent_dim, BLOCK_C=plan.block_c,
-        num_warps=4 if plan.block_c <= 1024 else 8,
+        LATENT=latent_dim, BLOCK_C=triton.next_power_of_2(latent_dim),
+        num_warps=4 if latent_dim <= 1024 else 8,
     )
     return out, lse
