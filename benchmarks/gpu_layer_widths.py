@@ -16,12 +16,15 @@
               widths all share the uniform layer's kernel tiles (isolates per-width overheads).
   blocks:     the decode kernel with the latent in power-of-two blocks (640 = 512 + 128) against
               one padded tile, over head groups, row tiles and warps (no vLLM needed).
+  native-blocks: the 576- and 1024-value engine shapes with their 512 latent split into blocks,
+              over row tiles, warps and pipeline depth (no vLLM needed).
 
-Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks} OUT.json
+Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks,native-blocks} OUT.json
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import tempfile
@@ -166,8 +169,6 @@ def kernels(out_file: Path, batch: int = 256, heads: int = 32, rope: int = 512, 
 def sweep(out_file: Path, heads: int = 32, rope: int = 512) -> dict:
     """Launch configurations of the decode kernel for latents wider than 512 (1024-wide tiles),
     where the default plan reads at half the bandwidth of narrower rows (``kernels``)."""
-    import itertools
-
     import triton
 
     from vllm_mha2mla.triton_decode import DecodeLaunch, mla_paged_decode, shared_memory_bytes
@@ -209,11 +210,29 @@ BLOCK_CASES = [  # (latent, rope, batch, seq_len): the throughput pattern's widt
 ]
 
 
-def blocks(out_file: Path, heads: int = 32) -> dict:
-    """The latent held in power-of-two blocks (640 = 512 + 128) against one padded tile (1024),
-    over head groups, row tiles and warps; each output checked against the padded plan's and,
-    on the first requests, against float32 PyTorch."""
-    import itertools
+def _block_variants(plan, padded) -> list:
+    """Exact blocks and the padded tile, over head groups, row tiles and warps."""
+    from dataclasses import replace
+
+    return [replace(plan, latent_blocks=b, block_h=h, block_n=n, num_warps=w) for b, h, n, w in
+            itertools.product((plan.latent_blocks, padded.latent_blocks), (16, 32), (16, 32, 64), (4, 8))]
+
+
+NATIVE_CASES = [(512, 64, 310, 8704), (512, 512, 212, 8704), (512, 64, 1024, 1280)]  # the 8K/1K and 1K/256 engines
+
+
+def _native_variants(plan, padded) -> list:
+    """The 512 latent of the native and paper rows split into blocks (two 256-wide accumulators
+    instead of one 512-wide), over row tiles, warps and pipeline depth."""
+    from dataclasses import replace
+
+    return [replace(plan, latent_blocks=b, block_n=n, num_warps=w, num_stages=st) for b, n, w, st in
+            itertools.product(((512,), (256, 256), (256, 128, 128)), (32, 64), (4, 8), (2, 3))]
+
+
+def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=_block_variants) -> dict:
+    """The decode kernel's launch variants (``variants(plan, padded_plan)``) at each case, each
+    output checked against the padded plan's and, on the first requests, against float32 PyTorch."""
     from dataclasses import replace
 
     import triton
@@ -224,7 +243,7 @@ def blocks(out_file: Path, heads: int = 32) -> dict:
 
     page, sms = 16, torch.cuda.get_device_properties(0).multi_processor_count
     results: dict = {"device": torch.cuda.get_device_name(0), "heads": heads, "page": page, "cases": []}
-    for latent, rope, batch, seq_len in BLOCK_CASES:
+    for latent, rope, batch, seq_len in cases:
         torch.cuda.empty_cache()
         width = latent + rope
         pages_per_seq = -(-seq_len // page)
@@ -240,13 +259,13 @@ def blocks(out_file: Path, heads: int = 32) -> dict:
         base, _ = mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, launch=padded)
         case: dict = {"latent": latent, "rope": rope, "batch": batch, "seq_len": seq_len, "gbytes": gbytes,
                       "plan": {**vars(plan), "latent_blocks": list(plan.latent_blocks)}, "variants": []}
-        grid = itertools.product((plan.latent_blocks, padded.latent_blocks), (16, 32), (16, 32, 64), (4, 8))
-        for lat_blocks, block_h, block_n, warps in grid:
-            launch = replace(plan, latent_blocks=lat_blocks, block_h=block_h, block_n=block_n, num_warps=warps)
-            if shared_memory_bytes(block_h, block_n, launch.block_c, launch.block_r) > SHARED_MEMORY_BUDGET:
+        for launch in variants(plan, padded):
+            if shared_memory_bytes(launch.block_h, launch.block_n, launch.block_c, launch.block_r) \
+                    * max(1, launch.num_stages - 1) > SHARED_MEMORY_BUDGET:
                 continue
-            row = {"latent_blocks": list(lat_blocks), "block_h": block_h, "block_n": block_n, "num_warps": warps,
-                   "is_plan": launch == plan, "is_padded_plan": launch == padded}
+            row = {"latent_blocks": list(launch.latent_blocks), "block_h": launch.block_h, "block_n": launch.block_n,
+                   "num_warps": launch.num_warps, "num_stages": launch.num_stages, "is_plan": launch == plan,
+                   "is_padded_plan": launch == padded}
             try:
                 out, _ = mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, launch=launch)
                 row["max_abs_diff_vs_padded"] = float((out.float() - base.float()).abs().max())
@@ -265,7 +284,7 @@ def blocks(out_file: Path, heads: int = 32) -> dict:
         results["cases"].append(case)
         print(f"latent {latent} + rope {rope}, {batch} x {seq_len}: " + "  ".join(
             f"{k} {case[k]['ms']:.3f} ms {case[k]['tb_per_s']:.2f} TB/s {case[k]['latent_blocks']} "
-            f"h{case[k]['block_h']} n{case[k]['block_n']} w{case[k]['num_warps']}"
+            f"h{case[k]['block_h']} n{case[k]['block_n']} w{case[k]['num_warps']} s{case[k]['num_stages']}"
             for k in ("padded_plan", "plan", "best") if case[k]), flush=True)
         out_file.write_text(json.dumps(results, indent=1))
     return results
@@ -274,4 +293,5 @@ def blocks(out_file: Path, heads: int = 32) -> dict:
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     {"parity": parity, "throughput": throughput, "kernels": kernels, "sweep": sweep, "blocks": blocks,
+     "native-blocks": lambda o: blocks(o, cases=NATIVE_CASES, variants=_native_variants),
      "throughput-narrow": lambda o: throughput(o, pattern=NARROW_PATTERN, with_mha=False)}[mode](out)

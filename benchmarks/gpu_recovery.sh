@@ -9,6 +9,7 @@
 # Each call: carry [".gpu-extra/cN"], command `bash benchmarks/gpu_recovery.sh stage && bash benchmarks/gpu_recovery.sh MODE ...`;
 # calls back to back (the machine stays warm ~30 s). Jobs that need the model wait for c0+c1, jobs that
 # need vLLM (--synthesize, serve) for c2..c4 as well.
+# `script SCRIPT.py [args]` runs a benchmark script with vLLM on the path (needs c2..c4).
 # `bench [mha2mla bench args]` needs only c2..c4: it runs `mha2mla bench` over every GPU of the machine into
 # /root/bench (rows of later calls in the same lease merge into its summary.json) and copies summary.json,
 # summary.md and a tarball of the tools' logs and JSON into $OUT; BENCH_SECONDS (default 540) bounds it.
@@ -187,6 +188,11 @@ case $MODE in
     timeout -k 20 "${BENCH_SECONDS:-540}" python3 -m vllm_mha2mla.cli bench --output /root/bench "$@" 2>&1 | tail -80 || true
     cp /root/bench/summary.json /root/bench/summary.md "$OUT/" 2>/dev/null || true
     tar cJf "$OUT/bench-logs.tar.xz" -C /root/bench logs raw 2>/dev/null || true
+    ;;
+  script)  # SCRIPT.py [args]: a benchmark script with vLLM and this package on the path (e.g. gpu_layer_widths.py)
+    vllm_env
+    mkdir -p "$OUT"
+    python3 "$@"
     ;;
   *) echo "unknown mode $MODE" >&2; exit 2 ;;
 esac
