@@ -116,6 +116,8 @@ def test_launch_plan_fits_registers_and_fills_the_gpu():
     assert plan_launch(64, 64, 128, 64, 8192, 132).block_h == 64  # small accumulators: 64 heads per program
     narrow = plan_launch(batch=512, num_heads=32, latent=512, rope=64, max_seq_len=8192, num_sms=132)
     assert narrow.block_h == 32  # all heads share one read of each row
+    assert narrow.latent_blocks == (256, 256)  # two accumulators of 256 (measured 1.09x over one of 512)
+    assert plan_launch(64, 32, 512, 512, 4096, 132).latent_blocks == (512,)  # not in 64-row tiles
     assert narrow.num_splits == 4  # 512 requests: ~8 programs per SM (measured: no ragged last wave)
     short = plan_launch(batch=1, num_heads=16, latent=512, rope=64, max_seq_len=100, num_sms=132)
     assert short.num_splits == 1  # no split shorter than MIN_TOKENS_PER_SPLIT

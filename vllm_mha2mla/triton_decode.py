@@ -137,6 +137,11 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
     block_c = sum(blocks)
     block_r = max(16, triton.next_power_of_2(max(rope, 1)))
     most_heads, block_n, num_warps = row_tiles(block_c, block_r, max_seq_len)
+    if blocks == (512,) and block_n == 32:
+        # Two 256-column accumulators beat one of 512 in 32-row tiles: 1.09x at 576 values, both at
+        # 310 x 8.7K and 1024 x 1.3K (H100, benchmarks/results/h100-latent-blocks/native_blocks.json);
+        # not in the 64-row tiles of wider rows (512 + 512: 0.96x).
+        blocks = (256, 256)
     if block_c <= 512:  # wider rows have their head group measured (row_tiles)
         most_heads = min(most_heads, ACC_REGISTER_BUDGET // block_c)
     fit = min(most_heads, triton.next_power_of_2(num_heads))
