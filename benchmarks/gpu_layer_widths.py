@@ -43,7 +43,7 @@ PARITY_LLAMA = llama_config(1024, 16, 4, 64, 6, 4096, 2816)
 PARITY_WIDTHS = [32, 160, 96, 48, 128, 64]  # latent per layer (4 kv-heads × rope_dim 16 = 64 rope values)
 SEVEN_B = llama_config(4096, 32, 32, 128, 32, 32000, 11008)
 THROUGHPUT_PATTERN = [128, 896, 512, 384, 640]  # mean 512 = the uniform latent (32 kv-heads × d_kv 16)
-NARROW_PATTERN = [384, 416, 448, 480, 512]  # mean 448 = 32 kv-heads × d_kv 14; one tile class (block_c 512)
+NARROW_PATTERN = [384, 416, 448, 480, 512]  # mean 448 = 32 kv-heads × d_kv 14; one tile class under the padded plan (512)
 
 
 def parity(out_file: Path) -> dict:
