@@ -101,7 +101,9 @@ def test_more_splits_than_tokens_leaves_empty_splits_out():
 def test_scaled_cache_is_dequantised_with_k_scale(latent):
     q, cache, table, lens = _paged_problem(latent, 32, 5, 16, [9, 40])
     k_scale = torch.tensor([4.0])
-    out, _ = mla_paged_decode(q, cache / 4.0, table, lens, 0.2, latent, 40, k_scale=k_scale)
+    plan = replace(plan_launch(2, 5, latent, 32, 40, num_sms=8), latent_blocks=latent_blocks(latent))
+    assert len(plan.latent_blocks) == (1 if latent == 64 else 3)
+    out, _ = mla_paged_decode(q, cache / 4.0, table, lens, 0.2, latent, 40, k_scale=k_scale, launch=plan)
     want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.2, latent)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
