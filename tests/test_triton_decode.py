@@ -125,6 +125,19 @@ def test_launch_plan_fits_registers_and_fills_the_gpu():
     assert short.num_splits == 1  # no split shorter than MIN_TOKENS_PER_SPLIT
 
 
+def test_tiles_shrink_to_a_smaller_gpus_shared_memory_and_too_wide_rows_are_refused():
+    from vllm_mha2mla.triton_decode import SHARED_MEMORY_MARGIN, shared_memory_bytes
+
+    h100 = plan_launch(64, 32, 512, 512, 4096, 132)
+    for kib in (163, 99):  # A100, Ada / consumer cards: per-block opt-in limits
+        budget = kib * 1024 - SHARED_MEMORY_MARGIN
+        plan = plan_launch(64, 32, 512, 512, 4096, 108, shared_memory=budget)
+        assert shared_memory_bytes(plan.block_h, plan.block_n, plan.block_c, plan.block_r) <= budget
+        assert plan.latent_blocks == h100.latent_blocks and (plan.block_n, plan.block_h) < (h100.block_n, h100.block_h)
+    with pytest.raises(ValueError, match=r"2048 latent \+ 512 rotary values need 163840 bytes .* allows 73728"):
+        plan_launch(8, 32, 2048, 512, 4096, 108, shared_memory=99 * 1024 - SHARED_MEMORY_MARGIN)
+
+
 def test_rejects_mismatched_cache_width():
     q, cache, table, lens = _paged_problem(64, 16, 2, 16, [4])
     with pytest.raises(ValueError, match="cache rows have 80 values, queries 81"):

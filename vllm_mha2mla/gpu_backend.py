@@ -18,7 +18,7 @@ from vllm.v1.attention.backend import MultipleOf
 
 from vllm_mha2mla.compat import extend_cache_gather_to_any_width
 from vllm_mha2mla.metadata import AnyShapeBackend, MHA2MLAGraphMetadataBuilder
-from vllm_mha2mla.triton_decode import mla_paged_decode
+from vllm_mha2mla.triton_decode import device_shared_memory, mla_paged_decode, plan_launch
 
 
 def _is_quantized(kv_cache_dtype: str) -> bool:
@@ -35,10 +35,15 @@ class MHA2MLATritonImpl(MLACommonImpl):
         if _is_quantized(self.kv_cache_dtype):
             # Queries stay in the model dtype; the kernel dequantises the fp8 cache on load.
             self.supports_quant_query_input = False
-        self._num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        device = torch.cuda.current_device()
+        self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self._shared_memory = device_shared_memory(device)
         from vllm.config import get_current_vllm_config
 
         self._max_model_len = get_current_vllm_config().model_config.max_model_len
+        # Rows too wide for this GPU's shared memory are refused now, with the sizes, not at the first decode.
+        plan_launch(1, self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim, self._max_model_len,
+                    self._num_sms, self._shared_memory)
         extend_cache_gather_to_any_width()  # chunked-context prefill reads rows of this width
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata, layer):
@@ -59,6 +64,7 @@ class MHA2MLATritonImpl(MLACommonImpl):
             max_seq_len,
             k_scale=k_scale,
             num_sms=self._num_sms,
+            shared_memory=self._shared_memory,
         )
 
 

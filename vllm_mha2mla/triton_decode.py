@@ -26,6 +26,7 @@ stays correct for any sequence lengths.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,9 +43,25 @@ PROGRAMS_PER_SM = 8
 (request, head group), a few hundred long requests leave a ragged last wave. Measured on an H200
 (benchmarks/results/h200-decode-splits/): at 310 × 8.7K tokens of 576 values 4 splits run 1.48×
 faster than 1 (1.39 → 2.05 TB/s); 8 splits 1.11× at 212 × 8.7K of 1024 values."""
-SHARED_MEMORY_BUDGET = 200 * 1024
-"""Bytes of shared memory a program may use: H100/H200 allow 227 KiB per block; the margin
-covers Triton's own scratch."""
+SHARED_MEMORY_MARGIN = 27 * 1024
+"""Shared memory left to Triton's own scratch (layout conversions, the reductions)."""
+SHARED_MEMORY_BUDGET = 227 * 1024 - SHARED_MEMORY_MARGIN
+"""Bytes of shared memory a program may use on an H100/H200 (227 KiB per block): the tiles
+were measured there. Other GPUs get their own limit less the margin (:func:`device_shared_memory`):
+an A100 allows 163 KiB, Ada and consumer cards ~99 KiB."""
+
+
+@functools.cache
+def device_shared_memory(device_index: int) -> int:
+    """The decode kernel's shared-memory budget on a GPU: its opt-in per-block limit (as torch
+    reports it, else Triton's driver) less the margin; the H100's budget if neither says."""
+    limit = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", None)
+    if not limit:
+        try:
+            limit = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+        except (AttributeError, KeyError, RuntimeError):
+            return SHARED_MEMORY_BUDGET
+    return int(limit) - SHARED_MEMORY_MARGIN
 
 
 MAX_LATENT_BLOCKS = 3
@@ -131,8 +148,10 @@ def row_tiles(block_c: int, block_r: int, max_seq_len: int) -> tuple[int, int, i
 
 
 def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len: int,
-                num_sms: int) -> DecodeLaunch:
-    """Tiles that keep the float32 accumulator in registers, and enough splits to fill the GPU."""
+                num_sms: int, shared_memory: int = SHARED_MEMORY_BUDGET) -> DecodeLaunch:
+    """Tiles that keep the float32 accumulator in registers and fit ``shared_memory`` bytes, and
+    enough splits to fill the GPU. Rows too wide for the smallest tiles are refused here, with
+    the sizes, rather than by Triton at launch."""
     blocks = plan_latent_blocks(latent)
     block_c = sum(blocks)
     block_r = max(16, triton.next_power_of_2(max(rope, 1)))
@@ -146,8 +165,14 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
         most_heads = min(most_heads, ACC_REGISTER_BUDGET // block_c)
     fit = min(most_heads, triton.next_power_of_2(num_heads))
     block_h = max(16, 1 << (fit.bit_length() - 1))
-    while block_n > 16 and shared_memory_bytes(block_h, block_n, block_c, block_r) > SHARED_MEMORY_BUDGET:
-        block_n //= 2  # very wide rows (latent ~2000 + rope 512): fewer rows per tile
+    while block_n > 16 and shared_memory_bytes(block_h, block_n, block_c, block_r) > shared_memory:
+        block_n //= 2  # very wide rows (latent ~2000 + rope 512), smaller GPUs: fewer rows per tile
+    while block_h > 16 and shared_memory_bytes(block_h, block_n, block_c, block_r) > shared_memory:
+        block_h //= 2
+    if shared_memory_bytes(block_h, block_n, block_c, block_r) > shared_memory:
+        raise ValueError(f"decode rows of {latent} latent + {rope} rotary values need "
+                         f"{shared_memory_bytes(block_h, block_n, block_c, block_r)} bytes of shared memory in the "
+                         f"smallest tiles (16 heads x 16 rows); this GPU allows {shared_memory}")
     programs = triton.cdiv(num_heads, block_h) * batch
     want = triton.next_power_of_2(max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)))
     by_length = 1 << (max(1, max_seq_len // MIN_TOKENS_PER_SPLIT).bit_length() - 1)  # at least MIN tokens a split
@@ -301,11 +326,14 @@ def mla_paged_decode(
     k_scale: torch.Tensor | None = None,
     num_sms: int | None = None,
     launch: DecodeLaunch | None = None,
+    shared_memory: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q`` ``[B, H, C+R]`` over the paged cache ``[pages, page_size, C+R]`` → (``[B, H, C]``, lse ``[B, H]``).
 
     ``k_scale``: the per-tensor scale of an fp8 cache (None for a cache in the query's dtype).
-    Every sequence in the batch must hold at least one token (vLLM decode guarantees it).
+    ``num_sms``, ``shared_memory``: the GPU's multiprocessors and shared-memory budget (default:
+    read from ``q``'s device). Every sequence in the batch must hold at least one token (vLLM
+    decode guarantees it).
     """
     batch, num_heads, width = q.shape
     rope = width - latent_dim
@@ -315,7 +343,9 @@ def mla_paged_decode(
         raise ValueError("the last dimension of the query and of the cache must be contiguous")
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-    plan = launch or plan_launch(batch, num_heads, latent_dim, rope, max_seq_len, num_sms)
+    if shared_memory is None:
+        shared_memory = device_shared_memory(q.device.index or 0) if q.is_cuda else SHARED_MEMORY_BUDGET
+    plan = launch or plan_launch(batch, num_heads, latent_dim, rope, max_seq_len, num_sms, shared_memory)
     if k_scale is not None and launch is None and plan.block_n > 32:
         # fp8 tiles are dequantised into a second, bf16 copy in shared memory: 64-token
         # tiles of 1024-wide rows exceed the H100's 227 KiB (measured).
