@@ -134,6 +134,8 @@ def test_tiles_shrink_to_a_smaller_gpus_shared_memory_and_too_wide_rows_are_refu
         plan = plan_launch(64, 32, 512, 512, 4096, 108, shared_memory=budget)
         assert shared_memory_bytes(plan.block_h, plan.block_n, plan.block_c, plan.block_r) <= budget
         assert plan.latent_blocks == h100.latent_blocks and (plan.block_n, plan.block_h) < (h100.block_n, h100.block_h)
+    fp8 = plan_launch(64, 32, 512, 512, 4096, 132, fp8_cache=True)  # the one-byte tile beside its bf16 copy
+    assert fp8.block_n == 32 and shared_memory_bytes(64, 64, 512, 512, fp8_cache=True) > 227 * 1024  # measured
     with pytest.raises(ValueError, match=r"2048 latent \+ 512 rotary values need 163840 bytes .* allows 73728"):
         plan_launch(8, 32, 2048, 512, 4096, 108, shared_memory=99 * 1024 - SHARED_MEMORY_MARGIN)
 

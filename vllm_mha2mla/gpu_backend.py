@@ -43,7 +43,7 @@ class MHA2MLATritonImpl(MLACommonImpl):
         self._max_model_len = get_current_vllm_config().model_config.max_model_len
         # Rows too wide for this GPU's shared memory are refused now, with the sizes, not at the first decode.
         plan_launch(1, self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim, self._max_model_len,
-                    self._num_sms, self._shared_memory)
+                    self._num_sms, self._shared_memory, fp8_cache=_is_quantized(self.kv_cache_dtype))
         extend_cache_gather_to_any_width()  # chunked-context prefill reads rows of this width
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata, layer):

@@ -27,7 +27,7 @@ stays correct for any sequence lengths.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -88,10 +88,13 @@ def latent_blocks(latent: int, max_blocks: int = MAX_LATENT_BLOCKS) -> tuple[int
     return tuple(blocks)
 
 
-def shared_memory_bytes(block_h: int, block_n: int, block_c: int, block_r: int, element_bytes: int = 2) -> int:
+def shared_memory_bytes(block_h: int, block_n: int, block_c: int, block_r: int, element_bytes: int = 2,
+                        fp8_cache: bool = False) -> int:
     """What the split kernel keeps in shared memory: one tile of ``block_n`` cached rows and the
-    head group's query, both ``block_c + block_r`` wide (matches Triton's report to ~1%)."""
-    return element_bytes * (block_n + block_h) * (block_c + block_r)
+    head group's query, both ``block_c + block_r`` wide (matches Triton's report to ~1%); an fp8
+    cache adds its one-byte tile beside the dequantised copy (measured on an H100: 64-row tiles of
+    1024-value rows then exceed 227 KiB)."""
+    return (element_bytes * (block_n + block_h) + (block_n if fp8_cache else 0)) * (block_c + block_r)
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ def row_tiles(block_c: int, block_r: int, max_seq_len: int) -> tuple[int, int, i
 
 
 def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len: int,
-                num_sms: int, shared_memory: int = SHARED_MEMORY_BUDGET) -> DecodeLaunch:
+                num_sms: int, shared_memory: int = SHARED_MEMORY_BUDGET, fp8_cache: bool = False) -> DecodeLaunch:
     """Tiles that keep the float32 accumulator in registers and fit ``shared_memory`` bytes, and
     enough splits to fill the GPU. Rows too wide for the smallest tiles are refused here, with
     the sizes, rather than by Triton at launch."""
@@ -165,14 +168,17 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
         most_heads = min(most_heads, ACC_REGISTER_BUDGET // block_c)
     fit = min(most_heads, triton.next_power_of_2(num_heads))
     block_h = max(16, 1 << (fit.bit_length() - 1))
-    while block_n > 16 and shared_memory_bytes(block_h, block_n, block_c, block_r) > shared_memory:
-        block_n //= 2  # very wide rows (latent ~2000 + rope 512), smaller GPUs: fewer rows per tile
-    while block_h > 16 and shared_memory_bytes(block_h, block_n, block_c, block_r) > shared_memory:
+    def needs() -> int:
+        return shared_memory_bytes(block_h, block_n, block_c, block_r, fp8_cache=fp8_cache)
+
+    while block_n > 16 and needs() > shared_memory:
+        block_n //= 2  # very wide rows (latent ~2000 + rope 512), fp8, smaller GPUs: fewer rows per tile
+    while block_h > 16 and needs() > shared_memory:
         block_h //= 2
-    if shared_memory_bytes(block_h, block_n, block_c, block_r) > shared_memory:
-        raise ValueError(f"decode rows of {latent} latent + {rope} rotary values need "
-                         f"{shared_memory_bytes(block_h, block_n, block_c, block_r)} bytes of shared memory in the "
-                         f"smallest tiles (16 heads x 16 rows); this GPU allows {shared_memory}")
+    if needs() > shared_memory:
+        raise ValueError(f"decode rows of {latent} latent + {rope} rotary values{' (fp8 cache)' if fp8_cache else ''} "
+                         f"need {needs()} bytes of shared memory in the smallest tiles (16 heads x 16 rows); this GPU "
+                         f"allows {shared_memory}")
     programs = triton.cdiv(num_heads, block_h) * batch
     want = triton.next_power_of_2(max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)))
     by_length = 1 << (max(1, max_seq_len // MIN_TOKENS_PER_SPLIT).bit_length() - 1)  # at least MIN tokens a split
@@ -345,11 +351,8 @@ def mla_paged_decode(
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     if shared_memory is None:
         shared_memory = device_shared_memory(q.device.index or 0) if q.is_cuda else SHARED_MEMORY_BUDGET
-    plan = launch or plan_launch(batch, num_heads, latent_dim, rope, max_seq_len, num_sms, shared_memory)
-    if k_scale is not None and launch is None and plan.block_n > 32:
-        # fp8 tiles are dequantised into a second, bf16 copy in shared memory: 64-token
-        # tiles of 1024-wide rows exceed the H100's 227 KiB (measured).
-        plan = replace(plan, block_n=32)
+    plan = launch or plan_launch(batch, num_heads, latent_dim, rope, max_seq_len, num_sms, shared_memory,
+                                 fp8_cache=k_scale is not None)
     if plan.block_c < latent_dim:
         raise ValueError(f"latent blocks {plan.latent_blocks} cover {plan.block_c} of {latent_dim} latent columns")
     blocks = plan.latent_blocks + (16,) * (MAX_LATENT_BLOCKS - len(plan.latent_blocks))  # placeholders
