@@ -35,7 +35,9 @@ SHAPES = [
 PAGE = 16  # vLLM's default block size for this backend
 
 
-def _inputs(latent, rope, heads, batch, context, seed=0):
+def paged_inputs(latent, rope, heads, batch, context, seed=0):
+    """Random bf16 queries and a paged cache of 16-token pages in random order, each request
+    holding 90-100% of ``context`` tokens: (q, cache, block table, lengths)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     lens = torch.randint(int(context * 0.9), context + 1, (batch,), device="cuda", generator=g).to(torch.int32)
     per_req = -(-context // PAGE)
@@ -52,7 +54,7 @@ def main(out_file: Path) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     results = {"device": torch.cuda.get_device_name(0), "sms": sms, "page": PAGE, "shapes": {}}
     for name, latent, rope, heads, batch, context in SHAPES:
-        q, cache, table, lens = _inputs(latent, rope, heads, batch, context)
+        q, cache, table, lens = paged_inputs(latent, rope, heads, batch, context)
         gbytes = float(lens.sum()) * (latent + rope) * 2 / 1e9
         default = plan_launch(batch, heads, latent, rope, context, sms)
         want, _ = mla_paged_decode(q, cache, table, lens, 0.07, latent, context, launch=default)

@@ -237,22 +237,17 @@ def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=
 
     import triton
 
+    from benchmarks.decode_kernel_sweep import PAGE, paged_inputs
     from vllm_mha2mla.paged_attention import paged_latent_decode
     from vllm_mha2mla.triton_decode import (SHARED_MEMORY_BUDGET, latent_blocks, mla_paged_decode, plan_launch,
                                             shared_memory_bytes)
 
-    page, sms = 16, torch.cuda.get_device_properties(0).multi_processor_count
-    results: dict = {"device": torch.cuda.get_device_name(0), "heads": heads, "page": page, "cases": []}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results: dict = {"device": torch.cuda.get_device_name(0), "heads": heads, "page": PAGE, "cases": []}
     for latent, rope, batch, seq_len in cases:
         torch.cuda.empty_cache()
-        width = latent + rope
-        pages_per_seq = -(-seq_len // page)
-        g = torch.Generator(device="cuda").manual_seed(0)
-        table = torch.randperm(batch * pages_per_seq, device="cuda", generator=g).view(batch, pages_per_seq).int()
-        lens = torch.randint(seq_len * 9 // 10, seq_len + 1, (batch,), device="cuda", generator=g).int()
-        cache = (torch.randn(batch * pages_per_seq, page, width, device="cuda", generator=g) * 0.5).bfloat16()
-        q = (torch.randn(batch, heads, width, device="cuda", generator=g) * 0.5).bfloat16()
-        gbytes = float(lens.sum()) * width * 2 / 1e9
+        q, cache, table, lens = paged_inputs(latent, rope, heads, batch, seq_len)
+        gbytes = float(lens.sum()) * (latent + rope) * 2 / 1e9
         plan = plan_launch(batch, heads, latent, rope, seq_len, sms)
         padded = replace(plan, latent_blocks=latent_blocks(latent, max_blocks=1))
         want = paged_latent_decode(q[:4].float(), cache.float(), table[:4], lens[:4], 0.1, latent)

@@ -505,7 +505,7 @@ def allocate_measured(plan: ConversionPlan, weights: SourceWeights, stats: Calib
                           None)
         windows = _sensitivity_windows(plan, text)
         model = load_reference(wide_dir)
-        grid = sorted({r for r in range(step, wide + 1, step) if r <= average or r % (2 * step) == 0} | {average, wide})
+        grid = _measured_widths(step, wide, average, {average, wide})
         # measured around the uniform operating point (every other layer at the average width): closer to
         # where the allocation lands than the wide model, and better measured (38% -> 42% of the gap closed
         # at 192 values, 5% -> 14% at 96; benchmarks/results/rank-allocation-cpu/); further passes measure
@@ -531,6 +531,12 @@ def allocate_measured(plan: ConversionPlan, weights: SourceWeights, stats: Calib
         "passes": [{"base": h["base"], "measured_kl": h["base_kl"]} for h in passes],
         "seconds": time.perf_counter() - started,
     }
+
+
+def _measured_widths(step: int, wide: int, average: int, extra: set[int]) -> list[int]:
+    """Latent widths an allocation measures, up to ``wide``: every ``step`` up to the average
+    width, every second step above it (fewer passes where the budget rarely reaches), and ``extra``."""
+    return sorted({w for w in range(step, wide + 1, step) if w <= average or w % (2 * step) == 0} | extra)
 
 
 def _sensitivity_windows(plan: ConversionPlan, text: str) -> torch.Tensor:
@@ -590,8 +596,7 @@ def allocate_measured_with_rope(plan: ConversionPlan, weights: SourceWeights, st
             folder = Path(scratch) / f"wide-rope{rope_dim}"
             _write_checkpoint(wide_plan, weights, stats, select_rope_pairs(wide_plan, stats), folder, False, None)
             models[rope_dim] = load_reference(folder)
-            grid[rope_dim] = sorted({w for w in range(step, wide + 1, step) if w <= average or w % (2 * step) == 0}
-                                    | ({average} if rope_dim == opts.rope_dim else set()))
+            grid[rope_dim] = _measured_widths(step, wide, average, {average} if rope_dim == opts.rope_dim else set())
         original = AutoModelForCausalLM.from_pretrained(str(spec.path), dtype=torch.float32).eval()
         reference = reference_logprobs(original, windows)
         del original

@@ -281,13 +281,13 @@ def _mla_decode_split_kernel(
 
     out_rows = Partial + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps
     has_tokens = end > start
-    safe_l = tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_rows + offs_0[None, :], acc_0 / safe_l, mask=head_ok & ok_0)
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    tl.store(out_rows + offs_0[None, :], acc_0 / safe_l[:, None], mask=head_ok & ok_0)
     if NUM_BLOCKS > 1:
-        tl.store(out_rows + offs_1[None, :], acc_1 / safe_l, mask=head_ok & ok_1)
+        tl.store(out_rows + offs_1[None, :], acc_1 / safe_l[:, None], mask=head_ok & ok_1)
     if NUM_BLOCKS > 2:
-        tl.store(out_rows + offs_2[None, :], acc_2 / safe_l, mask=head_ok & ok_2)
-    lse = tl.where(has_tokens, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(out_rows + offs_2[None, :], acc_2 / safe_l[:, None], mask=head_ok & ok_2)
+    lse = tl.where(has_tokens, m_i + tl.log(safe_l), float("-inf"))
     tl.store(Partial + b * stride_pb + heads * stride_ph + split * stride_ps + LATENT, lse, mask=heads < num_heads)
 
 
