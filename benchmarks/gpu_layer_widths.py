@@ -18,8 +18,11 @@
               one padded tile, over head groups, row tiles and warps (no vLLM needed).
   native-blocks: the 576- and 1024-value engine shapes with their 512 latent split into blocks,
               over row tiles, warps and pipeline depth (no vLLM needed).
+  fit:        the launch plan on this GPU's own shared memory, bf16 and fp8 caches, from the native
+              576 row to 2048-latent rows: each plan launches, its estimate is set beside the bytes
+              Triton compiled, and the output is checked against float32 PyTorch (no vLLM needed).
 
-Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks,native-blocks} OUT.json
+Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks,native-blocks,fit} OUT.json
 """
 
 from __future__ import annotations
@@ -285,8 +288,70 @@ def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=
     return results
 
 
+FIT_CASES = [(512, 64), (384, 128), (512, 512), (640, 512), (896, 512), (1024, 512), (1536, 1024), (2048, 512)]
+"""(latent, rope): the native row, Llama-3-8B cut75, the paper's 1024 values, per-layer widths up to
+the widest rows a conversion allows."""
+
+
+def _compiled_shared_bytes(kernel) -> list[int]:
+    """Shared memory of every compiled variant of a Triton kernel (empty where this Triton keeps
+    its cache elsewhere): what the launch really asked for."""
+    found = []
+    try:
+        for per_device in kernel.device_caches.values():
+            found += [int(k.metadata.shared) for k in per_device[0].values()]
+    except (AttributeError, IndexError, TypeError):
+        pass
+    return found
+
+
+def fit(out_file: Path, heads: int = 32, batch: int = 64, seq_len: int = 2048) -> dict:
+    """Every FIT_CASES row with a bf16 and an fp8 cache: the plan for this GPU's shared memory
+    must launch (Triton raises OutOfResources past the limit) and agree with float32 PyTorch."""
+    from vllm_mha2mla import triton_decode
+    from vllm_mha2mla.paged_attention import paged_latent_decode
+    from vllm_mha2mla.triton_decode import device_shared_memory, mla_paged_decode, plan_launch, shared_memory_bytes
+
+    from benchmarks.decode_kernel_sweep import paged_inputs
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    budget = device_shared_memory(0)
+    results: dict = {"device": torch.cuda.get_device_name(0), "shared_memory_budget": budget, "cases": []}
+    for latent, rope in FIT_CASES:
+        q, cache, table, lens = paged_inputs(latent, rope, heads, batch, seq_len)
+        for fp8 in (False, True):
+            k_scale = torch.tensor([0.05], device="cuda") if fp8 else None
+            rows = (cache.float() / 0.05).to(torch.float8_e4m3fn) if fp8 else cache
+            reference_rows = rows.float() * 0.05 if fp8 else cache.float()
+            row: dict = {"latent": latent, "rope": rope, "fp8_cache": fp8}
+            try:
+                plan = plan_launch(batch, heads, latent, rope, seq_len, sms, budget, fp8_cache=fp8)
+                row["plan"] = {**vars(plan), "latent_blocks": list(plan.latent_blocks)}
+                row["estimated_shared_bytes"] = shared_memory_bytes(plan.block_h, plan.block_n, plan.block_c,
+                                                                    plan.block_r, fp8_cache=fp8)
+                getattr(triton_decode._mla_decode_split_kernel, "device_caches", {}).clear()  # this case's kernel only
+                out, _ = mla_paged_decode(q, rows, table, lens, 0.1, latent, seq_len, k_scale=k_scale)
+                torch.cuda.synchronize()
+                row["triton_shared_bytes"] = max(_compiled_shared_bytes(triton_decode._mla_decode_split_kernel),
+                                                 default=None)
+                want = paged_latent_decode(q[:4].float(), reference_rows, table[:4], lens[:4], 0.1, latent)
+                row["max_abs_diff_vs_torch"] = float((out[:4].float() - want).abs().max())
+                row["ok"] = row["max_abs_diff_vs_torch"] < 2e-2
+            except Exception as exc:  # a plan that does not launch is what this mode looks for
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                row["ok"] = False
+            results["cases"].append(row)
+            print(json.dumps(row), flush=True)
+        del q, cache, table, lens
+        torch.cuda.empty_cache()
+    results["all_ok"] = all(r["ok"] for r in results["cases"])
+    out_file.write_text(json.dumps(results, indent=1))
+    print("all plans launched and matched:", results["all_ok"], flush=True)
+    return results
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    {"parity": parity, "throughput": throughput, "kernels": kernels, "sweep": sweep, "blocks": blocks,
+    {"parity": parity, "throughput": throughput, "kernels": kernels, "sweep": sweep, "blocks": blocks, "fit": fit,
      "native-blocks": lambda o: blocks(o, cases=NATIVE_CASES, variants=_native_variants),
      "throughput-narrow": lambda o: throughput(o, pattern=NARROW_PATTERN, with_mha=False)}[mode](out)
