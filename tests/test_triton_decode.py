@@ -136,6 +136,12 @@ def test_tiles_shrink_to_a_smaller_gpus_shared_memory_and_too_wide_rows_are_refu
         assert plan.latent_blocks == h100.latent_blocks and (plan.block_n, plan.block_h) < (h100.block_n, h100.block_h)
     fp8 = plan_launch(64, 32, 512, 512, 4096, 132, fp8_cache=True)  # the one-byte tile beside its bf16 copy
     assert fp8.block_n == 32 and shared_memory_bytes(64, 64, 512, 512, fp8_cache=True) > 227 * 1024  # measured
+    # fp8 rows stage the widest dequantised block twice: Triton compiled 270,336 bytes for 16 x 16 tiles of
+    # 2048 + 512 values on an H100 (limit 232,448), so the paper's 2,560-value rows cannot take an fp8 cache here
+    assert shared_memory_bytes(16, 16, 2048, 512, fp8_cache=True) == 270336
+    with pytest.raises(ValueError, match=r"2048 latent \+ 512 rotary values \(fp8 cache\) need 270336 bytes"):
+        plan_launch(8, 32, 2048, 512, 4096, 132, fp8_cache=True)
+    assert plan_launch(8, 32, 2048, 512, 4096, 132).block_n == 16  # the bf16 cache still fits
     with pytest.raises(ValueError, match=r"2048 latent \+ 512 rotary values need 163840 bytes .* allows 73728"):
         plan_launch(8, 32, 2048, 512, 4096, 108, shared_memory=99 * 1024 - SHARED_MEMORY_MARGIN)
 

@@ -89,12 +89,18 @@ def latent_blocks(latent: int, max_blocks: int = MAX_LATENT_BLOCKS) -> tuple[int
 
 
 def shared_memory_bytes(block_h: int, block_n: int, block_c: int, block_r: int, element_bytes: int = 2,
-                        fp8_cache: bool = False) -> int:
+                        fp8_cache: bool = False, widest_block: int | None = None) -> int:
     """What the split kernel keeps in shared memory: one tile of ``block_n`` cached rows and the
-    head group's query, both ``block_c + block_r`` wide (matches Triton's report to ~1%); an fp8
-    cache adds its one-byte tile beside the dequantised copy (measured on an H100: 64-row tiles of
-    1024-value rows then exceed 227 KiB)."""
-    return (element_bytes * (block_n + block_h) + (block_n if fp8_cache else 0)) * (block_c + block_r)
+    head group's query, both ``block_c + block_r`` wide (within 4 KiB of what Triton compiles on an
+    H100). An fp8 cache adds its one-byte tile and a second copy of the widest dequantised latent
+    block (``widest_block``, default ``block_c``): a tile converted in registers is staged once per
+    operand layout, where a bf16 tile loaded from memory serves both products. Measured on an H100
+    (benchmarks/results/h100-decode-fit/): exact for one-block rows (2048 + 512 values: 270,336
+    bytes), an upper bound for several blocks; the one-byte tile alone undercounted by up to 64 KiB."""
+    tiles = element_bytes * (block_n + block_h) * (block_c + block_r)
+    if not fp8_cache:
+        return tiles
+    return tiles + block_n * (block_c + block_r) + element_bytes * block_n * (widest_block or block_c)
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,7 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
     fit = min(most_heads, triton.next_power_of_2(num_heads))
     block_h = max(16, 1 << (fit.bit_length() - 1))
     def needs() -> int:
-        return shared_memory_bytes(block_h, block_n, block_c, block_r, fp8_cache=fp8_cache)
+        return shared_memory_bytes(block_h, block_n, block_c, block_r, fp8_cache=fp8_cache, widest_block=max(blocks))
 
     while block_n > 16 and needs() > shared_memory:
         block_n //= 2  # very wide rows (latent ~2000 + rope 512), fp8, smaller GPUs: fewer rows per tile
