@@ -179,14 +179,31 @@ def test_summary_ratios_merge_and_tables():
     assert "| 12.50 |" in table and "failed: engine failed" in table
 
 
+def test_collected_runs_keep_their_rows_and_their_own_baselines():
+    """Rows gathered from several runs (``run`` set) are never merged or compared across runs:
+    a later run's conversion without its own original gets no ratio."""
+    first = [dict(_row("mha", 8192, 400.0, 100_000), run="a"), dict(_row("native", 576, 5000.0, 1_400_000), run="a")]
+    second = [dict(_row("native", 576, 5200.0, 1_400_000), run="b"), dict(_row("mha", 8192, 800.0, 200_000), run="b",
+                                                                            kv_cache_dtype="fp8")]
+    merged = merge_rows(first, second)
+    assert len(merged) == 4  # the same (device, shape, variant, KV dtype, workload) twice: two runs
+    by = {(r["run"], r["variant"]): r for r in with_ratios(merged)}
+    assert by["a", "native"]["vs_mha"] == pytest.approx(12.5)
+    assert "vs_mha" not in by["b", "native"]  # run b has only an fp8 original
+    assert by["b", "native"]["capacity_vs_mha"] == pytest.approx(7.0)  # against b's own original, any dtype
+    table = markdown({"rows": merged, "serving": []})
+    assert table.startswith("| run | device |") and "| b | H100 | llama2-7b | 8192/1024 | native |" in table
+    assert table.index("| a | H100") < table.index("| b | H100")  # runs in the order they were collected
+
+
 def test_best_serving_rate_is_the_highest_under_the_tpot_limit():
     base = {"device": "H100", "shape": "s", "variant": "mha", "kv_cache_dtype": "auto", "input_len": 1024,
             "output_len": 256, "failed": 0}
     serving = [dict(base, request_rate=r, p99_tpot_ms=t) for r, t in ((1, 20.0), (2, 40.0), (4, 99.0), (8, 250.0))]
     serving.append(dict(base, variant="native", request_rate=1, p99_tpot_ms=120.0))
     best = best_serving_rates(serving)
-    assert best[("H100", "s", "mha", "auto", 1024, 256)] == 4
-    assert best[("H100", "s", "native", "auto", 1024, 256)] is None
+    assert best[(None, "H100", "s", "mha", "auto", 1024, 256)] == 4
+    assert best[(None, "H100", "s", "native", "auto", 1024, 256)] is None
 
 
 # -- a real run on the CPU -------------------------------------------------------------------------------

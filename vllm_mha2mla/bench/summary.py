@@ -6,7 +6,9 @@ shape, variant, KV dtype, workload) with the fields :data:`ROW_FIELDS` (and a fe
 serving row per (device, shape, variant, KV dtype, workload, request rate). New runs replace
 the rows they measure again and keep the others, so a matrix can grow over several sessions
 and machines. Ratios are computed here, only between rows of the same device, shape, KV dtype
-and workload — never across runs of different hardware.
+and workload — never across runs of different hardware. Rows collected from several runs carry
+``run`` (where they were measured, see ``benchmarks/collect_summary.py``): then each keeps its
+own row and its ratios come from its own run's original only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 
 ROW_FIELDS = ("device", "vllm_version", "shape", "variant", "cache_values", "kv_cache_dtype", "attention_backend",
               "input_len", "output_len", "num_prompts", "output_tokens_per_s", "kv_capacity_tokens")
-ROW_KEY = ("device", "shape", "variant", "kv_cache_dtype", "input_len", "output_len")
+ROW_KEY = ("run", "device", "shape", "variant", "kv_cache_dtype", "input_len", "output_len")
+"""``run`` is None in a tool's own output (one run per summary)."""
 SERVING_KEY = (*ROW_KEY, "request_rate")
 TPOT_LIMIT_MS = 100.0
 KV_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
@@ -55,18 +58,18 @@ def with_ratios(rows: list[dict]) -> list[dict]:
     ``expected_capacity`` (the original's cache bytes per token over this row's: what the
     capacity ratio should be if vLLM sizes the cache by the row width)."""
     ok = [r for r in rows if not r.get("error")]
-    mha = {(r["device"], r["shape"], r["kv_cache_dtype"], r["input_len"], r["output_len"]): r
+    mha = {_key(r, ("run", "device", "shape", "kv_cache_dtype", "input_len", "output_len")): r
            for r in ok if r["variant"].split("@")[0] == "mha"}
-    mha_any_dtype = {(r["device"], r["shape"]): r for r in ok if r["variant"].split("@")[0] == "mha"}
+    mha_any_dtype = {_key(r, ("run", "device", "shape")): r for r in ok if r["variant"].split("@")[0] == "mha"}
     out = []
     for r in ok:
         r = dict(r)
-        base = mha.get((r["device"], r["shape"], r["kv_cache_dtype"], r["input_len"], r["output_len"]))
+        base = mha.get(_key(r, ("run", "device", "shape", "kv_cache_dtype", "input_len", "output_len")))
         if base and base["output_tokens_per_s"]:
             r["vs_mha"] = r["output_tokens_per_s"] / base["output_tokens_per_s"]
         if base and base.get("decode_tokens_per_s") and r.get("decode_tokens_per_s"):
             r["decode_vs_mha"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        cap_base = base or mha_any_dtype.get((r["device"], r["shape"]))
+        cap_base = base or mha_any_dtype.get(_key(r, ("run", "device", "shape")))
         if cap_base and cap_base.get("kv_capacity_tokens") and r.get("kv_capacity_tokens"):
             r["capacity_vs_mha"] = r["kv_capacity_tokens"] / cap_base["kv_capacity_tokens"]
             r["expected_capacity"] = (cap_base["cache_values"] * KV_BYTES.get(cap_base["kv_cache_dtype"], 2)) / (
@@ -76,7 +79,7 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 
 def best_serving_rates(serving: list[dict]) -> dict[tuple, float | None]:
-    """Per (device, shape, variant, KV dtype, workload): the highest request rate whose TPOT p99
+    """Per (run, device, shape, variant, KV dtype, workload): the highest request rate whose TPOT p99
     stayed under :data:`TPOT_LIMIT_MS` (None if none did)."""
     best: dict[tuple, float | None] = {}
     for r in serving:
@@ -99,35 +102,41 @@ def _workload(r: dict) -> str:
 
 def markdown(summary: dict) -> str:
     """The tables the README shows: throughput with ratios, then serving latency."""
+    runs = [r.get("run") or "" for r in summary["rows"]]
+    order = {run: i for i, run in reversed(list(enumerate(runs)))}  # runs as first listed (collected oldest first)
     rows = sorted(with_ratios(summary["rows"]), key=lambda r: (r["device"], r["shape"], r["input_len"],
-                                                               r["output_len"], r["kv_cache_dtype"], r["cache_values"],
-                                                               r["variant"]))
-    lines = ["| device | shape | workload (in/out) | variant | cache values | KV dtype | attention | prompts | "
-             "output tok/s | × MHA | decode-phase tok/s (running) | × MHA | KV capacity (tokens) | "
+                                                               r["output_len"], order[r.get("run") or ""],
+                                                               r["kv_cache_dtype"], r["cache_values"], r["variant"]))
+    with_run = any(runs)
+    lines = [("| run " if with_run else "") + "| device | shape | workload (in/out) | variant | cache values | KV dtype | "
+             "attention | prompts | output tok/s | × MHA | decode-phase tok/s (running) | × MHA | KV capacity (tokens) | "
              "capacity × MHA (expected) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ("|---" if with_run else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cap = (f"{r['capacity_vs_mha']:.2f} ({r['expected_capacity']:.2f})" if "capacity_vs_mha" in r else "–")
         decode = (f"{r['decode_tokens_per_s']:,.0f} ({r['decode_running']})" if r.get("decode_tokens_per_s")
                   else "–")
-        lines.append(f"| {r['device']} | {r['shape']} | {_workload(r)} | {r['variant']} | {r['cache_values']} | "
+        lines.append((f"| {r.get('run') or ''} " if with_run else "") +
+                     f"| {r['device']} | {r['shape']} | {_workload(r)} | {r['variant']} | {r['cache_values']} | "
                      f"{r['kv_cache_dtype']} | {r['attention_backend']} | {r['num_prompts']} | "
                      f"{_fmt(r['output_tokens_per_s'])} | {_fmt(r.get('vs_mha'), '.2f')} | {decode} | "
                      f"{_fmt(r.get('decode_vs_mha'), '.2f')} | {_fmt(r.get('kv_capacity_tokens'))} | {cap} |")
     failed = [r for r in summary["rows"] if r.get("error")]
     for r in failed:
-        lines.append(f"| {r['device']} | {r['shape']} | {_workload(r)} | {r['variant']} | {r.get('cache_values')} | "
+        lines.append((f"| {r.get('run') or ''} " if with_run else "") +
+                     f"| {r['device']} | {r['shape']} | {_workload(r)} | {r['variant']} | {r.get('cache_values')} | "
                      f"{r['kv_cache_dtype']} | – | – | failed: {r['error'].splitlines()[0][:80]} | | | | | | |")
     serving = [r for r in summary["serving"] if not r.get("error")]
     if serving:
         best = best_serving_rates(serving)
         lines += ["", f"Serving (`vllm bench serve`, Poisson arrivals; best rate = highest with TPOT p99 < "
                       f"{TPOT_LIMIT_MS:g} ms):", "",
-                  "| device | shape | workload | variant | KV dtype | rate (req/s) | TTFT p50 / p99 (ms) | "
-                  "TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) | output tok/s | best rate |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(serving, key=lambda r: (*_key(r, ROW_KEY), r["request_rate"])):
+                  ("| run " if with_run else "") + "| device | shape | workload | variant | KV dtype | rate (req/s) | "
+                  "TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) | output tok/s | best rate |",
+                  ("|---" if with_run else "") + "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(serving, key=lambda r: (*(str(v) for v in _key(r, ROW_KEY)), r["request_rate"])):
             lines.append(
+                (f"| {r.get('run') or ''} " if with_run else "") +
                 f"| {r['device']} | {r['shape']} | {_workload(r)} | {r['variant']} | {r['kv_cache_dtype']} | "
                 f"{_fmt(r['request_rate'], 'g')} | {_fmt(r.get('p50_ttft_ms'), '.1f')} / "
                 f"{_fmt(r.get('p99_ttft_ms'), '.1f')} | {_fmt(r.get('p50_tpot_ms'), '.1f')} / "
@@ -151,8 +160,9 @@ def _finish(plt, fig, path: Path, written: list[Path]) -> None:
 
 def _throughput_panel(ax, rows: list[dict], title: str) -> None:
     for series in sorted({(r["variant"], r["kv_cache_dtype"], r["cache_values"]) for r in rows}, key=lambda s: -s[2]):
-        pts = sorted((r["input_len"] + r["output_len"], r["output_tokens_per_s"]) for r in rows
-                     if (r["variant"], r["kv_cache_dtype"], r["cache_values"]) == series)
+        # several runs of the same series at one context (a collected summary, oldest first): the latest is drawn
+        pts = sorted({r["input_len"] + r["output_len"]: r["output_tokens_per_s"] for r in rows
+                      if (r["variant"], r["kv_cache_dtype"], r["cache_values"]) == series}.items())
         label = f"{series[0]} ({series[2]} values{', ' + series[1] if series[1] != 'auto' else ''})"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if series[1] == "auto" else "--", marker="o",
                 label=label)

@@ -1,0 +1,48 @@
+"""Every `mha2mla bench` run under ``benchmarks/results/`` in one ``benchmarks/results/summary.json``.
+
+Each run folder keeps the summary its own run wrote; this gathers them, oldest first, with each
+row's ``run`` set to its folder, so one table and one set of plots show the whole matrix while
+every ratio still compares a conversion with the MHA original of its own run (same machine, same
+lease: ``vllm_mha2mla.bench.summary.with_ratios``). The plots draw the latest run's point where
+several runs measured the same row.
+
+Usage: python benchmarks/collect_summary.py [RESULTS_DIR]   (writes summary.json, summary.md, plots there)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm_mha2mla.bench.run import write_report  # noqa: E402
+from vllm_mha2mla.bench.summary import load_summary  # noqa: E402
+
+RUNS = ("h200x4-bench", "h100-bench", "h100-bench-2")
+"""The bench run folders, oldest first (a folder's README says what ran in it and how)."""
+
+
+def collect(results: Path, runs: tuple[str, ...] = RUNS) -> dict:
+    rows: list[dict] = []
+    serving: list[dict] = []
+    for run in runs:
+        path = results / run / "summary.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no summary.json in bench run folder {run!r}")
+        summary = load_summary(path)
+        rows += [{**r, "run": run} for r in summary["rows"]]
+        serving += [{**r, "run": run} for r in summary["serving"]]
+    out = results / "summary.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"runs": list(runs), "rows": rows, "serving": serving}, indent=1))
+    tmp.replace(out)
+    return write_report(results)
+
+
+if __name__ == "__main__":
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results"
+    summary = collect(folder)
+    print(f"{len(summary['rows'])} throughput rows and {len(summary['serving'])} serving rows from {len(RUNS)} runs "
+          f"-> {folder / 'summary.json'}, summary.md, plots")
