@@ -108,22 +108,27 @@ def markdown(summary: dict) -> str:
                                                                r["output_len"], order[r.get("run") or ""],
                                                                r["kv_cache_dtype"], r["cache_values"], r["variant"]))
     with_run = any(runs)
-    lines = [("| run " if with_run else "") + "| device | shape | workload (in/out) | variant | cache values | KV dtype | "
+
+    def run_cell(r: dict) -> str:  # a collected summary's first column: where the row was measured
+        return f"| {r.get('run') or ''} " if with_run else ""
+
+    head, rule = ("| run ", "|---") if with_run else ("", "")
+    lines = [head + "| device | shape | workload (in/out) | variant | cache values | KV dtype | "
              "attention | prompts | output tok/s | × MHA | decode-phase tok/s (running) | × MHA | KV capacity (tokens) | "
              "capacity × MHA (expected) |",
-             ("|---" if with_run else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             rule + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cap = (f"{r['capacity_vs_mha']:.2f} ({r['expected_capacity']:.2f})" if "capacity_vs_mha" in r else "–")
         decode = (f"{r['decode_tokens_per_s']:,.0f} ({r['decode_running']})" if r.get("decode_tokens_per_s")
                   else "–")
-        lines.append((f"| {r.get('run') or ''} " if with_run else "") +
+        lines.append(run_cell(r) +
                      f"| {r['device']} | {r['shape']} | {_workload(r)} | {r['variant']} | {r['cache_values']} | "
                      f"{r['kv_cache_dtype']} | {r['attention_backend']} | {r['num_prompts']} | "
                      f"{_fmt(r['output_tokens_per_s'])} | {_fmt(r.get('vs_mha'), '.2f')} | {decode} | "
                      f"{_fmt(r.get('decode_vs_mha'), '.2f')} | {_fmt(r.get('kv_capacity_tokens'))} | {cap} |")
     failed = [r for r in summary["rows"] if r.get("error")]
     for r in failed:
-        lines.append((f"| {r.get('run') or ''} " if with_run else "") +
+        lines.append(run_cell(r) +
                      f"| {r['device']} | {r['shape']} | {_workload(r)} | {r['variant']} | {r.get('cache_values')} | "
                      f"{r['kv_cache_dtype']} | – | – | failed: {r['error'].splitlines()[0][:80]} | | | | | | |")
     serving = [r for r in summary["serving"] if not r.get("error")]
@@ -131,12 +136,12 @@ def markdown(summary: dict) -> str:
         best = best_serving_rates(serving)
         lines += ["", f"Serving (`vllm bench serve`, Poisson arrivals; best rate = highest with TPOT p99 < "
                       f"{TPOT_LIMIT_MS:g} ms):", "",
-                  ("| run " if with_run else "") + "| device | shape | workload | variant | KV dtype | rate (req/s) | "
+                  head + "| device | shape | workload | variant | KV dtype | rate (req/s) | "
                   "TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) | output tok/s | best rate |",
-                  ("|---" if with_run else "") + "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  rule + "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(serving, key=lambda r: (*(str(v) for v in _key(r, ROW_KEY)), r["request_rate"])):
             lines.append(
-                (f"| {r.get('run') or ''} " if with_run else "") +
+                run_cell(r) +
                 f"| {r['device']} | {r['shape']} | {_workload(r)} | {r['variant']} | {r['kv_cache_dtype']} | "
                 f"{_fmt(r['request_rate'], 'g')} | {_fmt(r.get('p50_ttft_ms'), '.1f')} / "
                 f"{_fmt(r.get('p99_ttft_ms'), '.1f')} | {_fmt(r.get('p50_tpot_ms'), '.1f')} / "
