@@ -35,6 +35,25 @@ def _run_layers(model, hidden: torch.Tensor, positions: torch.Tensor, start: int
     return hidden
 
 
+def _positions(batch: torch.Tensor) -> torch.Tensor:
+    return torch.arange(batch.shape[1], device=batch.device)[None].expand(batch.shape[0], -1)
+
+
+def _layer_inputs(model, batch: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+    """Every decoder layer's input for one batch (and the last one's output): measuring a change
+    to layer ``l`` then reruns layers ``l..L-1`` only."""
+    inputs = [model.model.embed_tokens(batch)]
+    for layer in model.model.layers:
+        inputs.append(layer(inputs[-1], positions, None))
+    return inputs
+
+
+def _kl_sum(model, hidden: torch.Tensor, positions: torch.Tensor, start: int, reference: torch.Tensor) -> float:
+    """KL(reference ‖ the model run from layer ``start`` on ``hidden``), summed over the batch's tokens."""
+    logprobs = _next_token_logprobs(model, _run_layers(model, hidden, positions, start))
+    return F.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
+
+
 class _LatentWidths:
     """Cuts layers of a wide conversion to narrower latents in place, and puts them back.
 
@@ -94,21 +113,18 @@ def truncation_costs(model, windows: torch.Tensor, ranks: Sequence[int], batch_s
     tokens = 0
     try:
         for batch in windows.split(batch_size):
-            positions = torch.arange(batch.shape[1], device=batch.device)[None].expand(batch.shape[0], -1)
+            positions = _positions(batch)
             cut.restore()
             reference = _next_token_logprobs(model, _run_layers(model, model.model.embed_tokens(batch), positions, 0))
             cut.set_all(base)
-            inputs = [model.model.embed_tokens(batch)]
-            for layer in layers:
-                inputs.append(layer(inputs[-1], positions, None))
+            inputs = _layer_inputs(model, batch, positions)
             for i in range(len(layers)):
                 for r in ranks:
                     if r == wide and base_is_wide:
                         kl = 0.0  # the wide model itself
                     else:
                         cut.set(i, r)
-                        logprobs = _next_token_logprobs(model, _run_layers(model, inputs[i], positions, i))
-                        kl = F.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
+                        kl = _kl_sum(model, inputs[i], positions, i, reference)
                     costs[i][r] = costs[i].get(r, 0.0) + kl
                     bar.update()
                 cut.set(i, base[i])
@@ -128,13 +144,12 @@ def allocation_kl(model, windows: torch.Tensor, layer_ranks: Sequence[int], batc
     total, tokens = 0.0, 0
     try:
         for batch in windows.split(batch_size):
-            positions = torch.arange(batch.shape[1], device=batch.device)[None].expand(batch.shape[0], -1)
+            positions = _positions(batch)
             embedded = model.model.embed_tokens(batch)
             cut.restore()
             reference = _next_token_logprobs(model, _run_layers(model, embedded, positions, 0))
             cut.set_all(widths)
-            logprobs = _next_token_logprobs(model, _run_layers(model, embedded, positions, 0))
-            total += F.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
+            total += _kl_sum(model, embedded, positions, 0, reference)
             tokens += batch.numel()
     finally:
         cut.restore()
@@ -247,17 +262,13 @@ def option_costs(mixed: MixedAttention, reference: Sequence[torch.Tensor], windo
                unit="pass", disable=not show_progress)
     try:
         for batch, ref in zip(windows.split(batch_size), reference):
-            positions = torch.arange(batch.shape[1], device=batch.device)[None].expand(batch.shape[0], -1)
+            positions = _positions(batch)
             mixed.set_all(base)
-            inputs = [model.model.embed_tokens(batch)]
-            for layer in model.model.layers:
-                inputs.append(layer(inputs[-1], positions, None))
+            inputs = _layer_inputs(model, batch, positions)
             for i in range(mixed.layers):
                 for option in options:
                     mixed.set(i, *option)
-                    logprobs = _next_token_logprobs(model, _run_layers(model, inputs[i], positions, i))
-                    kl = F.kl_div(logprobs, ref, log_target=True, reduction="sum").item()
-                    costs[i][option] = costs[i].get(option, 0.0) + kl
+                    costs[i][option] = costs[i].get(option, 0.0) + _kl_sum(model, inputs[i], positions, i, ref)
                     bar.update()
                 mixed.set(i, *base[i])
     finally:
@@ -273,8 +284,6 @@ def mixed_kl(mixed: MixedAttention, reference: Sequence[torch.Tensor], windows: 
     mixed.set_all(mixed.check(options, "options"))
     total = 0.0
     for batch, ref in zip(windows.split(batch_size), reference):
-        positions = torch.arange(batch.shape[1], device=batch.device)[None].expand(batch.shape[0], -1)
-        logprobs = _next_token_logprobs(mixed.host, _run_layers(mixed.host, mixed.host.model.embed_tokens(batch),
-                                                                positions, 0))
-        total += F.kl_div(logprobs, ref, log_target=True, reduction="sum").item()
+        positions = _positions(batch)
+        total += _kl_sum(mixed.host, mixed.host.model.embed_tokens(batch), positions, 0, ref)
     return total / windows.numel()
