@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,7 +85,7 @@ NATIVE_PADDING_TOLERANCE = 0.10
 costs at most this share of the essential values."""
 
 
-def _max_latent_rank(spec: SourceSpec, rope_dim: int) -> int:
+def max_latent_rank(spec: SourceSpec, rope_dim: int) -> int:
     """The widest latent a layer can use: the rank of its stacked non-rotary key and value rows."""
     return min(spec.num_kv_heads * (2 * spec.head_dim - rope_dim), spec.hidden_size)
 
@@ -157,7 +157,7 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
     if options.kv_budget is not None and options.layout == "exact":
         raise ConversionError("--kv-budget fills a vLLM-native cache size; use --d-kv with --layout exact")
     notes: list[str] = []
-    max_rank = _max_latent_rank(spec, options.rope_dim)
+    max_rank = max_latent_rank(spec, options.rope_dim)
     if options.kv_budget is not None:
         if options.kv_budget not in NATIVE_CACHE_SIZES:
             raise ConversionError(f"--kv-budget must be one of {NATIVE_CACHE_SIZES}, got {options.kv_budget}")
@@ -234,7 +234,7 @@ def _plan_given_widths(spec: SourceSpec, options: ConvertOptions) -> ConversionP
     for r in set(ropes):
         rope.check_rope_dim(r, spec.head_dim)
     for i, (w, r) in enumerate(zip(widths, ropes)):
-        max_rank = _max_latent_rank(spec, r)
+        max_rank = max_latent_rank(spec, r)
         if not 1 <= w <= max_rank:
             raise ConversionError(f"--layer-latent width {w} of layer {i} must lie in [1, {max_rank}] (the rank of "
                                   f"its key and value rows with {r} rotary dims per head)")
@@ -295,7 +295,7 @@ def _plan_allocation(spec: SourceSpec, options: ConvertOptions) -> ConversionPla
             f"{rope_total} rotary dims in each of {layers} layers) cannot give every layer one group of {step} "
             f"latent dims; give at least {(step + rope_total) * layers}")
     _refuse_larger_total(spec, options, total, "this budget")
-    max_rank = _max_latent_rank(spec, options.rope_dim) // step * step
+    max_rank = max_latent_rank(spec, options.rope_dim) // step * step
     notes = []
     if total % step:
         notes.append(f"latent budget {total} rounded down to {total // step * step}, a multiple of --rank-step {step}")
@@ -472,164 +472,18 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_prog
         stats = load_or_collect(spec, text, options.cache_dir, options.calib_tokens, options.calib_seq_len)
     allocation = None
     if plan.latent_total is not None:
+        from conversion.measured_allocation import allocate_measured, allocate_measured_with_rope
+
         allocate = allocate_measured_with_rope if options.rope_choices else allocate_measured
         allocation = allocate(plan, weights, stats, text, dst, show_progress)
     # after any allocation: a layer keeps as many pairs as its own rotary dims say
-    return _write_checkpoint(plan, weights, stats, select_rope_pairs(plan, stats), dst, show_progress, allocation)
+    return write_checkpoint(plan, weights, stats, select_rope_pairs(plan, stats), dst, show_progress, allocation)
 
 
-def allocate_measured(plan: ConversionPlan, weights: SourceWeights, stats: CalibrationStats | None,
-                      text: str, dst: Path, show_progress: bool) -> dict:
-    """Fixes ``plan.layer_latent``: converts at the widest latent a layer may take into a
-    scratch folder beside ``dst`` (removed afterwards), measures each layer's cost at each width
-    with every other layer at the average (:func:`conversion.sensitivity.truncation_costs`, KL
-    from the wide model on the calibration text) and spends the budget where it cuts the summed
-    cost most (:func:`conversion.allocation.allocate_by_cost`).
-    Returns what the report shows about it."""
-    import tempfile
-    import time
-
-    from conversion.allocation import interpolate_cost
-    from conversion.reference_model import load_reference
-    from conversion.sensitivity import measured_allocation
-
-    opts, layers, step = plan.options, plan.spec.num_layers, plan.options.rank_step
-    wide = plan.layout.latent_dim
-    average = plan.latent_total // layers
-    started = time.perf_counter()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.wide-", dir=dst.parent) as scratch:
-        wide_dir = Path(scratch) / "wide"
-        wide_plan = ConversionPlan(plan.spec, plan.layout, opts, torch.float32, [])
-        _write_checkpoint(wide_plan, weights, stats, select_rope_pairs(wide_plan, stats), wide_dir, show_progress,
-                          None)
-        windows = _sensitivity_windows(plan, text)
-        model = load_reference(wide_dir)
-        grid = _measured_widths(step, wide, average, {average, wide})
-        # measured around the uniform operating point (every other layer at the average width): closer to
-        # where the allocation lands than the wide model, and better measured (38% -> 42% of the gap closed
-        # at 192 values, 5% -> 14% at 96; benchmarks/results/rank-allocation-cpu/); further passes measure
-        # around the allocation found
-        ranks, passes = measured_allocation(model, windows, grid, plan.latent_total, step, opts.allocation_passes,
-                                            show_progress=show_progress)
-        del model
-    costs = passes[0]["costs"]
-    uniform = [plan.latent_total / layers] * layers
-    plan.layer_latent = ranks
-    plan.layout = plan.layout.with_latent(max(ranks))
-    predicted = lambda rs: float(sum(interpolate_cost(c, r) for c, r in zip(costs, rs)))  # noqa: E731
-    return {
-        "method": opts.allocate,
-        "latent_total": plan.latent_total,
-        "rank_step": step,
-        "widest_allowed": wide,
-        "layer_latent": ranks,
-        "measured_on_tokens": int(windows.numel()),
-        "measured_ranks": grid,
-        "truncation_costs": [{str(r): c for r, c in layer.items()} for layer in costs],
-        "predicted_kl": {"uniform": predicted(uniform), "allocated": predicted(ranks)},
-        "passes": [{"base": h["base"], "measured_kl": h["base_kl"]} for h in passes],
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def _measured_widths(step: int, wide: int, average: int, extra: set[int]) -> list[int]:
-    """Latent widths an allocation measures, up to ``wide``: every ``step`` up to the average
-    width, every second step above it (fewer passes where the budget rarely reaches), and ``extra``."""
-    return sorted({w for w in range(step, wide + 1, step) if w <= average or w % (2 * step) == 0} | extra)
-
-
-def _sensitivity_windows(plan: ConversionPlan, text: str) -> torch.Tensor:
-    """``[n, T]`` calibration token windows on which allocations measure their costs."""
-    from transformers import AutoTokenizer
-
-    from conversion.recovery.data import text_windows
-
-    tokenizer = AutoTokenizer.from_pretrained(str(plan.spec.path))
-    seq_len = min(plan.options.calib_seq_len, 512)
-    return torch.tensor(text_windows(tokenizer, text, seq_len, plan.options.sensitivity_tokens))
-
-
-def allocate_measured_with_rope(plan: ConversionPlan, weights: SourceWeights, stats: CalibrationStats | None,
-                                text: str, dst: Path, show_progress: bool) -> dict:
-    """Fixes ``plan.layer_rope`` and ``plan.layer_latent``: each layer's rotary dims (one of
-    ``--rope-choices``) and latent width, under the same total of cached values.
-
-    Converts the source once per rotary width R at the widest latent a layer may take (scratch
-    folders beside ``dst``, removed afterwards); each layer's option (R, w) is that layer's
-    attention from the R conversion with its latent cut to w (:class:`sensitivity.MixedAttention`).
-    Costs are measured as KL from the *original* model (loaded from the source folder), with every
-    other layer at the uniform operating point, and the options of least summed cost within the
-    budget are chosen exactly (:func:`allocation.choose_options`). On SmolLM2 at 96 values this
-    closes 51% of the uniform conversion's perplexity gap, against 25% for latent widths alone
-    (``benchmarks/results/rank-allocation-cpu/``). The measured KL of the result and of uniform
-    layers are both reported; if the allocation measures worse, uniform layers are kept.
-    Returns what the report shows about it."""
-    import tempfile
-    import time
-
-    from transformers import AutoModelForCausalLM
-
-    from conversion.allocation import choose_options
-    from conversion.reference_model import load_reference
-    from conversion.sensitivity import MixedAttention, mixed_kl, option_costs, reference_logprobs
-
-    spec, opts, step = plan.spec, plan.options, plan.options.rank_step
-    g, layers = spec.num_kv_heads, spec.num_layers
-    average = plan.latent_total // layers
-    base = (opts.rope_dim, average)
-    total_values = plan.latent_total + g * opts.rope_dim * layers
-    widest_values = WIDE_FACTOR * total_values // layers
-    started = time.perf_counter()
-    windows = _sensitivity_windows(plan, text)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.wide-", dir=dst.parent) as scratch:
-        models, grid = {}, {}
-        for rope_dim in sorted(set(opts.rope_choices) | {opts.rope_dim}):
-            wide = min(_max_latent_rank(spec, rope_dim), widest_values - g * rope_dim) // step * step
-            if rope_dim == opts.rope_dim:
-                wide = max(wide, average)
-            if wide < step:
-                continue  # this many rotary dims leave no room for a latent group within the widest row
-            layout = plan_exact_layout(spec.num_heads, g, spec.head_dim, rope_dim, max(1, average // g)).with_latent(wide)
-            wide_plan = ConversionPlan(spec, layout, replace(opts, rope_dim=rope_dim), torch.float32, [])
-            folder = Path(scratch) / f"wide-rope{rope_dim}"
-            _write_checkpoint(wide_plan, weights, stats, select_rope_pairs(wide_plan, stats), folder, False, None)
-            models[rope_dim] = load_reference(folder)
-            grid[rope_dim] = _measured_widths(step, wide, average, {average} if rope_dim == opts.rope_dim else set())
-        original = AutoModelForCausalLM.from_pretrained(str(spec.path), dtype=torch.float32).eval()
-        reference = reference_logprobs(original, windows)
-        del original
-        mixed = MixedAttention(models, host_rope=opts.rope_dim)
-        costs = option_costs(mixed, reference, windows, grid, [base] * layers, show_progress=show_progress)
-        chosen = choose_options(costs, total_values, g)
-        measured = {"uniform": mixed_kl(mixed, reference, windows, [base] * layers),
-                    "allocated": mixed_kl(mixed, reference, windows, chosen)}
-        del mixed, models
-    if measured["allocated"] > measured["uniform"]:
-        chosen = [base] * layers
-    plan.layer_rope = [r for r, _ in chosen]
-    plan.layer_latent = [w for _, w in chosen]
-    plan.layout = plan.layout.with_latent(max(plan.layer_latent)).with_rope(max(plan.layer_rope))
-    return {
-        "method": f"{opts.allocate} (rotary dims {sorted(grid)} and latent widths)",
-        "latent_total": sum(plan.layer_latent),
-        "values_total": sum(g * r + w for r, w in chosen),
-        "rank_step": step,
-        "layer_latent": plan.layer_latent,
-        "layer_rope": plan.layer_rope,
-        "measured_on_tokens": int(windows.numel()),
-        "measured_options": {str(r): ws for r, ws in grid.items()},
-        "option_costs": [{f"{r}/{w}": c for (r, w), c in layer.items()} for layer in costs],
-        "predicted_kl": {"uniform": float(sum(c[base] for c in costs)),
-                         "allocated": float(sum(c[o] for c, o in zip(costs, chosen)))},
-        "measured_kl": measured,
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def _write_checkpoint(plan: ConversionPlan, weights: SourceWeights, stats: CalibrationStats | None,
-                      pairs: list[list[list[int]]], dst: Path, show_progress: bool, allocation: dict | None) -> dict:
+def write_checkpoint(plan: ConversionPlan, weights: SourceWeights, stats: CalibrationStats | None,
+                     pairs: list[list[list[int]]], dst: Path, show_progress: bool, allocation: dict | None) -> dict:
+    """Every layer converted by ``plan`` into the MLA checkpoint at ``dst`` (written atomically),
+    with its report (``allocation``: what a measured allocation adds to it)."""
     spec, options = plan.spec, plan.options
     layer_errors: list[dict[str, float]] = []
     spectra: list[list[float]] = []
