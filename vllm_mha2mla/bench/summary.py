@@ -183,7 +183,7 @@ def _capacity_panel(ax, rows: list[dict], title: str) -> None:
     ax.bar(list(caps), list(caps.values()), color="tab:blue")
     ax.set_ylabel("KV capacity (tokens)")
     ax.set_title(title, fontsize=9)
-    ax.tick_params(axis="x", labelsize=7)
+    ax.tick_params(axis="x", labelsize=7, labelrotation=30)  # variant names such as native@FLASHMLA side by side
 
 
 def _serving_panel(ax, rows: list[dict], title: str) -> None:
