@@ -189,6 +189,7 @@ case $MODE in
     # BENCH_SECONDS bounds the whole mode, the bundle's first unpacking (~40 s) included: a call killed at its
     # own limit returns nothing, so the summary must be copied out before it
     left=$(( ${BENCH_SECONDS:-540} - SECONDS ))
+    (( left > 0 )) || left=1  # `timeout 0` would mean no bound at all
     timeout -k 20 "$left" python3 -m vllm_mha2mla.cli bench --output /root/bench "$@" 2>&1 | tail -80 || true
     cp /root/bench/summary.json /root/bench/summary.md "$OUT/" 2>/dev/null || true
     tar cJf "$OUT/bench-logs.tar.xz" -C /root/bench logs raw 2>/dev/null || true
