@@ -5,13 +5,21 @@ against FlashMLA's 2.7 TB/s), over tile sizes, warps, pipeline depth and KV spli
 No vLLM needed: the kernel alone on random pages, each variant checked against the default
 plan's output, timed with ``triton.testing.do_bench`` (median), bandwidth = cached bytes read.
 
-Usage (GPU): python benchmarks/decode_kernel_sweep.py OUT.json
+With ``fp8``: the decode phases of the 8K/1K engines with an fp8 cache (where the 1024-value row
+decoded at 0.62 ms per sequence-step against 0.34 with bf16, `results/h100-bench-2/`): the kernel
+with a bf16 cache as the yardstick, the fp8 kernel as it was (a copy of the module at
+``$OLD_DECODE``, when given), and the fp8 kernel over dot operands (the query's bf16 or float16)
+× head groups × row tiles × warps × pipeline depth, each checked against float32 PyTorch.
+
+Usage (GPU): python benchmarks/decode_kernel_sweep.py [fp8] OUT.json
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -91,5 +99,106 @@ def main(out_file: Path) -> None:
         torch.cuda.empty_cache()
 
 
+FP8_SHAPES = [
+    ("1024_llama2_b166_8k", 512, 512, 32, 166, 8700),  # r16-d16: 166 running in the fp8 engine
+    ("576_llama2_b310_8k", 512, 64, 32, 310, 8700),
+    ("512_llama3_cut75_b348_8k", 384, 128, 32, 348, 8700),
+    ("256_qwen_cut75_b458_8k", 192, 64, 28, 458, 8700),
+]
+
+
+def _timed(run, want) -> dict:
+    """One launch variant: its output's largest difference from ``want`` (float32 PyTorch on the
+    first requests) and its median time; the error where it does not fit the GPU."""
+    from triton.testing import do_bench
+
+    try:
+        out = run()
+        err = float((out[: len(want)].float() - want).abs().max())
+        return {"max_abs_diff_vs_torch": err, "ms": do_bench(run, warmup=25, rep=100, return_mode="median")}
+    except Exception as exc:  # out of shared memory / registers for this tile
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+
+
+def _old_decode():
+    """The kernel module as it was before the change under test (``$OLD_DECODE``: a file path)."""
+    path = os.environ.get("OLD_DECODE")
+    if not path:
+        return None
+    spec = importlib.util.spec_from_file_location("old_triton_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def fp8(out_file: Path) -> None:
+    from vllm_mha2mla.paged_attention import paged_latent_decode
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    old = _old_decode()
+    results = {"device": torch.cuda.get_device_name(0), "sms": sms, "page": PAGE, "old_kernel": bool(old), "shapes": {}}
+    for name, latent, rope, heads, batch, context in FP8_SHAPES:
+        torch.cuda.empty_cache()
+        q, cache, table, lens = paged_inputs(latent, rope, heads, batch, context)
+        k_scale = (cache.abs().amax().float() / 448.0).reshape(1)  # vLLM's per-tensor scale, here from the data
+        rows = (cache.float() / k_scale).to(torch.float8_e4m3fn)
+        want = paged_latent_decode(q[:4].float(), rows[table[:4].flatten().long()].float() * k_scale,
+                                   torch.arange(table[:4].numel(), device="cuda", dtype=torch.int32).view(4, -1),
+                                   lens[:4], 0.07, latent)
+        want_bf16 = paged_latent_decode(q[:4].float(), cache[table[:4].flatten().long()].float(),
+                                        torch.arange(table[:4].numel(), device="cuda", dtype=torch.int32).view(4, -1),
+                                        lens[:4], 0.07, latent)
+        tokens = float(lens.sum())
+        bf16_plan = plan_launch(batch, heads, latent, rope, context, sms)
+        plan = plan_launch(batch, heads, latent, rope, context, sms, fp8_cache=True)
+        shape = {"latent": latent, "rope": rope, "heads": heads, "batch": batch, "context": context,
+                 "bf16_plan": asdict(bf16_plan), "fp8_plan": asdict(plan), "variants": []}
+        shape["bf16"] = {**_timed(lambda: mla_paged_decode(q, cache, table, lens, 0.07, latent, context,
+                                                           launch=bf16_plan)[0], want_bf16),
+                         "gbytes": tokens * (latent + rope) * 2 / 1e9}
+        if old is not None:
+            old_plan = old.plan_launch(batch, heads, latent, rope, context, sms, fp8_cache=True)
+            shape["old_fp8"] = {**_timed(lambda: old.mla_paged_decode(q, rows, table, lens, 0.07, latent, context,
+                                                                      k_scale=k_scale, launch=old_plan)[0], want),
+                                "plan": asdict(old_plan)}
+        variants = [replace(plan, fp8_as_fp16=f) for f in (False, True)] + [
+            replace(plan, block_h=h, block_n=n, num_warps=w, num_stages=st, fp8_as_fp16=f)
+            for f, h, n, w, st in itertools.product((False, True), (16, 32), (16, 32, 64), (4, 8), (1, 2))]
+        seen = []
+        for launch in variants:
+            if launch in seen:
+                continue
+            seen.append(launch)
+            row = {**asdict(launch), "is_plan": launch == plan,
+                   **_timed(lambda: mla_paged_decode(q, rows, table, lens, 0.07, latent, context, k_scale=k_scale,
+                                                     launch=launch)[0], want)}
+            shape["variants"].append(row)
+        gbytes = tokens * (latent + rope) / 1e9
+        for row in [shape["bf16"], shape.get("old_fp8"), *shape["variants"]]:
+            if row and "ms" in row:
+                row["tb_per_s"] = row.get("gbytes", gbytes) / row["ms"]
+        ok = [r for r in shape["variants"] if "ms" in r and r["max_abs_diff_vs_torch"] < 2e-2]
+        shape["best"] = min(ok, key=lambda r: r["ms"]) if ok else None
+        shape["plan"] = next((r for r in shape["variants"] if r["is_plan"]), None)
+        results["shapes"][name] = shape
+
+        def line(label, row):
+            if not row or "ms" not in row:
+                return f"{label} {row.get('error') if row else '-'}"
+            return f"{label} {row['ms']:.3f} ms ({row['tb_per_s']:.2f} TB/s, err {row['max_abs_diff_vs_torch']:.1e})"
+
+        best = shape["best"]
+        print(f"{name}: " + "  ".join([line("bf16", shape["bf16"]), line("old fp8", shape.get("old_fp8")),
+                                       line("fp8 plan", shape["plan"]), line("fp8 best", best)])
+              + (f" [h{best['block_h']} n{best['block_n']} w{best['num_warps']} s{best['num_stages']} "
+                 f"fp16 {best['fp8_as_fp16']}]" if best else ""), flush=True)
+        out_file.write_text(json.dumps(results, indent=1))
+        del q, cache, rows, table, lens
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "fp8":
+        fp8(Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]))

@@ -108,6 +108,28 @@ def test_scaled_cache_is_dequantised_with_k_scale(latent):
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fp16_operands", [False, True])
+def test_fp8_cache_converts_exactly_and_scales_scores_and_output(fp16_operands):
+    """An e4m3 cache converts to the operands' dtype as is; k_scale multiplies the scores and the
+    output. float32 queries make the operands float32 (the interpreter's bf16 products are not
+    exact); float16 operands round the query and the probabilities (and the interpreter sums their
+    products in float16), hence the looser bound."""
+    q, cache, table, lens = _paged_problem(112, 32, 5, 16, [9, 40])
+    k_scale = torch.tensor([0.02])
+    rows = (cache / 0.02).to(torch.float8_e4m3fn)
+    plan = replace(plan_launch(2, 5, 112, 32, 40, num_sms=8, fp8_cache=True), latent_blocks=latent_blocks(112),
+                   fp8_as_fp16=fp16_operands)
+    out, lse = mla_paged_decode(q, rows, table, lens, 0.2, 112, 40, k_scale=k_scale, launch=plan)
+    dequantised = rows.double() * 0.02
+    want = paged_latent_decode(q.double(), dequantised, table, lens, 0.2, 112)
+    tolerance = 2e-2 if fp16_operands else 1e-5
+    torch.testing.assert_close(out.double(), want, rtol=tolerance, atol=tolerance)
+    scores = torch.einsum("bhd,bld->bhl", q.double(), gather_paged_rows(dequantised, table, lens)) * 0.2
+    valid = torch.arange(scores.shape[-1])[None, :] < lens[:, None]
+    want_lse = scores.masked_fill(~valid[:, None, :], float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=tolerance, atol=tolerance)
+
+
 def test_launch_plan_fits_registers_and_fills_the_gpu():
     wide = plan_launch(batch=1, num_heads=32, latent=896, rope=512, max_seq_len=8192, num_sms=132)
     assert wide.latent_blocks == (512, 256, 128) and wide.num_splits > 1  # 896 columns held, not 1024

@@ -114,6 +114,9 @@ class DecodeLaunch:
     num_warps: int
     num_stages: int
     num_splits: int
+    fp8_as_fp16: bool = False
+    """With an fp8 cache: dot operands (query, cached tile, probabilities) in float16 rather than
+    the query's dtype."""
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.latent_blocks) <= MAX_LATENT_BLOCKS:
@@ -193,13 +196,12 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
 
 
 @triton.jit
-def _load_rows(base, offs, ok, SCALED_CACHE: tl.constexpr, k_scale, like):
-    """One block of cached columns for a tile of rows; an fp8 cache is dequantised on load into
-    the query's dtype (``like``)."""
+def _load_rows(base, offs, ok, like):
+    """One block of cached columns for a tile of rows, in the dot operands' dtype (``like``'s).
+    An fp8 cache converts exactly (e4m3 values are bf16 and fp16 values); its scale multiplies
+    the scores and the output instead of every cached value."""
     tile = tl.load(base + offs[None, :], mask=ok, other=0.0)
-    if SCALED_CACHE:
-        tile = (tile.to(tl.float32) * k_scale).to(like.dtype)
-    return tile
+    return tile.to(like.dtype)
 
 
 @triton.jit
@@ -216,7 +218,7 @@ def _mla_decode_split_kernel(
     LATENT: tl.constexpr, ROPE: tl.constexpr,
     NUM_BLOCKS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, SCALED_CACHE: tl.constexpr,
+    PAGE: tl.constexpr, SCALED_CACHE: tl.constexpr, FP16_OPERANDS: tl.constexpr,
 ):
     """Latent blocks: columns [0, C0), [C0, C0 + C1), [C0 + C1, C0 + C1 + C2), the first NUM_BLOCKS
     of them used (the others are 16-wide placeholders, never loaded or stored), masked at LATENT;
@@ -243,6 +245,13 @@ def _mla_decode_split_kernel(
         q_1 = tl.load(q_rows + offs_1[None, :], mask=head_ok & ok_1, other=0.0)
     if NUM_BLOCKS > 2:
         q_2 = tl.load(q_rows + offs_2[None, :], mask=head_ok & ok_2, other=0.0)
+    if FP16_OPERANDS:
+        q_0 = q_0.to(tl.float16)
+        q_r = q_r.to(tl.float16)
+        if NUM_BLOCKS > 1:
+            q_1 = q_1.to(tl.float16)
+        if NUM_BLOCKS > 2:
+            q_2 = q_2.to(tl.float16)
 
     seq_len = tl.load(SeqLens + b)
     split_len = tl.cdiv(seq_len, num_splits)
@@ -257,22 +266,23 @@ def _mla_decode_split_kernel(
     k_scale = 1.0
     if SCALED_CACHE:
         k_scale = tl.load(KScale)
+    qk_scale = sm_scale * k_scale
 
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pos_ok = pos < end
         page = tl.load(BlockTable + b * stride_bt + pos // PAGE, mask=pos_ok, other=0)
         row = (KV + page.to(tl.int64) * stride_kv_page + (pos % PAGE) * stride_kv_tok)[:, None]
-        kv_0 = _load_rows(row, offs_0, pos_ok[:, None] & ok_0, SCALED_CACHE, k_scale, q_0)
-        kv_r = _load_rows(row, offs_r, pos_ok[:, None] & ok_r, SCALED_CACHE, k_scale, q_r)
+        kv_0 = _load_rows(row, offs_0, pos_ok[:, None] & ok_0, q_0)
+        kv_r = _load_rows(row, offs_r, pos_ok[:, None] & ok_r, q_r)
         scores = tl.dot(q_0, tl.trans(kv_0)) + tl.dot(q_r, tl.trans(kv_r))
         if NUM_BLOCKS > 1:
-            kv_1 = _load_rows(row, offs_1, pos_ok[:, None] & ok_1, SCALED_CACHE, k_scale, q_1)
+            kv_1 = _load_rows(row, offs_1, pos_ok[:, None] & ok_1, q_1)
             scores += tl.dot(q_1, tl.trans(kv_1))
         if NUM_BLOCKS > 2:
-            kv_2 = _load_rows(row, offs_2, pos_ok[:, None] & ok_2, SCALED_CACHE, k_scale, q_2)
+            kv_2 = _load_rows(row, offs_2, pos_ok[:, None] & ok_2, q_2)
             scores += tl.dot(q_2, tl.trans(kv_2))
-        scores = tl.where(pos_ok[None, :], scores * sm_scale, float("-inf"))
+        scores = tl.where(pos_ok[None, :], scores * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
@@ -288,11 +298,12 @@ def _mla_decode_split_kernel(
     out_rows = Partial + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps
     has_tokens = end > start
     safe_l = tl.where(l_i > 0, l_i, 1.0)
-    tl.store(out_rows + offs_0[None, :], acc_0 / safe_l[:, None], mask=head_ok & ok_0)
+    out_scale = (k_scale / safe_l)[:, None]
+    tl.store(out_rows + offs_0[None, :], acc_0 * out_scale, mask=head_ok & ok_0)
     if NUM_BLOCKS > 1:
-        tl.store(out_rows + offs_1[None, :], acc_1 / safe_l[:, None], mask=head_ok & ok_1)
+        tl.store(out_rows + offs_1[None, :], acc_1 * out_scale, mask=head_ok & ok_1)
     if NUM_BLOCKS > 2:
-        tl.store(out_rows + offs_2[None, :], acc_2 / safe_l[:, None], mask=head_ok & ok_2)
+        tl.store(out_rows + offs_2[None, :], acc_2 * out_scale, mask=head_ok & ok_2)
     lse = tl.where(has_tokens, m_i + tl.log(safe_l), float("-inf"))
     tl.store(Partial + b * stride_pb + heads * stride_ph + split * stride_ps + LATENT, lse, mask=heads < num_heads)
 
@@ -379,7 +390,7 @@ def mla_paged_decode(
         LATENT=latent_dim, ROPE=rope,
         NUM_BLOCKS=len(plan.latent_blocks), C0=blocks[0], C1=blocks[1], C2=blocks[2],
         BLOCK_R=plan.block_r, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n,
-        PAGE=kv_cache.shape[1], SCALED_CACHE=scaled,
+        PAGE=kv_cache.shape[1], SCALED_CACHE=scaled, FP16_OPERANDS=scaled and plan.fp8_as_fp16,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     _mla_decode_merge_kernel[(batch, num_heads)](
