@@ -8,10 +8,12 @@ plan's output, timed with ``triton.testing.do_bench`` (median), bandwidth = cach
 With ``fp8``: the decode phases of the 8K/1K engines with an fp8 cache (where the 1024-value row
 decoded at 0.62 ms per sequence-step against 0.34 with bf16, `results/h100-bench-2/`): the kernel
 with a bf16 cache as the yardstick, the fp8 kernel as it was (a copy of the module at
-``$OLD_DECODE``, when given), and the fp8 kernel over dot operands (the query's bf16 or float16)
-× head groups × row tiles × warps × pipeline depth, each checked against float32 PyTorch.
+``$OLD_DECODE``, when given), and the fp8 kernel's plan and head groups × row tiles × warps ×
+pipeline depth, each checked against float32 PyTorch.
 
-Usage (GPU): python benchmarks/decode_kernel_sweep.py [fp8] OUT.json
+``fp8-plan``: the same without the tile variants.
+
+Usage (GPU): python benchmarks/decode_kernel_sweep.py [fp8|fp8-plan] OUT.json
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ def _old_decode():
     return module
 
 
-def fp8(out_file: Path) -> None:
+def fp8(out_file: Path, tiles: bool = True) -> None:
+    """FP8_SHAPES: bf16, the old fp8 kernel, the fp8 plan and (``tiles``) the tile variants."""
     from vllm_mha2mla.paged_attention import paged_latent_decode
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -162,9 +165,8 @@ def fp8(out_file: Path) -> None:
             shape["old_fp8"] = {**_timed(lambda: old.mla_paged_decode(q, rows, table, lens, 0.07, latent, context,
                                                                       k_scale=k_scale, launch=old_plan)[0], want),
                                 "plan": asdict(old_plan)}
-        variants = [replace(plan, fp8_as_fp16=f) for f in (False, True)] + [
-            replace(plan, block_h=h, block_n=n, num_warps=w, num_stages=st, fp8_as_fp16=f)
-            for f, h, n, w, st in itertools.product((False, True), (16, 32), (16, 32, 64), (4, 8), (1, 2))]
+        variants = [plan] + [replace(plan, block_h=h, block_n=n, num_warps=w, num_stages=st)
+                             for h, n, w, st in itertools.product((16, 32), (16, 32, 64), (4, 8), (1, 2)) if tiles]
         seen = []
         for launch in variants:
             if launch in seen:
@@ -192,13 +194,12 @@ def fp8(out_file: Path) -> None:
         print(f"{name}: " + "  ".join([line("bf16", shape["bf16"]), line("old fp8", shape.get("old_fp8")),
                                        line("fp8 plan", shape["plan"]), line("fp8 best", best)])
               + (f" [h{best['block_h']} n{best['block_n']} w{best['num_warps']} s{best['num_stages']} "
-                 f"fp16 {best['fp8_as_fp16']}]" if best else ""), flush=True)
+                 f"{best['latent_blocks']}]" if best else ""), flush=True)
         out_file.write_text(json.dumps(results, indent=1))
-        del q, cache, rows, table, lens
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "fp8":
-        fp8(Path(sys.argv[2]))
+    if sys.argv[1] in ("fp8", "fp8-plan"):
+        fp8(Path(sys.argv[2]), tiles=sys.argv[1] == "fp8")
     else:
         main(Path(sys.argv[1]))

@@ -33,7 +33,7 @@ class MHA2MLATritonImpl(MLACommonImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if _is_quantized(self.kv_cache_dtype):
-            # Queries stay in the model dtype; the kernel dequantises the fp8 cache on load.
+            # Queries stay in the model dtype; the kernel converts them and the fp8 cache to float16.
             self.supports_quant_query_input = False
         device = torch.cuda.current_device()
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count

@@ -88,19 +88,13 @@ def latent_blocks(latent: int, max_blocks: int = MAX_LATENT_BLOCKS) -> tuple[int
     return tuple(blocks)
 
 
-def shared_memory_bytes(block_h: int, block_n: int, block_c: int, block_r: int, element_bytes: int = 2,
-                        fp8_cache: bool = False, widest_block: int | None = None) -> int:
+def shared_memory_bytes(block_h: int, block_n: int, block_c: int, block_r: int, element_bytes: int = 2) -> int:
     """What the split kernel keeps in shared memory: one tile of ``block_n`` cached rows and the
     head group's query, both ``block_c + block_r`` wide (within 4 KiB of what Triton compiles on an
-    H100). An fp8 cache adds its one-byte tile and a second copy of the widest dequantised latent
-    block (``widest_block``, default ``block_c``): a tile converted in registers is staged once per
-    operand layout, where a bf16 tile loaded from memory serves both products. Measured on an H100
-    (benchmarks/results/h100-decode-fit/): exact for one-block rows (2048 + 512 values: 270,336
-    bytes), an upper bound for several blocks; the one-byte tile alone undercounted by up to 64 KiB."""
-    tiles = element_bytes * (block_n + block_h) * (block_c + block_r)
-    if not fp8_cache:
-        return tiles
-    return tiles + block_n * (block_c + block_r) + element_bytes * block_n * (widest_block or block_c)
+    H100 for a bf16 cache). An fp8 cache (float16 operands) needs no more: on an H100 this bounds
+    all 72 compiled kernels from 192 + 64 to 2048 + 512 values, 16–32 heads × 16–64 rows, 1 and 2
+    stages (benchmarks/results/h100-fp8-decode/fp8_tiles.json)."""
+    return element_bytes * (block_n + block_h) * (block_c + block_r)
 
 
 @dataclass(frozen=True)
@@ -114,9 +108,6 @@ class DecodeLaunch:
     num_warps: int
     num_stages: int
     num_splits: int
-    fp8_as_fp16: bool = False
-    """With an fp8 cache: dot operands (query, cached tile, probabilities) in float16 rather than
-    the query's dtype."""
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.latent_blocks) <= MAX_LATENT_BLOCKS:
@@ -145,11 +136,17 @@ def plan_latent_blocks(latent: int) -> tuple[int, ...]:
     return latent_blocks(latent)
 
 
-def row_tiles(block_c: int, block_r: int, max_seq_len: int) -> tuple[int, int, int]:
+def row_tiles(block_c: int, block_r: int, max_seq_len: int, fp8_cache: bool = False) -> tuple[int, int, int]:
     """(most heads per program, cached rows per tile, warps) for a row of ``block_c`` latent and
     ``block_r`` rotary columns: the fastest of 12 combinations per shape on an H100
-    (benchmarks/results/h100-latent-blocks/blocks.json), as a rule over the row's width."""
+    (benchmarks/results/h100-latent-blocks/blocks.json), as a rule over the row's width.
+
+    An fp8 cache converts each tile in registers, which wants more rows per tile and, past 256
+    latent columns, 8 warps: the fastest of 24 per shape on an H100 for latents up to 512
+    (benchmarks/results/h100-fp8-decode/fp8.json); wider fp8 rows keep the bf16 rule."""
     total = block_c + block_r
+    if fp8_cache and block_c <= 512:
+        return (64, 64, 8 if block_c >= 384 else 4)
     if block_c > 512:  # accumulators past 512 columns: 32-row tiles; 16 heads while the row is < 1280
         return (16, 32, 4) if total < 1280 else (32, 32, 8)
     if total >= 896:  # rotary-heavy rows of 896–1024 values (the paper's 1024-value layout)
@@ -167,25 +164,25 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
     blocks = plan_latent_blocks(latent)
     block_c = sum(blocks)
     block_r = max(16, triton.next_power_of_2(max(rope, 1)))
-    most_heads, block_n, num_warps = row_tiles(block_c, block_r, max_seq_len)
-    if blocks == (512,) and block_n == 32:
-        # Two 256-column accumulators beat one of 512 in 32-row tiles: 1.09x at 576 values, both at
-        # 310 x 8.7K and 1024 x 1.3K (H100, benchmarks/results/h100-latent-blocks/native_blocks.json);
-        # not in the 64-row tiles of wider rows (512 + 512: 0.96x).
+    most_heads, block_n, num_warps = row_tiles(block_c, block_r, max_seq_len, fp8_cache)
+    if blocks == (512,) and block_c + block_r < 896:
+        # Two 256-column accumulators beat one of 512 for the native row: 1.09x at 576 values, both at
+        # 310 x 8.7K and 1024 x 1.3K (H100, benchmarks/results/h100-latent-blocks/native_blocks.json; fp8:
+        # the fastest measured); not for the paper's 1024-value rows (512 + 512: 0.96x).
         blocks = (256, 256)
     if block_c <= 512:  # wider rows have their head group measured (row_tiles)
         most_heads = min(most_heads, ACC_REGISTER_BUDGET // block_c)
     fit = min(most_heads, triton.next_power_of_2(num_heads))
     block_h = max(16, 1 << (fit.bit_length() - 1))
     def needs() -> int:
-        return shared_memory_bytes(block_h, block_n, block_c, block_r, fp8_cache=fp8_cache, widest_block=max(blocks))
+        return shared_memory_bytes(block_h, block_n, block_c, block_r)
 
     while block_n > 16 and needs() > shared_memory:
-        block_n //= 2  # very wide rows (latent ~2000 + rope 512), fp8, smaller GPUs: fewer rows per tile
+        block_n //= 2  # very wide rows (latent ~2000 + rope 512), smaller GPUs: fewer rows per tile
     while block_h > 16 and needs() > shared_memory:
         block_h //= 2
     if needs() > shared_memory:
-        raise ValueError(f"decode rows of {latent} latent + {rope} rotary values{' (fp8 cache)' if fp8_cache else ''} "
+        raise ValueError(f"decode rows of {latent} latent + {rope} rotary values "
                          f"need {needs()} bytes of shared memory in the smallest tiles (16 heads x 16 rows); this GPU "
                          f"allows {shared_memory}")
     programs = triton.cdiv(num_heads, block_h) * batch
@@ -198,8 +195,8 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
 @triton.jit
 def _load_rows(base, offs, ok, like):
     """One block of cached columns for a tile of rows, in the dot operands' dtype (``like``'s).
-    An fp8 cache converts exactly (e4m3 values are bf16 and fp16 values); its scale multiplies
-    the scores and the output instead of every cached value."""
+    An fp8 cache converts exactly (every e4m3 and e5m2 value is a float16 value); its scale
+    multiplies the scores and the output instead of every cached value."""
     tile = tl.load(base + offs[None, :], mask=ok, other=0.0)
     return tile.to(like.dtype)
 
@@ -245,7 +242,7 @@ def _mla_decode_split_kernel(
         q_1 = tl.load(q_rows + offs_1[None, :], mask=head_ok & ok_1, other=0.0)
     if NUM_BLOCKS > 2:
         q_2 = tl.load(q_rows + offs_2[None, :], mask=head_ok & ok_2, other=0.0)
-    if FP16_OPERANDS:
+    if FP16_OPERANDS:  # fp8 cache: float16 products (the fastest on an H100; see row_tiles)
         q_0 = q_0.to(tl.float16)
         q_r = q_r.to(tl.float16)
         if NUM_BLOCKS > 1:
@@ -353,7 +350,10 @@ def mla_paged_decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q`` ``[B, H, C+R]`` over the paged cache ``[pages, page_size, C+R]`` → (``[B, H, C]``, lse ``[B, H]``).
 
-    ``k_scale``: the per-tensor scale of an fp8 cache (None for a cache in the query's dtype).
+    ``k_scale``: the per-tensor scale of a scaled cache (None for a cache in the query's dtype). An
+    fp8 cache (one byte a value) is multiplied in float16: 1.16x faster than bf16 products at the
+    same tiles on an H100 (median of 96 launch variants) and more precise; queries must lie within
+    float16's range (±65,504), as they do wherever a model also runs in float16.
     ``num_sms``, ``shared_memory``: the GPU's multiprocessors and shared-memory budget (default:
     read from ``q``'s device). Every sequence in the batch must hold at least one token (vLLM
     decode guarantees it).
@@ -390,7 +390,7 @@ def mla_paged_decode(
         LATENT=latent_dim, ROPE=rope,
         NUM_BLOCKS=len(plan.latent_blocks), C0=blocks[0], C1=blocks[1], C2=blocks[2],
         BLOCK_R=plan.block_r, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n,
-        PAGE=kv_cache.shape[1], SCALED_CACHE=scaled, FP16_OPERANDS=scaled and plan.fp8_as_fp16,
+        PAGE=kv_cache.shape[1], SCALED_CACHE=scaled, FP16_OPERANDS=kv_cache.element_size() == 1,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     _mla_decode_merge_kernel[(batch, num_heads)](
