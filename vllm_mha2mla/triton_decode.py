@@ -352,7 +352,7 @@ def mla_paged_decode(
 
     ``k_scale``: the per-tensor scale of a scaled cache (None for a cache in the query's dtype). An
     fp8 cache (one byte a value) is multiplied in float16: 1.16x faster than bf16 products at the
-    same tiles on an H100 (median of 96 launch variants) and more precise; queries must lie within
+    same tiles on an H100 (median over 96 tile settings) and more precise; queries must lie within
     float16's range (±65,504), as they do wherever a model also runs in float16.
     ``num_sms``, ``shared_memory``: the GPU's multiprocessors and shared-memory budget (default:
     read from ``q``'s device). Every sequence in the batch must hold at least one token (vLLM
