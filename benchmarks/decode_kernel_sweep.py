@@ -122,6 +122,16 @@ def _timed(run, want) -> dict:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
 
 
+def _reference(q, cache, table, lens, latent, scale=1.0, requests=4):
+    """float32 PyTorch decode of the first ``requests`` (scale 0.07), over their own pages only,
+    each multiplied by ``scale`` (an fp8 cache's ``k_scale``)."""
+    from vllm_mha2mla.paged_attention import paged_latent_decode
+
+    pages = table[:requests].flatten().long()
+    own = torch.arange(pages.numel(), device=q.device, dtype=torch.int32).view(requests, -1)
+    return paged_latent_decode(q[:requests].float(), cache[pages].float() * scale, own, lens[:requests], 0.07, latent)
+
+
 def _old_decode():
     """The kernel module as it was before the change under test (``$OLD_DECODE``: a file path)."""
     path = os.environ.get("OLD_DECODE")
@@ -136,8 +146,6 @@ def _old_decode():
 
 def fp8(out_file: Path, tiles: bool = True) -> None:
     """FP8_SHAPES: bf16, the old fp8 kernel, the fp8 plan and (``tiles``) the tile variants."""
-    from vllm_mha2mla.paged_attention import paged_latent_decode
-
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     old = _old_decode()
     results = {"device": torch.cuda.get_device_name(0), "sms": sms, "page": PAGE, "old_kernel": bool(old), "shapes": {}}
@@ -146,12 +154,7 @@ def fp8(out_file: Path, tiles: bool = True) -> None:
         q, cache, table, lens = paged_inputs(latent, rope, heads, batch, context)
         k_scale = (cache.abs().amax().float() / 448.0).reshape(1)  # vLLM's per-tensor scale, here from the data
         rows = (cache.float() / k_scale).to(torch.float8_e4m3fn)
-        want = paged_latent_decode(q[:4].float(), rows[table[:4].flatten().long()].float() * k_scale,
-                                   torch.arange(table[:4].numel(), device="cuda", dtype=torch.int32).view(4, -1),
-                                   lens[:4], 0.07, latent)
-        want_bf16 = paged_latent_decode(q[:4].float(), cache[table[:4].flatten().long()].float(),
-                                        torch.arange(table[:4].numel(), device="cuda", dtype=torch.int32).view(4, -1),
-                                        lens[:4], 0.07, latent)
+        want, want_bf16 = _reference(q, rows, table, lens, latent, k_scale), _reference(q, cache, table, lens, latent)
         tokens = float(lens.sum())
         bf16_plan = plan_launch(batch, heads, latent, rope, context, sms)
         plan = plan_launch(batch, heads, latent, rope, context, sms, fp8_cache=True)
