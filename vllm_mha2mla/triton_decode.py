@@ -368,8 +368,9 @@ def mla_paged_decode(
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     if shared_memory is None:
         shared_memory = device_shared_memory(q.device.index or 0) if q.is_cuda else SHARED_MEMORY_BUDGET
+    fp8_cache = kv_cache.element_size() == 1  # one signal for the tiles and the float16 products
     plan = launch or plan_launch(batch, num_heads, latent_dim, rope, max_seq_len, num_sms, shared_memory,
-                                 fp8_cache=k_scale is not None)
+                                 fp8_cache=fp8_cache)
     if plan.block_c < latent_dim:
         raise ValueError(f"latent blocks {plan.latent_blocks} cover {plan.block_c} of {latent_dim} latent columns")
     blocks = plan.latent_blocks + (16,) * (MAX_LATENT_BLOCKS - len(plan.latent_blocks))  # placeholders
@@ -390,7 +391,7 @@ def mla_paged_decode(
         LATENT=latent_dim, ROPE=rope,
         NUM_BLOCKS=len(plan.latent_blocks), C0=blocks[0], C1=blocks[1], C2=blocks[2],
         BLOCK_R=plan.block_r, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n,
-        PAGE=kv_cache.shape[1], SCALED_CACHE=scaled, FP16_OPERANDS=kv_cache.element_size() == 1,
+        PAGE=kv_cache.shape[1], SCALED_CACHE=scaled, FP16_OPERANDS=fp8_cache,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     _mla_decode_merge_kernel[(batch, num_heads)](
