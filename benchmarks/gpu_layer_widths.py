@@ -18,6 +18,8 @@
               one padded tile, over head groups, row tiles and warps (no vLLM needed).
   native-blocks: the 576- and 1024-value engine shapes with their 512 latent split into blocks,
               over row tiles, warps and pipeline depth (no vLLM needed).
+  wide-blocks: the Llama-3-8B cut50 row (896 + 128) at its 8K/1K decode batch: latent blocks x head
+              groups x row tiles x warps x pipeline depth (no vLLM needed).
   fit:        the launch plan on this GPU's own shared memory, bf16 and fp8 caches, from the native
               576 row to 2048-latent rows: each plan launches, its estimate is set beside the bytes
               Triton compiled, and the output is checked against float32 PyTorch (no vLLM needed).
@@ -25,7 +27,7 @@
   fp8-tiles:  the shared memory Triton compiles for fp8 caches with float16 operands, per row
               shape, head group, row tile and pipeline depth, beside the plan's estimate.
 
-Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks,native-blocks,fit,fp8-tiles} OUT.json
+Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks,native-blocks,wide-blocks,fit,fp8-tiles} OUT.json
 """
 
 from __future__ import annotations
@@ -236,6 +238,23 @@ def _native_variants(plan, padded) -> list:
             itertools.product(((512,), (256, 256), (256, 128, 128)), (32, 64), (4, 8), (2, 3))]
 
 
+WIDE_CASES = [(896, 128, 97, 8704), (896, 128, 512, 1280), (640, 128, 128, 8704)]
+"""Llama-3-8B cut50 (8 kv-heads: d_kv 112, rope 16 each) at the 8K/1K engine's decode batch, where the
+plan's 16-head groups moved ~1.1 TB/s (results/h100-bench-4/), and at a 1K/256 batch; a 640 + 128 row."""
+
+
+def _wide_variants(plan, padded) -> list:
+    """A latent past 512 as three exact blocks or two 512 blocks (the last padded), over head
+    groups, row tiles, warps and pipeline depth."""
+    from dataclasses import replace
+
+    from vllm_mha2mla.triton_decode import latent_blocks
+
+    options = (plan.latent_blocks, latent_blocks(plan.block_c, max_blocks=2))
+    return [replace(plan, latent_blocks=b, block_h=h, block_n=n, num_warps=w, num_stages=st)
+            for b, h, n, w, st in itertools.product(options, (16, 32), (16, 32, 64), (4, 8), (1, 2))]
+
+
 def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=_block_variants) -> dict:
     """The decode kernel's launch variants (``variants(plan, padded_plan)``) at each case, each
     output checked against the padded plan's and, on the first requests, against float32 PyTorch."""
@@ -410,4 +429,5 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     {"parity": parity, "fp8-tiles": fp8_tiles, "throughput": throughput, "kernels": kernels, "sweep": sweep, "blocks": blocks, "fit": fit,
      "native-blocks": lambda o: blocks(o, cases=NATIVE_CASES, variants=_native_variants),
+     "wide-blocks": lambda o: blocks(o, cases=WIDE_CASES, variants=_wide_variants),
      "throughput-narrow": lambda o: throughput(o, pattern=NARROW_PATTERN, with_mha=False)}[mode](out)

@@ -196,7 +196,7 @@ def test_collected_runs_keep_their_rows_and_their_own_baselines():
     assert table.index("| a | H100") < table.index("| b | H100")  # runs in the order they were collected
 
 
-def test_best_serving_rate_is_the_highest_under_the_tpot_limit():
+def test_best_serving_rate_is_the_highest_under_the_tpot_and_ttft_limits():
     base = {"device": "H100", "shape": "s", "variant": "mha", "kv_cache_dtype": "auto", "input_len": 1024,
             "output_len": 256, "failed": 0}
     serving = [dict(base, request_rate=r, p99_tpot_ms=t) for r, t in ((1, 20.0), (2, 40.0), (4, 99.0), (8, 250.0))]
@@ -204,6 +204,11 @@ def test_best_serving_rate_is_the_highest_under_the_tpot_limit():
     best = best_serving_rates(serving)
     assert best[(None, "H100", "s", "mha", "auto", 1024, 256)] == 4
     assert best[(None, "H100", "s", "native", "auto", 1024, 256)] is None
+    # a queueing server keeps TPOT low while its first tokens wait: the TTFT limit catches it
+    for r, ttft in zip(serving, (200.0, 3500.0, 17000.0, 25000.0)):
+        r["p99_ttft_ms"] = ttft
+    assert best_serving_rates(serving, ttft_limit_ms=1000.0)[(None, "H100", "s", "mha", "auto", 1024, 256)] == 1
+    assert best_serving_rates(serving, ttft_limit_ms=100.0)[(None, "H100", "s", "mha", "auto", 1024, 256)] is None
 
 
 # -- a real run on the CPU -------------------------------------------------------------------------------
@@ -255,6 +260,7 @@ def test_bench_runs_vllms_tools_on_the_real_model_and_a_conversion(tmp_path):
     assert serving["r32-d32"]["attention_backend"] == "CUSTOM"
     md = (out / "summary.md").read_text()
     assert "| r32-d32 | 192 |" in md and "TPOT p50 / p99" in md
-    assert (out / "throughput.png").is_file() and (out / "kv_capacity.png").is_file() and (out / "serving.png").is_file()
+    assert (out / "throughput.png").is_file() and (out / "kv_capacity.png").is_file() and (out / "serving.png").is_file() \
+        and (out / "serving_ttft.png").is_file()
     again = _bench("--report-only", "--output", str(out))
     assert again.returncode == 0 and "r32-d32" in again.stdout

@@ -133,6 +133,11 @@ def test_launch_plan_fits_registers_and_fills_the_gpu():
     assert wide.latent_blocks == (512, 256, 128) and wide.num_splits > 1  # 896 columns held, not 1024
     assert (wide.block_h, wide.block_n, wide.num_warps) == (32, 32, 8)  # one head group (measured fastest)
     assert plan_launch(64, 32, 640, 512, 8192, 132).latent_blocks == (512, 128)
+    assert plan_launch(64, 32, 640, 512, 8192, 132).block_h == 16  # rotary-heavy: two groups of 16 (measured)
+    cut50 = plan_launch(97, 32, 896, 128, 8704, 132)  # Llama-3-8B cut50 at its 8K/1K decode batch
+    assert (cut50.block_h, cut50.block_n, cut50.num_warps) == (32, 64, 8)  # one group: 1.33x over two of 16
+    narrow_rope = plan_launch(128, 32, 640, 128, 8704, 132)
+    assert (narrow_rope.block_h, narrow_rope.block_n, narrow_rope.num_warps) == (32, 32, 4)  # 1.20x over 16 heads
     assert plan_launch(64, 32, 448, 512, 8192, 132).latent_blocks == (512,)  # one tile 1/8 padded beat 3 blocks
     assert plan_launch(64, 32, 384, 128, 8192, 132).latent_blocks == (256, 128)  # 1/4 padded: blocks (1.66x)
     assert plan_launch(64, 64, 128, 64, 8192, 132).block_h == 64  # small accumulators: 64 heads per program

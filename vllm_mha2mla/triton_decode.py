@@ -143,10 +143,16 @@ def row_tiles(block_c: int, block_r: int, max_seq_len: int, fp8_cache: bool = Fa
 
     An fp8 cache converts each tile in registers, which wants more rows per tile and, past 256
     latent columns, 8 warps: the fastest of 24 per shape on an H100 for latents up to 512
-    (benchmarks/results/h100-fp8-decode/fp8.json); wider fp8 rows keep the bf16 rule."""
+    (benchmarks/results/h100-fp8-decode/fp8.json); wider fp8 rows keep the bf16 rule.
+
+    Latents past 512 in rows of at most 1024 values (Llama-3-8B cut50: 896 + 128) take 32-head
+    groups: 1.33x faster than 16 at 97 x 8.7K and 512 x 1.3K (64 rows, 8 warps), 1.20x at 640 + 128
+    (32 rows, 4 warps) (benchmarks/results/h100-wide-latent/wide_blocks.json)."""
     total = block_c + block_r
     if fp8_cache and block_c <= 512:
         return (64, 64, 8 if block_c >= 384 else 4)
+    if block_c > 512 and total <= 1024:  # latents past 512 with little rotary (GQA models cut by half)
+        return (32, 64, 8) if block_c >= 768 else (32, 32, 4)
     if block_c > 512:  # accumulators past 512 columns: 32-row tiles; 16 heads while the row is < 1280
         return (16, 32, 4) if total < 1280 else (32, 32, 8)
     if total >= 896:  # rotary-heavy rows of 896–1024 values (the paper's 1024-value layout)
