@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import requests
 
 from conversion import ConvertOptions, convert
 from tests.helpers import TinySpec
+from vllm_mha2mla.bench.vllm_tools import free_port
 
 # Wide enough for 8 MLA heads at a 576-value budget; the same spec in every serve test, so the session's
 # tiny_model_factory builds the source checkpoint once.
@@ -42,13 +42,6 @@ class Server:
     def log_tail(self, chars: int = 3000) -> str:
         """The end of the server's log, for assertion messages that must say what the server did."""
         return self.log_path.read_text(errors="replace")[-chars:]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def convert_served_checkpoint(tiny_model_factory, folder: Path) -> Path:

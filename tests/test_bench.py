@@ -3,25 +3,39 @@ back from vLLM's tools, the summary it keeps — and one real run of ``vllm benc
 ``vllm serve`` + ``vllm bench serve`` on the CPU with the real SmolLM2 and a conversion of it."""
 
 import json
+import os
 import random
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from vllm_mha2mla.bench.folders import mla_config_for, prepare_original, prepare_variant, token_word
 from vllm_mha2mla.bench.shapes import (
+    MIN_SERVE_PROMPTS,
+    SERVE_PROMPTS,
     SHAPES,
     BenchError,
     auto_num_prompts,
     mha_cache_values,
     parse_variant,
     parse_workload,
+    serve_num_prompts,
     shape_config,
     weight_bytes,
 )
 from vllm_mha2mla.bench.summary import best_serving_rates, markdown, merge_rows, with_ratios
-from vllm_mha2mla.bench.vllm_tools import attention_backend, kv_capacity_tokens, phase_rates, prefill_backend
+from vllm_mha2mla.bench.vllm_tools import (
+    Server,
+    attention_backend,
+    free_port,
+    kv_capacity_tokens,
+    phase_rates,
+    port_in_use,
+    prefill_backend,
+)
 
 
 # -- shapes and variants -----------------------------------------------------------------------------
@@ -211,10 +225,43 @@ def test_best_serving_rate_is_the_highest_under_the_tpot_and_ttft_limits():
     assert best_serving_rates(serving, ttft_limit_ms=100.0)[(None, "H100", "s", "mha", "auto", 1024, 256)] is None
 
 
+def test_serving_request_count_is_fixed_or_follows_the_rate():
+    assert serve_num_prompts(16.0) == SERVE_PROMPTS and serve_num_prompts(16.0, prompts=64) == 64
+    assert serve_num_prompts(16.0, seconds=60) == 960  # the arrivals span the same minute at every rate
+    assert serve_num_prompts(0.25, seconds=45) == MIN_SERVE_PROMPTS  # 12 would arrive; never fewer than the floor
+    assert serve_num_prompts(3.3, seconds=100) == 330
+    with pytest.raises(BenchError, match="not both"):
+        serve_num_prompts(1.0, prompts=64, seconds=60)
+    with pytest.raises(BenchError, match="positive number of seconds"):
+        serve_num_prompts(1.0, seconds=0)
+    with pytest.raises(BenchError, match="at least one request"):
+        serve_num_prompts(1.0, prompts=0)
+
+
 # -- a real run on the CPU -------------------------------------------------------------------------------
 def _bench(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "vllm_mha2mla.cli", "bench", *args], capture_output=True, text=True,
                           timeout=1800, cwd=cwd)
+
+
+def test_server_refuses_a_taken_port_and_free_ports_are_free(tmp_path):
+    """Another process listening on the port (a second bench run's server) would answer the health
+    check and the requests: refused before anything starts."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert port_in_use(port)
+        server = Server([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ),
+                        tmp_path / "serve.log", port, timeout=30)
+        started = time.time()
+        with pytest.raises(BenchError, match=f"port {port} is already in use"):
+            server.__enter__()
+        assert time.time() - started < 5 and not (tmp_path / "serve.log").exists()  # nothing launched
+    chosen = free_port()
+    assert not port_in_use(chosen)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", chosen))  # really free
 
 
 def test_bench_refuses_a_bad_matrix_before_starting_engines(tmp_path):
@@ -224,6 +271,9 @@ def test_bench_refuses_a_bad_matrix_before_starting_engines(tmp_path):
     assert run.returncode == 2 and "IN/OUT" in run.stderr
     run = _bench("llama2-7b:mha", "--workloads", "", "--output", str(tmp_path / "out"))
     assert run.returncode == 2 and "nothing to run" in run.stderr
+    run = _bench("llama2-7b:mha", "--serve-rates", "2", "--serve-prompts", "8", "--serve-seconds", "30",
+                 "--output", str(tmp_path / "out"))
+    assert run.returncode == 2 and "not both" in run.stderr
     run = _bench("llama2-7b", "--output", str(tmp_path / "out"))
     assert run.returncode == 2 and "SHAPE:VARIANT" in run.stderr
     assert not (tmp_path / "out" / "summary.json").exists()

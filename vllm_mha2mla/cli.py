@@ -87,7 +87,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
     from vllm_mha2mla.bench.run import DEFAULT_RUNS, DEFAULT_WORKLOADS, BenchOptions
-    from vllm_mha2mla.bench.shapes import SHAPES
+    from vllm_mha2mla.bench.shapes import MIN_SERVE_PROMPTS, SERVE_PROMPTS, SHAPES
 
     d = BenchOptions()
     p.add_argument("runs", nargs="*", metavar="SHAPE:VARIANTS",
@@ -107,7 +107,10 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-rates", default="",
                    help="comma-separated request rates (req/s) for `vllm serve` + `vllm bench serve` (default: none)")
     p.add_argument("--serve-workload", default=d.serve_workload, help="IN/OUT tokens of serving requests")
-    p.add_argument("--serve-prompts", type=int, default=d.serve_prompts, help="requests per serving rate")
+    p.add_argument("--serve-prompts", type=int, help=f"requests per serving rate (default {SERVE_PROMPTS})")
+    p.add_argument("--serve-seconds", type=float,
+                   help="instead: each rate sends as many requests as arrive in this many seconds "
+                        f"(at least {MIN_SERVE_PROMPTS})")
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     p.add_argument("--cpu-kv-cache-gib", type=float, default=d.cpu_kv_cache_gib, help="CPU: KV cache per engine")
     p.add_argument("--enforce-eager", action="store_true", default=None,
@@ -139,7 +142,8 @@ def _run_bench(args: argparse.Namespace) -> int:
                 kv_cache_dtypes=[k.strip() for k in args.kv_cache_dtype.split(",") if k.strip()],
                 num_prompts=args.num_prompts, gpus=args.gpus.split(",") if args.gpus else None,
                 serve_rates=floats(args.serve_rates), serve_workload=args.serve_workload,
-                serve_prompts=args.serve_prompts, gpu_memory_utilization=args.gpu_memory_utilization,
+                serve_prompts=args.serve_prompts, serve_seconds=args.serve_seconds,
+                gpu_memory_utilization=args.gpu_memory_utilization,
                 cpu_kv_cache_gib=args.cpu_kv_cache_gib, enforce_eager=args.enforce_eager, timeout_s=args.timeout,
                 workdir=args.workdir)
             if args.runs:

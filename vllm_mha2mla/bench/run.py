@@ -26,6 +26,7 @@ from vllm_mha2mla.bench.shapes import (
     auto_num_prompts,
     parse_variant,
     parse_workload,
+    serve_num_prompts,
     weight_bytes,
 )
 from vllm_mha2mla.bench.summary import KV_BYTES, markdown, plot, save_summary
@@ -34,6 +35,7 @@ from vllm_mha2mla.bench.vllm_tools import (
     Server,
     attention_backend,
     bench_serve_command,
+    free_port,
     kv_capacity_tokens,
     phase_rates,
     prefill_backend,
@@ -62,7 +64,10 @@ class BenchOptions:
     """GPU indices to spread runs over (default: all); ignored on the CPU."""
     serve_rates: list[float] = field(default_factory=list)
     serve_workload: str = "1024/256"
-    serve_prompts: int = 200
+    serve_prompts: int | None = None
+    """Requests per serving rate (None: ``SERVE_PROMPTS``, or follow ``serve_seconds``)."""
+    serve_seconds: float | None = None
+    """Each rate sends as many requests as arrive in this many seconds (``serve_num_prompts``)."""
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 2.0
     enforce_eager: bool | None = None
@@ -217,10 +222,11 @@ def run_serving(model: Model, machine: Machine, options: BenchOptions, kv_dtype:
                     options.timeout_s) as server:
             for rate in options.serve_rates:
                 name = f"serve_{tag}_{input_len}-{output_len}_rate{rate:g}.json"
-                command = bench_serve_command(engine, port, input_len, output_len, options.serve_prompts, rate,
+                prompts = serve_num_prompts(rate, options.serve_prompts, options.serve_seconds)
+                command = bench_serve_command(engine, port, input_len, output_len, prompts, rate,
                                               out / "raw", name)
                 run = run_tool(command, env, out / "logs" / name.replace(".json", ".log"), options.timeout_s)
-                row = dict(base, request_rate=rate, num_prompts=options.serve_prompts,
+                row = dict(base, request_rate=rate, num_prompts=prompts,
                            command=" ".join(["vllm", *command[3:]]))
                 if run.returncode != 0:
                     rows.append(dict(row, error=run.failure()))
@@ -265,6 +271,8 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True) -
         raise BenchError("nothing to run: give --workloads for throughput runs or --serve-rates for serving runs")
     if any(r <= 0 for r in options.serve_rates):
         raise BenchError("--serve-rates: every rate must be a positive number of requests per second")
+    for rate in options.serve_rates:  # bad counts or spans fail here, before any engine starts
+        serve_num_prompts(rate, options.serve_prompts, options.serve_seconds)
     lengths = [sum(parse_workload(w)) for w in options.workloads]
     if options.serve_rates:
         lengths.append(sum(parse_workload(options.serve_workload)))
@@ -279,7 +287,7 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True) -
                disable=not (show_progress and sys.stderr.isatty()))  # each finished run prints a line anyway
     slots = list(machine.gpus) or [None]
 
-    def worker(index: int, gpu: str | None) -> None:
+    def worker(gpu: str | None) -> None:
         while True:
             try:
                 kind, model, kv_dtype, workload = jobs.get_nowait()
@@ -291,7 +299,7 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True) -
                                                    gpu)], []
             else:
                 new, new_serving = [], run_serving(model, machine, options, kv_dtype, max_len, output, gpu,
-                                                   8200 + index)
+                                                   free_port())
             with lock:
                 rows.extend(new)
                 serving.extend(new_serving)
@@ -305,7 +313,7 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True) -
                               f"{what} ({time.time() - start:.0f} s)")
                 bar.update(1)
 
-    threads = [threading.Thread(target=worker, args=(i, gpu), daemon=True) for i, gpu in enumerate(slots)]
+    threads = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in slots]
     for t in threads:
         t.start()
     for t in threads:

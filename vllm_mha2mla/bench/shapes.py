@@ -19,6 +19,7 @@ conversion of a shape, or ``mha`` for the original:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -185,3 +186,28 @@ def auto_num_prompts(kv_cache_bytes: float, cache_bytes_per_token: int, input_le
     model runs at the largest batch its memory allows (within [lowest, highest])."""
     concurrent = int(kv_cache_bytes // (cache_bytes_per_token * (input_len + output_len)))
     return max(lowest, min(highest, waves * concurrent))
+
+
+SERVE_PROMPTS = 200
+"""Requests per serving rate unless told otherwise."""
+MIN_SERVE_PROMPTS = 16
+"""Fewest requests per rate when the count follows the rate (``--serve-seconds``)."""
+
+
+def serve_num_prompts(rate: float, prompts: int | None = None, seconds: float | None = None) -> int:
+    """Requests for one serving rate: ``prompts`` (default :data:`SERVE_PROMPTS`) or, with
+    ``seconds``, as many as arrive in that time at ``rate`` (at least :data:`MIN_SERVE_PROMPTS`).
+
+    A fixed count spends most of a slow rate's run waiting for arrivals and ends a fast rate's
+    arrivals before the server fills (64 requests at 16 req/s arrive in 4 s); a time span gives
+    every rate the same stretch of load."""
+    if prompts is not None and seconds is not None:
+        raise BenchError("give --serve-prompts or --serve-seconds, not both")
+    if seconds is None:
+        count = SERVE_PROMPTS if prompts is None else prompts
+        if count < 1:
+            raise BenchError(f"--serve-prompts {count}: need at least one request per rate")
+        return count
+    if not seconds > 0:
+        raise BenchError(f"--serve-seconds {seconds:g}: must be a positive number of seconds")
+    return max(MIN_SERVE_PROMPTS, math.ceil(rate * seconds))

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -165,14 +166,34 @@ def run_tool(command: list[str], env: dict[str, str], log_file: Path, timeout: f
     return ToolRun(command, code, log_file.read_text(errors="replace"), time.time() - start)
 
 
+def free_port() -> int:
+    """A local TCP port nothing listens on now, chosen by the OS. A fixed port would let a second
+    bench run (or any service) answer this run's health checks and requests."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 class Server:
-    """``vllm serve`` in its own process group, stopped (with its engine) on exit."""
+    """``vllm serve`` in its own process group, stopped (with its engine) on exit. Refuses a port
+    that is already taken: the health check would reach whatever listens there."""
 
     def __init__(self, command: list[str], env: dict[str, str], log_file: Path, port: int, timeout: float):
         self.command, self.env, self.log_file, self.port, self.timeout = command, env, log_file, port, timeout
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Server:
+        if port_in_use(self.port):
+            raise BenchError(f"port {self.port} is already in use: another server would answer for vllm serve")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_file, "w")
         self._log.write("$ " + " ".join(self.command) + "\n")
@@ -187,7 +208,7 @@ class Server:
                                  + "\n".join(self.log().splitlines()[-30:]))
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as resp:
-                    if resp.status == 200:
+                    if resp.status == 200 and self.proc.poll() is None:
                         return self
             except OSError:
                 pass
