@@ -175,6 +175,7 @@ def free_port() -> int:
 
 
 def port_in_use(port: int) -> bool:
+    """Whether something holds ``port`` on the loopback interface (binding it fails)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind(("127.0.0.1", port))
