@@ -199,13 +199,13 @@ def _capacity_panel(ax, rows: list[dict], title: str) -> None:
 
 
 def _serving_panel(ax, rows: list[dict], title: str, metric: str = "p99_tpot_ms", limit_ms: float = TPOT_LIMIT_MS,
-                   label: str = "TPOT p99 (ms)") -> None:
+                   label: str = "TPOT p99 (ms)", log_scale: bool = False) -> None:
     for series in sorted({(r["variant"], r["kv_cache_dtype"]) for r in rows}):
         pts = sorted((r["request_rate"], r.get(metric)) for r in rows
                      if (r["variant"], r["kv_cache_dtype"]) == series)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" ".join(series))
     ax.axhline(limit_ms, color="grey", lw=0.8, ls=":")
-    if metric == "p99_ttft_ms":  # queued requests wait seconds, served ones milliseconds
+    if log_scale:
         ax.set_yscale("log")
     else:
         ax.set_ylim(0, None)
@@ -215,7 +215,8 @@ def _serving_panel(ax, rows: list[dict], title: str, metric: str = "p99_tpot_ms"
 
 
 def _ttft_panel(ax, rows: list[dict], title: str) -> None:
-    _serving_panel(ax, rows, title, "p99_ttft_ms", TTFT_LIMIT_MS, "TTFT p99 (ms)")
+    _serving_panel(ax, rows, title, "p99_ttft_ms", TTFT_LIMIT_MS, "TTFT p99 (ms)",
+                   log_scale=True)  # queued requests wait seconds, served ones milliseconds
 
 
 def plot(summary: dict, folder: Path) -> list[Path]:
