@@ -170,11 +170,7 @@ def fp8(out_file: Path, tiles: bool = True) -> None:
                                 "plan": asdict(old_plan)}
         variants = [plan] + [replace(plan, block_h=h, block_n=n, num_warps=w, num_stages=st)
                              for h, n, w, st in itertools.product((16, 32), (16, 32, 64), (4, 8), (1, 2)) if tiles]
-        seen = []
-        for launch in variants:
-            if launch in seen:
-                continue
-            seen.append(launch)
+        for launch in dict.fromkeys(variants):  # the plan's own tiles appear once
             row = {**asdict(launch), "is_plan": launch == plan,
                    **_timed(lambda: mla_paged_decode(q, rows, table, lens, 0.07, latent, context, k_scale=k_scale,
                                                      launch=launch)[0], want)}

@@ -279,7 +279,7 @@ def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=
         base, _ = mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, launch=padded)
         case: dict = {"latent": latent, "rope": rope, "batch": batch, "seq_len": seq_len, "gbytes": gbytes,
                       "plan": {**vars(plan), "latent_blocks": list(plan.latent_blocks)}, "variants": []}
-        for launch in variants(plan, padded):
+        for launch in dict.fromkeys(variants(plan, padded)):  # each distinct launch once
             if shared_memory_bytes(launch.block_h, launch.block_n, launch.block_c, launch.block_r) \
                     * max(1, launch.num_stages - 1) > SHARED_MEMORY_BUDGET:
                 continue
