@@ -20,6 +20,10 @@
               over row tiles, warps and pipeline depth (no vLLM needed).
   wide-blocks: the Llama-3-8B cut50 row (896 + 128) at its 8K/1K decode batch: latent blocks x head
               groups x row tiles x warps x pipeline depth (no vLLM needed).
+  paper-blocks: the paper's widest Llama-2-7B rows (1024 + 512, 2048 + 512) at their 8K/1K decode
+              batches: one latent block vs halves and quarters, over the same tiles (no vLLM needed).
+  paper-warps: the same rows (widest first) with 8 or 16 warps and 2 or 3 pipeline stages: more
+              threads to hold the 1,024–2,048 accumulator columns per head (no vLLM needed).
   fit:        the launch plan on this GPU's own shared memory, bf16 and fp8 caches, from the native
               576 row to 2048-latent rows: each plan launches, its estimate is set beside the bytes
               Triton compiled, and the output is checked against float32 PyTorch (no vLLM needed).
@@ -27,7 +31,7 @@
   fp8-tiles:  the shared memory Triton compiles for fp8 caches with float16 operands, per row
               shape, head group, row tile and pipeline depth, beside the plan's estimate.
 
-Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks,native-blocks,wide-blocks,fit,fp8-tiles} OUT.json
+Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks,native-blocks,wide-blocks,paper-blocks,paper-warps,fit,fp8-tiles} OUT.json
 """
 
 from __future__ import annotations
@@ -255,6 +259,23 @@ def _wide_variants(plan, padded) -> list:
             for b, h, n, w, st in itertools.product(options, (16, 32), (16, 32, 64), (4, 8), (1, 2))]
 
 
+PAPER_CASES = [(1024, 512, 64, 8704), (2048, 512, 40, 8704)]
+"""Llama-2-7B at the paper's d_kv 32 and 64 (rope_dim 16 on 32 heads: 1,536 and 2,560 values) at about
+their 8K/1K engines' decode batches (KV capacity / 9.2K tokens): the widest rows, whose one power-of-two
+latent block holds 1,024 or 2,048 float32 accumulator columns per head."""
+
+
+def _split_variants(plan, padded, warps=(4, 8), stages=(1, 2)) -> list:
+    """A power-of-two latent as one block, two halves, or a half and two quarters (narrower
+    accumulators, the same columns), over head groups, row tiles, warps and pipeline depth."""
+    from dataclasses import replace
+
+    c = plan.block_c
+    options = ((c,), (c // 2, c // 2), (c // 2, c // 4, c // 4))
+    return [replace(plan, latent_blocks=b, block_h=h, block_n=n, num_warps=w, num_stages=st)
+            for b, h, n, w, st in itertools.product(options, (16, 32), (16, 32, 64), warps, stages)]
+
+
 def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=_block_variants) -> dict:
     """The decode kernel's launch variants (``variants(plan, padded_plan)``) at each case, each
     output checked against the padded plan's and, on the first requests, against float32 PyTorch."""
@@ -430,4 +451,7 @@ if __name__ == "__main__":
     {"parity": parity, "fp8-tiles": fp8_tiles, "throughput": throughput, "kernels": kernels, "sweep": sweep, "blocks": blocks, "fit": fit,
      "native-blocks": lambda o: blocks(o, cases=NATIVE_CASES, variants=_native_variants),
      "wide-blocks": lambda o: blocks(o, cases=WIDE_CASES, variants=_wide_variants),
+     "paper-blocks": lambda o: blocks(o, cases=PAPER_CASES, variants=_split_variants),
+     "paper-warps": lambda o: blocks(o, cases=PAPER_CASES[::-1],
+                                     variants=lambda plan, padded: _split_variants(plan, padded, (8, 16), (2, 3))),
      "throughput-narrow": lambda o: throughput(o, pattern=NARROW_PATTERN, with_mha=False)}[mode](out)

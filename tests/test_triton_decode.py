@@ -141,6 +141,10 @@ def test_launch_plan_fits_registers_and_fills_the_gpu():
     assert plan_launch(64, 32, 448, 512, 8192, 132).latent_blocks == (512,)  # one tile 1/8 padded beat 3 blocks
     assert plan_launch(64, 32, 384, 128, 8192, 132).latent_blocks == (256, 128)  # 1/4 padded: blocks (1.66x)
     assert plan_launch(64, 64, 128, 64, 8192, 132).block_h == 64  # small accumulators: 64 heads per program
+    paper_d32 = plan_launch(64, 32, 1024, 512, 8704, 132)  # Llama-2-7B r16-d32 at its 8K/1K decode batch
+    assert paper_d32.latent_blocks == (512, 512) and (paper_d32.block_h, paper_d32.block_n) == (32, 32)  # 1.20x
+    assert plan_launch(40, 32, 2048, 512, 8704, 132).latent_blocks == (1024, 512, 512)  # r16-d64: 1.14x
+    assert plan_launch(40, 32, 1536, 512, 8704, 132).latent_blocks == (512, 512, 512)
     narrow = plan_launch(batch=512, num_heads=32, latent=512, rope=64, max_seq_len=8192, num_sms=132)
     assert narrow.block_h == 32  # all heads share one read of each row
     assert narrow.latent_blocks == (256, 256)  # two accumulators of 256 (measured 1.09x over one of 512)

@@ -129,11 +129,19 @@ def plan_latent_blocks(latent: int) -> tuple[int, ...]:
 
     Measured on an H100 (benchmarks/results/h100-latent-blocks/): blocks run 1.27–1.75× faster than
     a padded 1024 tile at latents 640 and 896, and 1.66× faster than a padded 512 tile at latent
-    384 (Llama-3-8B −75%, 8K context); at 448 three blocks ran 1.09× slower than one padded tile."""
+    384 (Llama-3-8B −75%, 8K context); at 448 three blocks ran 1.09× slower than one padded tile.
+
+    Blocks wider than 512 are halved while the row has fewer than three (1024 → 512 + 512,
+    2048 → 1024 + 512 + 512): narrower accumulators ran 1.20× faster at the paper's 1024 + 512 row
+    and 1.14× at 2048 + 512, both at their 8K/1K decode batches (benchmarks/results/h100-paper-rows/)."""
     padded = max(16, triton.next_power_of_2(latent))
     if padded < 512 or (padded == 512 and 4 * latent > 3 * padded):
         return (padded,)
-    return latent_blocks(latent)
+    blocks = list(latent_blocks(latent))  # widest first
+    while blocks[0] > 512 and len(blocks) < MAX_LATENT_BLOCKS:
+        blocks[:1] = [blocks[0] // 2, blocks[0] // 2]
+        blocks.sort(reverse=True)
+    return tuple(blocks)
 
 
 def row_tiles(block_c: int, block_r: int, max_seq_len: int, fp8_cache: bool = False) -> tuple[int, int, int]:
