@@ -24,8 +24,6 @@
               batches: one latent block vs halves and quarters, over the same tiles (no vLLM needed).
   paper-warps: the same rows (widest first) with 8 or 16 warps and 2 or 3 pipeline stages: more
               threads to hold the 1,024–2,048 accumulator columns per head (no vLLM needed).
-  reload-q:   the widest rows (2048 + 512 down to 512 + 512) with the query loaded each tile instead
-              of held in registers, over head groups, row tiles and warps, beside the plan (no vLLM needed).
   fit:        the launch plan on this GPU's own shared memory, bf16 and fp8 caches, from the native
               576 row to 2048-latent rows: each plan launches, its estimate is set beside the bytes
               Triton compiled, and the output is checked against float32 PyTorch (no vLLM needed).
@@ -33,7 +31,7 @@
   fp8-tiles:  the shared memory Triton compiles for fp8 caches with float16 operands, per row
               shape, head group, row tile and pipeline depth, beside the plan's estimate.
 
-Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks,native-blocks,wide-blocks,paper-blocks,paper-warps,reload-q,fit,fp8-tiles} OUT.json
+Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks,native-blocks,wide-blocks,paper-blocks,paper-warps,fit,fp8-tiles} OUT.json
 """
 
 from __future__ import annotations
@@ -278,20 +276,6 @@ def _split_variants(plan, padded, warps=(4, 8), stages=(1, 2)) -> list:
             for b, h, n, w, st in itertools.product(options, (16, 32), (16, 32, 64), warps, stages)]
 
 
-RELOAD_CASES = [PAPER_CASES[1], PAPER_CASES[0], WIDE_CASES[0], (512, 512, 212, 8704)]
-"""The rows whose query and accumulators crowd a program's registers, widest first: 2,048 + 512 and
-1,024 + 512 (the paper's d_kv 64 and 32), 896 + 128 (Llama-3-8B cut50), 512 + 512 (the paper's d_kv 16)."""
-
-
-def _reload_variants(plan, padded) -> list:
-    """The plan, and the plan's latent blocks with the query loaded each tile over head groups,
-    row tiles and warps (the freed registers may take larger tiles)."""
-    from dataclasses import replace
-
-    return [plan] + [replace(plan, reload_query=True, block_h=h, block_n=n, num_warps=w)
-                     for h, n, w in itertools.product((16, 32), (16, 32, 64), (4, 8))]
-
-
 def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=_block_variants) -> dict:
     """The decode kernel's launch variants (``variants(plan, padded_plan)``) at each case, each
     output checked against the padded plan's and, on the first requests, against float32 PyTorch."""
@@ -321,8 +305,7 @@ def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=
                     * max(1, launch.num_stages - 1) > SHARED_MEMORY_BUDGET:
                 continue
             row = {"latent_blocks": list(launch.latent_blocks), "block_h": launch.block_h, "block_n": launch.block_n,
-                   "num_warps": launch.num_warps, "num_stages": launch.num_stages,
-                   "reload_query": launch.reload_query, "is_plan": launch == plan,
+                   "num_warps": launch.num_warps, "num_stages": launch.num_stages, "is_plan": launch == plan,
                    "is_padded_plan": launch == padded}
             try:
                 out, _ = mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, launch=launch)
@@ -343,7 +326,6 @@ def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=
         print(f"latent {latent} + rope {rope}, {batch} x {seq_len}: " + "  ".join(
             f"{k} {case[k]['ms']:.3f} ms {case[k]['tb_per_s']:.2f} TB/s {case[k]['latent_blocks']} "
             f"h{case[k]['block_h']} n{case[k]['block_n']} w{case[k]['num_warps']} s{case[k]['num_stages']}"
-            f"{' reload-q' if case[k]['reload_query'] else ''}"
             for k in ("padded_plan", "plan", "best") if case[k]), flush=True)
         out_file.write_text(json.dumps(results, indent=1))
     return results
@@ -470,7 +452,6 @@ if __name__ == "__main__":
      "native-blocks": lambda o: blocks(o, cases=NATIVE_CASES, variants=_native_variants),
      "wide-blocks": lambda o: blocks(o, cases=WIDE_CASES, variants=_wide_variants),
      "paper-blocks": lambda o: blocks(o, cases=PAPER_CASES, variants=_split_variants),
-     "reload-q": lambda o: blocks(o, cases=RELOAD_CASES, variants=_reload_variants),
      "paper-warps": lambda o: blocks(o, cases=PAPER_CASES[::-1],
                                      variants=lambda plan, padded: _split_variants(plan, padded, (8, 16), (2, 3))),
      "throughput-narrow": lambda o: throughput(o, pattern=NARROW_PATTERN, with_mha=False)}[mode](out)

@@ -81,21 +81,6 @@ def test_every_block_split_of_the_latent_gives_the_reference(latent, rope, block
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("latent,rope,blocks,splits", [(640, 64, (512, 128), 2), (208, 48, (128, 64, 16), 3),
-                                                       (96, 32, (64, 32), 1)])
-def test_query_loaded_each_tile_gives_the_reference(latent, rope, blocks, splits):
-    """``reload_query`` moves the query loads into the loop over tiles; nothing else may change."""
-    q, cache, table, lens = _paged_problem(latent, rope, 5, 16, [1, 40, 23])
-    held = replace(plan_launch(3, 5, latent, rope, 40, num_sms=8), latent_blocks=blocks, num_splits=splits)
-    reloaded = replace(held, reload_query=True)
-    out, lse = mla_paged_decode(q, cache, table, lens, 0.1, latent, 40, launch=reloaded)
-    want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.1, latent)
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
-    out_held, lse_held = mla_paged_decode(q, cache, table, lens, 0.1, latent, 40, launch=held)
-    torch.testing.assert_close(out, out_held, rtol=0, atol=1e-6)
-    torch.testing.assert_close(lse, lse_held, rtol=0, atol=1e-6)
-
-
 def test_blocks_that_do_not_cover_the_latent_are_refused():
     q, cache, table, lens = _paged_problem(640, 64, 2, 16, [4])
     plan = replace(plan_launch(1, 2, 640, 64, 4, num_sms=8), latent_blocks=(512, 64))
@@ -133,9 +118,6 @@ def test_fp8_cache_converts_to_float16_and_scales_scores_and_output():
     rows = (cache / 0.02).to(torch.float8_e4m3fn)
     plan = replace(plan_launch(2, 5, 112, 32, 40, num_sms=8, fp8_cache=True), latent_blocks=latent_blocks(112))
     out, lse = mla_paged_decode(q, rows, table, lens, 0.2, 112, 40, k_scale=k_scale, launch=plan)
-    reloaded, _ = mla_paged_decode(q, rows, table, lens, 0.2, 112, 40, k_scale=k_scale,
-                                   launch=replace(plan, reload_query=True))  # float16 queries either way
-    torch.testing.assert_close(reloaded, out, rtol=0, atol=1e-6)
     dequantised = rows.double() * 0.02
     want = paged_latent_decode(q.double(), dequantised, table, lens, 0.2, 112)
     tolerance = 2e-2

@@ -108,9 +108,6 @@ class DecodeLaunch:
     num_warps: int
     num_stages: int
     num_splits: int
-    reload_query: bool = False
-    """Load the query inside the loop over tiles instead of once: frees the registers it holds
-    (16 heads x 2,560 values: 80 a thread at 8 warps) for rows whose accumulators fill the rest."""
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.latent_blocks) <= MAX_LATENT_BLOCKS:
@@ -219,16 +216,6 @@ def _load_rows(base, offs, ok, like):
 
 
 @triton.jit
-def _load_query(rows, offs, ok, FP16_OPERANDS: tl.constexpr):
-    """One block of the head group's query; float16 for an fp8 cache (the fastest products on an
-    H100; see row_tiles)."""
-    q = tl.load(rows + offs[None, :], mask=ok, other=0.0)
-    if FP16_OPERANDS:
-        q = q.to(tl.float16)
-    return q
-
-
-@triton.jit
 def _mla_decode_split_kernel(
     Q, stride_qb, stride_qh,
     KV, stride_kv_page, stride_kv_tok,
@@ -242,7 +229,7 @@ def _mla_decode_split_kernel(
     LATENT: tl.constexpr, ROPE: tl.constexpr,
     NUM_BLOCKS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, SCALED_CACHE: tl.constexpr, FP16_OPERANDS: tl.constexpr, RELOAD_Q: tl.constexpr,
+    PAGE: tl.constexpr, SCALED_CACHE: tl.constexpr, FP16_OPERANDS: tl.constexpr,
 ):
     """Latent blocks: columns [0, C0), [C0, C0 + C1), [C0 + C1, C0 + C1 + C2), the first NUM_BLOCKS
     of them used (the others are 16-wide placeholders, never loaded or stored), masked at LATENT;
@@ -263,13 +250,19 @@ def _mla_decode_split_kernel(
     ok_r = offs_r[None, :] < LATENT + ROPE
 
     q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
-    if not RELOAD_Q:  # the query stays in registers for the whole loop
-        q_0 = _load_query(q_rows, offs_0, head_ok & ok_0, FP16_OPERANDS)
-        q_r = _load_query(q_rows, offs_r, head_ok & ok_r, FP16_OPERANDS)
+    q_0 = tl.load(q_rows + offs_0[None, :], mask=head_ok & ok_0, other=0.0)
+    q_r = tl.load(q_rows + offs_r[None, :], mask=head_ok & ok_r, other=0.0)
+    if NUM_BLOCKS > 1:
+        q_1 = tl.load(q_rows + offs_1[None, :], mask=head_ok & ok_1, other=0.0)
+    if NUM_BLOCKS > 2:
+        q_2 = tl.load(q_rows + offs_2[None, :], mask=head_ok & ok_2, other=0.0)
+    if FP16_OPERANDS:  # fp8 cache: float16 products (the fastest on an H100; see row_tiles)
+        q_0 = q_0.to(tl.float16)
+        q_r = q_r.to(tl.float16)
         if NUM_BLOCKS > 1:
-            q_1 = _load_query(q_rows, offs_1, head_ok & ok_1, FP16_OPERANDS)
+            q_1 = q_1.to(tl.float16)
         if NUM_BLOCKS > 2:
-            q_2 = _load_query(q_rows, offs_2, head_ok & ok_2, FP16_OPERANDS)
+            q_2 = q_2.to(tl.float16)
 
     seq_len = tl.load(SeqLens + b)
     split_len = tl.cdiv(seq_len, num_splits)
@@ -287,13 +280,6 @@ def _mla_decode_split_kernel(
     qk_scale = sm_scale * k_scale
 
     for n0 in range(start, end, BLOCK_N):
-        if RELOAD_Q:  # wide rows: read the query again each tile (L1) instead of holding it in registers
-            q_0 = _load_query(q_rows, offs_0, head_ok & ok_0, FP16_OPERANDS)
-            q_r = _load_query(q_rows, offs_r, head_ok & ok_r, FP16_OPERANDS)
-            if NUM_BLOCKS > 1:
-                q_1 = _load_query(q_rows, offs_1, head_ok & ok_1, FP16_OPERANDS)
-            if NUM_BLOCKS > 2:
-                q_2 = _load_query(q_rows, offs_2, head_ok & ok_2, FP16_OPERANDS)
         pos = n0 + tl.arange(0, BLOCK_N)
         pos_ok = pos < end
         page = tl.load(BlockTable + b * stride_bt + pos // PAGE, mask=pos_ok, other=0)
@@ -419,7 +405,7 @@ def mla_paged_decode(
         LATENT=latent_dim, ROPE=rope,
         NUM_BLOCKS=len(plan.latent_blocks), C0=blocks[0], C1=blocks[1], C2=blocks[2],
         BLOCK_R=plan.block_r, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n,
-        PAGE=kv_cache.shape[1], SCALED_CACHE=scaled, FP16_OPERANDS=fp8_cache, RELOAD_Q=plan.reload_query,
+        PAGE=kv_cache.shape[1], SCALED_CACHE=scaled, FP16_OPERANDS=fp8_cache,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     _mla_decode_merge_kernel[(batch, num_heads)](
