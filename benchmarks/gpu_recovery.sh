@@ -190,7 +190,13 @@ case $MODE in
     # own limit returns nothing, so the summary must be copied out before it
     left=$(( ${BENCH_SECONDS:-540} - SECONDS ))
     (( left > 0 )) || left=1  # `timeout 0` would mean no bound at all
-    timeout -k 20 "$left" python3 -m vllm_mha2mla.cli bench --output /root/bench "$@" 2>&1 | tail -80 || true
+    rc=0
+    timeout -k 20 "$left" python3 -m vllm_mha2mla.cli bench --output /root/bench "$@" 2>&1 | tail -80 || rc=${PIPESTATUS[0]}
+    if (( rc == 124 || rc == 137 )); then  # say so: the rows that did finish still come back
+      echo "bench: stopped at BENCH_SECONDS=${BENCH_SECONDS:-540}; the run in progress and any after it are not in summary.json" >&2
+    elif (( rc != 0 )); then
+      echo "bench: mha2mla bench exited with $rc" >&2
+    fi
     cp /root/bench/summary.json /root/bench/summary.md "$OUT/" 2>/dev/null || true
     tar cJf "$OUT/bench-logs.tar.xz" -C /root/bench logs raw 2>/dev/null || true
     ;;
