@@ -222,12 +222,18 @@ BLOCK_CASES = [  # (latent, rope, batch, seq_len): the throughput pattern's widt
 ]
 
 
-def _block_variants(plan, padded) -> list:
-    """Exact blocks and the padded tile, over head groups, row tiles and warps."""
+def _tile_grid(plan, block_options, heads=(16, 32), rows=(16, 32, 64), warps=(4, 8), stages=None) -> list:
+    """The plan with each latent block option × head group × row tile × warps × pipeline depth
+    (``stages`` None: the plan's own), every other setting kept: what each sweep below varies."""
     from dataclasses import replace
 
-    return [replace(plan, latent_blocks=b, block_h=h, block_n=n, num_warps=w) for b, h, n, w in
-            itertools.product((plan.latent_blocks, padded.latent_blocks), (16, 32), (16, 32, 64), (4, 8))]
+    return [replace(plan, latent_blocks=b, block_h=h, block_n=n, num_warps=w, num_stages=st)
+            for b, h, n, w, st in itertools.product(block_options, heads, rows, warps, stages or (plan.num_stages,))]
+
+
+def _block_variants(plan, padded) -> list:
+    """Exact blocks and the padded tile, over head groups, row tiles and warps."""
+    return _tile_grid(plan, (plan.latent_blocks, padded.latent_blocks))
 
 
 NATIVE_CASES = [(512, 64, 310, 8704), (512, 512, 212, 8704), (512, 64, 1024, 1280)]  # the 8K/1K and 1K/256 engines
@@ -236,10 +242,8 @@ NATIVE_CASES = [(512, 64, 310, 8704), (512, 512, 212, 8704), (512, 64, 1024, 128
 def _native_variants(plan, padded) -> list:
     """The 512 latent of the native and paper rows split into blocks (two 256-wide accumulators
     instead of one 512-wide), over row tiles, warps and pipeline depth."""
-    from dataclasses import replace
-
-    return [replace(plan, latent_blocks=b, block_n=n, num_warps=w, num_stages=st) for b, n, w, st in
-            itertools.product(((512,), (256, 256), (256, 128, 128)), (32, 64), (4, 8), (2, 3))]
+    return _tile_grid(plan, ((512,), (256, 256), (256, 128, 128)), heads=(plan.block_h,), rows=(32, 64),
+                      stages=(2, 3))
 
 
 WIDE_CASES = [(896, 128, 97, 8704), (896, 128, 512, 1280), (640, 128, 128, 8704)]
@@ -250,13 +254,9 @@ plan's 16-head groups moved ~1.1 TB/s (results/h100-bench-4/), and at a 1K/256 b
 def _wide_variants(plan, padded) -> list:
     """A latent past 512 as three exact blocks or two 512 blocks (the last padded), over head
     groups, row tiles, warps and pipeline depth."""
-    from dataclasses import replace
-
     from vllm_mha2mla.triton_decode import latent_blocks
 
-    options = (plan.latent_blocks, latent_blocks(plan.block_c, max_blocks=2))
-    return [replace(plan, latent_blocks=b, block_h=h, block_n=n, num_warps=w, num_stages=st)
-            for b, h, n, w, st in itertools.product(options, (16, 32), (16, 32, 64), (4, 8), (1, 2))]
+    return _tile_grid(plan, (plan.latent_blocks, latent_blocks(plan.block_c, max_blocks=2)), stages=(1, 2))
 
 
 PAPER_CASES = [(1024, 512, 64, 8704), (2048, 512, 40, 8704)]
@@ -268,12 +268,8 @@ latent block holds 1,024 or 2,048 float32 accumulator columns per head."""
 def _split_variants(plan, padded, warps=(4, 8), stages=(1, 2)) -> list:
     """A power-of-two latent as one block, two halves, or a half and two quarters (narrower
     accumulators, the same columns), over head groups, row tiles, warps and pipeline depth."""
-    from dataclasses import replace
-
     c = plan.block_c
-    options = ((c,), (c // 2, c // 2), (c // 2, c // 4, c // 4))
-    return [replace(plan, latent_blocks=b, block_h=h, block_n=n, num_warps=w, num_stages=st)
-            for b, h, n, w, st in itertools.product(options, (16, 32), (16, 32, 64), warps, stages)]
+    return _tile_grid(plan, ((c,), (c // 2, c // 2), (c // 2, c // 4, c // 4)), warps=warps, stages=stages)
 
 
 def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=_block_variants) -> dict:
