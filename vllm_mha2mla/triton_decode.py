@@ -108,6 +108,10 @@ class DecodeLaunch:
     num_warps: int
     num_stages: int
     num_splits: int
+    heads_as_n: bool = False
+    """Products with the heads as the MMA's N dimension (rows × heads scores, columns × heads
+    accumulators) instead of its M: Hopper's warpgroup MMA needs M ≥ 64, which a row tile or a
+    latent block has and a 16–32-head group has not (Triton then falls back to Ampere's MMA)."""
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.latent_blocks) <= MAX_LATENT_BLOCKS:
@@ -216,6 +220,26 @@ def _load_rows(base, offs, ok, like):
 
 
 @triton.jit
+def _scores(q, kv, HEADS_AS_N: tl.constexpr):
+    """One block's share of the scores: heads × rows, or rows × heads with ``HEADS_AS_N``."""
+    if HEADS_AS_N:
+        scores = tl.dot(kv, tl.trans(q))
+    else:
+        scores = tl.dot(q, tl.trans(kv))
+    return scores
+
+
+@triton.jit
+def _accumulate(acc, alpha, p, kv, HEADS_AS_N: tl.constexpr):
+    """Rescale one block's accumulator by the new maximum and add the tile's probabilities × values."""
+    if HEADS_AS_N:
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), p)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p, kv)
+    return acc
+
+
+@triton.jit
 def _mla_decode_split_kernel(
     Q, stride_qb, stride_qh,
     KV, stride_kv_page, stride_kv_tok,
@@ -230,10 +254,13 @@ def _mla_decode_split_kernel(
     NUM_BLOCKS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SCALED_CACHE: tl.constexpr, FP16_OPERANDS: tl.constexpr,
+    HEADS_AS_N: tl.constexpr,
 ):
     """Latent blocks: columns [0, C0), [C0, C0 + C1), [C0 + C1, C0 + C1 + C2), the first NUM_BLOCKS
     of them used (the others are 16-wide placeholders, never loaded or stored), masked at LATENT;
-    each has its own query slice and accumulator."""
+    each has its own query slice and accumulator. HEADS_AS_N: scores and accumulators are held
+    transposed (rows × heads, columns × heads; ``DecodeLaunch.heads_as_n``); AXIS is their row axis."""
+    AXIS: tl.constexpr = 0 if HEADS_AS_N else 1
     head_group = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -271,9 +298,14 @@ def _mla_decode_split_kernel(
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc_0 = tl.zeros([BLOCK_H, C0], dtype=tl.float32)
-    acc_1 = tl.zeros([BLOCK_H, C1], dtype=tl.float32)
-    acc_2 = tl.zeros([BLOCK_H, C2], dtype=tl.float32)
+    if HEADS_AS_N:
+        acc_0 = tl.zeros([C0, BLOCK_H], dtype=tl.float32)
+        acc_1 = tl.zeros([C1, BLOCK_H], dtype=tl.float32)
+        acc_2 = tl.zeros([C2, BLOCK_H], dtype=tl.float32)
+    else:
+        acc_0 = tl.zeros([BLOCK_H, C0], dtype=tl.float32)
+        acc_1 = tl.zeros([BLOCK_H, C1], dtype=tl.float32)
+        acc_2 = tl.zeros([BLOCK_H, C2], dtype=tl.float32)
     k_scale = 1.0
     if SCALED_CACHE:
         k_scale = tl.load(KScale)
@@ -286,25 +318,29 @@ def _mla_decode_split_kernel(
         row = (KV + page.to(tl.int64) * stride_kv_page + (pos % PAGE) * stride_kv_tok)[:, None]
         kv_0 = _load_rows(row, offs_0, pos_ok[:, None] & ok_0, q_0)
         kv_r = _load_rows(row, offs_r, pos_ok[:, None] & ok_r, q_r)
-        scores = tl.dot(q_0, tl.trans(kv_0)) + tl.dot(q_r, tl.trans(kv_r))
+        scores = _scores(q_0, kv_0, HEADS_AS_N) + _scores(q_r, kv_r, HEADS_AS_N)
         if NUM_BLOCKS > 1:
             kv_1 = _load_rows(row, offs_1, pos_ok[:, None] & ok_1, q_1)
-            scores += tl.dot(q_1, tl.trans(kv_1))
+            scores += _scores(q_1, kv_1, HEADS_AS_N)
         if NUM_BLOCKS > 2:
             kv_2 = _load_rows(row, offs_2, pos_ok[:, None] & ok_2, q_2)
-            scores += tl.dot(q_2, tl.trans(kv_2))
-        scores = tl.where(pos_ok[None, :], scores * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
+            scores += _scores(q_2, kv_2, HEADS_AS_N)
+        scores = tl.where(tl.expand_dims(pos_ok, 1 - AXIS), scores * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, AXIS))
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p = tl.exp(scores - tl.expand_dims(m_new, AXIS))
+        l_i = l_i * alpha + tl.sum(p, AXIS)
         p = p.to(kv_0.dtype)
-        acc_0 = acc_0 * alpha[:, None] + tl.dot(p, kv_0)
+        acc_0 = _accumulate(acc_0, alpha, p, kv_0, HEADS_AS_N)
         if NUM_BLOCKS > 1:
-            acc_1 = acc_1 * alpha[:, None] + tl.dot(p, kv_1)
+            acc_1 = _accumulate(acc_1, alpha, p, kv_1, HEADS_AS_N)
         if NUM_BLOCKS > 2:
-            acc_2 = acc_2 * alpha[:, None] + tl.dot(p, kv_2)
+            acc_2 = _accumulate(acc_2, alpha, p, kv_2, HEADS_AS_N)
         m_i = m_new
+    if HEADS_AS_N:  # back to heads × columns for the stores
+        acc_0 = tl.trans(acc_0)
+        acc_1 = tl.trans(acc_1)
+        acc_2 = tl.trans(acc_2)
 
     out_rows = Partial + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps
     has_tokens = end > start
@@ -405,7 +441,7 @@ def mla_paged_decode(
         LATENT=latent_dim, ROPE=rope,
         NUM_BLOCKS=len(plan.latent_blocks), C0=blocks[0], C1=blocks[1], C2=blocks[2],
         BLOCK_R=plan.block_r, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n,
-        PAGE=kv_cache.shape[1], SCALED_CACHE=scaled, FP16_OPERANDS=fp8_cache,
+        PAGE=kv_cache.shape[1], SCALED_CACHE=scaled, FP16_OPERANDS=fp8_cache, HEADS_AS_N=plan.heads_as_n,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     _mla_decode_merge_kernel[(batch, num_heads)](
