@@ -27,6 +27,7 @@ stays correct for any sequence lengths.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,11 @@ class DecodeLaunch:
     """Products with the heads as the MMA's N dimension (rows × heads scores, columns × heads
     accumulators) instead of its M: Hopper's warpgroup MMA needs M ≥ 64, which a row tile or a
     latent block has and a 16–32-head group has not (Triton then falls back to Ampere's MMA)."""
+    convert_once: bool = False
+    """An e4m3 cache's tile converts to float16 once, in registers, before Triton stores it to shared
+    memory (an opaque PTX conversion Triton cannot move); otherwise Triton keeps the fp8 tile in shared
+    memory and converts it again for each product's operand. Ignored for other caches and by Triton's
+    CPU interpreter, which has no inline PTX."""
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.latent_blocks) <= MAX_LATENT_BLOCKS:
@@ -211,12 +217,26 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
 
 
 @triton.jit
-def _load_rows(base, offs, ok, like):
+def _e4m3_to_f16(tile):
+    """e4m3 → float16 with the PTX conversion as an opaque instruction: Triton cannot sink it past
+    the shared-memory store into each product's operand load, so the tile is converted once and
+    both products read 16-bit operands (ldmatrix, transposed for the value product)."""
+    return tl.inline_asm_elementwise(
+        asm="{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        constraints="=r,=r,r", args=[tile.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
+
+
+@triton.jit
+def _load_rows(base, offs, ok, like, CONVERT_ONCE: tl.constexpr):
     """One block of cached columns for a tile of rows, in the dot operands' dtype (``like``'s).
     An fp8 cache converts exactly (every e4m3 and e5m2 value is a float16 value); its scale
     multiplies the scores and the output instead of every cached value."""
     tile = tl.load(base + offs[None, :], mask=ok, other=0.0)
-    return tile.to(like.dtype)
+    if CONVERT_ONCE:
+        converted = _e4m3_to_f16(tile)
+    else:
+        converted = tile.to(like.dtype)
+    return converted
 
 
 @triton.jit
@@ -254,7 +274,7 @@ def _mla_decode_split_kernel(
     NUM_BLOCKS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SCALED_CACHE: tl.constexpr, FP16_OPERANDS: tl.constexpr,
-    HEADS_AS_N: tl.constexpr,
+    HEADS_AS_N: tl.constexpr, CONVERT_ONCE: tl.constexpr,
 ):
     """Latent blocks: columns [0, C0), [C0, C0 + C1), [C0 + C1, C0 + C1 + C2), the first NUM_BLOCKS
     of them used (the others are 16-wide placeholders, never loaded or stored), masked at LATENT;
@@ -316,14 +336,14 @@ def _mla_decode_split_kernel(
         pos_ok = pos < end
         page = tl.load(BlockTable + b * stride_bt + pos // PAGE, mask=pos_ok, other=0)
         row = (KV + page.to(tl.int64) * stride_kv_page + (pos % PAGE) * stride_kv_tok)[:, None]
-        kv_0 = _load_rows(row, offs_0, pos_ok[:, None] & ok_0, q_0)
-        kv_r = _load_rows(row, offs_r, pos_ok[:, None] & ok_r, q_r)
+        kv_0 = _load_rows(row, offs_0, pos_ok[:, None] & ok_0, q_0, CONVERT_ONCE)
+        kv_r = _load_rows(row, offs_r, pos_ok[:, None] & ok_r, q_r, CONVERT_ONCE)
         scores = _scores(q_0, kv_0, HEADS_AS_N) + _scores(q_r, kv_r, HEADS_AS_N)
         if NUM_BLOCKS > 1:
-            kv_1 = _load_rows(row, offs_1, pos_ok[:, None] & ok_1, q_1)
+            kv_1 = _load_rows(row, offs_1, pos_ok[:, None] & ok_1, q_1, CONVERT_ONCE)
             scores += _scores(q_1, kv_1, HEADS_AS_N)
         if NUM_BLOCKS > 2:
-            kv_2 = _load_rows(row, offs_2, pos_ok[:, None] & ok_2, q_2)
+            kv_2 = _load_rows(row, offs_2, pos_ok[:, None] & ok_2, q_2, CONVERT_ONCE)
             scores += _scores(q_2, kv_2, HEADS_AS_N)
         scores = tl.where(tl.expand_dims(pos_ok, 1 - AXIS), scores * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, AXIS))
@@ -385,6 +405,11 @@ def _mla_decode_merge_kernel(
     tl.store(Lse + b * stride_lb + h + tl.arange(0, 1), m + tl.log(total))
 
 
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read at launch as Triton does."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
 def mla_paged_decode(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -428,6 +453,7 @@ def mla_paged_decode(
     out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
     scaled = k_scale is not None
+    convert_once = plan.convert_once and kv_cache.dtype == torch.float8_e4m3fn and not _interpreting()
     _mla_decode_split_kernel[plan.grid(batch, num_heads)](
         q, q.stride(0), q.stride(1),
         kv_cache, kv_cache.stride(0), kv_cache.stride(1),
@@ -442,6 +468,7 @@ def mla_paged_decode(
         NUM_BLOCKS=len(plan.latent_blocks), C0=blocks[0], C1=blocks[1], C2=blocks[2],
         BLOCK_R=plan.block_r, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n,
         PAGE=kv_cache.shape[1], SCALED_CACHE=scaled, FP16_OPERANDS=fp8_cache, HEADS_AS_N=plan.heads_as_n,
+        CONVERT_ONCE=convert_once,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     _mla_decode_merge_kernel[(batch, num_heads)](
