@@ -22,11 +22,6 @@
               groups x row tiles x warps x pipeline depth (no vLLM needed).
   paper-blocks: the paper's widest Llama-2-7B rows (1024 + 512, 2048 + 512) at their 8K/1K decode
               batches: one latent block vs halves and quarters, over the same tiles (no vLLM needed).
-  heads-as-n: the plan against the same kernel with the heads as the products' N dimension (rows x
-              heads scores, columns x heads accumulators: Hopper's warpgroup MMA) over tiles, on the
-              native 576 row and the 8K/1K engines' other shapes (no vLLM needed).
-  fp8-once:   e4m3 caches: the plan against tiles converted to float16 once before shared memory
-              (not once per product), over tiles, also with the heads as N (no vLLM needed).
   paper-warps: the same rows (widest first) with 8 or 16 warps and 2 or 3 pipeline stages: more
               threads to hold the 1,024–2,048 accumulator columns per head (no vLLM needed).
   fit:        the launch plan on this GPU's own shared memory, bf16 and fp8 caches, from the native
@@ -36,7 +31,7 @@
   fp8-tiles:  the shared memory Triton compiles for fp8 caches with float16 operands, per row
               shape, head group, row tile and pipeline depth, beside the plan's estimate.
 
-Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks,native-blocks,wide-blocks,paper-blocks,paper-warps,heads-as-n,fp8-once,fit,fp8-tiles} OUT.json
+Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks,native-blocks,wide-blocks,paper-blocks,paper-warps,fit,fp8-tiles} OUT.json
 """
 
 from __future__ import annotations
@@ -277,44 +272,9 @@ def _split_variants(plan, padded, warps=(4, 8), stages=(1, 2)) -> list:
     return _tile_grid(plan, ((c,), (c // 2, c // 2), (c // 2, c // 4, c // 4)), warps=warps, stages=stages)
 
 
-HEADS_AS_N_CASES = [NATIVE_CASES[0], NATIVE_CASES[2], NATIVE_CASES[1], (384, 128, 348, 8704), WIDE_CASES[0],
-                    *PAPER_CASES]
-"""The native 576 row (8K/1K and 1K/256 batches: the FLASHMLA comparison), the paper's 1024-value row,
-Llama-3-8B cut75 and cut50, and the paper's widest rows, at their engines' decode batches."""
-
-
-def _heads_as_n_variants(plan, padded) -> list:
-    """The plan as it is, then with the heads as the products' N dimension (Hopper's warpgroup MMA
-    wants M ≥ 64: a row tile or latent block has it, a 16–32-head group has not) over head groups
-    (the plan's and twice it, up to 64), row tiles, warps and pipeline depth."""
-    from dataclasses import replace
-
-    heads = tuple(dict.fromkeys((plan.block_h, min(64, 2 * plan.block_h))))
-    transposed = _tile_grid(plan, (plan.latent_blocks,), heads=heads, rows=(32, 64), warps=(4, 8), stages=(2, 3))
-    return [plan, *(replace(launch, heads_as_n=True) for launch in transposed)]
-
-
-FP8_ONCE_CASES = [(512, 512, 166, 8704), (512, 64, 310, 8704), (384, 128, 348, 8704)]
-"""The fp8 engines' rows at their 8K/1K decode batches (``../h100-fp8-decode/fp8_plan.json``): the paper's
-1024 values, the native 576, Llama-3-8B cut75."""
-
-
-def _fp8_once_variants(plan, padded) -> list:
-    """The fp8 plan as it is; then with each tile converted once before shared memory, at the plan's
-    tiles and over head groups, row tiles, warps and pipeline depth, also with the heads as N."""
-    from dataclasses import replace
-
-    once = _tile_grid(replace(plan, convert_once=True), (plan.latent_blocks,), heads=(16, 32), rows=(32, 64),
-                      warps=(4, 8), stages=(2, 3))
-    return [plan, replace(plan, convert_once=True), *once,
-            *(replace(v, heads_as_n=True) for v in once if v.num_stages == 2)]
-
-
-def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=_block_variants,
-           fp8: bool = False) -> dict:
+def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=_block_variants) -> dict:
     """The decode kernel's launch variants (``variants(plan, padded_plan)``) at each case, each
-    output checked against the padded plan's and, on the first requests, against float32 PyTorch.
-    ``fp8``: an e4m3 cache (scale 0.05) planned as such, checked against its dequantised rows."""
+    output checked against the padded plan's and, on the first requests, against float32 PyTorch."""
     from dataclasses import replace
 
     import triton
@@ -325,20 +285,15 @@ def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=
                                             shared_memory_bytes)
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    results: dict = {"device": torch.cuda.get_device_name(0), "heads": heads, "page": PAGE, "fp8_cache": fp8,
-                     "cases": []}
+    results: dict = {"device": torch.cuda.get_device_name(0), "heads": heads, "page": PAGE, "cases": []}
     for latent, rope, batch, seq_len in cases:
         torch.cuda.empty_cache()
         q, cache, table, lens = paged_inputs(latent, rope, heads, batch, seq_len)
-        k_scale = torch.tensor([0.05], device="cuda") if fp8 else None
-        if fp8:
-            cache = (cache.float() / 0.05).to(torch.float8_e4m3fn)
-        gbytes = float(lens.sum()) * (latent + rope) * cache.element_size() / 1e9
-        plan = plan_launch(batch, heads, latent, rope, seq_len, sms, fp8_cache=fp8)
+        gbytes = float(lens.sum()) * (latent + rope) * 2 / 1e9
+        plan = plan_launch(batch, heads, latent, rope, seq_len, sms)
         padded = replace(plan, latent_blocks=latent_blocks(latent, max_blocks=1))
-        want = paged_latent_decode(q[:4].float(), cache.float() * (0.05 if fp8 else 1.0), table[:4], lens[:4], 0.1,
-                                   latent)
-        base, _ = mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, k_scale=k_scale, launch=padded)
+        want = paged_latent_decode(q[:4].float(), cache.float(), table[:4], lens[:4], 0.1, latent)
+        base, _ = mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, launch=padded)
         case: dict = {"latent": latent, "rope": rope, "batch": batch, "seq_len": seq_len, "gbytes": gbytes,
                       "plan": {**vars(plan), "latent_blocks": list(plan.latent_blocks)}, "variants": []}
         for launch in dict.fromkeys(variants(plan, padded)):  # each distinct launch once
@@ -346,17 +301,14 @@ def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=
                     * max(1, launch.num_stages - 1) > SHARED_MEMORY_BUDGET:
                 continue
             row = {"latent_blocks": list(launch.latent_blocks), "block_h": launch.block_h, "block_n": launch.block_n,
-                   "num_warps": launch.num_warps, "num_stages": launch.num_stages, "heads_as_n": launch.heads_as_n,
-                   "convert_once": launch.convert_once,
-                   "is_plan": launch == plan,
+                   "num_warps": launch.num_warps, "num_stages": launch.num_stages, "is_plan": launch == plan,
                    "is_padded_plan": launch == padded}
             try:
-                out, _ = mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, k_scale=k_scale, launch=launch)
+                out, _ = mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, launch=launch)
                 row["max_abs_diff_vs_padded"] = float((out.float() - base.float()).abs().max())
                 row["max_abs_diff_vs_torch"] = float((out[:4].float() - want).abs().max())
                 row["ms"] = triton.testing.do_bench(
-                    lambda: mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, k_scale=k_scale,
-                                             launch=launch),
+                    lambda: mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, launch=launch),
                     rep=50, return_mode="median")
                 row["tb_per_s"] = gbytes / row["ms"]
             except Exception as exc:  # a variant may not fit the hardware
@@ -370,7 +322,6 @@ def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=
         print(f"latent {latent} + rope {rope}, {batch} x {seq_len}: " + "  ".join(
             f"{k} {case[k]['ms']:.3f} ms {case[k]['tb_per_s']:.2f} TB/s {case[k]['latent_blocks']} "
             f"h{case[k]['block_h']} n{case[k]['block_n']} w{case[k]['num_warps']} s{case[k]['num_stages']}"
-            f"{' heads-as-N' if case[k]['heads_as_n'] else ''}{' once' if case[k]['convert_once'] else ''}"
             for k in ("padded_plan", "plan", "best") if case[k]), flush=True)
         out_file.write_text(json.dumps(results, indent=1))
     return results
@@ -497,8 +448,6 @@ if __name__ == "__main__":
      "native-blocks": lambda o: blocks(o, cases=NATIVE_CASES, variants=_native_variants),
      "wide-blocks": lambda o: blocks(o, cases=WIDE_CASES, variants=_wide_variants),
      "paper-blocks": lambda o: blocks(o, cases=PAPER_CASES, variants=_split_variants),
-     "heads-as-n": lambda o: blocks(o, cases=HEADS_AS_N_CASES, variants=_heads_as_n_variants),
-     "fp8-once": lambda o: blocks(o, cases=FP8_ONCE_CASES, variants=_fp8_once_variants, fp8=True),
      "paper-warps": lambda o: blocks(o, cases=PAPER_CASES[::-1],
                                      variants=lambda plan, padded: _split_variants(plan, padded, (8, 16), (2, 3))),
      "throughput-narrow": lambda o: throughput(o, pattern=NARROW_PATTERN, with_mha=False)}[mode](out)

@@ -27,7 +27,6 @@ stays correct for any sequence lengths.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -109,15 +108,6 @@ class DecodeLaunch:
     num_warps: int
     num_stages: int
     num_splits: int
-    heads_as_n: bool = False
-    """Products with the heads as the MMA's N dimension (rows × heads scores, columns × heads
-    accumulators) instead of its M: Hopper's warpgroup MMA needs M ≥ 64, which a row tile or a
-    latent block has and a 16–32-head group has not (Triton then falls back to Ampere's MMA)."""
-    convert_once: bool = False
-    """An e4m3 cache's tile converts to float16 once, in registers, before Triton stores it to shared
-    memory (an opaque PTX conversion Triton cannot move); otherwise Triton keeps the fp8 tile in shared
-    memory and converts it again for each product's operand. Ignored for other caches and by Triton's
-    CPU interpreter, which has no inline PTX."""
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.latent_blocks) <= MAX_LATENT_BLOCKS:
@@ -217,46 +207,12 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
 
 
 @triton.jit
-def _e4m3_to_f16(tile):
-    """e4m3 → float16 with the PTX conversion as an opaque instruction: Triton cannot sink it past
-    the shared-memory store into each product's operand load, so the tile is converted once and
-    both products read 16-bit operands (ldmatrix, transposed for the value product)."""
-    return tl.inline_asm_elementwise(
-        asm="{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
-        constraints="=r,=r,r", args=[tile.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
-
-
-@triton.jit
-def _load_rows(base, offs, ok, like, CONVERT_ONCE: tl.constexpr):
+def _load_rows(base, offs, ok, like):
     """One block of cached columns for a tile of rows, in the dot operands' dtype (``like``'s).
     An fp8 cache converts exactly (every e4m3 and e5m2 value is a float16 value); its scale
     multiplies the scores and the output instead of every cached value."""
     tile = tl.load(base + offs[None, :], mask=ok, other=0.0)
-    if CONVERT_ONCE:
-        converted = _e4m3_to_f16(tile)
-    else:
-        converted = tile.to(like.dtype)
-    return converted
-
-
-@triton.jit
-def _scores(q, kv, HEADS_AS_N: tl.constexpr):
-    """One block's share of the scores: heads × rows, or rows × heads with ``HEADS_AS_N``."""
-    if HEADS_AS_N:
-        scores = tl.dot(kv, tl.trans(q))
-    else:
-        scores = tl.dot(q, tl.trans(kv))
-    return scores
-
-
-@triton.jit
-def _accumulate(acc, alpha, p, kv, HEADS_AS_N: tl.constexpr):
-    """Rescale one block's accumulator by the new maximum and add the tile's probabilities × values."""
-    if HEADS_AS_N:
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), p)
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p, kv)
-    return acc
+    return tile.to(like.dtype)
 
 
 @triton.jit
@@ -274,13 +230,10 @@ def _mla_decode_split_kernel(
     NUM_BLOCKS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SCALED_CACHE: tl.constexpr, FP16_OPERANDS: tl.constexpr,
-    HEADS_AS_N: tl.constexpr, CONVERT_ONCE: tl.constexpr,
 ):
     """Latent blocks: columns [0, C0), [C0, C0 + C1), [C0 + C1, C0 + C1 + C2), the first NUM_BLOCKS
     of them used (the others are 16-wide placeholders, never loaded or stored), masked at LATENT;
-    each has its own query slice and accumulator. HEADS_AS_N: scores and accumulators are held
-    transposed (rows × heads, columns × heads; ``DecodeLaunch.heads_as_n``); AXIS is their row axis."""
-    AXIS: tl.constexpr = 0 if HEADS_AS_N else 1
+    each has its own query slice and accumulator."""
     head_group = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -318,14 +271,9 @@ def _mla_decode_split_kernel(
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    if HEADS_AS_N:
-        acc_0 = tl.zeros([C0, BLOCK_H], dtype=tl.float32)
-        acc_1 = tl.zeros([C1, BLOCK_H], dtype=tl.float32)
-        acc_2 = tl.zeros([C2, BLOCK_H], dtype=tl.float32)
-    else:
-        acc_0 = tl.zeros([BLOCK_H, C0], dtype=tl.float32)
-        acc_1 = tl.zeros([BLOCK_H, C1], dtype=tl.float32)
-        acc_2 = tl.zeros([BLOCK_H, C2], dtype=tl.float32)
+    acc_0 = tl.zeros([BLOCK_H, C0], dtype=tl.float32)
+    acc_1 = tl.zeros([BLOCK_H, C1], dtype=tl.float32)
+    acc_2 = tl.zeros([BLOCK_H, C2], dtype=tl.float32)
     k_scale = 1.0
     if SCALED_CACHE:
         k_scale = tl.load(KScale)
@@ -336,31 +284,27 @@ def _mla_decode_split_kernel(
         pos_ok = pos < end
         page = tl.load(BlockTable + b * stride_bt + pos // PAGE, mask=pos_ok, other=0)
         row = (KV + page.to(tl.int64) * stride_kv_page + (pos % PAGE) * stride_kv_tok)[:, None]
-        kv_0 = _load_rows(row, offs_0, pos_ok[:, None] & ok_0, q_0, CONVERT_ONCE)
-        kv_r = _load_rows(row, offs_r, pos_ok[:, None] & ok_r, q_r, CONVERT_ONCE)
-        scores = _scores(q_0, kv_0, HEADS_AS_N) + _scores(q_r, kv_r, HEADS_AS_N)
+        kv_0 = _load_rows(row, offs_0, pos_ok[:, None] & ok_0, q_0)
+        kv_r = _load_rows(row, offs_r, pos_ok[:, None] & ok_r, q_r)
+        scores = tl.dot(q_0, tl.trans(kv_0)) + tl.dot(q_r, tl.trans(kv_r))
         if NUM_BLOCKS > 1:
-            kv_1 = _load_rows(row, offs_1, pos_ok[:, None] & ok_1, q_1, CONVERT_ONCE)
-            scores += _scores(q_1, kv_1, HEADS_AS_N)
+            kv_1 = _load_rows(row, offs_1, pos_ok[:, None] & ok_1, q_1)
+            scores += tl.dot(q_1, tl.trans(kv_1))
         if NUM_BLOCKS > 2:
-            kv_2 = _load_rows(row, offs_2, pos_ok[:, None] & ok_2, q_2, CONVERT_ONCE)
-            scores += _scores(q_2, kv_2, HEADS_AS_N)
-        scores = tl.where(tl.expand_dims(pos_ok, 1 - AXIS), scores * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, AXIS))
+            kv_2 = _load_rows(row, offs_2, pos_ok[:, None] & ok_2, q_2)
+            scores += tl.dot(q_2, tl.trans(kv_2))
+        scores = tl.where(pos_ok[None, :], scores * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - tl.expand_dims(m_new, AXIS))
-        l_i = l_i * alpha + tl.sum(p, AXIS)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(kv_0.dtype)
-        acc_0 = _accumulate(acc_0, alpha, p, kv_0, HEADS_AS_N)
+        acc_0 = acc_0 * alpha[:, None] + tl.dot(p, kv_0)
         if NUM_BLOCKS > 1:
-            acc_1 = _accumulate(acc_1, alpha, p, kv_1, HEADS_AS_N)
+            acc_1 = acc_1 * alpha[:, None] + tl.dot(p, kv_1)
         if NUM_BLOCKS > 2:
-            acc_2 = _accumulate(acc_2, alpha, p, kv_2, HEADS_AS_N)
+            acc_2 = acc_2 * alpha[:, None] + tl.dot(p, kv_2)
         m_i = m_new
-    if HEADS_AS_N:  # back to heads × columns for the stores
-        acc_0 = tl.trans(acc_0)
-        acc_1 = tl.trans(acc_1)
-        acc_2 = tl.trans(acc_2)
 
     out_rows = Partial + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps
     has_tokens = end > start
@@ -403,11 +347,6 @@ def _mla_decode_merge_kernel(
         m = m_new
     tl.store(Out + b * stride_ob + h * stride_oh + offs_c, (acc / total).to(Out.dtype.element_ty), mask=c_ok)
     tl.store(Lse + b * stride_lb + h + tl.arange(0, 1), m + tl.log(total))
-
-
-def _interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read at launch as Triton does."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
 def mla_paged_decode(
@@ -453,7 +392,6 @@ def mla_paged_decode(
     out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
     scaled = k_scale is not None
-    convert_once = plan.convert_once and kv_cache.dtype == torch.float8_e4m3fn and not _interpreting()
     _mla_decode_split_kernel[plan.grid(batch, num_heads)](
         q, q.stride(0), q.stride(1),
         kv_cache, kv_cache.stride(0), kv_cache.stride(1),
@@ -467,8 +405,7 @@ def mla_paged_decode(
         LATENT=latent_dim, ROPE=rope,
         NUM_BLOCKS=len(plan.latent_blocks), C0=blocks[0], C1=blocks[1], C2=blocks[2],
         BLOCK_R=plan.block_r, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n,
-        PAGE=kv_cache.shape[1], SCALED_CACHE=scaled, FP16_OPERANDS=fp8_cache, HEADS_AS_N=plan.heads_as_n,
-        CONVERT_ONCE=convert_once,
+        PAGE=kv_cache.shape[1], SCALED_CACHE=scaled, FP16_OPERANDS=fp8_cache,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     _mla_decode_merge_kernel[(batch, num_heads)](
