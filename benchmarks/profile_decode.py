@@ -9,6 +9,9 @@ the same paged cache (issue 11, item 5: what holds the plugin at ~2.2 TB/s where
                                warm the kernel up, then bracket one call with cudaProfilerStart/Stop
                                (ncu runs with ``--profile-from-start off``: only that call is profiled)
 
+On the lent GPU (vLLM staged as for ``gpu_recovery.sh bench``; the plugin cases alone need no vLLM):
+  bash benchmarks/gpu_recovery.sh script benchmarks/profile_decode.py profile $OUT/ncu
+
 KERNEL is ``plugin`` (``vllm_mha2mla.triton_decode.mla_paged_decode`` with its own plan) or ``flashmla``
 (vLLM's ``flash_mla_with_kvcache``, 576-value rows only). Pages of 64 tokens in random order (FlashMLA's
 block size; the plugin takes any multiple of 16), each request 90–100% of CONTEXT, bf16. The clocks are
