@@ -9,7 +9,11 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # kernels defined now become interpreted kernels
 
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -189,3 +193,21 @@ def test_very_wide_rows_fit_shared_memory():
         assert shared_memory_bytes(plan.block_h, plan.block_n, plan.block_c, plan.block_r) <= SHARED_MEMORY_BUDGET \
             or plan.block_n == 16
     assert plan_launch(64, 32, 512, 512, 4096, 132).block_n == 64  # the measured 1024-value config keeps its tile
+
+
+@pytest.mark.parametrize("latent,rope,fp8", [(512, 64, False), (512, 64, True), (512, 512, False), (2048, 512, False)])
+def test_plans_compile_for_an_h100_within_its_shared_memory(latent, rope, fp8):
+    """The interpreter above runs the kernel as Python, which accepts code Triton's compiler refuses
+    (an early return inside a constexpr branch did, in a launch option since removed); this compiles
+    the planned launch for sm_90, without a GPU, in a process of its own (this module's kernels are
+    interpreted), and its shared memory must fit an H100's 227 KiB per block."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [str(latent), str(rope), "--batch", "64", *(["--fp8"] if fp8 else [])]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "compile_sm90.py"), *args],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["is_plan"]
+    assert 0 < row["shared_bytes"] <= 227 * 1024, row
+    assert row["mma_versions"], row  # the products compiled to tensor-core instructions

@@ -349,6 +349,16 @@ def _mla_decode_merge_kernel(
     tl.store(Lse + b * stride_lb + h + tl.arange(0, 1), m + tl.log(total))
 
 
+def split_kernel_constants(plan: DecodeLaunch, latent: int, rope: int, page: int, scaled_cache: bool,
+                           fp8_cache: bool) -> dict:
+    """The split kernel's compile-time arguments for a launch: what ``mla_paged_decode`` passes, and
+    what a compile without a GPU needs to reproduce the same kernel (``benchmarks/compile_sm90.py``)."""
+    blocks = plan.latent_blocks + (16,) * (MAX_LATENT_BLOCKS - len(plan.latent_blocks))  # placeholders
+    return dict(LATENT=latent, ROPE=rope, NUM_BLOCKS=len(plan.latent_blocks), C0=blocks[0], C1=blocks[1],
+                C2=blocks[2], BLOCK_R=plan.block_r, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n, PAGE=page,
+                SCALED_CACHE=scaled_cache, FP16_OPERANDS=fp8_cache)
+
+
 def mla_paged_decode(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -387,7 +397,6 @@ def mla_paged_decode(
                                  fp8_cache=fp8_cache)
     if plan.block_c < latent_dim:
         raise ValueError(f"latent blocks {plan.latent_blocks} cover {plan.block_c} of {latent_dim} latent columns")
-    blocks = plan.latent_blocks + (16,) * (MAX_LATENT_BLOCKS - len(plan.latent_blocks))  # placeholders
     partial = torch.empty(batch, num_heads, plan.num_splits, latent_dim + 1, dtype=torch.float32, device=q.device)
     out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
@@ -402,10 +411,7 @@ def mla_paged_decode(
         scale,
         num_heads,
         plan.num_splits,
-        LATENT=latent_dim, ROPE=rope,
-        NUM_BLOCKS=len(plan.latent_blocks), C0=blocks[0], C1=blocks[1], C2=blocks[2],
-        BLOCK_R=plan.block_r, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n,
-        PAGE=kv_cache.shape[1], SCALED_CACHE=scaled, FP16_OPERANDS=fp8_cache,
+        **split_kernel_constants(plan, latent_dim, rope, kv_cache.shape[1], scaled, fp8_cache),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     _mla_decode_merge_kernel[(batch, num_heads)](

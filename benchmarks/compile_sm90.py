@@ -1,0 +1,147 @@
+"""What Triton makes of a decode launch for an H100, on a machine without a GPU.
+
+Compiles the plugin's split decode kernel (``vllm_mha2mla/triton_decode.py``) for sm_90 with the same
+compile-time arguments and the same 16-divisibility of pointers and strides that a real launch
+specializes on, then reports per launch: shared memory, registers and spilled bytes (ptxas), which
+matrix instruction Triton chose (``mma.sync`` = MMA v2; Hopper's ``wgmma`` = v3, needing M ≥ 64), and
+how many loads its software pipeliner turned into asynchronous copies (0: every tile waits for its
+load). Found this way (benchmarks/results/h100-heads-as-n/, h100-fp8-once/): 32-head tiles run on
+``mma.sync``; an fp8 tile's loads were not pipelined. It guides; the GPU measures: the CPU venv's
+Triton is newer than the lent GPU's (3.9 here, 3.6 there), and its numbers can differ.
+
+Usage: python benchmarks/compile_sm90.py LATENT ROPE [--heads 32] [--batch 64] [--context 8704] [--fp8]
+                                         [--tile H,N,WARPS,STAGES ...]
+  (no --tile: the launch plan_launch picks for an H100; each --tile replaces its tile sizes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from vllm_mha2mla import triton_decode  # noqa: E402
+from vllm_mha2mla.triton_decode import DecodeLaunch, plan_launch, split_kernel_constants  # noqa: E402
+
+H100_SMS = 132
+PAGE = 16  # vLLM's block size for the plugin's backend
+
+
+def _runtime_arguments(latent: int, rope: int, heads: int, context: int, splits: int, fp8: bool) -> dict:
+    """The split kernel's run-time arguments as (Triton type, value) for a contiguous query
+    ``[batch, heads, width]``, a cache ``[pages, PAGE, width]`` and the float32 partials; values
+    decide which integers Triton specializes as divisible by 16."""
+    width = latent + rope
+    return {
+        "Q": ("*bf16", None), "stride_qb": ("i32", heads * width), "stride_qh": ("i32", width),
+        "KV": ("*fp8e4nv" if fp8 else "*bf16", None), "stride_kv_page": ("i32", PAGE * width),
+        "stride_kv_tok": ("i32", width), "BlockTable": ("*i32", None), "stride_bt": ("i32", -(-context // PAGE)),
+        "SeqLens": ("*i32", None), "Partial": ("*fp32", None),
+        "stride_pb": ("i32", heads * splits * (latent + 1)), "stride_ph": ("i32", splits * (latent + 1)),
+        "stride_ps": ("i32", latent + 1), "KScale": ("*fp32" if fp8 else "*i32", None),
+        "sm_scale": ("fp32", None), "num_heads": ("i32", heads), "num_splits": ("i32", splits),
+    }
+
+
+def _ptxas_report(ptx: str) -> dict:
+    """Registers and spill stores of the compiled PTX from the CUDA 12 ptxas that ships with Triton.
+
+    Triton 3.9 declares PTX 9.4, which that ptxas refuses by version only; the PTX is given to it
+    with the version it names as its own (the kernel uses no newer instruction). The newer
+    ``ptxas-blackwell`` beside it accepts 9.4 but gave some of these kernels 32 registers and
+    kilobytes of spills that the GPU's runs do not show (448 + 64 values: 32 registers, 7,232 spilled
+    bytes, against 255 and 104 from CUDA 12's), so it is only the fallback."""
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    for name in ("ptxas", "ptxas-blackwell"):
+        tool = bin_dir / name
+        if not tool.is_file():
+            continue
+        text = ptx
+        for _ in range(2):  # once as written, once at the version this ptxas names
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(text)
+            try:
+                done = subprocess.run([str(tool), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                                      capture_output=True, text=True)
+            finally:
+                os.unlink(f.name)
+            if done.returncode == 0:
+                regs = re.search(r"Used (\d+) registers", done.stderr)
+                spills = re.search(r"(\d+) bytes spill stores", done.stderr)
+                return {"registers": int(regs[1]) if regs else None,
+                        "spill_store_bytes": int(spills[1]) if spills else None, "ptxas": name}
+            own = re.search(r"Unsupported \.version [\d.]+; current version is '([\d.]+)'", done.stderr)
+            if not own:
+                break
+            text = re.sub(r"^\.version [\d.]+", f".version {own[1]}", ptx, count=1, flags=re.M)
+    return {"registers": None, "spill_store_bytes": None, "ptxas": "none accepted the PTX"}
+
+
+def compile_launch(plan: DecodeLaunch, latent: int, rope: int, heads: int, context: int, fp8: bool) -> dict:
+    """Compile one launch for sm_90 and read what Triton made of it."""
+    runtime = _runtime_arguments(latent, rope, heads, context, plan.num_splits, fp8)
+    constants = split_kernel_constants(plan, latent, rope, PAGE, scaled_cache=fp8, fp8_cache=fp8)
+    signature = {name: kind for name, (kind, _) in runtime.items()} | {name: "constexpr" for name in constants}
+    names = list(signature)
+    aligned = [name for name, (kind, value) in runtime.items()
+               if kind.startswith("*") or (kind == "i32" and value is not None and value % 16 == 0)]
+    source = ASTSource(triton_decode._mla_decode_split_kernel, signature,
+                       constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": plan.num_warps, "num_stages": plan.num_stages})
+    ttgir = kernel.asm["ttgir"]
+    return {"shared_bytes": kernel.metadata.shared,
+            "mma_versions": sorted({int(v) for v in re.findall(r"versionMajor = (\d)", ttgir)}),
+            "async_copies": ttgir.count("async_copy_global_to_local"),
+            **_ptxas_report(kernel.asm["ptx"])}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("latent", type=int)
+    parser.add_argument("rope", type=int)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=8704)
+    parser.add_argument("--fp8", action="store_true", help="an e4m3 cache (float16 products)")
+    parser.add_argument("--tile", action="append", default=[], metavar="H,N,WARPS,STAGES",
+                        help="heads per program, cached rows per tile, warps, pipeline stages (repeatable)")
+    args = parser.parse_args(argv)
+    plan = plan_launch(args.batch, args.heads, args.latent, args.rope, args.context, H100_SMS, fp8_cache=args.fp8)
+    launches = [plan]
+    for tile in args.tile:
+        try:
+            h, n, w, s = (int(x) for x in tile.split(","))
+        except ValueError:
+            parser.error(f"--tile {tile!r}: expected four integers H,N,WARPS,STAGES")
+        launches.append(replace(plan, block_h=h, block_n=n, num_warps=w, num_stages=s))
+    rows = []
+    for launch in launches:
+        row = {"latent_blocks": list(launch.latent_blocks), "block_r": launch.block_r, "block_h": launch.block_h,
+               "block_n": launch.block_n, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
+               "is_plan": launch == plan, "triton": triton.__version__}
+        row.update(compile_launch(launch, args.latent, args.rope, args.heads, args.context, args.fp8))
+        rows.append(row)
+        print(f"{'plan ' if row['is_plan'] else 'tile '}h{launch.block_h} n{launch.block_n} w{launch.num_warps} "
+              f"s{launch.num_stages} {list(launch.latent_blocks)}+{launch.block_r}: shared {row['shared_bytes']} B, "
+              f"{row['registers']} registers, {row['spill_store_bytes']} B spilled, MMA v{row['mma_versions']}, "
+              f"{row['async_copies']} async copies", flush=True)
+    print(json.dumps(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
