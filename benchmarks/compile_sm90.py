@@ -6,12 +6,18 @@ specializes on, then reports per launch: shared memory, registers and spilled by
 matrix instruction Triton chose (``mma.sync`` = MMA v2; Hopper's ``wgmma`` = v3, needing M ≥ 64), and
 how many loads its software pipeliner turned into asynchronous copies (0: every tile waits for its
 load). Found this way (benchmarks/results/h100-heads-as-n/, h100-fp8-once/): 32-head tiles run on
-``mma.sync``; an fp8 tile's loads were not pipelined. It guides; the GPU measures: the CPU venv's
-Triton is newer than the lent GPU's (3.9 here, 3.6 there), and its numbers can differ.
+``mma.sync``; an fp8 tile's loads were not pipelined. It guides; the GPU measures speed.
+
+``--against`` recompiles every launch whose shared memory an H100 run recorded and sets the two side by
+side: all 72 of ``h100-fp8-decode/fp8_tiles.json`` came out equal, with the venv's Triton 3.9 and with the
+lent GPU's 3.6 (``pip download --no-deps triton==3.6.0``, the wheel unpacked, ``PYTHONPATH=<unpacked>``)
+(benchmarks/results/cpu-compile-sm90/). Registers and spills have no device record to check against.
 
 Usage: python benchmarks/compile_sm90.py LATENT ROPE [--heads 32] [--batch 64] [--context 8704] [--fp8]
                                          [--tile H,N,WARPS,STAGES ...]
-  (no --tile: the launch plan_launch picks for an H100; each --tile replaces its tile sizes)
+         (no --tile: the launch plan_launch picks for an H100; each --tile replaces its tile sizes)
+       python benchmarks/compile_sm90.py --against DEVICE_FP8_TILES.json [--json-out OUT.json]
+         (a ``gpu_layer_widths.py fp8-tiles`` result: batch 16, context 1024, fp8 cache, 32 heads)
 """
 
 from __future__ import annotations
@@ -109,10 +115,38 @@ def compile_launch(plan: DecodeLaunch, latent: int, rope: int, heads: int, conte
             **_ptxas_report(kernel.asm["ptx"])}
 
 
+def against_device(record: Path) -> list[dict]:
+    """Recompile every launch of a ``gpu_layer_widths.py fp8-tiles`` record (its batch, context and
+    plan rule) and set the shared memory compiled here beside the bytes the H100's Triton compiled
+    or asked for."""
+    cases = json.loads(record.read_text())["cases"]
+    rows = []
+    for case in cases:
+        if not case.get("shared_bytes"):
+            continue
+        plan = plan_launch(16, 32, case["latent"], case["rope"], 1024, H100_SMS, 1 << 30, fp8_cache=True)
+        launch = replace(plan, latent_blocks=tuple(case["latent_blocks"]), block_r=case["block_r"],
+                         block_h=case["block_h"], block_n=case["block_n"], num_warps=case["num_warps"],
+                         num_stages=case["num_stages"])  # as recorded: the plan rules have changed since
+        here = compile_launch(launch, case["latent"], case["rope"], 32, 1024, fp8=True)
+        rows.append({**{k: case[k] for k in ("latent", "rope", "latent_blocks", "block_r", "block_h", "block_n",
+                                             "num_stages", "num_warps")},
+                     "device_shared_bytes": case["shared_bytes"], "here_shared_bytes": here["shared_bytes"],
+                     "triton_here": triton.__version__})
+        print(f"{case['latent']} + {case['rope']} h{case['block_h']} n{case['block_n']} s{case['num_stages']}: "
+              f"device {case['shared_bytes']} B, here {here['shared_bytes']} B", flush=True)
+    equal = sum(r["device_shared_bytes"] == r["here_shared_bytes"] for r in rows)
+    print(f"{equal} of {len(rows)} equal (Triton {triton.__version__} here)")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("latent", type=int)
-    parser.add_argument("rope", type=int)
+    parser.add_argument("latent", type=int, nargs="?")
+    parser.add_argument("rope", type=int, nargs="?")
+    parser.add_argument("--against", type=Path, metavar="FP8_TILES_JSON",
+                        help="recompile the launches of an H100 fp8-tiles record and compare shared memory")
+    parser.add_argument("--json-out", type=Path, help="also write the rows here")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=8704)
@@ -120,6 +154,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tile", action="append", default=[], metavar="H,N,WARPS,STAGES",
                         help="heads per program, cached rows per tile, warps, pipeline stages (repeatable)")
     args = parser.parse_args(argv)
+    if args.against is not None:
+        rows = against_device(args.against)
+        if args.json_out:
+            args.json_out.write_text(json.dumps({"record": str(args.against), "rows": rows}, indent=1))
+        return rows
+    if args.latent is None or args.rope is None:
+        parser.error("LATENT and ROPE are required (or --against)")
     plan = plan_launch(args.batch, args.heads, args.latent, args.rope, args.context, H100_SMS, fp8_cache=args.fp8)
     launches = [plan]
     for tile in args.tile:
@@ -140,6 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{row['registers']} registers, {row['spill_store_bytes']} B spilled, MMA v{row['mma_versions']}, "
               f"{row['async_copies']} async copies", flush=True)
     print(json.dumps(rows))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(rows, indent=1))
     return rows
 
 
