@@ -17,7 +17,7 @@ Usage: python benchmarks/compile_sm90.py LATENT ROPE [--heads 32] [--batch 64] [
                                          [--tile H,N,WARPS,STAGES ...]
          (no --tile: the launch plan_launch picks for an H100; each --tile replaces its tile sizes)
        python benchmarks/compile_sm90.py --against DEVICE_FP8_TILES.json [--json-out OUT.json]
-         (a ``gpu_layer_widths.py fp8-tiles`` result: batch 16, context 1024, fp8 cache, 32 heads)
+         (a record of the former ``gpu_layer_widths.py fp8-tiles`` mode: batch 16, context 1024, fp8, 32 heads)
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def compile_launch(plan: DecodeLaunch, latent: int, rope: int, heads: int, conte
 
 
 def against_device(record: Path) -> list[dict]:
-    """Recompile every launch of a ``gpu_layer_widths.py fp8-tiles`` record (its batch, context and
+    """Recompile every launch of an fp8-tiles record (``h100-fp8-decode/fp8_tiles.json``: its batch, context and
     plan rule) and set the shared memory compiled here beside the bytes the H100's Triton compiled
     or asked for."""
     cases = json.loads(record.read_text())["cases"]

@@ -27,11 +27,9 @@
   fit:        the launch plan on this GPU's own shared memory, bf16 and fp8 caches, from the native
               576 row to 2048-latent rows: each plan launches, its estimate is set beside the bytes
               Triton compiled, and the output is checked against float32 PyTorch (no vLLM needed).
+              (The compiled shared memory of any launch, without a GPU: benchmarks/compile_sm90.py.)
 
-  fp8-tiles:  the shared memory Triton compiles for fp8 caches with float16 operands, per row
-              shape, head group, row tile and pipeline depth, beside the plan's estimate.
-
-Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks,native-blocks,wide-blocks,paper-blocks,paper-warps,fit,fp8-tiles} OUT.json
+Usage: python benchmarks/gpu_layer_widths.py {parity,throughput,throughput-narrow,kernels,sweep,blocks,native-blocks,wide-blocks,paper-blocks,paper-warps,fit} OUT.json
 """
 
 from __future__ import annotations
@@ -395,56 +393,9 @@ def fit(out_file: Path, heads: int = 32, batch: int = 64, seq_len: int = 2048) -
     return results
 
 
-FP8_TILES = [(32, 64), (32, 32), (16, 32), (16, 16)]  # (heads, rows) per program, largest first
-
-
-def fp8_tiles(out_file: Path, heads: int = 32, batch: int = 16, seq_len: int = 1024) -> dict:
-    """Shared memory Triton compiles for an fp8 cache with float16 operands, over FIT_CASES and
-    the Qwen2.5-7B cut75 row, at FP8_TILES × 1 and 2 pipeline stages: the bytes of each compiled
-    kernel, or the bytes a refused one required (OutOfResources names them), beside the estimate."""
-    import re
-    from dataclasses import replace
-
-    from vllm_mha2mla import triton_decode
-    from vllm_mha2mla.triton_decode import device_shared_memory, mla_paged_decode, plan_launch, shared_memory_bytes
-
-    from benchmarks.decode_kernel_sweep import paged_inputs
-
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    kernel = triton_decode._mla_decode_split_kernel
-    results: dict = {"device": torch.cuda.get_device_name(0), "shared_memory_budget": device_shared_memory(0),
-                     "cases": []}
-    for latent, rope in [*FIT_CASES, (192, 64)]:
-        q, cache, table, lens = paged_inputs(latent, rope, heads, batch, seq_len)
-        rows = (cache.float() / 0.05).to(torch.float8_e4m3fn)
-        k_scale = torch.tensor([0.05], device="cuda")
-        plan = plan_launch(batch, heads, latent, rope, seq_len, sms, 1 << 30, fp8_cache=True)  # tiles unshrunk
-        for (block_h, block_n), stages in itertools.product(FP8_TILES, (1, 2)):
-            launch = replace(plan, block_h=block_h, block_n=block_n, num_stages=stages)
-            row: dict = {"latent": latent, "rope": rope, "latent_blocks": list(launch.latent_blocks),
-                         "block_r": launch.block_r, "block_h": block_h, "block_n": block_n, "num_stages": stages,
-                         "num_warps": launch.num_warps,
-                         "estimate": shared_memory_bytes(block_h, block_n, launch.block_c, launch.block_r)}
-            getattr(kernel, "device_caches", {}).clear()
-            try:
-                mla_paged_decode(q, rows, table, lens, 0.1, latent, seq_len, k_scale=k_scale, launch=launch)
-                torch.cuda.synchronize()
-                row["shared_bytes"] = max(_compiled_shared_bytes(kernel), default=None)
-            except Exception as exc:  # OutOfResources: "Required: N, Hardware limit: M"
-                found = re.search(r"Required: (\d+)", str(exc))
-                row["shared_bytes"] = int(found[1]) if found else None
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            results["cases"].append(row)
-            print(json.dumps(row), flush=True)
-        del q, cache, rows, table, lens
-        torch.cuda.empty_cache()
-    out_file.write_text(json.dumps(results, indent=1))
-    return results
-
-
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    {"parity": parity, "fp8-tiles": fp8_tiles, "throughput": throughput, "kernels": kernels, "sweep": sweep, "blocks": blocks, "fit": fit,
+    {"parity": parity, "throughput": throughput, "kernels": kernels, "sweep": sweep, "blocks": blocks, "fit": fit,
      "native-blocks": lambda o: blocks(o, cases=NATIVE_CASES, variants=_native_variants),
      "wide-blocks": lambda o: blocks(o, cases=WIDE_CASES, variants=_wide_variants),
      "paper-blocks": lambda o: blocks(o, cases=PAPER_CASES, variants=_split_variants),
