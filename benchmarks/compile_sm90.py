@@ -116,9 +116,9 @@ def compile_launch(plan: DecodeLaunch, latent: int, rope: int, heads: int, conte
 
 
 def against_device(record: Path) -> list[dict]:
-    """Recompile every launch of an fp8-tiles record (``h100-fp8-decode/fp8_tiles.json``: its batch, context and
-    plan rule) and set the shared memory compiled here beside the bytes the H100's Triton compiled
-    or asked for."""
+    """Recompile every launch of an fp8-tiles record (``h100-fp8-decode/fp8_tiles.json``) at its batch,
+    context and recorded tiles, and set the shared memory compiled here beside the bytes the H100's
+    Triton compiled or asked for."""
     cases = json.loads(record.read_text())["cases"]
     rows = []
     for case in cases:
