@@ -45,14 +45,14 @@ SHAPES = [
 PAGE = 16  # vLLM's default block size for this backend
 
 
-def paged_inputs(latent, rope, heads, batch, context, seed=0):
-    """Random bf16 queries and a paged cache of 16-token pages in random order, each request
-    holding 90-100% of ``context`` tokens: (q, cache, block table, lengths)."""
+def paged_inputs(latent, rope, heads, batch, context, seed=0, page=PAGE):
+    """Random bf16 queries and a paged cache of ``page``-token pages (16: vLLM's for this backend) in
+    random order, each request holding 90-100% of ``context`` tokens: (q, cache, block table, lengths)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     lens = torch.randint(int(context * 0.9), context + 1, (batch,), device="cuda", generator=g).to(torch.int32)
-    per_req = -(-context // PAGE)
+    per_req = -(-context // page)
     pages = batch * per_req
-    cache = (torch.randn(pages, PAGE, latent + rope, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
+    cache = (torch.randn(pages, page, latent + rope, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
     table = torch.randperm(pages, device="cuda", generator=g)[: batch * per_req].view(batch, per_req).to(torch.int32)
     q = (torch.randn(batch, heads, latent + rope, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
     return q, cache, table, lens

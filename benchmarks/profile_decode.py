@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package and benchmarks/, run as a script
+
 CASES = {
     # name: (kernel, latent, rope, heads, batch, context) at the 8K/1K engines' decode batches
     "plugin-576": ("plugin", 512, 64, 32, 310, 8704),
@@ -52,18 +54,6 @@ HEADLINE = (  # (section, metric) pairs printed per kernel; profile.json keeps e
 )
 
 
-def _inputs(latent: int, rope: int, heads: int, batch: int, context: int):
-    import torch
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    lens = torch.randint(int(context * 0.9), context + 1, (batch,), device="cuda", generator=g).to(torch.int32)
-    per_req = -(-context // PAGE)
-    cache = (torch.randn(batch * per_req, PAGE, latent + rope, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
-    table = torch.randperm(batch * per_req, device="cuda", generator=g).view(batch, per_req).to(torch.int32)
-    q = (torch.randn(batch, heads, latent + rope, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
-    return q, cache, table, lens
-
-
 def _call(kernel: str, latent: int, q, cache, table, lens, context: int):
     """A function that runs one decode call of ``kernel`` on these inputs."""
     if kernel == "plugin":
@@ -85,7 +75,9 @@ def _call(kernel: str, latent: int, q, cache, table, lens, context: int):
 def run(kernel: str, latent: int, rope: int, heads: int, batch: int, context: int) -> None:
     import torch
 
-    q, cache, table, lens = _inputs(latent, rope, heads, batch, context)
+    from benchmarks.decode_kernel_sweep import paged_inputs
+
+    q, cache, table, lens = paged_inputs(latent, rope, heads, batch, context, page=PAGE)
     call = _call(kernel, latent, q, cache, table, lens, context)
     for _ in range(3):  # compile and warm up outside the profiled range
         call()
