@@ -314,3 +314,44 @@ def test_bench_runs_vllms_tools_on_the_real_model_and_a_conversion(tmp_path):
         and (out / "serving_ttft.png").is_file()
     again = _bench("--report-only", "--output", str(out))
     assert again.returncode == 0 and "r32-d32" in again.stdout
+
+
+@pytest.mark.vllm
+def test_a_stopped_serving_run_keeps_its_finished_rates_and_stops_the_server(tmp_path):
+    """SIGTERM (what ``timeout`` sends) while a slow rate is running: the rate measured before it is
+    already in summary.json, with its backend and capacity, the bench exits 143, and its
+    ``vllm serve`` and engine are gone (the port is free again) rather than left holding the machine."""
+    import re
+    import signal
+
+    from conversion.default_model import ensure_default_model
+
+    out = tmp_path / "bench"
+    proc = subprocess.Popen([sys.executable, "-m", "vllm_mha2mla.cli", "bench", f"{ensure_default_model()}:r32-d32",
+                             "--workloads", "", "--serve-rates", "8,0.02", "--serve-prompts", "4",
+                             "--serve-workload", "64/8", "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 900
+        while not list(out.glob("logs/serve_*_rate0.02.log")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(1)
+        assert list(out.glob("logs/serve_*_rate0.02.log")), \
+            (proc.poll(), proc.stdout.read()[-3000:] if proc.poll() is not None else "still running, no slow rate")
+        summary = json.loads((out / "summary.json").read_text())  # written before the slow rate began
+        (row,) = summary["serving"]
+        assert row["request_rate"] == 8.0 and not row.get("error") and (row["completed"], row["failed"]) == (4, 0)
+        assert row["attention_backend"] == "CUSTOM" and row["kv_capacity_tokens"] > 0
+        (server_log,) = out.glob("logs/serve_*_auto.log")
+        port = int(re.search(r"--port (\d+)", server_log.read_text()).group(1))
+        assert port_in_use(port)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 120
+        while port_in_use(port) and time.time() < deadline:
+            time.sleep(1)
+        assert not port_in_use(port), f"vllm serve still holds port {port} after the bench stopped"
+        assert [r["request_rate"] for r in json.loads((out / "summary.json").read_text())["serving"]] == [8.0]
+    finally:
+        if proc.poll() is None:  # a failed assertion above: stop the bench (and, through it, its server)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)

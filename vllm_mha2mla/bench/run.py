@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import platform
 import queue
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from vllm_mha2mla.bench.vllm_tools import (
     read_json,
     run_tool,
     serve_command,
+    stop_tools_on_sigterm,
     throughput_command,
 )
 
@@ -209,8 +212,26 @@ def run_throughput(model: Model, machine: Machine, options: BenchOptions, kv_dty
     return row
 
 
+SERVE_METRICS = ("completed", "failed", "duration", "request_throughput")
+
+
+def serving_metrics(result: dict) -> dict:
+    """The row fields of one ``vllm bench serve`` result file: counts, duration, output tokens/s
+    and TTFT / TPOT / ITL at p50 and p99 (None where the tool left one out)."""
+    row = {k: result.get(k) for k in SERVE_METRICS}
+    row["output_tokens_per_s"] = result.get("output_throughput")
+    for metric in ("ttft", "tpot", "itl"):
+        for p in ("50", "99"):
+            row[f"p{p}_{metric}_ms"] = result.get(f"p{p}_{metric}_ms")
+    return row
+
+
 def run_serving(model: Model, machine: Machine, options: BenchOptions, kv_dtype: str, max_len: int, out: Path,
-                gpu: str | None, port: int) -> list[dict]:
+                gpu: str | None, port: int, on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """One ``vllm serve`` and a ``vllm bench serve`` per rate. ``on_row`` gets each rate's row as
+    soon as it is measured: a run stopped at a slow rate (a time limit, a lost machine) keeps the
+    rates before it (on the H100 a 4K/512 MHA server lost 8 req/s two minutes from the end, and
+    with it the finished 4 req/s, when rows were written only after the last rate)."""
     input_len, output_len = parse_workload(options.serve_workload)
     tag = f"{model.shape}_{model.variant.name.replace('@', '-')}_{kv_dtype}"
     engine = _engine(model, machine, options, kv_dtype, max_len)
@@ -229,22 +250,21 @@ def run_serving(model: Model, machine: Machine, options: BenchOptions, kv_dtype:
                 row = dict(base, request_rate=rate, num_prompts=prompts,
                            command=" ".join(["vllm", *command[3:]]))
                 if run.returncode != 0:
-                    rows.append(dict(row, error=run.failure()))
-                    continue
-                result = read_json(out / "raw" / name)
-                row.update({k: result.get(k) for k in ("completed", "failed", "duration", "request_throughput")})
-                row["output_tokens_per_s"] = result.get("output_throughput")
-                for metric in ("ttft", "tpot", "itl"):
-                    for p in ("50", "99"):
-                        row[f"p{p}_{metric}_ms"] = result.get(f"p{p}_{metric}_ms")
+                    row["error"] = run.failure()
+                else:
+                    row.update(serving_metrics(read_json(out / "raw" / name)))
+                log = server.log()  # the engine's start-up lines: its backend and KV capacity
+                row.update(attention_backend=attention_backend(log, model.variant.attention_backend,
+                                                               model.variant.is_original, machine.on_cpu),
+                           kv_capacity_tokens=kv_capacity_tokens(log))
                 rows.append(row)
-            log = server.log()
+                on_row(row)
     except BenchError as exc:
-        return [dict(base, request_rate=rate, error=str(exc)) for rate in options.serve_rates]
-    for row in rows:
-        row.update(attention_backend=attention_backend(log, model.variant.attention_backend,
-                                                       model.variant.is_original, machine.on_cpu),
-                   kv_capacity_tokens=kv_capacity_tokens(log))
+        measured = {row["request_rate"] for row in rows}
+        failed = [dict(base, request_rate=rate, error=str(exc)) for rate in options.serve_rates if rate not in measured]
+        for row in failed:
+            on_row(row)
+        return rows + failed
     return rows
 
 
@@ -282,7 +302,7 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True) -
     jobs: queue.Queue = queue.Queue()
     for job in _jobs(models, options):
         jobs.put(job)
-    rows, serving, lock = [], [], threading.Lock()
+    lock = threading.Lock()
     bar = tqdm(total=jobs.qsize(), desc="mha2mla bench", unit="run",
                disable=not (show_progress and sys.stderr.isatty()))  # each finished run prints a line anyway
     slots = list(machine.gpus) or [None]
@@ -294,30 +314,38 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True) -
             except queue.Empty:
                 return
             start = time.time()
+
+            def record(new: list[dict], new_serving: list[dict]) -> None:
+                """Merge into summary.json now and print one line per row."""
+                with lock:
+                    save_summary(output / "summary.json", new, new_serving)
+                    for r in new + new_serving:
+                        what = (f"{r['output_tokens_per_s']:,.0f} output tok/s" if r.get("output_tokens_per_s")
+                                else "failed" if r.get("error") else "done")
+                        tqdm.write(f"[{'cpu' if gpu is None else 'gpu ' + gpu}] {model.shape} {model.variant.name} "
+                                  f"{kv_dtype} {r['input_len']}/{r['output_len']}"
+                                  f"{' rate ' + format(r['request_rate'], 'g') if 'request_rate' in r else ''}: "
+                                  f"{what} ({time.time() - start:.0f} s)")
+
             if kind == "throughput":
-                new, new_serving = [run_throughput(model, machine, options, kv_dtype, workload, max_len, output,
-                                                   gpu)], []
+                record([run_throughput(model, machine, options, kv_dtype, workload, max_len, output, gpu)], [])
             else:
-                new, new_serving = [], run_serving(model, machine, options, kv_dtype, max_len, output, gpu,
-                                                   free_port())
+                run_serving(model, machine, options, kv_dtype, max_len, output, gpu, free_port(),
+                            on_row=lambda row: record([], [row]))
             with lock:
-                rows.extend(new)
-                serving.extend(new_serving)
-                save_summary(output / "summary.json", new, new_serving)
-                for r in new + new_serving:
-                    what = (f"{r['output_tokens_per_s']:,.0f} output tok/s" if r.get("output_tokens_per_s")
-                            else "failed" if r.get("error") else "done")
-                    tqdm.write(f"[{'cpu' if gpu is None else 'gpu ' + gpu}] {model.shape} {model.variant.name} "
-                              f"{kv_dtype} {r['input_len']}/{r['output_len']}"
-                              f"{' rate ' + format(r['request_rate'], 'g') if 'request_rate' in r else ''}: "
-                              f"{what} ({time.time() - start:.0f} s)")
                 bar.update(1)
 
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = stop_tools_on_sigterm() if in_main_thread else None
     threads = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in slots]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     bar.close()
     return write_report(output)
 

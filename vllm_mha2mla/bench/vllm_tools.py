@@ -151,6 +151,45 @@ class ToolRun:
         return f"`{' '.join(self.command[2:6])} …` exited with {self.returncode}:\n{tail}"
 
 
+_LIVE_GROUPS: set[int] = set()
+"""Process groups of the tools running now (each tool and its engine processes in a group of its
+own), so that a stopped bench stops them too (:func:`stop_tools_on_sigterm`)."""
+
+
+def _start(command: list[str], env: dict[str, str], log) -> subprocess.Popen:
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _LIVE_GROUPS.add(proc.pid)
+    return proc
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM to the tool's whole group (its engine core too), SIGKILL after ``grace_s``."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _LIVE_GROUPS.discard(proc.pid)
+
+
+def stop_tools_on_sigterm():
+    """On SIGTERM (``timeout``, a scheduler) send SIGTERM to every running tool's process group and
+    exit 143. Without it the bench process dies alone and its ``vllm serve`` or ``vllm bench
+    throughput`` lives on, holding the GPU and the port. Call from the main thread; returns the
+    handler it replaced (for ``signal.signal`` to put back)."""
+    def handler(signum, frame) -> None:
+        for group in list(_LIVE_GROUPS):
+            try:
+                os.killpg(group, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        os._exit(128 + signum)  # the worker threads hold no state: summary.json is replaced atomically
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def run_tool(command: list[str], env: dict[str, str], log_file: Path, timeout: float) -> ToolRun:
     """Runs one tool to completion, its output teed to ``log_file`` (kept for the record)."""
     start = time.time()
@@ -158,11 +197,14 @@ def run_tool(command: list[str], env: dict[str, str], log_file: Path, timeout: f
     with open(log_file, "w") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
+        proc = _start(command, env, log)
         try:
-            proc = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-            code = proc.returncode
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            _stop(proc, grace_s=10)
             code = -9
+        finally:
+            _stop(proc)
     return ToolRun(command, code, log_file.read_text(errors="replace"), time.time() - start)
 
 
@@ -199,8 +241,7 @@ class Server:
         self._log = open(self.log_file, "w")
         self._log.write("$ " + " ".join(self.command) + "\n")
         self._log.flush()
-        self.proc = subprocess.Popen(self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = _start(self.command, self.env, self._log)
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -221,13 +262,8 @@ class Server:
         return self.log_file.read_text(errors="replace")
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc is not None:
+            _stop(self.proc)
         self._log.close()
 
 
