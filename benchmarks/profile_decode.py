@@ -45,6 +45,7 @@ HEADLINE = (  # (section, metric) pairs printed per kernel; profile.json keeps e
     ("GPU Speed Of Light Throughput", "Compute (SM) Throughput"),
     ("Memory Workload Analysis", "Memory Throughput"),
     ("Memory Workload Analysis", "L2 Hit Rate"),
+    ("Memory Workload Analysis", "Local Memory Spilling Requests"),  # the 576 plan spills (h100-ncu-decode/)
     ("Compute Workload Analysis", "Issue Slots Busy"),
     ("Launch Statistics", "Registers Per Thread"),
     ("Launch Statistics", "Dynamic Shared Memory Per Block"),

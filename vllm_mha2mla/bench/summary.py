@@ -200,10 +200,16 @@ def _capacity_panel(ax, rows: list[dict], title: str) -> None:
 
 def _serving_panel(ax, rows: list[dict], title: str, metric: str = "p99_tpot_ms", limit_ms: float = TPOT_LIMIT_MS,
                    label: str = "TPOT p99 (ms)", log_scale: bool = False) -> None:
-    for series in sorted({(r["variant"], r["kv_cache_dtype"]) for r in rows}):
-        pts = sorted((r["request_rate"], r.get(metric)) for r in rows
-                     if (r["variant"], r["kv_cache_dtype"]) == series)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" ".join(series))
+    def series_of(r: dict) -> tuple[str, str, str]:
+        # one line per run too: runs may load the server differently (a fixed request count, or
+        # --serve-seconds), so their points at one rate are not one curve
+        return r["variant"], r["kv_cache_dtype"], r.get("run") or ""
+
+    for series in sorted({series_of(r) for r in rows}):
+        pts = sorted((r["request_rate"], r.get(metric)) for r in rows if series_of(r) == series)
+        variant, kv_dtype, run = series
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                label=f"{variant} {kv_dtype}" + (f" ({run})" if run else ""))
     ax.axhline(limit_ms, color="grey", lw=0.8, ls=":")
     if log_scale:
         ax.set_yscale("log")
