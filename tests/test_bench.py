@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -277,6 +278,47 @@ def test_bench_refuses_a_bad_matrix_before_starting_engines(tmp_path):
     run = _bench("llama2-7b", "--output", str(tmp_path / "out"))
     assert run.returncode == 2 and "SHAPE:VARIANT" in run.stderr
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+_TOOL_UNDER_SIGNAL = """
+import sys, threading, time
+from pathlib import Path
+from vllm_mha2mla.bench.vllm_tools import run_tool, stop_tools_on_signals
+stop_tools_on_signals()
+out = Path(sys.argv[1])
+child = [sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(600)"]
+threading.Thread(target=run_tool, args=(child, {}, out / "tool.log", 900), daemon=True).start()
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("signum", [15, 2], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_bench_stops_the_tools_it_started(tmp_path, signum):
+    """The tools run in sessions of their own (so a stop can take their engine processes with them),
+    which also keeps a terminal's Ctrl-C from them: the bench's handler must stop them, or they outlive it."""
+    proc = subprocess.Popen([sys.executable, "-c", _TOOL_UNDER_SIGNAL, str(tmp_path)])
+    log = tmp_path / "tool.log"
+    deadline = time.time() + 60
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.1)
+    tool_pid = int(log.read_text().splitlines()[1])
+    assert _alive(tool_pid)
+    proc.send_signal(signum)
+    assert proc.wait(timeout=30) == 128 + signum
+    deadline = time.time() + 30
+    while _alive(tool_pid) and time.time() < deadline:
+        time.sleep(0.1)
+    if _alive(tool_pid):
+        os.kill(tool_pid, 9)
+        pytest.fail(f"the tool (pid {tool_pid}) outlived the bench")
+
+
+def _alive(pid: int) -> bool:
+    """Running (an exited child nobody has reaped yet, a zombie, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 @pytest.mark.vllm

@@ -44,7 +44,7 @@ from vllm_mha2mla.bench.vllm_tools import (
     read_json,
     run_tool,
     serve_command,
-    stop_tools_on_sigterm,
+    stop_tools_on_signals,
     throughput_command,
 )
 
@@ -335,8 +335,7 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True) -
             with lock:
                 bar.update(1)
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = stop_tools_on_sigterm() if in_main_thread else None
+    previous = stop_tools_on_signals() if threading.current_thread() is threading.main_thread() else {}
     threads = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in slots]
     try:
         for t in threads:
@@ -344,8 +343,8 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True) -
         for t in threads:
             t.join()
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     bar.close()
     return write_report(output)
 

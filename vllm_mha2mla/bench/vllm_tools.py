@@ -174,11 +174,12 @@ def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
     _LIVE_GROUPS.discard(proc.pid)
 
 
-def stop_tools_on_sigterm():
-    """On SIGTERM (``timeout``, a scheduler) send SIGTERM to every running tool's process group and
-    exit 143. Without it the bench process dies alone and its ``vllm serve`` or ``vllm bench
-    throughput`` lives on, holding the GPU and the port. Call from the main thread; returns the
-    handler it replaced (for ``signal.signal`` to put back)."""
+def stop_tools_on_signals() -> dict[int, object]:
+    """On SIGTERM (``timeout``, a scheduler) or SIGINT (Ctrl-C) send SIGTERM to every running tool's
+    process group and exit 128 + the signal. The tools run in sessions of their own, so neither signal
+    reaches them otherwise: the bench would die alone and its ``vllm serve`` or ``vllm bench
+    throughput`` live on, holding the GPU and the port. Call from the main thread; returns the
+    handlers it replaced (for ``signal.signal`` to put back)."""
     def handler(signum, frame) -> None:
         for group in list(_LIVE_GROUPS):
             try:
@@ -187,7 +188,7 @@ def stop_tools_on_sigterm():
                 pass
         os._exit(128 + signum)  # the worker threads hold no state: summary.json is replaced atomically
 
-    return signal.signal(signal.SIGTERM, handler)
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 def run_tool(command: list[str], env: dict[str, str], log_file: Path, timeout: float) -> ToolRun:
