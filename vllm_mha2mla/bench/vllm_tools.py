@@ -153,7 +153,7 @@ class ToolRun:
 
 _LIVE_GROUPS: set[int] = set()
 """Process groups of the tools running now (each tool and its engine processes in a group of its
-own), so that a stopped bench stops them too (:func:`stop_tools_on_sigterm`)."""
+own), so that a stopped bench stops them too (:func:`stop_tools_on_signals`)."""
 
 
 def _start(command: list[str], env: dict[str, str], log) -> subprocess.Popen:
