@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import platform
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -44,7 +43,6 @@ from vllm_mha2mla.bench.vllm_tools import (
     read_json,
     run_tool,
     serve_command,
-    stop_tools_on_signals,
     throughput_command,
 )
 
@@ -335,16 +333,11 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True) -
             with lock:
                 bar.update(1)
 
-    previous = stop_tools_on_signals() if threading.current_thread() is threading.main_thread() else {}
     threads = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in slots]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     bar.close()
     return write_report(output)
 

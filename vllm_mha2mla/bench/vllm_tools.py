@@ -178,8 +178,9 @@ def stop_tools_on_signals() -> dict[int, object]:
     """On SIGTERM (``timeout``, a scheduler) or SIGINT (Ctrl-C) send SIGTERM to every running tool's
     process group and exit 128 + the signal. The tools run in sessions of their own, so neither signal
     reaches them otherwise: the bench would die alone and its ``vllm serve`` or ``vllm bench
-    throughput`` live on, holding the GPU and the port. Call from the main thread; returns the
-    handlers it replaced (for ``signal.signal`` to put back)."""
+    throughput`` live on, holding the GPU and the port. For the process that owns its signals
+    (``mha2mla bench``): the handler exits at once, so that no worker thread records the stopped
+    tool as a failed row. Call from the main thread; returns the handlers it replaced."""
     def handler(signum, frame) -> None:
         for group in list(_LIVE_GROUPS):
             try:
