@@ -283,34 +283,44 @@ def test_bench_refuses_a_bad_matrix_before_starting_engines(tmp_path):
 _TOOL_UNDER_SIGNAL = """
 import sys, threading, time
 from pathlib import Path
-from vllm_mha2mla.bench.vllm_tools import run_tool, stop_tools_on_signals
-stop_tools_on_signals()
-out = Path(sys.argv[1])
-child = [sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(600)"]
-threading.Thread(target=run_tool, args=(child, {}, out / "tool.log", 900), daemon=True).start()
+from vllm_mha2mla.bench import vllm_tools
+vllm_tools.STOP_GRACE_S = 1.0
+vllm_tools.stop_tools_on_signals()
+out, stubborn = Path(sys.argv[1]), sys.argv[2] == "stubborn"
+ignore = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " if stubborn else ""
+child = [sys.executable, "-c", ignore + "import os, time; print(os.getpid(), flush=True); time.sleep(600)"]
+threading.Thread(target=vllm_tools.run_tool, args=(child, {}, out / "tool.log", 900), daemon=True).start()
 time.sleep(600)
 """
 
 
-@pytest.mark.parametrize("signum", [15, 2], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_to_the_bench_stops_the_tools_it_started(tmp_path, signum):
+@pytest.mark.parametrize("signum,tool", [(15, "plain"), (2, "plain"), (1, "plain"), (15, "stubborn")],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGTERM-ignoring-tool"])
+def test_a_signal_to_the_bench_stops_the_tools_it_started(tmp_path, signum, tool):
     """The tools run in sessions of their own (so a stop can take their engine processes with them),
-    which also keeps a terminal's Ctrl-C from them: the bench's handler must stop them, or they outlive it."""
-    proc = subprocess.Popen([sys.executable, "-c", _TOOL_UNDER_SIGNAL, str(tmp_path)])
+    which also keeps a terminal's Ctrl-C or hang-up from them: the bench's handler must stop them, or
+    they outlive it; one that ignores SIGTERM (stuck in a CUDA call) gets SIGKILL after the grace."""
+    proc = subprocess.Popen([sys.executable, "-c", _TOOL_UNDER_SIGNAL, str(tmp_path), tool])
     log = tmp_path / "tool.log"
-    deadline = time.time() + 60
-    while not (log.is_file() and len(log.read_text().splitlines()) >= 2) and time.time() < deadline:
-        time.sleep(0.1)
-    tool_pid = int(log.read_text().splitlines()[1])
-    assert _alive(tool_pid)
-    proc.send_signal(signum)
-    assert proc.wait(timeout=30) == 128 + signum
-    deadline = time.time() + 30
-    while _alive(tool_pid) and time.time() < deadline:
-        time.sleep(0.1)
-    if _alive(tool_pid):
-        os.kill(tool_pid, 9)
-        pytest.fail(f"the tool (pid {tool_pid}) outlived the bench")
+    tool_pid = None
+    try:
+        deadline = time.time() + 60
+        while not (log.is_file() and len(log.read_text().splitlines()) >= 2) and time.time() < deadline:
+            time.sleep(0.1)
+        tool_pid = int(log.read_text().splitlines()[1])
+        assert _alive(tool_pid)
+        time.sleep(0.5)  # the stubborn tool's SIG_IGN is set before it prints; give the bench's thread a moment
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == 128 + signum
+        deadline = time.time() + 30
+        while _alive(tool_pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(tool_pid), f"the tool (pid {tool_pid}) outlived the bench"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if tool_pid is not None and _alive(tool_pid):
+            os.kill(tool_pid, 9)
 
 
 def _alive(pid: int) -> bool:

@@ -124,7 +124,6 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     from conversion.errors import ConversionError
     from vllm_mha2mla.bench import BenchError, BenchOptions, run_bench, write_report
-    from vllm_mha2mla.bench.vllm_tools import stop_tools_on_signals
 
     def floats(text: str) -> list[float]:
         try:
@@ -149,8 +148,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                 workdir=args.workdir)
             if args.runs:
                 options.runs = args.runs
-            stop_tools_on_signals()  # this process owns its signals; a library caller keeps its own
-            run_bench(options, args.output)
+            run_bench(options, args.output, stop_on_signals=True)  # this process owns its signals
     except (BenchError, ConversionError) as exc:
         print(f"mha2mla: error: {exc}", file=sys.stderr)
         return 2

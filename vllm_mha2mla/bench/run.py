@@ -43,6 +43,8 @@ from vllm_mha2mla.bench.vllm_tools import (
     read_json,
     run_tool,
     serve_command,
+    stop_tools_on_signals,
+    stopping,
     throughput_command,
 )
 
@@ -247,10 +249,12 @@ def run_serving(model: Model, machine: Machine, options: BenchOptions, kv_dtype:
                 run = run_tool(command, env, out / "logs" / name.replace(".json", ".log"), options.timeout_s)
                 row = dict(base, request_rate=rate, num_prompts=prompts,
                            command=" ".join(["vllm", *command[3:]]))
-                if run.returncode != 0:
-                    row["error"] = run.failure()
-                else:
+                try:
+                    if run.returncode != 0:
+                        raise BenchError(run.failure())
                     row.update(serving_metrics(read_json(out / "raw" / name)))
+                except BenchError as exc:  # this rate failed; the server is up for the next one
+                    row["error"] = str(exc)
                 log = server.log()  # the engine's start-up lines: its backend and KV capacity
                 row.update(attention_backend=attention_backend(log, model.variant.attention_backend,
                                                                model.variant.is_original, machine.on_cpu),
@@ -277,8 +281,11 @@ def _jobs(models: list[Model], options: BenchOptions) -> list[tuple]:
     return jobs
 
 
-def run_bench(options: BenchOptions, output: Path, show_progress: bool = True) -> dict:
-    """Runs the matrix; returns the summary (also written to ``output``)."""
+def run_bench(options: BenchOptions, output: Path, show_progress: bool = True,
+              stop_on_signals: bool = False) -> dict:
+    """Runs the matrix; returns the summary (also written to ``output``). ``stop_on_signals``: once
+    the model folders are written, SIGTERM / SIGINT / SIGHUP stop the running tools and exit the
+    process (:func:`stop_tools_on_signals`; for a process that owns its signals, as the CLI does)."""
     from tqdm import tqdm
 
     output.mkdir(parents=True, exist_ok=True)
@@ -314,8 +321,11 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True) -
             start = time.time()
 
             def record(new: list[dict], new_serving: list[dict]) -> None:
-                """Merge into summary.json now and print one line per row."""
+                """Merge into summary.json now and print one line per row (none while the bench is
+                being stopped: its tools fail then because they were stopped)."""
                 with lock:
+                    if stopping():
+                        return
                     save_summary(output / "summary.json", new, new_serving)
                     for r in new + new_serving:
                         what = (f"{r['output_tokens_per_s']:,.0f} output tok/s" if r.get("output_tokens_per_s")
@@ -333,6 +343,8 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True) -
             with lock:
                 bar.update(1)
 
+    if stop_on_signals:  # after prepare_models: a conversion interrupted there cleans up its partial folder
+        stop_tools_on_signals()
     threads = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in slots]
     for t in threads:
         t.start()

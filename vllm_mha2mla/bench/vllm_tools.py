@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -154,16 +155,34 @@ class ToolRun:
 _LIVE_GROUPS: set[int] = set()
 """Process groups of the tools running now (each tool and its engine processes in a group of its
 own), so that a stopped bench stops them too (:func:`stop_tools_on_signals`)."""
+_GROUPS_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+STOP_GRACE_S = 15.0
+"""How long a stopped bench gives its tools' groups to exit on SIGTERM before SIGKILL (a ``vllm
+serve`` shuts its engine down in a few seconds; one stuck in a CUDA call never does)."""
 
 
 def _start(command: list[str], env: dict[str, str], log) -> subprocess.Popen:
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _LIVE_GROUPS.add(proc.pid)
+    with _GROUPS_LOCK:  # started and registered as one step: a stop in between would miss the tool
+        if _STOPPING.is_set():
+            raise BenchError("the bench is stopping: no new tool started")
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _LIVE_GROUPS.add(proc.pid)
     return proc
 
 
+def _signal_group(group: int, signum: int) -> bool:
+    """Send ``signum`` to a process group; False if none of it is left."""
+    try:
+        os.killpg(group, signum)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
-    """SIGTERM to the tool's whole group (its engine core too), SIGKILL after ``grace_s``."""
+    """SIGTERM to the tool's whole group (its engine core too, also when the tool itself has
+    already exited and left it behind), SIGKILL after ``grace_s``."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -171,25 +190,60 @@ def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    else:
+        _signal_group(proc.pid, signal.SIGTERM)
     _LIVE_GROUPS.discard(proc.pid)
 
 
-def stop_tools_on_signals() -> dict[int, object]:
-    """On SIGTERM (``timeout``, a scheduler) or SIGINT (Ctrl-C) send SIGTERM to every running tool's
-    process group and exit 128 + the signal. The tools run in sessions of their own, so neither signal
-    reaches them otherwise: the bench would die alone and its ``vllm serve`` or ``vllm bench
-    throughput`` live on, holding the GPU and the port. For the process that owns its signals
-    (``mha2mla bench``): the handler exits at once, so that no worker thread records the stopped
-    tool as a failed row. Call from the main thread; returns the handlers it replaced."""
-    def handler(signum, frame) -> None:
-        for group in list(_LIVE_GROUPS):
+def stopping() -> bool:
+    """Whether :func:`stop_live_tools` has begun: a tool that fails from now on was stopped, not
+    broken, and its row must not be recorded as a failure."""
+    return _STOPPING.is_set()
+
+
+def stop_live_tools(grace_s: float | None = None) -> None:
+    """Start no more tools; SIGTERM every running tool's group, then SIGKILL what is left of them
+    after ``grace_s`` (default :data:`STOP_GRACE_S`)."""
+    grace_s = STOP_GRACE_S if grace_s is None else grace_s
+    _STOPPING.set()  # before any SIGTERM: see stopping()
+    locked = _GROUPS_LOCK.acquire(timeout=5)  # a start in progress finishes registering first
+    try:
+        groups = list(_LIVE_GROUPS)
+    finally:
+        if locked:
+            _GROUPS_LOCK.release()
+    pending = [g for g in groups if _signal_group(g, signal.SIGTERM)]
+    deadline = time.monotonic() + grace_s
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.2)
+        for group in pending:
             try:
-                os.killpg(group, signal.SIGTERM)
-            except ProcessLookupError:
+                os.waitpid(group, os.WNOHANG)  # the leader is this process's child: reap it
+            except ChildProcessError:
                 pass
+        pending = [g for g in pending if _signal_group(g, 0)]
+    for group in pending:
+        _signal_group(group, signal.SIGKILL)
+
+
+def stop_tools_on_signals() -> dict[int, object]:
+    """On SIGTERM (``timeout``, a scheduler), SIGINT (Ctrl-C) or SIGHUP (a closed terminal) stop
+    every running tool (:func:`stop_live_tools`) and exit 128 + the signal. The tools run in sessions
+    of their own, so none of these signals reaches them otherwise: the bench would die alone and its
+    ``vllm serve`` or ``vllm bench throughput`` live on, holding the GPU and the port. A signal the
+    process was started to ignore (``nohup``) stays ignored. The handler exits without unwinding,
+    so that no worker thread records the stopped tool as a failed row: install it only in a process
+    that owns its signals (``mha2mla bench``), from the main thread. Returns the handlers it replaced."""
+    def handler(signum, frame) -> None:
+        stop_live_tools()
+        sys.stdout.flush()
         os._exit(128 + signum)  # the worker threads hold no state: summary.json is replaced atomically
 
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    replaced = {}
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            replaced[sig] = signal.signal(sig, handler)
+    return replaced
 
 
 def run_tool(command: list[str], env: dict[str, str], log_file: Path, timeout: float) -> ToolRun:
