@@ -231,9 +231,10 @@ def stop_tools_on_signals() -> dict[int, object]:
     every running tool (:func:`stop_live_tools`) and exit 128 + the signal. The tools run in sessions
     of their own, so none of these signals reaches them otherwise: the bench would die alone and its
     ``vllm serve`` or ``vllm bench throughput`` live on, holding the GPU and the port. A signal the
-    process was started to ignore (``nohup``) stays ignored. The handler exits without unwinding,
-    so that no worker thread records the stopped tool as a failed row: install it only in a process
-    that owns its signals (``mha2mla bench``), from the main thread. Returns the handlers it replaced."""
+    process was started to ignore (``nohup``) stays ignored. The handler exits without unwinding the
+    worker threads (their rows stop being recorded at once: :func:`stopping`): install it only in a
+    process that owns its signals (``mha2mla bench``), from the main thread. Returns the handlers it
+    replaced."""
     def handler(signum, frame) -> None:
         stop_live_tools()
         sys.stdout.flush()
