@@ -135,13 +135,14 @@ def profile(out_dir: Path, names: list[str]) -> dict:
     results: dict = {"cases": {}}
     for name in names:
         kernel, *shape = CASES[name]
-        cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--set", "full", "--csv",
-               "--page", "details", sys.executable, str(Path(__file__).resolve()), "run", kernel,
-               *map(str, shape)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        profiler = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--set", "full", "--csv",
+                    "--page", "details"]
+        run_args = ["run", kernel, *map(str, shape)]
+        done = subprocess.run([*profiler, sys.executable, str(Path(__file__).resolve()), *run_args],
+                              capture_output=True, text=True)
         (out_dir / f"{name}.csv").write_text(done.stdout)
         (out_dir / f"{name}.stderr.txt").write_text(done.stderr[-20000:])
-        case: dict = {"command": " ".join(cmd[:-9] + ["python3", "benchmarks/profile_decode.py", *cmd[-7:]]),
+        case: dict = {"command": " ".join([*profiler, "python3", "benchmarks/profile_decode.py", *run_args]),
                       "returncode": done.returncode}
         try:
             case["kernels"] = parse_details(done.stdout)

@@ -258,10 +258,9 @@ def run_tool(command: list[str], env: dict[str, str], log_file: Path, timeout: f
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _stop(proc, grace_s=10)
             code = -9
-        finally:
-            _stop(proc)
+        finally:  # past its time (or interrupted): stop it; finished: stop what it left in its group
+            _stop(proc, grace_s=10)
     return ToolRun(command, code, log_file.read_text(errors="replace"), time.time() - start)
 
 
