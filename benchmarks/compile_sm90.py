@@ -1,6 +1,6 @@
 """What Triton makes of a decode launch for an H100, on a machine without a GPU.
 
-Compiles the plugin's split decode kernel (``vllm_mha2mla/triton_decode.py``) for sm_90 with the same
+Compiles the plugin's split decode kernel (or its balanced one) (``vllm_mha2mla/triton_decode.py``) for sm_90 with the same
 compile-time arguments and the same 16-divisibility of pointers and strides that a real launch
 specializes on, then reports per launch: shared memory, registers and spilled bytes (ptxas), which
 matrix instruction Triton chose (``mma.sync`` = MMA v2; Hopper's ``wgmma`` = v3, needing M ≥ 64), and
@@ -15,8 +15,9 @@ lent GPU's 3.6 (``pip download --no-deps triton==3.6.0``, the wheel unpacked, ``
 plans also matched what Nsight Compute read on the H100 (benchmarks/results/h100-ncu-decode/).
 
 Usage: python benchmarks/compile_sm90.py LATENT ROPE [--heads 32] [--batch 64] [--context 8704] [--fp8]
-                                         [--tile H,N,WARPS,STAGES ...]
+                                         [--tile H,N,WARPS,STAGES ...] [--programs P]
          (no --tile: the launch plan_launch picks for an H100; each --tile replaces its tile sizes)
+         (--programs P: the balanced kernel, P programs per head group sharing the batch's tokens)
        python benchmarks/compile_sm90.py --against DEVICE_FP8_TILES.json [--json-out OUT.json]
          (a record of the former ``gpu_layer_widths.py fp8-tiles`` mode: batch 16, context 1024, fp8, 32 heads)
 """
@@ -62,6 +63,26 @@ def _runtime_arguments(latent: int, rope: int, heads: int, context: int, splits:
     }
 
 
+def _balanced_runtime_arguments(latent: int, rope: int, heads: int, batch: int, context: int, programs: int,
+                                fp8: bool) -> dict:
+    """The balanced kernel's run-time arguments, as :func:`_runtime_arguments` gives the split kernel's:
+    the same query, cache and table, the output ``[batch, heads, latent]`` and the float32 pieces
+    ``[programs, 2, heads, latent]``."""
+    width = latent + rope
+    return {
+        "Q": ("*bf16", None), "stride_qb": ("i32", heads * width), "stride_qh": ("i32", width),
+        "KV": ("*fp8e4nv" if fp8 else "*bf16", None), "stride_kv_page": ("i32", PAGE * width),
+        "stride_kv_tok": ("i32", width), "BlockTable": ("*i32", None), "stride_bt": ("i32", -(-context // PAGE)),
+        "SeqLens": ("*i32", None), "CuLens": ("*i32", None), "batch": ("i32", batch),
+        "Out": ("*bf16", None), "stride_ob": ("i32", heads * latent), "stride_oh": ("i32", latent),
+        "Lse": ("*fp32", None), "stride_lb": ("i32", heads),
+        "Partial": ("*fp32", None), "stride_pp": ("i32", 2 * heads * latent), "stride_ps": ("i32", heads * latent),
+        "stride_ph": ("i32", latent), "PartLse": ("*fp32", None), "stride_lp": ("i32", 2 * heads),
+        "stride_ls": ("i32", heads), "KScale": ("*fp32" if fp8 else "*i32", None), "sm_scale": ("fp32", None),
+        "num_heads": ("i32", heads), "num_programs": ("i32", programs), "min_chunk": ("i32", None),
+    }
+
+
 def _ptxas_report(ptx: str) -> dict:
     """Registers and spill stores of the compiled PTX from the CUDA 12 ptxas that ships with Triton.
 
@@ -96,15 +117,23 @@ def _ptxas_report(ptx: str) -> dict:
     return {"registers": None, "spill_store_bytes": None, "ptxas": "none accepted the PTX"}
 
 
-def compile_launch(plan: DecodeLaunch, latent: int, rope: int, heads: int, context: int, fp8: bool) -> dict:
-    """Compile one launch for sm_90 and read what Triton made of it."""
-    runtime = _runtime_arguments(latent, rope, heads, context, plan.num_splits, fp8)
+def compile_launch(plan: DecodeLaunch, latent: int, rope: int, heads: int, context: int, fp8: bool,
+                   batch: int = 64) -> dict:
+    """Compile one launch for sm_90 and read what Triton made of it (the balanced kernel where the
+    launch has ``num_programs``)."""
     constants = split_kernel_constants(plan, latent, rope, PAGE, scaled_cache=fp8, fp8_cache=fp8)
+    if plan.num_programs:
+        runtime = _balanced_runtime_arguments(latent, rope, heads, batch, context, plan.num_programs, fp8)
+        constants["BLOCK_B"] = triton_decode.batch_block(batch)
+        kernel_fn = triton_decode._mla_decode_balanced_kernel
+    else:
+        runtime = _runtime_arguments(latent, rope, heads, context, plan.num_splits, fp8)
+        kernel_fn = triton_decode._mla_decode_split_kernel
     signature = {name: kind for name, (kind, _) in runtime.items()} | {name: "constexpr" for name in constants}
     names = list(signature)
     aligned = [name for name, (kind, value) in runtime.items()
                if kind.startswith("*") or (kind == "i32" and value is not None and value % 16 == 0)]
-    source = ASTSource(triton_decode._mla_decode_split_kernel, signature,
+    source = ASTSource(kernel_fn, signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
@@ -154,6 +183,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--fp8", action="store_true", help="an e4m3 cache (float16 products)")
     parser.add_argument("--tile", action="append", default=[], metavar="H,N,WARPS,STAGES",
                         help="heads per program, cached rows per tile, warps, pipeline stages (repeatable)")
+    parser.add_argument("--programs", type=int, default=0,
+                        help="compile the balanced kernel with this many programs per head group (0: the plan's)")
     args = parser.parse_args(argv)
     if args.against is not None:
         rows = against_device(args.against)
@@ -163,6 +194,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.latent is None or args.rope is None:
         parser.error("LATENT and ROPE are required (or --against)")
     plan = plan_launch(args.batch, args.heads, args.latent, args.rope, args.context, H100_SMS, fp8_cache=args.fp8)
+    if args.programs:
+        plan = replace(plan, num_programs=args.programs)
     launches = [plan]
     for tile in args.tile:
         try:
@@ -174,8 +207,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for launch in launches:
         row = {"latent_blocks": list(launch.latent_blocks), "block_r": launch.block_r, "block_h": launch.block_h,
                "block_n": launch.block_n, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
-               "is_plan": launch == plan, "triton": triton.__version__}
-        row.update(compile_launch(launch, args.latent, args.rope, args.heads, args.context, args.fp8))
+               "num_programs": launch.num_programs, "is_plan": launch == plan, "triton": triton.__version__}
+        row.update(compile_launch(launch, args.latent, args.rope, args.heads, args.context, args.fp8, args.batch))
         rows.append(row)
         print(f"{'plan ' if row['is_plan'] else 'tile '}h{launch.block_h} n{launch.block_n} w{launch.num_warps} "
               f"s{launch.num_stages} {list(launch.latent_blocks)}+{launch.block_r}: shared {row['shared_bytes']} B, "

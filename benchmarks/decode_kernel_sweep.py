@@ -13,7 +13,12 @@ pipeline depth, each checked against float32 PyTorch.
 
 ``fp8-plan``: the same without the tile variants.
 
-Usage (GPU): python benchmarks/decode_kernel_sweep.py [fp8|fp8-plan] OUT.json
+``balanced``: the balanced kernel (programs sharing the batch's tokens evenly, FlashMLA's scheduling)
+against the plan's fixed splits per request, over program counts (multiples of the SMs), tiles and
+warps, at the engine runs' decode batches; the spill-free 576 tile (32 heads × 16 rows) and split
+counts that are not powers of two beside them; vLLM's FlashMLA on the 576-value rows when vLLM imports.
+
+Usage (GPU): python benchmarks/decode_kernel_sweep.py [fp8|fp8-plan|balanced] OUT.json
 """
 
 from __future__ import annotations
@@ -193,8 +198,92 @@ def fp8(out_file: Path, tiles: bool = True) -> None:
         out_file.write_text(json.dumps(results, indent=1))
 
 
+BALANCED_SHAPES = [  # (name, latent, rope, heads, batch, context, page)
+    ("576_llama2_b310_8k_p64", 512, 64, 32, 310, 8700, 64),  # the ncu profile's case (FlashMLA's page)
+    ("576_llama2_b310_8k", 512, 64, 32, 310, 8700, PAGE),
+    ("1024_llama2_b212_8k", 512, 512, 32, 212, 8700, PAGE),
+    ("512_llama3_cut75_b348_8k", 384, 128, 32, 348, 8700, PAGE),
+    ("576_llama2_b1024_1k", 512, 64, 32, 1024, 1280, PAGE),
+    ("576_llama2_b32_8k", 512, 64, 32, 32, 8700, PAGE),
+    ("1024_llama2_b16_8k", 512, 512, 32, 16, 8192, PAGE),
+]
+
+
+def _flashmla(q, cache, table, lens, latent):
+    """vLLM's FlashMLA decode on these inputs (576-value rows, 64-token pages), or None without vLLM."""
+    try:
+        from benchmarks.profile_decode import SCALE, _call
+    except ImportError:
+        return None
+    if q.shape[-1] != 576 or cache.shape[1] != 64:
+        return None
+    try:
+        return _call("flashmla", latent, q, cache, table, lens, 0), SCALE
+    except (ImportError, SystemExit):
+        return None
+
+
+def balanced(out_file: Path) -> None:
+    """BALANCED_SHAPES: the plan, fixed splits 3–8 and the 32 × 16 tile, and the balanced kernel at
+    1–8 × SMs programs per head group with the plan's tiles and its neighbours."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results = {"device": torch.cuda.get_device_name(0), "sms": sms, "shapes": {}}
+    for name, latent, rope, heads, batch, context, page in BALANCED_SHAPES:
+        torch.cuda.empty_cache()
+        q, cache, table, lens = paged_inputs(latent, rope, heads, batch, context, page=page)
+        gbytes = float(lens.sum()) * (latent + rope) * 2 / 1e9
+        plan = plan_launch(batch, heads, latent, rope, context, sms)
+        want, _ = mla_paged_decode(q, cache, table, lens, 0.07, latent, context, launch=plan)
+        groups = -(-heads // plan.block_h)
+        fixed = [plan] + [replace(plan, num_splits=x) for x in (2, 3, 5, 6, 8) if x != plan.num_splits]
+        fixed += [replace(plan, block_n=16), replace(plan, block_n=16, num_splits=2 * plan.num_splits)]
+        tiles = dict.fromkeys([(plan.block_n, plan.num_warps), (16, 4), (32, 4), (64, 4), (32, 8), (64, 8)])
+        even = [replace(plan, block_n=n, num_warps=w, num_programs=max(1, k * sms // groups))
+                for n, w in tiles for k in (1, 2, 3, 4, 8)]
+        rows = []
+        for launch in dict.fromkeys(fixed + even):
+            if shared_memory_bytes(launch.block_h, launch.block_n, launch.block_c, launch.block_r) > \
+                    SHARED_MEMORY_BUDGET:
+                continue
+            timed = _timed(lambda: mla_paged_decode(q, cache, table, lens, 0.07, latent, context, launch=launch)[0],
+                           want.float(), key="max_abs_diff_vs_plan")
+            row = {**asdict(launch), **timed, "is_plan": launch == plan}
+            if "ms" in timed:
+                row["tb_per_s"] = gbytes / timed["ms"]
+            rows.append(row)
+        ok = [r for r in rows if "ms" in r and r["max_abs_diff_vs_plan"] < 2e-2]
+        base = next(r for r in rows if r["is_plan"])
+        best_fixed = min((r for r in ok if not r["num_programs"]), key=lambda r: r["ms"])
+        best_even = min((r for r in ok if r["num_programs"]), key=lambda r: r["ms"], default=None)
+        shape = {"latent": latent, "rope": rope, "heads": heads, "batch": batch, "context": context, "page": page,
+                 "gbytes_read": gbytes, "plan": base, "best_fixed": best_fixed, "best_balanced": best_even,
+                 "variants": rows}
+        flash = _flashmla(q, cache, table, lens, latent)
+        if flash is not None:
+            call, scale = flash
+            reference = mla_paged_decode(q, cache, table, lens, scale, latent, context, launch=plan)[0].float()
+            shape["flashmla"] = _timed(lambda: call()[0].squeeze(1), reference, key="max_abs_diff_vs_plan")
+            if "ms" in shape["flashmla"]:
+                shape["flashmla"]["tb_per_s"] = gbytes / shape["flashmla"]["ms"]
+        results["shapes"][name] = shape
+
+        def tag(r):
+            return (f"{r['ms']:.3f} ms {r['tb_per_s']:.2f} TB/s [h{r['block_h']} n{r['block_n']} w{r['num_warps']} "
+                    f"x{r['num_splits']} P{r['num_programs']}]") if r else "-"
+
+        line = f"{name}: plan {tag(base)} | fixed {tag(best_fixed)} | balanced {tag(best_even)}"
+        if best_even:
+            line += f" = {base['ms'] / best_even['ms']:.2f}x the plan"
+        if "flashmla" in shape and "ms" in shape["flashmla"]:
+            line += f" | FlashMLA {shape['flashmla']['ms']:.3f} ms"
+        print(line, flush=True)
+        out_file.write_text(json.dumps(results, indent=1))
+
+
 if __name__ == "__main__":
-    if sys.argv[1] in ("fp8", "fp8-plan"):
+    if sys.argv[1] == "balanced":
+        balanced(Path(sys.argv[2]))
+    elif sys.argv[1] in ("fp8", "fp8-plan"):
         fp8(Path(sys.argv[2]), tiles=sys.argv[1] == "fp8")
     else:
         main(Path(sys.argv[1]))

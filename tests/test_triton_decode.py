@@ -59,6 +59,39 @@ def test_kernel_equals_reference_decode(latent, rope, heads, block, splits):
     torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "latent,rope,heads,block,lens,programs,min_chunk",
+    [
+        (96, 24, 6, 16, [1, 5, 33, 17, 64], 7, 1),  # requests cut at arbitrary points, several per program
+        (448, 64, 20, 16, [30, 30, 30, 30], 4, 1),  # chunk boundaries exactly at request starts; two head groups
+        (512, 512, 3, 16, [64, 1, 2, 100], 3, 1),  # two latent blocks
+        (120, 8, 40, 32, [200], 9, 1),  # one request over every program
+        (7, 3, 3, 4, [3, 9, 1, 1, 12], 50, 1),  # more programs than tokens: the idle ones write nothing
+        (64, 16, 4, 16, [40, 3, 70], 8, 32),  # the smallest chunk leaves programs idle
+    ],
+)
+def test_balanced_kernel_equals_reference_decode(latent, rope, heads, block, lens, programs, min_chunk, monkeypatch):
+    """Tokens shared evenly by ``programs`` programs whatever the request lengths: whole requests
+    finished in place, pieces merged from their programs' slots, output and lse as the reference."""
+    from vllm_mha2mla import triton_decode
+
+    monkeypatch.setattr(triton_decode, "MIN_TOKENS_PER_PROGRAM", min_chunk)
+    q, cache, table, lens_t = _paged_problem(latent, rope, heads, block, lens)
+    plan = replace(plan_launch(len(lens), heads, latent, rope, 64, num_sms=8), num_programs=programs)
+    out, lse = mla_paged_decode(q, cache, table, lens_t, 0.3, latent, 64, launch=plan)
+    want = paged_latent_decode(q.double(), cache.double(), table, lens_t, 0.3, latent)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    scores = torch.einsum("bhd,bld->bhl", q.double(), gather_paged_rows(cache.double(), table, lens_t)) * 0.3
+    valid = torch.arange(scores.shape[-1])[None, :] < lens_t[:, None]
+    torch.testing.assert_close(lse.double(), scores.masked_fill(~valid[:, None, :], float("-inf")).logsumexp(-1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_balanced_plan_rejects_a_negative_program_count():
+    with pytest.raises(ValueError, match="num_programs must be 0"):
+        replace(plan_launch(2, 4, 64, 16, 64, num_sms=8), num_programs=-1)
+
+
 def test_latent_blocks_cover_the_latent_in_powers_of_two():
     assert latent_blocks(640) == (512, 128)  # no padding: 640 columns, not 1024
     assert latent_blocks(896) == (512, 256, 128)

@@ -38,6 +38,8 @@ ACC_REGISTER_BUDGET = 16384
 MIN_TOKENS_PER_SPLIT = 1024
 """Shorter splits lose more to the merge and per-split setup than they gain (measured: 8 splits of
 ~1K tokens beat 16 and 32 at 16–32 requests of 8K)."""
+MIN_TOKENS_PER_PROGRAM = 256
+"""The balanced kernel's smallest chunk: below it a program's setup and the merge outweigh its rows."""
 PROGRAMS_PER_SM = 8
 """Split long sequences until about this many programs per multiprocessor: with one program per
 (request, head group), a few hundred long requests leave a ragged last wave. Measured on an H200
@@ -108,10 +110,15 @@ class DecodeLaunch:
     num_warps: int
     num_stages: int
     num_splits: int
+    num_programs: int = 0
+    """Programs per head group that share the batch's tokens evenly (:func:`_mla_decode_balanced_kernel`);
+    0: ``num_splits`` programs per request, each a slice of its tokens."""
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.latent_blocks) <= MAX_LATENT_BLOCKS:
             raise ValueError(f"1 to {MAX_LATENT_BLOCKS} latent blocks, not {self.latent_blocks}")
+        if self.num_programs < 0:
+            raise ValueError(f"num_programs must be 0 (splits per request) or positive, not {self.num_programs}")
 
     @property
     def block_c(self) -> int:
@@ -119,6 +126,8 @@ class DecodeLaunch:
         return sum(self.latent_blocks)
 
     def grid(self, batch: int, num_heads: int) -> tuple[int, int, int]:
+        if self.num_programs:
+            return (triton.cdiv(num_heads, self.block_h), self.num_programs, 1)
         return (triton.cdiv(num_heads, self.block_h), batch, self.num_splits)
 
 
@@ -216,42 +225,15 @@ def _load_rows(base, offs, ok, like):
 
 
 @triton.jit
-def _mla_decode_split_kernel(
-    Q, stride_qb, stride_qh,
-    KV, stride_kv_page, stride_kv_tok,
-    BlockTable, stride_bt,
-    SeqLens,
-    Partial, stride_pb, stride_ph, stride_ps,
-    KScale,
-    sm_scale,
-    num_heads,
-    num_splits,
-    LATENT: tl.constexpr, ROPE: tl.constexpr,
-    NUM_BLOCKS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, SCALED_CACHE: tl.constexpr, FP16_OPERANDS: tl.constexpr,
-):
-    """Latent blocks: columns [0, C0), [C0, C0 + C1), [C0 + C1, C0 + C1 + C2), the first NUM_BLOCKS
-    of them used (the others are 16-wide placeholders, never loaded or stored), masked at LATENT;
-    each has its own query slice and accumulator."""
-    head_group = tl.program_id(0)
-    b = tl.program_id(1)
-    split = tl.program_id(2)
-
-    heads = head_group * BLOCK_H + tl.arange(0, BLOCK_H)
-    head_ok = heads[:, None] < num_heads
-    offs_0 = tl.arange(0, C0)
-    offs_1 = C0 + tl.arange(0, C1)
-    offs_2 = C0 + C1 + tl.arange(0, C2)
-    ok_0 = offs_0[None, :] < LATENT
-    ok_1 = offs_1[None, :] < LATENT
-    ok_2 = offs_2[None, :] < LATENT
-    offs_r = LATENT + tl.arange(0, BLOCK_R)
-    ok_r = offs_r[None, :] < LATENT + ROPE
-
+def _query_blocks(Q, stride_qb, stride_qh, b, heads, head_ok, offs_0, offs_1, offs_2, offs_r, ok_0, ok_1, ok_2, ok_r,
+                  NUM_BLOCKS: tl.constexpr, FP16_OPERANDS: tl.constexpr):
+    """Request ``b``'s queries of a head group, one slice per latent block and the rotary slice (blocks
+    past NUM_BLOCKS are left as their 16-wide placeholders' zeros: never used)."""
     q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
     q_0 = tl.load(q_rows + offs_0[None, :], mask=head_ok & ok_0, other=0.0)
     q_r = tl.load(q_rows + offs_r[None, :], mask=head_ok & ok_r, other=0.0)
+    q_1 = tl.zeros([heads.shape[0], offs_1.shape[0]], dtype=q_0.dtype)
+    q_2 = tl.zeros([heads.shape[0], offs_2.shape[0]], dtype=q_0.dtype)
     if NUM_BLOCKS > 1:
         q_1 = tl.load(q_rows + offs_1[None, :], mask=head_ok & ok_1, other=0.0)
     if NUM_BLOCKS > 2:
@@ -259,30 +241,26 @@ def _mla_decode_split_kernel(
     if FP16_OPERANDS:  # fp8 cache: float16 products (the fastest on an H100; see row_tiles)
         q_0 = q_0.to(tl.float16)
         q_r = q_r.to(tl.float16)
-        if NUM_BLOCKS > 1:
-            q_1 = q_1.to(tl.float16)
-        if NUM_BLOCKS > 2:
-            q_2 = q_2.to(tl.float16)
+        q_1 = q_1.to(tl.float16)
+        q_2 = q_2.to(tl.float16)
+    return q_0, q_1, q_2, q_r
 
-    seq_len = tl.load(SeqLens + b)
-    split_len = tl.cdiv(seq_len, num_splits)
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
 
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc_0 = tl.zeros([BLOCK_H, C0], dtype=tl.float32)
-    acc_1 = tl.zeros([BLOCK_H, C1], dtype=tl.float32)
-    acc_2 = tl.zeros([BLOCK_H, C2], dtype=tl.float32)
-    k_scale = 1.0
-    if SCALED_CACHE:
-        k_scale = tl.load(KScale)
-    qk_scale = sm_scale * k_scale
-
-    for n0 in range(start, end, BLOCK_N):
+@triton.jit
+def _attend_rows(q_0, q_1, q_2, q_r, KV, stride_kv_page, stride_kv_tok, table_row, lo, hi, qk_scale,
+                 offs_0, offs_1, offs_2, offs_r, ok_0, ok_1, ok_2, ok_r,
+                 NUM_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+    """Online softmax of a head group over one request's cached rows ``[lo, hi)`` (its block table row
+    at ``table_row``): the unnormalised accumulators per latent block, the running max and the sum."""
+    m_i = tl.full([q_0.shape[0]], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([q_0.shape[0]], dtype=tl.float32)
+    acc_0 = tl.zeros([q_0.shape[0], q_0.shape[1]], dtype=tl.float32)
+    acc_1 = tl.zeros([q_1.shape[0], q_1.shape[1]], dtype=tl.float32)
+    acc_2 = tl.zeros([q_2.shape[0], q_2.shape[1]], dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
-        pos_ok = pos < end
-        page = tl.load(BlockTable + b * stride_bt + pos // PAGE, mask=pos_ok, other=0)
+        pos_ok = pos < hi
+        page = tl.load(table_row + pos // PAGE, mask=pos_ok, other=0)
         row = (KV + page.to(tl.int64) * stride_kv_page + (pos % PAGE) * stride_kv_tok)[:, None]
         kv_0 = _load_rows(row, offs_0, pos_ok[:, None] & ok_0, q_0)
         kv_r = _load_rows(row, offs_r, pos_ok[:, None] & ok_r, q_r)
@@ -305,18 +283,204 @@ def _mla_decode_split_kernel(
         if NUM_BLOCKS > 2:
             acc_2 = acc_2 * alpha[:, None] + tl.dot(p, kv_2)
         m_i = m_new
+    return acc_0, acc_1, acc_2, m_i, l_i
+
+
+@triton.jit
+def _store_blocks(rows, acc_0, acc_1, acc_2, scale, row_ok, offs_0, offs_1, offs_2, ok_0, ok_1, ok_2,
+                  NUM_BLOCKS: tl.constexpr):
+    """The latent blocks' accumulators times ``scale`` (per head), in ``rows``' dtype."""
+    tl.store(rows + offs_0[None, :], acc_0 * scale, mask=row_ok & ok_0)
+    if NUM_BLOCKS > 1:
+        tl.store(rows + offs_1[None, :], acc_1 * scale, mask=row_ok & ok_1)
+    if NUM_BLOCKS > 2:
+        tl.store(rows + offs_2[None, :], acc_2 * scale, mask=row_ok & ok_2)
+
+
+@triton.jit
+def _mla_decode_split_kernel(
+    Q, stride_qb, stride_qh,
+    KV, stride_kv_page, stride_kv_tok,
+    BlockTable, stride_bt,
+    SeqLens,
+    Partial, stride_pb, stride_ph, stride_ps,
+    KScale,
+    sm_scale,
+    num_heads,
+    num_splits,
+    LATENT: tl.constexpr, ROPE: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, SCALED_CACHE: tl.constexpr, FP16_OPERANDS: tl.constexpr,
+):
+    """Latent blocks: columns [0, C0), [C0, C0 + C1), [C0 + C1, C0 + C1 + C2), the first NUM_BLOCKS
+    of them used (the others are 16-wide placeholders, never loaded or stored), masked at LATENT;
+    each has its own query slice and accumulator. Program (head group, request, split): one
+    ``num_splits``-th of the request's tokens."""
+    head_group = tl.program_id(0)
+    b = tl.program_id(1)
+    split = tl.program_id(2)
+
+    heads = head_group * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = heads[:, None] < num_heads
+    offs_0 = tl.arange(0, C0)
+    offs_1 = C0 + tl.arange(0, C1)
+    offs_2 = C0 + C1 + tl.arange(0, C2)
+    ok_0 = offs_0[None, :] < LATENT
+    ok_1 = offs_1[None, :] < LATENT
+    ok_2 = offs_2[None, :] < LATENT
+    offs_r = LATENT + tl.arange(0, BLOCK_R)
+    ok_r = offs_r[None, :] < LATENT + ROPE
+    q_0, q_1, q_2, q_r = _query_blocks(Q, stride_qb, stride_qh, b, heads, head_ok, offs_0, offs_1, offs_2, offs_r,
+                                       ok_0, ok_1, ok_2, ok_r, NUM_BLOCKS, FP16_OPERANDS)
+
+    seq_len = tl.load(SeqLens + b)
+    split_len = tl.cdiv(seq_len, num_splits)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    k_scale = 1.0
+    if SCALED_CACHE:
+        k_scale = tl.load(KScale)
+    acc_0, acc_1, acc_2, m_i, l_i = _attend_rows(
+        q_0, q_1, q_2, q_r, KV, stride_kv_page, stride_kv_tok, BlockTable + b * stride_bt, start, end,
+        sm_scale * k_scale, offs_0, offs_1, offs_2, offs_r, ok_0, ok_1, ok_2, ok_r, NUM_BLOCKS, BLOCK_N, PAGE)
 
     out_rows = Partial + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps
     has_tokens = end > start
     safe_l = tl.where(l_i > 0, l_i, 1.0)
-    out_scale = (k_scale / safe_l)[:, None]
-    tl.store(out_rows + offs_0[None, :], acc_0 * out_scale, mask=head_ok & ok_0)
-    if NUM_BLOCKS > 1:
-        tl.store(out_rows + offs_1[None, :], acc_1 * out_scale, mask=head_ok & ok_1)
-    if NUM_BLOCKS > 2:
-        tl.store(out_rows + offs_2[None, :], acc_2 * out_scale, mask=head_ok & ok_2)
+    _store_blocks(out_rows, acc_0, acc_1, acc_2, (k_scale / safe_l)[:, None], head_ok, offs_0, offs_1, offs_2,
+                  ok_0, ok_1, ok_2, NUM_BLOCKS)
     lse = tl.where(has_tokens, m_i + tl.log(safe_l), float("-inf"))
     tl.store(Partial + b * stride_pb + heads * stride_ph + split * stride_ps + LATENT, lse, mask=heads < num_heads)
+
+
+@triton.jit
+def _balanced_chunk(CuLens, batch, num_programs, min_chunk):
+    """Tokens per program of the balanced kernel: the batch's tokens shared evenly by ``num_programs``
+    (at least ``min_chunk``), from the device's lengths so that a captured CUDA graph stays right."""
+    total = tl.load(CuLens + batch - 1)
+    return tl.maximum(tl.cdiv(total, num_programs), min_chunk), total
+
+
+@triton.jit
+def _mla_decode_balanced_kernel(
+    Q, stride_qb, stride_qh,
+    KV, stride_kv_page, stride_kv_tok,
+    BlockTable, stride_bt,
+    SeqLens, CuLens, batch,
+    Out, stride_ob, stride_oh,
+    Lse, stride_lb,
+    Partial, stride_pp, stride_ps, stride_ph,
+    PartLse, stride_lp, stride_ls,
+    KScale,
+    sm_scale,
+    num_heads,
+    num_programs,
+    min_chunk,
+    LATENT: tl.constexpr, ROPE: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, SCALED_CACHE: tl.constexpr, FP16_OPERANDS: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Program (head group, p) of ``num_programs``: the p-th equal chunk of the batch's tokens laid end
+    to end (FlashMLA's scheduling), so every program reads the same number of rows whatever the
+    lengths, and the grid is one or a few full waves. A request that lies wholly inside the chunk is
+    finished here (output and lse); a piece of a longer one goes to the program's slot 0 (the
+    chunk's first request) or 1 (its last) for the merge."""
+    head_group = tl.program_id(0)
+    p = tl.program_id(1)
+    chunk, total = _balanced_chunk(CuLens, batch, num_programs, min_chunk)
+    start = p * chunk
+    end = tl.minimum(start + chunk, total)
+    offs_b = tl.arange(0, BLOCK_B)
+    cu = tl.load(CuLens + offs_b, mask=offs_b < batch, other=2147483647)
+    first = tl.sum((cu <= start).to(tl.int32))  # the request holding token `start`
+    last = tl.sum((cu < end).to(tl.int32))  # the request holding token `end - 1` (none if start >= end)
+
+    heads = head_group * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = heads[:, None] < num_heads
+    offs_0 = tl.arange(0, C0)
+    offs_1 = C0 + tl.arange(0, C1)
+    offs_2 = C0 + C1 + tl.arange(0, C2)
+    ok_0 = offs_0[None, :] < LATENT
+    ok_1 = offs_1[None, :] < LATENT
+    ok_2 = offs_2[None, :] < LATENT
+    offs_r = LATENT + tl.arange(0, BLOCK_R)
+    ok_r = offs_r[None, :] < LATENT + ROPE
+    k_scale = 1.0
+    if SCALED_CACHE:
+        k_scale = tl.load(KScale)
+    for b in range(first, last + 1):
+        req_end = tl.load(CuLens + b)
+        req_len = tl.load(SeqLens + b)
+        req_start = req_end - req_len
+        lo = tl.maximum(start, req_start) - req_start
+        hi = tl.minimum(end, req_end) - req_start
+        q_0, q_1, q_2, q_r = _query_blocks(Q, stride_qb, stride_qh, b, heads, head_ok, offs_0, offs_1, offs_2,
+                                           offs_r, ok_0, ok_1, ok_2, ok_r, NUM_BLOCKS, FP16_OPERANDS)
+        acc_0, acc_1, acc_2, m_i, l_i = _attend_rows(
+            q_0, q_1, q_2, q_r, KV, stride_kv_page, stride_kv_tok, BlockTable + b * stride_bt, lo, hi,
+            sm_scale * k_scale, offs_0, offs_1, offs_2, offs_r, ok_0, ok_1, ok_2, ok_r, NUM_BLOCKS, BLOCK_N, PAGE)
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        lse = tl.where(hi > lo, m_i + tl.log(safe_l), float("-inf"))
+        scale = (k_scale / safe_l)[:, None]
+        # the heads to write as the request's output (all, if the chunk holds the whole request), and as a piece
+        final_heads = tl.where((lo == 0) & (hi == req_len), num_heads, 0)
+        piece_heads = num_heads - final_heads
+        _store_blocks(Out + b * stride_ob + heads[:, None] * stride_oh, acc_0, acc_1, acc_2, scale,
+                      heads[:, None] < final_heads, offs_0, offs_1, offs_2, ok_0, ok_1, ok_2, NUM_BLOCKS)
+        tl.store(Lse + b * stride_lb + heads, lse, mask=heads < final_heads)
+        slot = tl.where(b == first, 0, 1)
+        part = Partial + p * stride_pp + slot * stride_ps + heads[:, None] * stride_ph
+        _store_blocks(part, acc_0, acc_1, acc_2, scale, heads[:, None] < piece_heads, offs_0, offs_1, offs_2,
+                      ok_0, ok_1, ok_2, NUM_BLOCKS)
+        tl.store(PartLse + p * stride_lp + slot * stride_ls + heads, lse, mask=heads < piece_heads)
+
+
+@triton.jit
+def _merge_step(m, norm, acc, lse, part):
+    """One partial output (normalised over its rows, with their log-sum-exp ``lse``) folded into the
+    running (max lse, weight sum, weighted output)."""
+    m_new = tl.maximum(m, lse)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale_old = tl.exp(m - m_safe)
+    w = tl.exp(lse - m_safe)
+    return m_new, norm * scale_old + w, acc * scale_old + w * part
+
+
+@triton.jit
+def _mla_decode_balanced_merge_kernel(
+    Partial, stride_pp, stride_ps, stride_ph,
+    PartLse, stride_lp, stride_ls,
+    SeqLens, CuLens, batch,
+    Out, stride_ob, stride_oh,
+    Lse, stride_lb,
+    num_programs,
+    min_chunk,
+    LATENT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (request, head): the pieces of a request that crossed chunk boundaries, merged by
+    their log-sum-exp; requests that one program finished are left as they are."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    chunk, total = _balanced_chunk(CuLens, batch, num_programs, min_chunk)
+    req_end = tl.load(CuLens + b)
+    req_start = req_end - tl.load(SeqLens + b)
+    p_first = req_start // chunk
+    p_last = (req_end - 1) // chunk
+    if p_last > p_first:
+        offs_c = tl.arange(0, BLOCK_C)
+        c_ok = offs_c < LATENT
+        m = tl.full([1], float("-inf"), dtype=tl.float32)
+        norm = tl.zeros([1], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for p in range(p_first, p_last + 1):
+            slot = tl.where((p == p_first) & (req_start != p * chunk), 1, 0)  # slot 0: the chunk's first request
+            lse = tl.load(PartLse + p * stride_lp + slot * stride_ls + h + tl.arange(0, 1))
+            part = tl.load(Partial + p * stride_pp + slot * stride_ps + h * stride_ph + offs_c, mask=c_ok, other=0.0)
+            m, norm, acc = _merge_step(m, norm, acc, lse, part)
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_c, (acc / norm).to(Out.dtype.element_ty), mask=c_ok)
+        tl.store(Lse + b * stride_lb + h + tl.arange(0, 1), m + tl.log(norm))
 
 
 @triton.jit
@@ -338,13 +502,7 @@ def _mla_decode_merge_kernel(
     for s in range(num_splits):
         lse = tl.load(base + s * stride_ps + LATENT + tl.arange(0, 1))
         part = tl.load(base + s * stride_ps + offs_c, mask=c_ok, other=0.0)
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        scale_old = tl.exp(m - m_safe)
-        w = tl.exp(lse - m_safe)
-        acc = acc * scale_old + w * part
-        total = total * scale_old + w
-        m = m_new
+        m, total, acc = _merge_step(m, total, acc, lse, part)
     tl.store(Out + b * stride_ob + h * stride_oh + offs_c, (acc / total).to(Out.dtype.element_ty), mask=c_ok)
     tl.store(Lse + b * stride_lb + h + tl.arange(0, 1), m + tl.log(total))
 
@@ -397,10 +555,14 @@ def mla_paged_decode(
                                  fp8_cache=fp8_cache)
     if plan.block_c < latent_dim:
         raise ValueError(f"latent blocks {plan.latent_blocks} cover {plan.block_c} of {latent_dim} latent columns")
-    partial = torch.empty(batch, num_heads, plan.num_splits, latent_dim + 1, dtype=torch.float32, device=q.device)
+    scaled = k_scale is not None
     out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
-    scaled = k_scale is not None
+    constants = split_kernel_constants(plan, latent_dim, rope, kv_cache.shape[1], scaled, fp8_cache)
+    if plan.num_programs:
+        _balanced_decode(q, kv_cache, block_table, seq_lens, scale, k_scale, plan, out, lse, constants)
+        return out, lse
+    partial = torch.empty(batch, num_heads, plan.num_splits, latent_dim + 1, dtype=torch.float32, device=q.device)
     _mla_decode_split_kernel[plan.grid(batch, num_heads)](
         q, q.stride(0), q.stride(1),
         kv_cache, kv_cache.stride(0), kv_cache.stride(1),
@@ -411,7 +573,7 @@ def mla_paged_decode(
         scale,
         num_heads,
         plan.num_splits,
-        **split_kernel_constants(plan, latent_dim, rope, kv_cache.shape[1], scaled, fp8_cache),
+        **constants,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     _mla_decode_merge_kernel[(batch, num_heads)](
@@ -420,6 +582,54 @@ def mla_paged_decode(
         lse, lse.stride(0),
         plan.num_splits,
         LATENT=latent_dim, BLOCK_C=triton.next_power_of_2(latent_dim),
-        num_warps=4 if latent_dim <= 1024 else 8,
+        num_warps=_merge_warps(latent_dim),
     )
     return out, lse
+
+
+def batch_block(batch: int) -> int:
+    """The balanced kernel's tile over the batch's lengths (a power of two ≥ 16): one compile per
+    power of two of the batch, not per captured batch size."""
+    return max(16, triton.next_power_of_2(batch))
+
+
+def _merge_warps(latent_dim: int) -> int:
+    return 4 if latent_dim <= 1024 else 8
+
+
+def _balanced_decode(q, kv_cache, block_table, seq_lens, scale, k_scale, plan, out, lse, constants) -> None:
+    """:func:`_mla_decode_balanced_kernel` then its merge, into ``out`` and ``lse``: two programs' worth
+    of float32 pieces (slots 0 and 1) per program, and the lengths' running sum (one small launch)."""
+    batch, num_heads, _ = q.shape
+    latent_dim = out.shape[-1]
+    cu_lens = torch.cumsum(seq_lens, 0, dtype=torch.int32)
+    partial = torch.empty(plan.num_programs, 2, num_heads, latent_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(plan.num_programs, 2, num_heads, dtype=torch.float32, device=q.device)
+    _mla_decode_balanced_kernel[plan.grid(batch, num_heads)](
+        q, q.stride(0), q.stride(1),
+        kv_cache, kv_cache.stride(0), kv_cache.stride(1),
+        block_table, block_table.stride(0),
+        seq_lens, cu_lens, batch,
+        out, out.stride(0), out.stride(1),
+        lse, lse.stride(0),
+        partial, partial.stride(0), partial.stride(1), partial.stride(2),
+        part_lse, part_lse.stride(0), part_lse.stride(1),
+        k_scale if k_scale is not None else seq_lens,
+        scale,
+        num_heads,
+        plan.num_programs,
+        MIN_TOKENS_PER_PROGRAM,
+        **constants, BLOCK_B=batch_block(batch),
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    _mla_decode_balanced_merge_kernel[(batch, num_heads)](
+        partial, partial.stride(0), partial.stride(1), partial.stride(2),
+        part_lse, part_lse.stride(0), part_lse.stride(1),
+        seq_lens, cu_lens, batch,
+        out, out.stride(0), out.stride(1),
+        lse, lse.stride(0),
+        plan.num_programs,
+        MIN_TOKENS_PER_PROGRAM,
+        LATENT=latent_dim, BLOCK_C=triton.next_power_of_2(latent_dim),
+        num_warps=_merge_warps(latent_dim),
+    )
