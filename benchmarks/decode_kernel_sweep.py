@@ -280,8 +280,38 @@ def balanced(out_file: Path) -> None:
         out_file.write_text(json.dumps(results, indent=1))
 
 
+def crossover(out_file: Path) -> None:
+    """The fixed splits against the balanced kernel (forced) over batch sizes at 8.7K tokens: where
+    the balanced kernel starts to pay."""
+    from vllm_mha2mla.triton_decode import balanced_launch
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results = {"device": torch.cuda.get_device_name(0), "sms": sms, "page": PAGE, "rows": []}
+    for latent, rope in ((512, 64), (512, 512), (384, 128)):
+        for batch in (16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 310):
+            torch.cuda.empty_cache()
+            q, cache, table, lens = paged_inputs(latent, rope, 32, batch, 8700)
+            gbytes = float(lens.sum()) * (latent + rope) * 2 / 1e9
+            fixed = plan_launch(batch, 32, latent, rope, 8700, sms, balanced=False)
+            even = balanced_launch(fixed, batch, 32, sms, min_fill=0.0)
+            want, _ = mla_paged_decode(q, cache, table, lens, 0.07, latent, 8700, launch=fixed)
+            row = {"latent": latent, "rope": rope, "batch": batch, "gbytes_read": gbytes,
+                   "fixed": asdict(fixed), "balanced": asdict(even)}
+            for label, launch in (("fixed", fixed), ("balanced", even)):
+                row[label].update(_timed(lambda: mla_paged_decode(q, cache, table, lens, 0.07, latent, 8700,
+                                                                  launch=launch)[0], want.float(),
+                                         key="max_abs_diff_vs_fixed"))
+            row["balanced_speedup"] = row["fixed"]["ms"] / row["balanced"]["ms"]
+            results["rows"].append(row)
+            print(f"{latent}+{rope} batch {batch}: fixed {row['fixed']['ms']:.3f} ms (x{fixed.num_splits}), balanced "
+                  f"{row['balanced']['ms']:.3f} ms (P{even.num_programs}) = {row['balanced_speedup']:.2f}x", flush=True)
+            out_file.write_text(json.dumps(results, indent=1))
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "balanced":
+    if sys.argv[1] == "crossover":
+        crossover(Path(sys.argv[2]))
+    elif sys.argv[1] == "balanced":
         balanced(Path(sys.argv[2]))
     elif sys.argv[1] in ("fp8", "fp8-plan"):
         fp8(Path(sys.argv[2]), tiles=sys.argv[1] == "fp8")

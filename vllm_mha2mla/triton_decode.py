@@ -186,7 +186,8 @@ def row_tiles(block_c: int, block_r: int, max_seq_len: int, fp8_cache: bool = Fa
 
 
 def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len: int,
-                num_sms: int, shared_memory: int = SHARED_MEMORY_BUDGET, fp8_cache: bool = False) -> DecodeLaunch:
+                num_sms: int, shared_memory: int = SHARED_MEMORY_BUDGET, fp8_cache: bool = False,
+                balanced: bool = True) -> DecodeLaunch:
     """Tiles that keep the float32 accumulator in registers and fit ``shared_memory`` bytes, and
     enough splits to fill the GPU. Rows too wide for the smallest tiles are refused here, with
     the sizes, rather than by Triton at launch."""
@@ -219,13 +220,13 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
     by_length = 1 << (max(1, max_seq_len // MIN_TOKENS_PER_SPLIT).bit_length() - 1)  # at least MIN tokens a split
     num_splits = max(1, min(want, by_length, 64))
     plan = DecodeLaunch(block_h, block_n, blocks, block_r, num_warps, 2, num_splits)
-    if fp8_cache:  # its tiles were measured with fixed splits only
+    if fp8_cache or not balanced:  # fp8 tiles were measured with fixed splits only
         return plan
     return balanced_launch(plan, batch, num_heads, num_sms, shared_memory)
 
 
 def balanced_launch(plan: DecodeLaunch, batch: int, num_heads: int, num_sms: int,
-                    shared_memory: int = SHARED_MEMORY_BUDGET) -> DecodeLaunch:
+                    shared_memory: int = SHARED_MEMORY_BUDGET, min_fill: float = 1.0) -> DecodeLaunch:
     """The balanced kernel in one full wave, where the batch has a request per program slot or more:
     64-row tiles where they fit, 4 warps for rows of up to 1024 values, and as many programs per head
     group as the SMs hold at once (two per SM where the tile leaves room in shared memory and
@@ -242,7 +243,7 @@ def balanced_launch(plan: DecodeLaunch, batch: int, num_heads: int, num_sms: int
     per_sm = max(1, min(2 if num_warps == 4 else 1, SHARED_MEMORY_PER_SM // tile_bytes))
     groups = triton.cdiv(num_heads, plan.block_h)
     slots = per_sm * num_sms
-    if groups * batch < slots:
+    if groups * batch < min_fill * slots:
         return plan
     return replace(plan, block_n=block_n, num_warps=num_warps, num_programs=max(1, slots // groups))
 
