@@ -293,7 +293,7 @@ def crossover(out_file: Path) -> None:
             q, cache, table, lens = paged_inputs(latent, rope, 32, batch, 8700)
             gbytes = float(lens.sum()) * (latent + rope) * 2 / 1e9
             fixed = plan_launch(batch, 32, latent, rope, 8700, sms, balanced=False)
-            even = balanced_launch(fixed, batch, 32, sms, min_fill=0.0)
+            even = balanced_launch(fixed, batch, 32, sms, min_requests_per_sm=0.0)
             want, _ = mla_paged_decode(q, cache, table, lens, 0.07, latent, 8700, launch=fixed)
             row = {"latent": latent, "rope": rope, "batch": batch, "gbytes_read": gbytes,
                    "fixed": asdict(fixed), "balanced": asdict(even)}

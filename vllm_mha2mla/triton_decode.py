@@ -66,6 +66,12 @@ def device_shared_memory(device_index: int) -> int:
     return int(limit) - SHARED_MEMORY_MARGIN
 
 
+BALANCED_MIN_REQUESTS_PER_SM = 0.75
+"""Below this many (request, head group) pairs per SM the fixed splits already fill the GPU and the
+balanced kernel's extra launch costs more than its even wave gains. Measured on an H100 over batches of
+16-310 requests of 8.7K tokens (benchmarks/results/h100-balanced-decode/crossover.json): balanced from 96
+requests on: 1.06-1.29x at 576 and 384 + 128 values, 1.11-1.16x at 512 + 512; at 64 requests 1.12x,
+1.02x and 0.96x; at 16-32 requests 0.61-0.94x."""
 SHARED_MEMORY_PER_SM = 228 * 1024
 """An H100's / H200's shared memory per multiprocessor: how many balanced programs run on one at once."""
 BALANCED_SCRATCH = 4 * 1024
@@ -226,9 +232,10 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
 
 
 def balanced_launch(plan: DecodeLaunch, batch: int, num_heads: int, num_sms: int,
-                    shared_memory: int = SHARED_MEMORY_BUDGET, min_fill: float = 1.0) -> DecodeLaunch:
-    """The balanced kernel in one full wave, where the batch has a request per program slot or more:
-    64-row tiles where they fit, 4 warps for rows of up to 1024 values, and as many programs per head
+                    shared_memory: int = SHARED_MEMORY_BUDGET,
+                    min_requests_per_sm: float = BALANCED_MIN_REQUESTS_PER_SM) -> DecodeLaunch:
+    """The balanced kernel in one full wave, where the batch has ``min_requests_per_sm`` (request, head
+    group) pairs per SM or more: 64-row tiles where they fit, 4 warps for rows of up to 1024 values, and as many programs per head
     group as the SMs hold at once (two per SM where the tile leaves room in shared memory and
     registers for two, else one); ``plan`` as it is for smaller batches.
 
@@ -243,7 +250,7 @@ def balanced_launch(plan: DecodeLaunch, batch: int, num_heads: int, num_sms: int
     per_sm = max(1, min(2 if num_warps == 4 else 1, SHARED_MEMORY_PER_SM // tile_bytes))
     groups = triton.cdiv(num_heads, plan.block_h)
     slots = per_sm * num_sms
-    if groups * batch < min_fill * slots:
+    if groups * batch < min_requests_per_sm * num_sms:
         return plan
     return replace(plan, block_n=block_n, num_warps=num_warps, num_programs=max(1, slots // groups))
 
