@@ -66,7 +66,7 @@ def device_shared_memory(device_index: int) -> int:
     return int(limit) - SHARED_MEMORY_MARGIN
 
 
-BALANCED_MIN_REQUESTS_PER_SM = 0.75
+BALANCED_MIN_REQUESTS_PER_SM = 0.7
 """Below this many (request, head group) pairs per SM the fixed splits already fill the GPU and the
 balanced kernel's extra launch costs more than its even wave gains. Measured on an H100 over batches of
 16-310 requests of 8.7K tokens (benchmarks/results/h100-balanced-decode/crossover.json): balanced from 96
