@@ -9,6 +9,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # kernels defined now become interpreted kernels
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -166,29 +167,53 @@ def test_fp8_cache_converts_to_float16_and_scales_scores_and_output():
 
 
 def test_launch_plan_fits_registers_and_fills_the_gpu():
-    wide = plan_launch(batch=1, num_heads=32, latent=896, rope=512, max_seq_len=8192, num_sms=132)
+    """The tiles and split counts per request (the plan before the balanced kernel takes big batches)."""
+    split_plan = functools.partial(plan_launch, balanced=False)
+    wide = split_plan(batch=1, num_heads=32, latent=896, rope=512, max_seq_len=8192, num_sms=132)
     assert wide.latent_blocks == (512, 256, 128) and wide.num_splits > 1  # 896 columns held, not 1024
     assert (wide.block_h, wide.block_n, wide.num_warps) == (32, 32, 8)  # one head group (measured fastest)
-    assert plan_launch(64, 32, 640, 512, 8192, 132).latent_blocks == (512, 128)
-    assert plan_launch(64, 32, 640, 512, 8192, 132).block_h == 16  # rotary-heavy: two groups of 16 (measured)
-    cut50 = plan_launch(97, 32, 896, 128, 8704, 132)  # Llama-3-8B cut50 at its 8K/1K decode batch
+    assert split_plan(64, 32, 640, 512, 8192, 132).latent_blocks == (512, 128)
+    assert split_plan(64, 32, 640, 512, 8192, 132).block_h == 16  # rotary-heavy: two groups of 16 (measured)
+    cut50 = split_plan(97, 32, 896, 128, 8704, 132)  # Llama-3-8B cut50 at its 8K/1K decode batch
     assert (cut50.block_h, cut50.block_n, cut50.num_warps) == (32, 64, 8)  # one group: 1.33x over two of 16
-    narrow_rope = plan_launch(128, 32, 640, 128, 8704, 132)
+    narrow_rope = split_plan(128, 32, 640, 128, 8704, 132)
     assert (narrow_rope.block_h, narrow_rope.block_n, narrow_rope.num_warps) == (32, 32, 4)  # 1.20x over 16 heads
-    assert plan_launch(64, 32, 448, 512, 8192, 132).latent_blocks == (512,)  # one tile 1/8 padded beat 3 blocks
-    assert plan_launch(64, 32, 384, 128, 8192, 132).latent_blocks == (256, 128)  # 1/4 padded: blocks (1.66x)
-    assert plan_launch(64, 64, 128, 64, 8192, 132).block_h == 64  # small accumulators: 64 heads per program
-    paper_d32 = plan_launch(64, 32, 1024, 512, 8704, 132)  # Llama-2-7B r16-d32 at its 8K/1K decode batch
+    assert split_plan(64, 32, 448, 512, 8192, 132).latent_blocks == (512,)  # one tile 1/8 padded beat 3 blocks
+    assert split_plan(64, 32, 384, 128, 8192, 132).latent_blocks == (256, 128)  # 1/4 padded: blocks (1.66x)
+    assert split_plan(64, 64, 128, 64, 8192, 132).block_h == 64  # small accumulators: 64 heads per program
+    paper_d32 = split_plan(64, 32, 1024, 512, 8704, 132)  # Llama-2-7B r16-d32 at its 8K/1K decode batch
     assert paper_d32.latent_blocks == (512, 512) and (paper_d32.block_h, paper_d32.block_n) == (32, 32)  # 1.20x
-    assert plan_launch(40, 32, 2048, 512, 8704, 132).latent_blocks == (1024, 512, 512)  # r16-d64: 1.14x
-    assert plan_launch(40, 32, 1536, 512, 8704, 132).latent_blocks == (512, 512, 512)
-    narrow = plan_launch(batch=512, num_heads=32, latent=512, rope=64, max_seq_len=8192, num_sms=132)
+    assert split_plan(40, 32, 2048, 512, 8704, 132).latent_blocks == (1024, 512, 512)  # r16-d64: 1.14x
+    assert split_plan(40, 32, 1536, 512, 8704, 132).latent_blocks == (512, 512, 512)
+    narrow = split_plan(batch=512, num_heads=32, latent=512, rope=64, max_seq_len=8192, num_sms=132)
     assert narrow.block_h == 32  # all heads share one read of each row
     assert narrow.latent_blocks == (256, 256)  # two accumulators of 256 (measured 1.09x over one of 512)
-    assert plan_launch(64, 32, 512, 512, 4096, 132).latent_blocks == (512,)  # not in 64-row tiles
+    assert split_plan(64, 32, 512, 512, 4096, 132).latent_blocks == (512,)  # not in 64-row tiles
     assert narrow.num_splits == 4  # 512 requests: ~8 programs per SM (measured: no ragged last wave)
-    short = plan_launch(batch=1, num_heads=16, latent=512, rope=64, max_seq_len=100, num_sms=132)
+    short = split_plan(batch=1, num_heads=16, latent=512, rope=64, max_seq_len=100, num_sms=132)
     assert short.num_splits == 1  # no split shorter than MIN_TOKENS_PER_SPLIT
+
+
+def test_balanced_kernel_takes_batches_that_fill_the_gpu():
+    """From 0.7 (request, head group) pairs per SM on (the measured crossover) the balanced kernel runs
+    one wave: two programs per SM where two fit (4 warps, tiles under half the SM's shared memory), one
+    where they do not; fp8 caches and small batches keep the fixed splits."""
+    from vllm_mha2mla.triton_decode import balanced_launch
+
+    native = plan_launch(310, 32, 512, 64, 8704, 132)  # Llama-2-7B 576 values at its 8K/1K decode batch
+    assert (native.num_programs, native.block_n, native.num_warps) == (264, 64, 4)
+    paper = plan_launch(212, 32, 512, 512, 8704, 132)  # 1024 values: a 64-row tile takes 196 KiB
+    assert (paper.num_programs, paper.block_n, paper.num_warps) == (132, 64, 4)
+    assert plan_launch(93, 32, 512, 64, 8704, 132).num_programs == 264  # 93 >= 0.7 x 132
+    assert plan_launch(92, 32, 512, 64, 8704, 132).num_programs == 0  # fixed splits (measured faster at 16-32)
+    cut50 = plan_launch(97, 32, 896, 128, 8704, 132)  # 32 x 896 accumulators: the plan's 8 warps, one per SM
+    assert (cut50.num_programs, cut50.num_warps) == (132, 8)
+    two_groups = plan_launch(200, 64, 512, 64, 8704, 132)  # 64 heads in two groups of 32 share the slots
+    assert two_groups.block_h == 32 and two_groups.num_programs == 132
+    assert plan_launch(310, 32, 512, 64, 8704, 132, fp8_cache=True).num_programs == 0
+    split = plan_launch(310, 32, 512, 64, 8704, 132, balanced=False)
+    assert balanced_launch(split, 310, 32, 132) == native
+    assert balanced_launch(split, 8, 32, 132, min_requests_per_sm=0.0).num_programs == 264
 
 
 def test_tiles_shrink_to_a_smaller_gpus_shared_memory_and_too_wide_rows_are_refused():
@@ -228,19 +253,24 @@ def test_very_wide_rows_fit_shared_memory():
     assert plan_launch(64, 32, 512, 512, 4096, 132).block_n == 64  # the measured 1024-value config keeps its tile
 
 
-@pytest.mark.parametrize("latent,rope,fp8", [(512, 64, False), (512, 64, True), (512, 512, False), (2048, 512, False)])
-def test_plans_compile_for_an_h100_within_its_shared_memory(latent, rope, fp8):
+@pytest.mark.parametrize("latent,rope,fp8,batch", [(512, 64, False, 64), (512, 64, True, 64), (512, 512, False, 64),
+                                                  (2048, 512, False, 64), (512, 64, False, 310), (512, 512, False, 212)])
+def test_plans_compile_for_an_h100_within_its_shared_memory(latent, rope, fp8, batch):
     """The interpreter above runs the kernel as Python, which accepts code Triton's compiler refuses
     (an early return inside a constexpr branch did, in a launch option since removed); this compiles
     the planned launch for sm_90, without a GPU, in a process of its own (this module's kernels are
-    interpreted), and its shared memory must fit an H100's 227 KiB per block."""
+    interpreted), and its shared memory must fit an H100's 227 KiB per block. Batches of 212 and 310
+    (and the two head groups of 2048 + 512 at 64) plan the balanced kernel: its loop over requests
+    compiles too."""
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [str(latent), str(rope), "--batch", "64", *(["--fp8"] if fp8 else [])]
+    args = [str(latent), str(rope), "--batch", str(batch), *(["--fp8"] if fp8 else [])]
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "compile_sm90.py"), *args],
                           capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["is_plan"]
+    assert row["num_programs"] == plan_launch(batch, 32, latent, rope, 8704, 132, fp8_cache=fp8).num_programs, row
+    assert row["num_programs"] > 0 or batch == 64, row  # 212 and 310 requests: the balanced kernel
     assert 0 < row["shared_bytes"] <= 227 * 1024, row
     assert row["mma_versions"], row  # the products compiled to tensor-core instructions

@@ -235,7 +235,8 @@ def balanced_launch(plan: DecodeLaunch, batch: int, num_heads: int, num_sms: int
                     shared_memory: int = SHARED_MEMORY_BUDGET,
                     min_requests_per_sm: float = BALANCED_MIN_REQUESTS_PER_SM) -> DecodeLaunch:
     """The balanced kernel in one full wave, where the batch has ``min_requests_per_sm`` (request, head
-    group) pairs per SM or more: 64-row tiles where they fit, 4 warps for rows of up to 1024 values, and as many programs per head
+    group) pairs per SM or more: 64-row tiles where they fit, 4 warps where the accumulators fit them
+    (32 heads x 512 latent columns: 1.04x over 8 warps at 512 + 512), and as many programs per head
     group as the SMs hold at once (two per SM where the tile leaves room in shared memory and
     registers for two, else one); ``plan`` as it is for smaller batches.
 
@@ -245,7 +246,7 @@ def balanced_launch(plan: DecodeLaunch, batch: int, num_heads: int, num_sms: int
     the fixed splits already fill one wave and the balanced kernel's extra launches cost more."""
     block_n = 64 if shared_memory_bytes(plan.block_h, 64, plan.block_c, plan.block_r) <= shared_memory \
         else plan.block_n
-    num_warps = 4 if plan.block_c + plan.block_r <= 1024 else plan.num_warps
+    num_warps = 4 if plan.block_h * plan.block_c <= ACC_REGISTER_BUDGET else plan.num_warps
     tile_bytes = shared_memory_bytes(plan.block_h, block_n, plan.block_c, plan.block_r) + BALANCED_SCRATCH
     per_sm = max(1, min(2 if num_warps == 4 else 1, SHARED_MEMORY_PER_SM // tile_bytes))
     groups = triton.cdiv(num_heads, plan.block_h)
