@@ -13,7 +13,7 @@
               layout, plugin backend) vs the MHA original.
 
 Usage: python benchmarks/gpu_anyshape.py MODE OUT.json
-  MODE: kernel, kerneltimings (no tile sweep), parity, parity576 (576 case only), throughput576, throughput1024,
+  MODE: kernel, kerneltimings (no tile sweep), kernelcheck (correctness only, no vLLM), parity, parity576 (576 case only), throughput576, throughput1024,
         smollm2 (third argument: the SmolLM2-135M-Instruct Q4_1 GGUF file)
 """
 
@@ -62,7 +62,8 @@ def _kernel_correctness() -> dict:
 
     out: dict = {}
     for name, (latent, rope) in SHAPES.items():
-        for heads, batch, seq_len in ((32, 8, 777), (9, 3, 2100), (64, 2, 40)):
+        for heads, batch, seq_len in ((32, 8, 777), (9, 3, 2100), (64, 2, 40), (32, 128, 3000), (9, 120, 900)):
+            # the last two: batches the balanced kernel takes
             q, cache, table, lens = _paged_inputs(batch, heads, latent, rope, seq_len, 16, torch.bfloat16)
             got, _ = mla_paged_decode(q, cache, table, lens, 0.07, latent, seq_len)
             want = paged_latent_decode(q.float(), cache.float(), table, lens, 0.07, latent)
@@ -76,23 +77,39 @@ def _kernel_correctness() -> dict:
         want = paged_latent_decode(q.float(), fp8.float() * k_scale, table, lens, 0.07, latent)
         err = float((got.float() - want).abs().max())
         out[f"{name}_fp8_cache"] = {"max_abs_err": err, "ok": err < 3e-2}
-    # CUDA graph: capture once (planned for the longest length), replay with other lengths.
-    latent, rope = SHAPES["1024_llama2_paper"]
-    q, cache, table, lens = _paged_inputs(16, 32, latent, rope, 1500, 16, torch.bfloat16)
-    static_lens = lens.clone()
-    mla_paged_decode(q, cache, table, static_lens, 0.07, latent, 1500)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_out, _ = mla_paged_decode(q, cache, table, static_lens, 0.07, latent, 1500)
-    errs = []
-    for seed in range(3):
-        new = torch.randint(1, 1501, (16,), device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
-        static_lens.copy_(new.to(torch.int32))
-        graph.replay()
-        want = paged_latent_decode(q.float(), cache.float(), table, static_lens, 0.07, latent)
-        errs.append(float((g_out.float() - want).abs().max()))
-    out["cuda_graph_replay_new_lengths"] = {"max_abs_err": max(errs), "ok": max(errs) < 2e-2}
+    # CUDA graph: capture once (planned for the longest length), replay with other lengths; 16 requests run
+    # the fixed splits, 160 the balanced kernel (its chunks come from the lengths on the device)
+    for label, shape, batch in (("", "1024_llama2_paper", 16), ("_balanced", "576", 160),
+                                ("_balanced_1024", "1024_llama2_paper", 160)):
+        latent, rope = SHAPES[shape]
+        q, cache, table, lens = _paged_inputs(batch, 32, latent, rope, 1500, 16, torch.bfloat16)
+        static_lens = lens.clone()
+        mla_paged_decode(q, cache, table, static_lens, 0.07, latent, 1500)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            g_out, _ = mla_paged_decode(q, cache, table, static_lens, 0.07, latent, 1500)
+        errs = []
+        for seed in range(3):
+            gen = torch.Generator(device="cuda").manual_seed(seed)
+            new = torch.randint(1, 1501, (batch,), device="cuda", generator=gen)
+            static_lens.copy_(new.to(torch.int32))
+            graph.replay()
+            want = paged_latent_decode(q.float(), cache.float(), table, static_lens, 0.07, latent)
+            errs.append(float((g_out.float() - want).abs().max()))
+        out[f"cuda_graph_replay_new_lengths{label}"] = {"max_abs_err": max(errs), "ok": max(errs) < 2e-2,
+                                                        "batch": batch, "values": latent + rope}
     return out
+
+
+def kernel_check(out_file: Path) -> dict:
+    """``_kernel_correctness`` alone (no vLLM, no timings)."""
+    results = {"device": torch.cuda.get_device_name(0), "correctness": _kernel_correctness()}
+    _save(out_file, results)
+    bad = {k: v for k, v in results["correctness"].items() if not v["ok"]}
+    print(json.dumps(results["correctness"]), flush=True)
+    if bad:
+        raise SystemExit(f"kernel check failed: {bad}")
+    return results
 
 
 def _prefill_correctness() -> dict:
@@ -420,5 +437,7 @@ if __name__ == "__main__":
         smollm2(out, Path(sys.argv[3]))
     elif mode == "kerneltimings":
         kernel(out, sweep=False)
+    elif mode == "kernelcheck":
+        kernel_check(out)
     else:
         {"kernel": kernel, "parity": parity}[mode](out)
