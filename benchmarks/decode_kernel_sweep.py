@@ -18,7 +18,9 @@ against the plan's fixed splits per request, over program counts (multiples of t
 warps, at the engine runs' decode batches; the spill-free 576 tile (32 heads × 16 rows) and split
 counts that are not powers of two beside them; vLLM's FlashMLA on the 576-value rows when vLLM imports.
 
-Usage (GPU): python benchmarks/decode_kernel_sweep.py [fp8|fp8-plan|balanced] OUT.json
+``crossover``: the fixed splits against the balanced kernel (forced) over batch sizes.
+
+Usage (GPU): python benchmarks/decode_kernel_sweep.py [fp8|fp8-plan|balanced|crossover] OUT.json
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def _paged_problem(latent, rope, heads, block, lens, seed=0):
 )
 def test_kernel_equals_reference_decode(latent, rope, heads, block, splits):
     q, cache, table, lens = _paged_problem(latent, rope, heads, block, [1, 5, 33, 17, 64])
-    plan = replace(plan_launch(len(lens), heads, latent, rope, 64, num_sms=8), num_splits=splits)
+    plan = replace(plan_launch(len(lens), heads, latent, rope, 64, num_sms=8, balanced=False), num_splits=splits)
     out, lse = mla_paged_decode(q, cache, table, lens, 0.3, latent, 64, launch=plan)
     want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.3, latent)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
@@ -88,6 +88,80 @@ def test_balanced_kernel_equals_reference_decode(latent, rope, heads, block, len
                                rtol=1e-5, atol=1e-5)
 
 
+def _without_padding(q, cache, table, lens, scale, latent):
+    """The reference decode of the rows that hold tokens, and which rows those are."""
+    real = lens > 0
+    return real, paged_latent_decode(q[real].double(), cache.double(), table[real], lens[real], scale, latent)
+
+
+@pytest.mark.parametrize(
+    "lens,programs,min_chunk",
+    [
+        ([0, 5, 0, 0, 7, 0], 3, 1),  # empty rows first, between and last
+        ([4, 0, 4, 0, 4, 0, 0], 3, 4),  # empty rows exactly on chunk boundaries
+        ([10, 0, 0], 5, 1),  # vLLM's CUDA-graph padding: empty rows after the batch
+        ([0, 0, 0], 4, 1),  # nothing to read at all
+    ],
+)
+def test_balanced_kernel_gives_empty_rows_zero_and_minus_infinity(lens, programs, min_chunk, monkeypatch):
+    """Rows of length 0 (CUDA-graph padding) are never read from the cache (their block-table entries
+    point nowhere here) and come out as 0 with log-sum-exp -inf, whichever program their position
+    falls to; the other rows as the reference. The buffers are filled first, so a row left unwritten
+    shows."""
+    from vllm_mha2mla import triton_decode
+
+    monkeypatch.setattr(triton_decode, "MIN_TOKENS_PER_PROGRAM", min_chunk)
+    empty_like_before = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty_like_before(*shape, **kw).fill_(1234.0))
+    q, cache, table, lens_t = _paged_problem(40, 8, 5, 4, [max(n, 1) for n in lens])
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    table[lens_t == 0] = 10**6  # out of range: reading it would fail
+    plan = replace(plan_launch(len(lens), 5, 40, 8, 64, num_sms=8), num_programs=programs)
+    out, lse = mla_paged_decode(q, cache, table, lens_t, 0.3, 40, 64, launch=plan)
+    empty = lens_t == 0
+    assert (out[empty] == 0).all() and (lse[empty] == float("-inf")).all()
+    if not empty.all():
+        real, want = _without_padding(q, cache, table, lens_t, 0.3, 40)
+        torch.testing.assert_close(out[real].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_split_kernel_gives_empty_rows_zero_and_minus_infinity():
+    q, cache, table, lens = _paged_problem(40, 8, 5, 4, [3, 1, 6])
+    lens[1] = 0
+    plan = replace(plan_launch(3, 5, 40, 8, 64, num_sms=8, balanced=False), num_splits=2)
+    out, lse = mla_paged_decode(q, cache, table, lens, 0.3, 40, 64, launch=plan)
+    assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
+    real, want = _without_padding(q, cache, table, lens, 0.3, 40)
+    torch.testing.assert_close(out[real].double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,longest,padding", [(40, 300, 5), (300, 40, 44), (17, 2000, 1)])
+def test_planned_balanced_launch_at_larger_batches(batch, longest, padding):
+    """The plan as ``plan_launch`` gives it (balanced, the default smallest chunk), batches past one
+    16-wide tile of lengths (its lanes past the batch masked), CUDA-graph padding at the end."""
+    g = torch.Generator().manual_seed(batch)
+    lens = torch.randint(1, longest, (batch,), generator=g).tolist()
+    q, cache, table, lens_t = _paged_problem(32, 16, 2, 16, lens)
+    lens_t[-padding:] = 0
+    plan = plan_launch(batch, 2, 32, 16, longest, num_sms=8)
+    assert plan.num_programs > 0
+    out, lse = mla_paged_decode(q, cache, table, lens_t, 0.3, 32, longest, launch=plan)
+    real, want = _without_padding(q, cache, table, lens_t, 0.3, 32)
+    torch.testing.assert_close(out[real].double(), want, rtol=1e-5, atol=1e-5)
+    assert (out[~real] == 0).all() and (lse[~real] == float("-inf")).all()
+
+
+def test_balanced_kernel_dequantises_a_scaled_cache(monkeypatch):
+    from vllm_mha2mla import triton_decode
+
+    monkeypatch.setattr(triton_decode, "MIN_TOKENS_PER_PROGRAM", 1)
+    q, cache, table, lens = _paged_problem(112, 32, 5, 16, [9, 40, 3])
+    plan = replace(plan_launch(3, 5, 112, 32, 40, num_sms=8), latent_blocks=latent_blocks(112), num_programs=4)
+    out, _ = mla_paged_decode(q, cache / 4.0, table, lens, 0.2, 112, 40, k_scale=torch.tensor([4.0]), launch=plan)
+    want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.2, 112)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_balanced_plan_rejects_a_negative_program_count():
     with pytest.raises(ValueError, match="num_programs must be 0"):
         replace(plan_launch(2, 4, 64, 16, 64, num_sms=8), num_programs=-1)
@@ -113,7 +187,7 @@ def test_latent_blocks_cover_the_latent_in_powers_of_two():
                                                 (208, 48, (128, 128)), (96, 32, (64, 32))])
 def test_every_block_split_of_the_latent_gives_the_reference(latent, rope, blocks):
     q, cache, table, lens = _paged_problem(latent, rope, 5, 16, [1, 40, 23])
-    plan = replace(plan_launch(3, 5, latent, rope, 40, num_sms=8), latent_blocks=blocks, num_splits=2)
+    plan = replace(plan_launch(3, 5, latent, rope, 40, num_sms=8, balanced=False), latent_blocks=blocks, num_splits=2)
     out, _ = mla_paged_decode(q, cache, table, lens, 0.1, latent, 40, launch=plan)
     want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.1, latent)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
@@ -121,14 +195,14 @@ def test_every_block_split_of_the_latent_gives_the_reference(latent, rope, block
 
 def test_blocks_that_do_not_cover_the_latent_are_refused():
     q, cache, table, lens = _paged_problem(640, 64, 2, 16, [4])
-    plan = replace(plan_launch(1, 2, 640, 64, 4, num_sms=8), latent_blocks=(512, 64))
+    plan = replace(plan_launch(1, 2, 640, 64, 4, num_sms=8, balanced=False), latent_blocks=(512, 64))
     with pytest.raises(ValueError, match=r"latent blocks \(512, 64\) cover 576 of 640"):
         mla_paged_decode(q, cache, table, lens, 0.5, 640, 4, launch=plan)
 
 
 def test_more_splits_than_tokens_leaves_empty_splits_out():
     q, cache, table, lens = _paged_problem(64, 16, 4, 16, [1, 2, 3])
-    plan = replace(plan_launch(3, 4, 64, 16, 3, num_sms=8), num_splits=8)
+    plan = replace(plan_launch(3, 4, 64, 16, 3, num_sms=8, balanced=False), num_splits=8)
     out, _ = mla_paged_decode(q, cache, table, lens, 0.5, 64, 3, launch=plan)
     want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.5, 64)
     assert torch.isfinite(out).all()
@@ -139,7 +213,7 @@ def test_more_splits_than_tokens_leaves_empty_splits_out():
 def test_scaled_cache_is_dequantised_with_k_scale(latent):
     q, cache, table, lens = _paged_problem(latent, 32, 5, 16, [9, 40])
     k_scale = torch.tensor([4.0])
-    plan = replace(plan_launch(2, 5, latent, 32, 40, num_sms=8), latent_blocks=latent_blocks(latent))
+    plan = replace(plan_launch(2, 5, latent, 32, 40, num_sms=8, balanced=False), latent_blocks=latent_blocks(latent))
     assert len(plan.latent_blocks) == (1 if latent == 64 else 3)
     out, _ = mla_paged_decode(q, cache / 4.0, table, lens, 0.2, latent, 40, k_scale=k_scale, launch=plan)
     want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.2, latent)

@@ -3,10 +3,17 @@
 Decode with absorbed weights is multi-query attention: every query head scores the same
 cached row ``[latent (C) | k_pe (R)]`` and reads the latent back as its value. The cost is
 reading the cache, so a program takes a *group of heads* (up to 64, as many as fit its
-registers) and a slice of one request's tokens, loads each tile of cached rows once
-(following the block table) and uses it for all heads of the group: scores and values come
-from the same load. Long sequences are split over several programs (flash-decoding); a
-second kernel merges the splits with their log-sum-exp.
+registers) and a run of cached rows, loads each tile of them once (following the block table)
+and uses it for all heads of the group: scores and values come from the same load. Two ways
+to hand out the rows:
+
+- *splits* (small batches): each request's tokens cut into ``num_splits`` slices, a program
+  each (flash-decoding); a second kernel merges the slices with their log-sum-exp.
+- *balanced* (batches that fill the GPU, :func:`balanced_launch`): the batch's tokens laid end to
+  end and cut into equal chunks, one program each, all in one wave (FlashMLA's scheduling);
+  requests inside a chunk are finished in place, only pieces of those that cross a chunk
+  boundary are merged. Uneven lengths and a ragged last wave cost the splits ~20% at the
+  engines' batches (benchmarks/results/h100-balanced-decode/).
 
 Head groups of one request run next to each other (program axis 0), so when the heads do
 not fit one group the second group's reads of the same rows hit L2.
@@ -19,9 +26,10 @@ with its own accumulator, and only the last block is padded and masked. One bloc
 next power of two (640 → 1024) would spend registers and shared memory on columns that hold
 nothing; the padding is what kept wide per-layer latents at half the bandwidth of the rest.
 
-CUDA graphs: the grid depends only on the batch size, the head count and ``num_splits``;
-each program derives its token range from ``seq_lens`` on the device, so a captured graph
-stays correct for any sequence lengths.
+CUDA graphs: the grid depends only on the batch size, the head count and the plan (``num_splits``
+or ``num_programs``); each program derives its token range from ``seq_lens`` on the device, so a
+captured graph stays correct for any sequence lengths (padding rows of length 0 included: their
+output is 0 and their log-sum-exp -inf).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ ACC_REGISTER_BUDGET = 16384
 MIN_TOKENS_PER_SPLIT = 1024
 """Shorter splits lose more to the merge and per-split setup than they gain (measured: 8 splits of
 ~1K tokens beat 16 and 32 at 16–32 requests of 8K)."""
+INT32_MAX: tl.constexpr = tl.constexpr(2**31 - 1)
 MIN_TOKENS_PER_PROGRAM = 256
 """The balanced kernel's smallest chunk: below it a program's setup and the merge outweigh its rows."""
 PROGRAMS_PER_SM = 8
@@ -72,8 +81,9 @@ balanced kernel's extra launch costs more than its even wave gains. Measured on 
 16-310 requests of 8.7K tokens (benchmarks/results/h100-balanced-decode/crossover.json): balanced from 96
 requests on: 1.06-1.29x at 576 and 384 + 128 values, 1.11-1.16x at 512 + 512; at 64 requests 1.12x,
 1.02x and 0.96x; at 16-32 requests 0.61-0.94x."""
-SHARED_MEMORY_PER_SM = 228 * 1024
-"""An H100's / H200's shared memory per multiprocessor: how many balanced programs run on one at once."""
+SHARED_MEMORY_BLOCK_TO_SM = 1024
+"""A multiprocessor's shared memory less a block's opt-in limit (228 - 227 KiB on an H100 / H200,
+164 - 163 on an A100, 100 - 99 on Ada): with the budget's margin, how many balanced programs fit one SM."""
 BALANCED_SCRATCH = 4 * 1024
 """Shared memory Triton adds to the balanced kernel's tiles (114,688 compiled for 32 heads x 64 rows of
 512 + 64 values, whose tiles take 110,592)."""
@@ -138,6 +148,7 @@ class DecodeLaunch:
         return sum(self.latent_blocks)
 
     def grid(self, batch: int, num_heads: int) -> tuple[int, int, int]:
+        """(head groups, requests or balanced programs, splits): a function of the batch size alone."""
         if self.num_programs:
             return (triton.cdiv(num_heads, self.block_h), self.num_programs, 1)
         return (triton.cdiv(num_heads, self.block_h), batch, self.num_splits)
@@ -248,7 +259,8 @@ def balanced_launch(plan: DecodeLaunch, batch: int, num_heads: int, num_sms: int
         else plan.block_n
     num_warps = 4 if plan.block_h * plan.block_c <= ACC_REGISTER_BUDGET else plan.num_warps
     tile_bytes = shared_memory_bytes(plan.block_h, block_n, plan.block_c, plan.block_r) + BALANCED_SCRATCH
-    per_sm = max(1, min(2 if num_warps == 4 else 1, SHARED_MEMORY_PER_SM // tile_bytes))
+    sm_bytes = shared_memory + SHARED_MEMORY_MARGIN + SHARED_MEMORY_BLOCK_TO_SM  # this GPU's, from its budget
+    per_sm = max(1, min(2 if num_warps == 4 else 1, sm_bytes // tile_bytes))
     groups = triton.cdiv(num_heads, plan.block_h)
     slots = per_sm * num_sms
     if groups * batch < min_requests_per_sm * num_sms:
@@ -263,6 +275,19 @@ def _load_rows(base, offs, ok, like):
     multiplies the scores and the output instead of every cached value."""
     tile = tl.load(base + offs[None, :], mask=ok, other=0.0)
     return tile.to(like.dtype)
+
+
+@triton.jit
+def _row_columns(LATENT: tl.constexpr, ROPE: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """Column offsets of the latent blocks [0, C0), [C0, C0 + C1), [C0 + C1, C0 + C1 + C2) and of the
+    rotary slice, and which of them hold values (the last block and the rotary tile are padded)."""
+    offs_0 = tl.arange(0, C0)
+    offs_1 = C0 + tl.arange(0, C1)
+    offs_2 = C0 + C1 + tl.arange(0, C2)
+    offs_r = LATENT + tl.arange(0, BLOCK_R)
+    return (offs_0, offs_1, offs_2, offs_r, offs_0[None, :] < LATENT, offs_1[None, :] < LATENT,
+            offs_2[None, :] < LATENT, offs_r[None, :] < LATENT + ROPE)
 
 
 @triton.jit
@@ -364,14 +389,7 @@ def _mla_decode_split_kernel(
 
     heads = head_group * BLOCK_H + tl.arange(0, BLOCK_H)
     head_ok = heads[:, None] < num_heads
-    offs_0 = tl.arange(0, C0)
-    offs_1 = C0 + tl.arange(0, C1)
-    offs_2 = C0 + C1 + tl.arange(0, C2)
-    ok_0 = offs_0[None, :] < LATENT
-    ok_1 = offs_1[None, :] < LATENT
-    ok_2 = offs_2[None, :] < LATENT
-    offs_r = LATENT + tl.arange(0, BLOCK_R)
-    ok_r = offs_r[None, :] < LATENT + ROPE
+    offs_0, offs_1, offs_2, offs_r, ok_0, ok_1, ok_2, ok_r = _row_columns(LATENT, ROPE, C0, C1, C2, BLOCK_R)
     q_0, q_1, q_2, q_r = _query_blocks(Q, stride_qb, stride_qh, b, heads, head_ok, offs_0, offs_1, offs_2, offs_r,
                                        ok_0, ok_1, ok_2, ok_r, NUM_BLOCKS, FP16_OPERANDS)
 
@@ -434,20 +452,13 @@ def _mla_decode_balanced_kernel(
     start = p * chunk
     end = tl.minimum(start + chunk, total)
     offs_b = tl.arange(0, BLOCK_B)
-    cu = tl.load(CuLens + offs_b, mask=offs_b < batch, other=2147483647)
+    cu = tl.load(CuLens + offs_b, mask=offs_b < batch, other=INT32_MAX)  # lanes past the batch count nowhere
     first = tl.sum((cu <= start).to(tl.int32))  # the request holding token `start`
     last = tl.sum((cu < end).to(tl.int32))  # the request holding token `end - 1` (none if start >= end)
 
     heads = head_group * BLOCK_H + tl.arange(0, BLOCK_H)
     head_ok = heads[:, None] < num_heads
-    offs_0 = tl.arange(0, C0)
-    offs_1 = C0 + tl.arange(0, C1)
-    offs_2 = C0 + C1 + tl.arange(0, C2)
-    ok_0 = offs_0[None, :] < LATENT
-    ok_1 = offs_1[None, :] < LATENT
-    ok_2 = offs_2[None, :] < LATENT
-    offs_r = LATENT + tl.arange(0, BLOCK_R)
-    ok_r = offs_r[None, :] < LATENT + ROPE
+    offs_0, offs_1, offs_2, offs_r, ok_0, ok_1, ok_2, ok_r = _row_columns(LATENT, ROPE, C0, C1, C2, BLOCK_R)
     k_scale = 1.0
     if SCALED_CACHE:
         k_scale = tl.load(KScale)
@@ -465,7 +476,9 @@ def _mla_decode_balanced_kernel(
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         lse = tl.where(hi > lo, m_i + tl.log(safe_l), float("-inf"))
         scale = (k_scale / safe_l)[:, None]
-        # the heads to write as the request's output (all, if the chunk holds the whole request), and as a piece
+        # How many heads to write as the request's output (all, if the chunk holds the whole request) and as a
+        # piece (all, otherwise), as head counts: masks then compare heads with them, where a scalar flag
+        # broadcast into a mask is what Triton's interpreter refuses.
         final_heads = tl.where((lo == 0) & (hi == req_len), num_heads, 0)
         piece_heads = num_heads - final_heads
         _store_blocks(Out + b * stride_ob + heads[:, None] * stride_oh, acc_0, acc_1, acc_2, scale,
@@ -490,6 +503,14 @@ def _merge_step(m, norm, acc, lse, part):
 
 
 @triton.jit
+def _store_merged(out_row, lse_ptr, m, norm, acc, offs_c, LATENT: tl.constexpr):
+    """A merged output row and its log-sum-exp; a row with no tokens (``norm`` 0) gets 0 and -inf."""
+    out = acc / tl.where(norm > 0, norm, 1.0)
+    tl.store(out_row + offs_c, out.to(out_row.dtype.element_ty), mask=offs_c < LATENT)
+    tl.store(lse_ptr + tl.arange(0, 1), m + tl.log(norm))
+
+
+@triton.jit
 def _mla_decode_balanced_merge_kernel(
     Partial, stride_pp, stride_ps, stride_ph,
     PartLse, stride_lp, stride_ls,
@@ -501,27 +522,28 @@ def _mla_decode_balanced_merge_kernel(
     LATENT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Program (request, head): the pieces of a request that crossed chunk boundaries, merged by
-    their log-sum-exp; requests that one program finished are left as they are."""
+    their log-sum-exp; requests that one program finished are left as they are, and rows of length
+    0 (CUDA-graph padding, which no program or only one may have visited) get 0 and -inf."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     chunk, total = _balanced_chunk(CuLens, batch, num_programs, min_chunk)
     req_end = tl.load(CuLens + b)
-    req_start = req_end - tl.load(SeqLens + b)
+    req_len = tl.load(SeqLens + b)
+    req_start = req_end - req_len
     p_first = req_start // chunk
     p_last = (req_end - 1) // chunk
-    if p_last > p_first:
+    if (p_last > p_first) | (req_len == 0):
         offs_c = tl.arange(0, BLOCK_C)
-        c_ok = offs_c < LATENT
         m = tl.full([1], float("-inf"), dtype=tl.float32)
         norm = tl.zeros([1], dtype=tl.float32)
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for p in range(p_first, p_last + 1):
+        for p in range(p_first, tl.where(req_len > 0, p_last + 1, p_first)):
             slot = tl.where((p == p_first) & (req_start != p * chunk), 1, 0)  # slot 0: the chunk's first request
             lse = tl.load(PartLse + p * stride_lp + slot * stride_ls + h + tl.arange(0, 1))
-            part = tl.load(Partial + p * stride_pp + slot * stride_ps + h * stride_ph + offs_c, mask=c_ok, other=0.0)
+            part = tl.load(Partial + p * stride_pp + slot * stride_ps + h * stride_ph + offs_c,
+                           mask=offs_c < LATENT, other=0.0)
             m, norm, acc = _merge_step(m, norm, acc, lse, part)
-        tl.store(Out + b * stride_ob + h * stride_oh + offs_c, (acc / norm).to(Out.dtype.element_ty), mask=c_ok)
-        tl.store(Lse + b * stride_lb + h + tl.arange(0, 1), m + tl.log(norm))
+        _store_merged(Out + b * stride_ob + h * stride_oh, Lse + b * stride_lb + h, m, norm, acc, offs_c, LATENT)
 
 
 @triton.jit
@@ -532,20 +554,19 @@ def _mla_decode_merge_kernel(
     num_splits,
     LATENT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Program (request, head): the request's splits merged by their log-sum-exp."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
-    c_ok = offs_c < LATENT
     base = Partial + b * stride_pb + h * stride_ph
     m = tl.full([1], float("-inf"), dtype=tl.float32)
     total = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for s in range(num_splits):
         lse = tl.load(base + s * stride_ps + LATENT + tl.arange(0, 1))
-        part = tl.load(base + s * stride_ps + offs_c, mask=c_ok, other=0.0)
+        part = tl.load(base + s * stride_ps + offs_c, mask=offs_c < LATENT, other=0.0)
         m, total, acc = _merge_step(m, total, acc, lse, part)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_c, (acc / total).to(Out.dtype.element_ty), mask=c_ok)
-    tl.store(Lse + b * stride_lb + h + tl.arange(0, 1), m + tl.log(total))
+    _store_merged(Out + b * stride_ob + h * stride_oh, Lse + b * stride_lb + h, m, total, acc, offs_c, LATENT)
 
 
 def split_kernel_constants(plan: DecodeLaunch, latent: int, rope: int, page: int, scaled_cache: bool,
@@ -578,8 +599,8 @@ def mla_paged_decode(
     same tiles on an H100 (median over 96 tile settings) and more precise; queries must lie within
     float16's range (±65,504), as they do wherever a model also runs in float16.
     ``num_sms``, ``shared_memory``: the GPU's multiprocessors and shared-memory budget (default:
-    read from ``q``'s device). Every sequence in the batch must hold at least one token (vLLM
-    decode guarantees it).
+    read from ``q``'s device). Rows of length 0 (vLLM's CUDA-graph padding) get output 0 and
+    log-sum-exp -inf.
     """
     batch, num_heads, width = q.shape
     rope = width - latent_dim
@@ -635,12 +656,16 @@ def batch_block(batch: int) -> int:
 
 
 def _merge_warps(latent_dim: int) -> int:
+    """Warps of a merge program (one output row of ``latent_dim`` float32 values)."""
     return 4 if latent_dim <= 1024 else 8
 
 
-def _balanced_decode(q, kv_cache, block_table, seq_lens, scale, k_scale, plan, out, lse, constants) -> None:
-    """:func:`_mla_decode_balanced_kernel` then its merge, into ``out`` and ``lse``: two programs' worth
-    of float32 pieces (slots 0 and 1) per program, and the lengths' running sum (one small launch)."""
+def _balanced_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                     scale: float, k_scale: torch.Tensor | None, plan: DecodeLaunch, out: torch.Tensor,
+                     lse: torch.Tensor, constants: dict) -> None:
+    """:func:`_mla_decode_balanced_kernel` then its merge, into ``out`` and ``lse``. Each program has
+    two float32 slots for pieces of requests (its chunk's first and last); the lengths' running sum
+    (one small launch) tells every program where its chunk starts."""
     batch, num_heads, _ = q.shape
     latent_dim = out.shape[-1]
     cu_lens = torch.cumsum(seq_lens, 0, dtype=torch.int32)
