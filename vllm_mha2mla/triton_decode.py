@@ -505,9 +505,10 @@ def _merge_step(m, norm, acc, lse, part):
 @triton.jit
 def _store_merged(out_row, lse_ptr, m, norm, acc, offs_c, LATENT: tl.constexpr):
     """A merged output row and its log-sum-exp; a row with no tokens (``norm`` 0) gets 0 and -inf."""
-    out = acc / tl.where(norm > 0, norm, 1.0)
-    tl.store(out_row + offs_c, out.to(out_row.dtype.element_ty), mask=offs_c < LATENT)
-    tl.store(lse_ptr + tl.arange(0, 1), m + tl.log(norm))
+    has_tokens = norm > 0
+    safe_norm = tl.where(has_tokens, norm, 1.0)
+    tl.store(out_row + offs_c, (acc / safe_norm).to(out_row.dtype.element_ty), mask=offs_c < LATENT)
+    tl.store(lse_ptr + tl.arange(0, 1), tl.where(has_tokens, m + tl.log(safe_norm), float("-inf")))
 
 
 @triton.jit
