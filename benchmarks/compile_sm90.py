@@ -47,39 +47,46 @@ H100_SMS = 132
 PAGE = 16  # vLLM's block size for the plugin's backend
 
 
-def _runtime_arguments(latent: int, rope: int, heads: int, context: int, splits: int, fp8: bool) -> dict:
-    """The split kernel's run-time arguments as (Triton type, value) for a contiguous query
-    ``[batch, heads, width]``, a cache ``[pages, PAGE, width]`` and the float32 partials; values
+def _cache_arguments(latent: int, rope: int, heads: int, context: int, fp8: bool) -> dict:
+    """The run-time arguments both decode kernels open with, as (Triton type, value): a contiguous query
+    ``[batch, heads, width]``, a cache ``[pages, PAGE, width]``, its block table and the lengths; values
     decide which integers Triton specializes as divisible by 16."""
     width = latent + rope
     return {
         "Q": ("*bf16", None), "stride_qb": ("i32", heads * width), "stride_qh": ("i32", width),
         "KV": ("*fp8e4nv" if fp8 else "*bf16", None), "stride_kv_page": ("i32", PAGE * width),
         "stride_kv_tok": ("i32", width), "BlockTable": ("*i32", None), "stride_bt": ("i32", -(-context // PAGE)),
-        "SeqLens": ("*i32", None), "Partial": ("*fp32", None),
+        "SeqLens": ("*i32", None),
+    }
+
+
+def _scale_arguments(heads: int, fp8: bool) -> dict:
+    return {"KScale": ("*fp32" if fp8 else "*i32", None), "sm_scale": ("fp32", None), "num_heads": ("i32", heads)}
+
+
+def _runtime_arguments(latent: int, rope: int, heads: int, context: int, splits: int, fp8: bool) -> dict:
+    """The split kernel's run-time arguments: :func:`_cache_arguments`, the float32 partials
+    ``[batch, heads, splits, latent + 1]``, the scales and the split count."""
+    return {
+        **_cache_arguments(latent, rope, heads, context, fp8), "Partial": ("*fp32", None),
         "stride_pb": ("i32", heads * splits * (latent + 1)), "stride_ph": ("i32", splits * (latent + 1)),
-        "stride_ps": ("i32", latent + 1), "KScale": ("*fp32" if fp8 else "*i32", None),
-        "sm_scale": ("fp32", None), "num_heads": ("i32", heads), "num_splits": ("i32", splits),
+        "stride_ps": ("i32", latent + 1), **_scale_arguments(heads, fp8), "num_splits": ("i32", splits),
     }
 
 
 def _balanced_runtime_arguments(latent: int, rope: int, heads: int, batch: int, context: int, programs: int,
                                 fp8: bool) -> dict:
-    """The balanced kernel's run-time arguments, as :func:`_runtime_arguments` gives the split kernel's:
-    the same query, cache and table, the output ``[batch, heads, latent]`` and the float32 pieces
-    ``[programs, 2, heads, latent]``."""
-    width = latent + rope
+    """The balanced kernel's run-time arguments: :func:`_cache_arguments`, the lengths' running sum,
+    the output ``[batch, heads, latent]`` and its lse, the float32 pieces ``[programs, 2, heads, latent]``
+    and theirs, the scales, the program count and the smallest chunk."""
     return {
-        "Q": ("*bf16", None), "stride_qb": ("i32", heads * width), "stride_qh": ("i32", width),
-        "KV": ("*fp8e4nv" if fp8 else "*bf16", None), "stride_kv_page": ("i32", PAGE * width),
-        "stride_kv_tok": ("i32", width), "BlockTable": ("*i32", None), "stride_bt": ("i32", -(-context // PAGE)),
-        "SeqLens": ("*i32", None), "CuLens": ("*i32", None), "batch": ("i32", batch),
+        **_cache_arguments(latent, rope, heads, context, fp8), "CuLens": ("*i32", None), "batch": ("i32", batch),
         "Out": ("*bf16", None), "stride_ob": ("i32", heads * latent), "stride_oh": ("i32", latent),
         "Lse": ("*fp32", None), "stride_lb": ("i32", heads),
         "Partial": ("*fp32", None), "stride_pp": ("i32", 2 * heads * latent), "stride_ps": ("i32", heads * latent),
         "stride_ph": ("i32", latent), "PartLse": ("*fp32", None), "stride_lp": ("i32", 2 * heads),
-        "stride_ls": ("i32", heads), "KScale": ("*fp32" if fp8 else "*i32", None), "sm_scale": ("fp32", None),
-        "num_heads": ("i32", heads), "num_programs": ("i32", programs), "min_chunk": ("i32", None),
+        "stride_ls": ("i32", heads), **_scale_arguments(heads, fp8), "num_programs": ("i32", programs),
+        "min_chunk": ("i32", None),
     }
 
 

@@ -241,6 +241,10 @@ def run_serving(model: Model, machine: Machine, options: BenchOptions, kv_dtype:
     try:
         with Server(serve_command(engine, port), env, out / "logs" / f"serve_{tag}.log", port,
                     options.timeout_s) as server:
+            log = server.log()  # the engine's start-up lines, written before it served: its backend and KV capacity
+            engine_fields = dict(attention_backend=attention_backend(log, model.variant.attention_backend,
+                                                                     model.variant.is_original, machine.on_cpu),
+                                 kv_capacity_tokens=kv_capacity_tokens(log))
             for rate in options.serve_rates:
                 name = f"serve_{tag}_{input_len}-{output_len}_rate{rate:g}.json"
                 prompts = serve_num_prompts(rate, options.serve_prompts, options.serve_seconds)
@@ -255,10 +259,7 @@ def run_serving(model: Model, machine: Machine, options: BenchOptions, kv_dtype:
                     row.update(serving_metrics(read_json(out / "raw" / name)))
                 except BenchError as exc:  # this rate failed; the server is up for the next one
                     row["error"] = str(exc)
-                log = server.log()  # the engine's start-up lines: its backend and KV capacity
-                row.update(attention_backend=attention_backend(log, model.variant.attention_backend,
-                                                               model.variant.is_original, machine.on_cpu),
-                           kv_capacity_tokens=kv_capacity_tokens(log))
+                row.update(engine_fields)
                 rows.append(row)
                 on_row(row)
     except BenchError as exc:
