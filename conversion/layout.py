@@ -118,6 +118,13 @@ class MLALayout:
         return self.head_dim - self.rope_dim
 
     @property
+    def nope_columns_used(self) -> int:
+        """Leading ``q_nope`` columns some query head can be non-zero on: its nope dims and the
+        rotated dims whose keys ride in the latent; the columns after them are zero padding in
+        every head (the native layouts' ``qk_nope_head_dim`` rounds up to a kernel size)."""
+        return self.nope_dim + max(self._overflow_count(k) for k in range(self.num_kv_heads))
+
+    @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 

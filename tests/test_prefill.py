@@ -8,18 +8,23 @@ import torch
 
 from conversion.layout import plan_exact_layout, plan_native_layout
 from conversion.reference_model import mla_inputs
-from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, compact_heads, varlen_attention_reference
+from vllm_mha2mla.head_compaction import compact_heads, compact_keys, head_compaction
+from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, varlen_attention_reference
 
 LAYOUTS = {
     "exact_gqa": lambda: plan_exact_layout(8, 4, 64, 16, 24),
     "exact_llama2_1024": lambda: plan_exact_layout(32, 32, 128, 16, 16),
     "native_overflow": lambda: plan_native_layout(32, 32, 128, 8, 10, 576),  # rope keys past the slot
+    "native_llama2_576": lambda: plan_native_layout(32, 32, 128, 2, 16, 576),  # nope 126 of 128 used
+    "native_gqa_576": lambda: plan_native_layout(16, 4, 64, 16, 32, 576),  # v and nope padded to 128
     "exact_mha_small": lambda: plan_exact_layout(9, 3, 64, 32, 32),
 }
 
 
-def _mla_qk(layout, tokens: int, seed: int = 0):
-    """Queries and keys exactly as vLLM's prefill sees them (q from mla_inputs, k = [k_nope | k_pe])."""
+def _mla_qk(layout, tokens: int, seed: int = 0, parts: bool = False):
+    """Queries and keys exactly as vLLM's prefill sees them (q from mla_inputs, k = [k_nope | k_pe],
+    k_nope as ``kv_b_proj`` makes it: zero past the nope columns a head can use); with ``parts``
+    also k_nope ``[T, H, qk_nope]`` and k_pe ``[T, 1, qk_rope]``."""
     g = torch.Generator().manual_seed(seed)
     h, d, r = layout.num_heads, layout.head_dim, layout.rope_dim
     q_compact = torch.randn(tokens, h * d, generator=g, dtype=torch.float64)
@@ -30,20 +35,64 @@ def _mla_qk(layout, tokens: int, seed: int = 0):
     q, kv = mla_inputs(q_compact, kv_compact, pos, inv_q, inv_k, layout.q_gather_index, layout.kv_gather_index,
                        d, r, layout.latent_dim)
     k_nope = torch.randn(tokens, h, layout.qk_nope_head_dim, generator=g, dtype=torch.float64)
-    k_pe = kv[:, None, layout.kv_lora_rank:].expand(-1, h, -1)
-    return q, torch.cat([k_nope, k_pe], dim=-1)
+    k_nope[..., layout.nope_columns_used:] = 0
+    k_pe = kv[:, None, layout.kv_lora_rank:]
+    k = torch.cat([k_nope, k_pe.expand(-1, h, -1)], dim=-1)
+    return (q, k, k_nope, k_pe) if parts else (q, k)
+
+
+def _compaction(layout, pad_to: int = 1, start: int = 0, heads: int | None = None):
+    heads = layout.num_heads if heads is None else heads
+    return head_compaction(layout, start, heads, layout.qk_nope_head_dim, layout.qk_rope_head_dim,
+                           layout.v_head_dim, pad_to)
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_compacted_heads_give_the_same_scores(name):
     layout = LAYOUTS[name]()
     q, k = _mla_qk(layout, tokens=12)
-    columns = layout.rope_slot_columns(0, layout.num_heads)
-    assert columns.shape[1] <= layout.rope_dim
-    qc, kc = (compact_heads(x, layout.qk_nope_head_dim, columns) for x in (q, k))
+    heads = _compaction(layout)
+    assert heads.rope_columns.shape[1] <= layout.rope_dim and heads.width <= layout.head_dim + layout.rope_overflow
+    assert not q[..., layout.nope_columns_used : layout.qk_nope_head_dim].any()  # what makes dropping them exact
+    qc, kc = compact_heads(q, heads), compact_heads(k, heads)
+    assert qc.shape == (12, layout.num_heads, heads.padded_dim)
     full = torch.einsum("qhd,khd->hqk", q, k)
     compact = torch.einsum("qhd,khd->hqk", qc, kc)
     torch.testing.assert_close(compact, full, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("pad_to", [1, 8, 64])
+def test_keys_built_compact_equal_compacted_full_keys(name, pad_to):
+    """The GPU implementation writes prefill keys compact from k_nope (a strided view, as vLLM's
+    split of ``kv_b_proj``'s output is) and k_pe; they must equal the compaction of vLLM's key."""
+    layout = LAYOUTS[name]()
+    q, k, k_nope, k_pe = _mla_qk(layout, tokens=7, parts=True)
+    values = torch.randn(7, layout.num_heads, layout.v_head_dim, dtype=torch.float64)
+    strided_nope = torch.cat([k_nope, values], dim=-1)[..., : layout.qk_nope_head_dim]
+    heads = _compaction(layout, pad_to)
+    assert heads.padded_dim % pad_to == 0 and heads.padded_dim >= max(heads.width, layout.v_head_dim)
+    built = compact_keys(strided_nope, k_pe, heads)
+    assert built.shape == (7, layout.num_heads, heads.padded_dim)
+    assert torch.equal(built, compact_heads(k, heads))
+    assert not built[..., heads.width :].any()
+
+
+def test_llama2_heads_compact_to_128_dims():
+    """Llama-2-7B: 126 nope + 2 own rotary columns at the native 576 layout (vLLM's heads: 192),
+    112 + 16 at the paper's 1024 values (624): FlashAttention's 128-wide kernel, no padding."""
+    for layout, vllm_width in ((LAYOUTS["native_llama2_576"](), 192), (LAYOUTS["exact_llama2_1024"](), 624)):
+        heads = _compaction(layout, pad_to=8)
+        assert (heads.qk_width, heads.width, heads.padded_dim) == (vllm_width, 128, 128)
+
+
+def test_compaction_without_mha2mla_layout_only_pads():
+    heads = head_compaction(None, 0, 4, 48, 64, 128, pad_to=8)
+    x = torch.randn(3, 4, 112)
+    assert heads.rope_columns is None and heads.padded_dim == 128
+    assert torch.equal(compact_heads(x, heads)[..., :112], x) and not compact_heads(x, heads)[..., 112:].any()
+    with pytest.raises(ValueError, match="not MHA2MLA"):
+        compact_keys(x[..., :48], x[:, :1, 48:], heads)
 
 
 def test_rope_columns_follow_tensor_parallel_shards():
@@ -51,6 +100,11 @@ def test_rope_columns_follow_tensor_parallel_shards():
     whole = layout.rope_slot_columns(0, 8)
     assert torch.equal(torch.cat([layout.rope_slot_columns(0, 4), layout.rope_slot_columns(4, 8)]), whole)
     assert whole[3].tolist() == list(range(16, 32))  # head 3 is in kv-head 1
+    q, k = _mla_qk(layout, tokens=5)
+    for start in (0, 4):  # a rank's compact heads = those heads of the whole compaction
+        shard = _compaction(layout, start=start, heads=4)
+        want = compact_heads(k, _compaction(layout))[:, start : start + 4]
+        assert torch.equal(compact_heads(k[:, start : start + 4].contiguous(), shard), want)
 
 
 def _backend(layout, hf_config=None):
@@ -77,12 +131,35 @@ def test_prefill_backend_equals_full_dim_attention(name):
     cu = torch.tensor([0, 5, 6, 15])
     backend = _backend(layout, _hf_config(layout))
     width = layout.qk_nope_head_dim + layout.qk_rope_head_dim
-    assert backend.head_geometry(width)[1] is not None and backend.padded_dim == layout.head_dim
+    assert backend.head_geometry(width).rope_columns is not None and backend.padded_dim == layout.head_dim
     backend.prepare_metadata(SimpleNamespace(query_start_loc=cu, max_query_len=9, chunked_context=None))
     out, lse = backend.run_prefill_new_tokens(q, k, v, return_softmax_lse=True)
     want, want_lse = varlen_attention_reference(q, k, v, cu, cu, 0.125, causal=True)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)  # float32 sums, different order
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["native_llama2_576", "native_overflow", "exact_llama2_1024"])
+def test_prefill_backend_takes_keys_built_compact(name):
+    """Keys the GPU implementation built compact give what vLLM's full keys give, for new tokens
+    and context chunks; a key of neither width is refused."""
+    layout = LAYOUTS[name]()
+    q, k, k_nope, k_pe = _mla_qk(layout, tokens=9, parts=True)
+    v = torch.randn(9, layout.num_heads, layout.v_head_dim, dtype=torch.float64)
+    backend = _backend(layout, _hf_config(layout))
+    compact = compact_keys(k_nope, k_pe, backend.head_geometry(q.shape[-1]))
+    assert compact.shape[-1] == backend.padded_dim < k.shape[-1]
+    cu, cu_k = torch.tensor([0, 4, 9]), torch.tensor([0, 6, 9])
+    chunk = SimpleNamespace(cu_seq_lens=[cu_k], max_seq_lens=[6])
+    backend.prepare_metadata(SimpleNamespace(query_start_loc=cu, max_query_len=5, chunked_context=chunk))
+    for run in (lambda key: backend.run_prefill_new_tokens(q, key, v, return_softmax_lse=True),
+                lambda key: backend.run_prefill_context_chunk(0, q, key, v)):
+        (out, lse), (want, want_lse) = run(compact), run(k)
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    want, _ = varlen_attention_reference(q, k, v, cu, cu, 0.125, causal=True)
+    torch.testing.assert_close(backend.run_prefill_new_tokens(q, compact, v, False), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="keys 100 wide"):
+        backend.run_prefill_new_tokens(q, k[..., :100], v, False)
 
 
 def test_one_backend_serves_layers_of_different_rotary_dims():
@@ -125,7 +202,7 @@ def test_context_chunk_is_unmasked_and_returns_lse():
 def test_without_an_mha2mla_config_heads_are_padded_not_compacted():
     layout = LAYOUTS["exact_gqa"]()
     backend = _backend(layout)
-    assert backend.head_geometry(layout.qk_nope_head_dim + layout.qk_rope_head_dim)[1] is None
+    assert backend.head_geometry(layout.qk_nope_head_dim + layout.qk_rope_head_dim).rope_columns is None
     assert backend.padded_dim == 48 + 64  # qk_nope 48 + qk_rope 64, already a multiple of 8
 
 

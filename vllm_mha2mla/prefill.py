@@ -4,12 +4,13 @@ vLLM's MLA prefill kernels accept three head shapes. MHA2MLA's exact layout has
 ``qk_nope = d - rope_dim``, ``qk_rope = g·rope_dim`` (every kv-head's rotated keys share the
 slot) and ``v = d``: for Llama-2-7B at the paper's 1024-value config that is (112, 512, 128),
 a 624-dim query·key product no FlashAttention kernel takes. But each query head is zero on
-every slot column except its own kv-head's ``rope_dim`` ones, so attention over
-``[nope | own rope columns]`` (``d`` = 128 dims) is exactly the same attention. This backend
-gathers those columns (:meth:`MLALayout.rope_slot_columns`), zero-pads the head dims to a
-multiple of 8 (zeros change no dot product), runs FlashAttention varlen and slices the value
-dims back. Without FlashAttention, or past its 256-dim limit, a PyTorch path computes the
-same thing (also the reference the tests hold the fast path to).
+every column except its nope dims and its own kv-head's slot columns, so attention over those
+alone (``d`` = 128 dims here, and for the native 576 layout too) is exactly the same attention
+(:mod:`vllm_mha2mla.head_compaction`). This backend gathers those columns, zero-pads the head
+dims to a multiple of 8 where they are not one (zeros change no dot product), runs
+FlashAttention varlen and slices the value dims back. Without FlashAttention, or past its
+256-dim limit, a PyTorch path computes the same thing (also the reference the tests hold the
+fast path to).
 """
 
 from __future__ import annotations
@@ -25,20 +26,9 @@ try:
 except ImportError:  # vLLM releases without the CPU SDPA prefill backend (the GPU bundle's 0.26)
     CPUSDPAMLAPrefillBackend = None  # type: ignore[assignment,misc]
 
+from vllm_mha2mla.head_compaction import HeadCompaction, compact_heads, head_compaction, pad_last
+
 FLASH_ATTN_MAX_HEAD_DIM = 256
-
-
-def compact_heads(x: torch.Tensor, nope_dim: int, rope_columns: torch.Tensor | None) -> torch.Tensor:
-    """``[T, H, nope + rope]`` → ``[T, H, nope + K]``: each head keeps its own rope columns."""
-    if rope_columns is None:
-        return x
-    rope = x[..., nope_dim:]
-    index = rope_columns.to(x.device)[None].expand(x.shape[0], -1, -1)
-    return torch.cat([x[..., :nope_dim], torch.gather(rope, -1, index)], dim=-1)
-
-
-def pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
-    return x if x.shape[-1] == width else torch.nn.functional.pad(x, [0, width - x.shape[-1]])
 
 
 def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
@@ -71,7 +61,7 @@ def varlen_attention_reference(
     return _per_sequence(q, k, v, cu_q, cu_k, attend)
 
 
-def _checkpoint_heads(vllm_config, num_heads: int):
+def checkpoint_heads(vllm_config, num_heads: int):
     """(layout, first head of this rank) when the model is an MHA2MLA checkpoint, else None."""
     from vllm_mha2mla.compat import mha2mla_spec
 
@@ -98,11 +88,24 @@ def layer_layout_for_width(layout, qk_width: int):
     return layout.with_rope(rope_dim)
 
 
+def layer_head_compaction(heads, num_heads: int, qk_nope: int, qk_rope: int, v_dim: int,
+                          pad_to: int) -> HeadCompaction:
+    """:func:`head_compaction` of the layer whose heads are ``qk_nope + qk_rope`` wide, from
+    :func:`checkpoint_heads`' answer (None: not MHA2MLA)."""
+    if heads is None:
+        return head_compaction(None, 0, num_heads, qk_nope, qk_rope, v_dim, pad_to)
+    layout, start = heads
+    lay = layer_layout_for_width(layout, qk_nope + qk_rope)
+    return head_compaction(lay, start, num_heads, lay.qk_nope_head_dim, lay.qk_rope_head_dim, v_dim, pad_to)
+
+
 class _CompactedHeads:
-    """What the GPU and CPU prefill backends share: each query/key head reduced to its nope dims
-    and its own kv-head's rope columns (:func:`compact_heads`, :meth:`MLALayout.rope_slot_columns`),
-    all three of q, k and v zero-padded to one head size (a multiple of ``PAD_TO``), values sliced
-    back after. Layers with their own rotary dims are told apart by their query width."""
+    """What the GPU and CPU prefill backends share: each query/key head reduced to the columns
+    it attends over (:mod:`vllm_mha2mla.head_compaction`), all three of q, k and v zero-padded
+    to one head size (a multiple of ``PAD_TO``), values sliced back after. Layers with their own
+    rotary dims are told apart by their query width. Keys may arrive already compact (the GPU
+    implementation builds them so: :meth:`MHA2MLATritonImpl._concat_k_nope_k_pe`); a key as
+    wide as its query is vLLM's full one."""
 
     PAD_TO = 1
 
@@ -111,28 +114,26 @@ class _CompactedHeads:
         super().__init__(num_heads=num_heads, scale=scale, kv_lora_rank=kv_lora_rank,
                          qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
                          v_head_dim=v_head_dim, vllm_config=vllm_config)
-        self._heads = _checkpoint_heads(vllm_config, num_heads)
-        self._geometry_by_width: dict[int, tuple[int, torch.Tensor | None, int]] = {}
-        self.padded_dim = self.head_geometry(qk_nope_head_dim + qk_rope_head_dim)[2]
+        self._heads = checkpoint_heads(vllm_config, num_heads)
+        self._compaction_by_width: dict[int, HeadCompaction] = {}
+        self.padded_dim = self.head_geometry(qk_nope_head_dim + qk_rope_head_dim).padded_dim
 
-    def head_geometry(self, qk_width: int) -> tuple[int, torch.Tensor | None, int]:
-        """(nope dims, per-head rope columns or None, padded head size) of a layer's heads."""
-        found = self._geometry_by_width.get(qk_width)
+    def head_geometry(self, qk_width: int) -> HeadCompaction:
+        """The compaction of a layer whose query heads are ``qk_width`` wide."""
+        found = self._compaction_by_width.get(qk_width)
         if found is None:
-            nope, columns = self.qk_nope_head_dim, None
-            if self._heads is not None:
-                layout, start = self._heads
-                lay = layer_layout_for_width(layout, qk_width)
-                nope, columns = lay.qk_nope_head_dim, lay.rope_slot_columns(start, start + self.num_heads)
-            qk = nope + (qk_width - nope if columns is None else columns.shape[1])
-            found = (nope, columns, -(-max(qk, self.v_head_dim) // self.PAD_TO) * self.PAD_TO)
-            self._geometry_by_width[qk_width] = found
+            found = layer_head_compaction(self._heads, self.num_heads, self.qk_nope_head_dim,
+                                          qk_width - self.qk_nope_head_dim, self.v_head_dim, self.PAD_TO)
+            self._compaction_by_width[qk_width] = found
         return found
 
     def _compacted(self, q, k, v):
-        nope, columns, width = self.head_geometry(q.shape[-1])
-        return (pad_last(compact_heads(q, nope, columns), width),
-                pad_last(compact_heads(k, nope, columns), width), pad_last(v, width))
+        heads = self.head_geometry(q.shape[-1])
+        if k.shape[-1] != q.shape[-1] and k.shape[-1] != heads.padded_dim:
+            raise ValueError(f"keys {k.shape[-1]} wide fit neither the queries ({q.shape[-1]}) nor their "
+                             f"compact heads ({heads.padded_dim})")
+        k = compact_heads(k, heads) if k.shape[-1] == q.shape[-1] else k
+        return compact_heads(q, heads), k, pad_last(v, heads.padded_dim)
 
     def _value_dims(self, out: torch.Tensor) -> torch.Tensor:
         # contiguous: vLLM merges context and new-token outputs and needs equal strides
