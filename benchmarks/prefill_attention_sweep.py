@@ -84,7 +84,7 @@ def _before_compact(x, nope, columns):
 def paths(layout, flash, version_for, device: str = "cuda"):
     """name -> fn(q, k_nope, k_pe, v, cu_q, cu_k, max_q, max_k, causal) -> out ``[Tq, H, v]``."""
     h, nope, rope, v_dim = layout.num_heads, layout.qk_nope_head_dim, layout.qk_rope_head_dim, layout.v_head_dim
-    now_heads = head_compaction(layout, 0, h, nope, rope, v_dim, pad_to=8)
+    now_heads = head_compaction(layout, 0, h, v_dim, pad_to=8)
     columns = layout.rope_slot_columns(0, h).to(device)
     before_width = -(-max(nope + columns.shape[1], v_dim) // 8) * 8
 

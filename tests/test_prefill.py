@@ -8,7 +8,7 @@ import torch
 
 from conversion.layout import plan_exact_layout, plan_native_layout
 from conversion.reference_model import mla_inputs
-from vllm_mha2mla.head_compaction import compact_heads, compact_keys, head_compaction
+from vllm_mha2mla.head_compaction import compact_heads, compact_keys, head_compaction, padded_heads
 from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, varlen_attention_reference
 
 LAYOUTS = {
@@ -43,8 +43,7 @@ def _mla_qk(layout, tokens: int, seed: int = 0, parts: bool = False):
 
 def _compaction(layout, pad_to: int = 1, start: int = 0, heads: int | None = None):
     heads = layout.num_heads if heads is None else heads
-    return head_compaction(layout, start, heads, layout.qk_nope_head_dim, layout.qk_rope_head_dim,
-                           layout.v_head_dim, pad_to)
+    return head_compaction(layout, start, heads, layout.v_head_dim, pad_to)
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
@@ -61,21 +60,34 @@ def test_compacted_heads_give_the_same_scores(name):
     torch.testing.assert_close(compact, full, rtol=1e-12, atol=1e-12)
 
 
+def _shards_and_layers(name):
+    """(layout, first head, heads) cases of one named layout: the whole layer, the second half of
+    its heads (a tensor-parallel rank) and, for exact layouts, a layer with its own rotary dims."""
+    layout = LAYOUTS[name]()
+    cases = [(layout, 0, layout.num_heads), (layout, layout.num_heads // 2, layout.num_heads - layout.num_heads // 2)]
+    if layout.kv_lora_rank == layout.latent_dim and not layout.rope_overflow:
+        cases.append((layout.with_rope(layout.rope_dim // 2 // 2 * 2 or 2), 0, layout.num_heads))
+    return cases
+
+
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 @pytest.mark.parametrize("pad_to", [1, 8, 64])
 def test_keys_built_compact_equal_compacted_full_keys(name, pad_to):
     """The GPU implementation writes prefill keys compact from k_nope (a strided view, as vLLM's
     split of ``kv_b_proj``'s output is) and k_pe; they must equal the compaction of vLLM's key."""
-    layout = LAYOUTS[name]()
-    q, k, k_nope, k_pe = _mla_qk(layout, tokens=7, parts=True)
-    values = torch.randn(7, layout.num_heads, layout.v_head_dim, dtype=torch.float64)
-    strided_nope = torch.cat([k_nope, values], dim=-1)[..., : layout.qk_nope_head_dim]
-    heads = _compaction(layout, pad_to)
-    assert heads.padded_dim % pad_to == 0 and heads.padded_dim >= max(heads.width, layout.v_head_dim)
-    built = compact_keys(strided_nope, k_pe, heads)
-    assert built.shape == (7, layout.num_heads, heads.padded_dim)
-    assert torch.equal(built, compact_heads(k, heads))
-    assert not built[..., heads.width :].any()
+    for layout, start, count in _shards_and_layers(name):
+        _, k, k_nope, k_pe = (x if x.shape[1] == 1 else x[:, start : start + count].contiguous()
+                              for x in _mla_qk(layout, tokens=7, parts=True))
+        values = torch.randn(7, count, layout.v_head_dim, dtype=torch.float64)
+        strided_nope = torch.cat([k_nope, values], dim=-1)[..., : layout.qk_nope_head_dim]
+        heads = _compaction(layout, pad_to, start, count)
+        assert heads.padded_dim % pad_to == 0 and heads.padded_dim >= max(heads.width, layout.v_head_dim)
+        built = compact_keys(strided_nope, k_pe, heads)
+        assert built.shape == (7, count, heads.padded_dim)
+        assert torch.equal(built, compact_heads(k, heads))
+        assert not built[..., heads.width :].any()
+        for empty in (compact_keys(strided_nope[:0], k_pe[:0], heads), compact_heads(k[:0], heads)):
+            assert empty.shape == (0, count, heads.padded_dim)  # a rank's empty context chunk
 
 
 def test_llama2_heads_compact_to_128_dims():
@@ -87,9 +99,9 @@ def test_llama2_heads_compact_to_128_dims():
 
 
 def test_compaction_without_mha2mla_layout_only_pads():
-    heads = head_compaction(None, 0, 4, 48, 64, 128, pad_to=8)
+    heads = padded_heads(4, 48, 64, 128, pad_to=8)
     x = torch.randn(3, 4, 112)
-    assert heads.rope_columns is None and heads.padded_dim == 128
+    assert heads.rope_columns is None and heads.padded_dim == 128 and not heads.narrows_keys
     assert torch.equal(compact_heads(x, heads)[..., :112], x) and not compact_heads(x, heads)[..., 112:].any()
     with pytest.raises(ValueError, match="not MHA2MLA"):
         compact_keys(x[..., :48], x[:, :1, 48:], heads)
@@ -160,6 +172,39 @@ def test_prefill_backend_takes_keys_built_compact(name):
     torch.testing.assert_close(backend.run_prefill_new_tokens(q, compact, v, False), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="keys 100 wide"):
         backend.run_prefill_new_tokens(q, k[..., :100], v, False)
+
+
+def test_gpu_implementation_builds_keys_compact_only_where_narrower():
+    """``MHA2MLATritonImpl`` hands vLLM's prefill its keys compact where that is narrower than
+    vLLM's key (the backend takes either: a key as wide as its query is the full one), and finds
+    its layer's layout from both head dims — one kv-head's layers are all ``d`` wide whatever
+    their rotary dims, so the width alone would not tell them apart."""
+    from vllm_mha2mla.gpu_backend import MHA2MLATritonImpl
+    from vllm_mha2mla.prefill import layer_layout_for_dims
+
+    config = SimpleNamespace(model_config=SimpleNamespace(hf_config=None))
+    for name, narrower in (("native_llama2_576", True), ("exact_llama2_1024", True), ("native_gqa_576", False)):
+        layout = LAYOUTS[name]()
+        impl = SimpleNamespace(num_heads=layout.num_heads, qk_nope_head_dim=layout.qk_nope_head_dim,
+                               qk_rope_head_dim=layout.qk_rope_head_dim, v_head_dim=layout.v_head_dim)
+        config.model_config.hf_config = _hf_config(layout)
+        heads = MHA2MLATritonImpl._compact_prefill_keys(impl, config)
+        assert (heads is not None) == narrower
+        if heads is not None:
+            q, k, k_nope, k_pe = _mla_qk(layout, tokens=5, parts=True)
+            built = MHA2MLATritonImpl._concat_k_nope_k_pe(SimpleNamespace(_prefill_heads=heads), k_nope, k_pe)
+            assert torch.equal(built, compact_heads(k, heads)) and built.shape[-1] < k.shape[-1]
+    mqa = plan_exact_layout(4, 1, 60, 4, 40)  # d = 60: not a multiple of 8, so keys are built compact
+    layer = mqa.with_rope(8)
+    assert layer_layout_for_dims(mqa, layer.qk_nope_head_dim, layer.qk_rope_head_dim) == layer
+    impl = SimpleNamespace(num_heads=4, qk_nope_head_dim=layer.qk_nope_head_dim, qk_rope_head_dim=layer.qk_rope_head_dim,
+                           v_head_dim=layer.v_head_dim)
+    config.model_config.hf_config = _hf_config(mqa)
+    heads = MHA2MLATritonImpl._compact_prefill_keys(impl, config)
+    _, k, k_nope, k_pe = _mla_qk(layer, tokens=5, parts=True)
+    assert heads.nope_kept == 52 and torch.equal(compact_keys(k_nope, k_pe, heads), compact_heads(k, heads))
+    with pytest.raises(ValueError, match="fit no rotary width"):
+        layer_layout_for_dims(mqa, 50, 6)
 
 
 def test_one_backend_serves_layers_of_different_rotary_dims():

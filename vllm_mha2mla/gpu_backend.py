@@ -17,9 +17,9 @@ from vllm.model_executor.layers.attention.mla_attention import MLACommonBackend,
 from vllm.v1.attention.backend import MultipleOf
 
 from vllm_mha2mla.compat import extend_cache_gather_to_any_width
-from vllm_mha2mla.head_compaction import compact_keys
+from vllm_mha2mla.head_compaction import HeadCompaction, compact_keys, head_compaction
 from vllm_mha2mla.metadata import AnyShapeBackend, MHA2MLAGraphMetadataBuilder
-from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, checkpoint_heads, layer_head_compaction
+from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, checkpoint_heads, layer_layout_for_dims
 from vllm_mha2mla.triton_decode import device_shared_memory, mla_paged_decode, plan_launch
 
 
@@ -47,14 +47,19 @@ class MHA2MLATritonImpl(MLACommonImpl):
         plan_launch(1, self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim, self._max_model_len,
                     self._num_sms, self._shared_memory, fp8_cache=_is_quantized(self.kv_cache_dtype))
         extend_cache_gather_to_any_width()  # chunked-context prefill reads rows of this width
-        heads = checkpoint_heads(get_current_vllm_config(), self.num_heads)
-        # This layer's prefill keys, built compact (MHA2MLA checkpoints only: the model gives them
-        # the plugin's prefill backend, which takes such keys) where that is narrower than vLLM's.
-        self._prefill_heads = None if heads is None else layer_head_compaction(
-            heads, self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim,
-            MHA2MLAPrefillBackend.PAD_TO)
-        if self._prefill_heads is not None and self._prefill_heads.padded_dim == self._prefill_heads.qk_width:
-            self._prefill_heads = None  # as wide as vLLM's key: the prefill backend compacts that one
+        self._prefill_heads = self._compact_prefill_keys(get_current_vllm_config())
+
+    def _compact_prefill_keys(self, vllm_config) -> HeadCompaction | None:
+        """This layer's prefill key geometry where keys are built compact: MHA2MLA checkpoints only
+        (the model gives those the plugin's prefill backend, which takes such keys) and only where
+        compact is narrower than vLLM's key (else the backend compacts vLLM's own)."""
+        shard = checkpoint_heads(vllm_config, self.num_heads)
+        if shard is None:
+            return None
+        layout, first_head = shard
+        heads = head_compaction(layer_layout_for_dims(layout, self.qk_nope_head_dim, self.qk_rope_head_dim),
+                                first_head, self.num_heads, self.v_head_dim, MHA2MLAPrefillBackend.PAD_TO)
+        return heads if heads.narrows_keys else None
 
     def _concat_k_nope_k_pe(self, k_nope: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
         """Prefill keys (new tokens and context chunks): only the columns attention needs

@@ -17,16 +17,20 @@ never written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from conversion.layout import MLALayout
 
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class HeadCompaction:
     """The prefill head geometry of one layer (one tensor-parallel rank's heads)."""
 
@@ -41,6 +45,7 @@ class HeadCompaction:
     """``[num_heads, K]`` slot columns each head keeps; None: no compaction (not MHA2MLA)."""
     padded_dim: int
     """Head size q, k and v are zero-padded to (one size for all three; the kernels want it)."""
+    _indices_on: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def qk_width(self) -> int:
@@ -51,31 +56,38 @@ class HeadCompaction:
         """Columns kept per head before padding."""
         return self.qk_width if self.rope_columns is None else self.nope_kept + self.rope_columns.shape[1]
 
+    @property
+    def narrows_keys(self) -> bool:
+        """Whether keys written compact are narrower than vLLM's full key: the one case the GPU
+        implementation builds them so. The prefill backends tell the two apart by width (a key as
+        wide as its query is the full one), which this keeps unambiguous."""
+        return self.rope_columns is not None and self.padded_dim != self.qk_width
+
     def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """On ``device`` (cached): the ``[num_heads · width]`` columns of a ``[T, num_heads ·
         qk_width]`` row that the compact heads take, head after head, and the ``[num_heads, K]``
-        rope-slot columns of each head."""
-        cache = self.__dict__.setdefault("_indices_by_device", {})
-        found = cache.get(device)
+        rope-slot columns of each head. Only for MHA2MLA heads (``rope_columns`` set)."""
+        found = self._indices_on.get(device)
         if found is None:
             heads = torch.arange(self.num_heads)[:, None] * self.qk_width
             columns = torch.cat([torch.arange(self.nope_kept).expand(self.num_heads, -1),
                                  self.qk_nope + self.rope_columns], dim=1)
-            found = cache[device] = ((heads + columns).reshape(-1).to(device), self.rope_columns.to(device))
+            found = self._indices_on[device] = ((heads + columns).reshape(-1).to(device), self.rope_columns.to(device))
         return found
 
 
-def head_compaction(layout, first_head: int, num_heads: int, qk_nope: int, qk_rope: int, v_dim: int,
-                    pad_to: int) -> HeadCompaction:
-    """The geometry of heads ``[first_head, first_head + num_heads)`` of ``layout`` (an
-    :class:`MLALayout` of this layer, or None for a checkpoint that is not MHA2MLA: heads then
-    only padded), all three head sizes padded to one multiple of ``pad_to``."""
-    if layout is None:
-        return HeadCompaction(num_heads, qk_nope, qk_rope, qk_nope, None, round_up(max(qk_nope + qk_rope, v_dim), pad_to))
+def head_compaction(layout: MLALayout, first_head: int, num_heads: int, v_dim: int, pad_to: int) -> HeadCompaction:
+    """The geometry of heads ``[first_head, first_head + num_heads)`` of one layer's ``layout``,
+    q, k and v padded to one multiple of ``pad_to``."""
     columns = layout.rope_slot_columns(first_head, first_head + num_heads)
     kept = layout.nope_columns_used
-    return HeadCompaction(num_heads, qk_nope, qk_rope, kept, columns,
+    return HeadCompaction(num_heads, layout.qk_nope_head_dim, layout.qk_rope_head_dim, kept, columns,
                           round_up(max(kept + columns.shape[1], v_dim), pad_to))
+
+
+def padded_heads(num_heads: int, qk_nope: int, qk_rope: int, v_dim: int, pad_to: int) -> HeadCompaction:
+    """Heads of a checkpoint that is not MHA2MLA: kept whole, only padded to one size."""
+    return HeadCompaction(num_heads, qk_nope, qk_rope, qk_nope, None, round_up(max(qk_nope + qk_rope, v_dim), pad_to))
 
 
 def pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -86,7 +98,7 @@ def compact_heads(x: torch.Tensor, heads: HeadCompaction) -> torch.Tensor:
     """``[T, H, qk_width]`` → ``[T, H, padded_dim]``: one gather of the kept columns, zeros after."""
     if heads.rope_columns is None:
         return pad_last(x, heads.padded_dim)
-    rows = x.reshape(x.shape[0], -1)  # a view for vLLM's contiguous q and k
+    rows = x.flatten(1)  # a view for vLLM's contiguous q and k
     kept = rows.index_select(1, heads.indices(x.device)[0]).view(x.shape[0], heads.num_heads, heads.width)
     return pad_last(kept, heads.padded_dim)
 

@@ -26,7 +26,8 @@ try:
 except ImportError:  # vLLM releases without the CPU SDPA prefill backend (the GPU bundle's 0.26)
     CPUSDPAMLAPrefillBackend = None  # type: ignore[assignment,misc]
 
-from vllm_mha2mla.head_compaction import HeadCompaction, compact_heads, head_compaction, pad_last
+from conversion.layout import MLALayout
+from vllm_mha2mla.head_compaction import HeadCompaction, compact_heads, head_compaction, pad_last, padded_heads
 
 FLASH_ATTN_MAX_HEAD_DIM = 256
 
@@ -61,7 +62,7 @@ def varlen_attention_reference(
     return _per_sequence(q, k, v, cu_q, cu_k, attend)
 
 
-def checkpoint_heads(vllm_config, num_heads: int):
+def checkpoint_heads(vllm_config, num_heads: int) -> tuple[MLALayout, int] | None:
     """(layout, first head of this rank) when the model is an MHA2MLA checkpoint, else None."""
     from vllm_mha2mla.compat import mha2mla_spec
 
@@ -74,7 +75,7 @@ def checkpoint_heads(vllm_config, num_heads: int):
     return spec.layout, rank * num_heads
 
 
-def layer_layout_for_width(layout, qk_width: int):
+def layer_layout_for_width(layout: MLALayout, qk_width: int) -> MLALayout:
     """The layout of a layer whose query/key heads are ``qk_width`` wide.
 
     vLLM builds one prefill backend per group of layers and calls it with every layer's q and
@@ -88,15 +89,16 @@ def layer_layout_for_width(layout, qk_width: int):
     return layout.with_rope(rope_dim)
 
 
-def layer_head_compaction(heads, num_heads: int, qk_nope: int, qk_rope: int, v_dim: int,
-                          pad_to: int) -> HeadCompaction:
-    """:func:`head_compaction` of the layer whose heads are ``qk_nope + qk_rope`` wide, from
-    :func:`checkpoint_heads`' answer (None: not MHA2MLA)."""
-    if heads is None:
-        return head_compaction(None, 0, num_heads, qk_nope, qk_rope, v_dim, pad_to)
-    layout, start = heads
-    lay = layer_layout_for_width(layout, qk_nope + qk_rope)
-    return head_compaction(lay, start, num_heads, lay.qk_nope_head_dim, lay.qk_rope_head_dim, v_dim, pad_to)
+def layer_layout_for_dims(layout: MLALayout, qk_nope: int, qk_rope: int) -> MLALayout:
+    """The layout of a layer whose heads are ``qk_nope`` + ``qk_rope`` wide (each attention
+    implementation knows both; the width alone leaves one kv-head's rotary dims open)."""
+    if (qk_nope, qk_rope) == (layout.qk_nope_head_dim, layout.qk_rope_head_dim):
+        return layout
+    rope_dim, rest = divmod(qk_rope, layout.num_kv_heads)
+    lay = None if rest or rope_dim <= 0 else layout.with_rope(rope_dim)
+    if lay is None or lay.qk_nope_head_dim != qk_nope:
+        raise ValueError(f"heads of {qk_nope} nope + {qk_rope} rope dims fit no rotary width of this checkpoint's layout")
+    return lay
 
 
 class _CompactedHeads:
@@ -114,7 +116,7 @@ class _CompactedHeads:
         super().__init__(num_heads=num_heads, scale=scale, kv_lora_rank=kv_lora_rank,
                          qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
                          v_head_dim=v_head_dim, vllm_config=vllm_config)
-        self._heads = checkpoint_heads(vllm_config, num_heads)
+        self._shard = checkpoint_heads(vllm_config, num_heads)
         self._compaction_by_width: dict[int, HeadCompaction] = {}
         self.padded_dim = self.head_geometry(qk_nope_head_dim + qk_rope_head_dim).padded_dim
 
@@ -122,12 +124,18 @@ class _CompactedHeads:
         """The compaction of a layer whose query heads are ``qk_width`` wide."""
         found = self._compaction_by_width.get(qk_width)
         if found is None:
-            found = layer_head_compaction(self._heads, self.num_heads, self.qk_nope_head_dim,
-                                          qk_width - self.qk_nope_head_dim, self.v_head_dim, self.PAD_TO)
+            if self._shard is None:
+                found = padded_heads(self.num_heads, self.qk_nope_head_dim, qk_width - self.qk_nope_head_dim,
+                                     self.v_head_dim, self.PAD_TO)
+            else:
+                layout, first_head = self._shard
+                found = head_compaction(layer_layout_for_width(layout, qk_width), first_head, self.num_heads,
+                                        self.v_head_dim, self.PAD_TO)
             self._compaction_by_width[qk_width] = found
         return found
 
-    def _compacted(self, q, k, v):
+    def _compacted(self, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         heads = self.head_geometry(q.shape[-1])
         if k.shape[-1] != q.shape[-1] and k.shape[-1] != heads.padded_dim:
             raise ValueError(f"keys {k.shape[-1]} wide fit neither the queries ({q.shape[-1]}) nor their "
