@@ -35,6 +35,9 @@ WARMUP_PROMPTS, TIMED_PROMPTS, PROFILED_PROMPTS = 8, 64, 4
 KINDS = (  # (kind, substrings of kernel names), first match wins
     ("flash_attention", ("flash", "fmha", "attn")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "matmul")),
+    # torch.compile's kernels by their prefix: Inductor names the same fused kernel descriptively in one
+    # engine and by number only in another, so name words would split it across kinds
+    ("torch_compile_fused", ("triton_poi_", "triton_red_", "triton_per_")),
     ("gather_copy_pad", ("index", "gather", "copy", "cat", "pad", "elementwise_kernel_with_index", "fill")),
 )
 
