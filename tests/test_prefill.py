@@ -174,6 +174,41 @@ def test_prefill_backend_takes_keys_built_compact(name):
         backend.run_prefill_new_tokens(q, k[..., :100], v, False)
 
 
+def test_query_is_compacted_once_per_layer_and_only_while_chunks_follow(monkeypatch):
+    """vLLM passes one query to a layer's new-token call and to each context chunk: it is gathered
+    once and dropped after the last chunk; a query changed in place, or another query, is
+    gathered afresh (a stale compact query would attend with the wrong values)."""
+    import vllm_mha2mla.prefill as prefill
+
+    layout = LAYOUTS["exact_llama2_1024"]()
+    q, k, k_nope, k_pe = _mla_qk(layout, tokens=9, parts=True)
+    v = torch.randn(9, layout.num_heads, layout.v_head_dim, dtype=torch.float64)
+    backend = _backend(layout, _hf_config(layout))
+    compact_k = compact_keys(k_nope, k_pe, backend.head_geometry(q.shape[-1]))
+    gathered = []
+    monkeypatch.setattr(prefill, "compact_heads", lambda x, heads: gathered.append(x) or compact_heads(x, heads))
+    cu, cu_k = torch.tensor([0, 4, 9]), torch.tensor([0, 6, 9])
+    chunk = SimpleNamespace(cu_seq_lens=[cu_k, cu_k], max_seq_lens=[6, 6])
+    backend.prepare_metadata(SimpleNamespace(query_start_loc=cu, max_query_len=5, chunked_context=chunk))
+    new_tokens = backend.run_prefill_new_tokens(q, compact_k, v, return_softmax_lse=False)
+    chunks = [backend.run_prefill_context_chunk(i, q, compact_k, v)[0] for i in range(2)]
+    assert len(gathered) == 1 and backend._query_memo is None
+    torch.testing.assert_close(new_tokens, varlen_attention_reference(q, k, v, cu, cu, 0.125, causal=True)[0],
+                               rtol=1e-5, atol=1e-5)
+    for out in chunks:
+        torch.testing.assert_close(out, varlen_attention_reference(q, k, v, cu, cu_k, 0.125, causal=False)[0],
+                                   rtol=1e-5, atol=1e-5)
+    backend.run_prefill_new_tokens(q, compact_k, v, return_softmax_lse=False)
+    q.mul_(2.0)  # same object, new version
+    out, _ = backend.run_prefill_context_chunk(1, q, compact_k, v)
+    torch.testing.assert_close(out, varlen_attention_reference(q, k, v, cu, cu_k, 0.125, causal=False)[0],
+                               rtol=1e-5, atol=1e-5)
+    assert len(gathered) == 3 and backend._query_memo is None
+    backend.prepare_metadata(SimpleNamespace(query_start_loc=cu, max_query_len=5, chunked_context=None))
+    backend.run_prefill_new_tokens(q, compact_k, v, return_softmax_lse=False)
+    assert len(gathered) == 4 and backend._query_memo is None  # no chunk follows: nothing kept
+
+
 def test_gpu_implementation_builds_keys_compact_only_where_narrower():
     """``MHA2MLATritonImpl`` hands vLLM's prefill its keys compact where that is narrower than
     vLLM's key (the backend takes either: a key as wide as its query is the full one), and finds

@@ -15,6 +15,8 @@ fast path to).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 try:
@@ -107,7 +109,10 @@ class _CompactedHeads:
     to one head size (a multiple of ``PAD_TO``), values sliced back after. Layers with their own
     rotary dims are told apart by their query width. Keys may arrive already compact (the GPU
     implementation builds them so: :meth:`MHA2MLATritonImpl._concat_k_nope_k_pe`); a key as
-    wide as its query is vLLM's full one."""
+    wide as its query is vLLM's full one.
+
+    vLLM hands one layer's query unchanged to the new-token call and to each of its context
+    chunks; a query that will be seen again is compacted once (:meth:`_compact_query`)."""
 
     PAD_TO = 1
 
@@ -118,6 +123,7 @@ class _CompactedHeads:
                          v_head_dim=v_head_dim, vllm_config=vllm_config)
         self._shard = checkpoint_heads(vllm_config, num_heads)
         self._compaction_by_width: dict[int, HeadCompaction] = {}
+        self._query_memo: tuple[weakref.ref, int, torch.Tensor] | None = None
         self.padded_dim = self.head_geometry(qk_nope_head_dim + qk_rope_head_dim).padded_dim
 
     def head_geometry(self, qk_width: int) -> HeadCompaction:
@@ -134,14 +140,27 @@ class _CompactedHeads:
             self._compaction_by_width[qk_width] = found
         return found
 
-    def _compacted(self, q: torch.Tensor, k: torch.Tensor,
-                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _compacted(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   query_seen_again: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         heads = self.head_geometry(q.shape[-1])
         if k.shape[-1] != q.shape[-1] and k.shape[-1] != heads.padded_dim:
             raise ValueError(f"keys {k.shape[-1]} wide fit neither the queries ({q.shape[-1]}) nor their "
                              f"compact heads ({heads.padded_dim})")
         k = compact_heads(k, heads) if k.shape[-1] == q.shape[-1] else k
-        return compact_heads(q, heads), k, pad_last(v, heads.padded_dim)
+        return self._compact_query(q, heads, query_seen_again), k, pad_last(v, heads.padded_dim)
+
+    def _compact_query(self, q: torch.Tensor, heads: HeadCompaction, seen_again: bool) -> torch.Tensor:
+        """``q`` compacted, reusing the last call's result when it was this very query, unchanged
+        (same object, same version counter). Kept only while ``seen_again`` (more context chunks of
+        this layer follow), so no compact query outlives its layer's attention: vLLM's memory
+        profile, taken on the same calls, sees at most one at a time, as without the memo."""
+        memo = self._query_memo
+        if memo is not None and memo[0]() is q and memo[1] == q._version:
+            compact = memo[2]
+        else:
+            compact = compact_heads(q, heads)
+        self._query_memo = (weakref.ref(q), q._version, compact) if seen_again else None
+        return compact
 
     def _value_dims(self, out: torch.Tensor) -> torch.Tensor:
         # contiguous: vLLM merges context and new-token outputs and needs equal strides
@@ -185,8 +204,8 @@ class MHA2MLAPrefillBackend(_CompactedHeads, MLAPrefillBackend):
     def kernel_name(self) -> str:
         return "flash_attn_varlen" if self.flash_attn is not None else "torch"
 
-    def _attend(self, q, k, v, cu_q, cu_k, max_q, max_k, causal: bool):
-        q, k, v = self._compacted(q, k, v)
+    def _attend(self, q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, query_seen_again: bool):
+        q, k, v = self._compacted(q, k, v, query_seen_again)
         if self.flash_attn is None:
             out, lse = varlen_attention_reference(q, k, v, cu_q, cu_k, self.scale, causal)
         else:
@@ -200,7 +219,8 @@ class MHA2MLAPrefillBackend(_CompactedHeads, MLAPrefillBackend):
             raise NotImplementedError("the MHA2MLA prefill backend does not write quantized output")
         meta = self._prefill_metadata
         result, lse = self._attend(q, k, v, meta.query_start_loc, meta.query_start_loc,
-                                   meta.max_query_len, meta.max_query_len, causal=True)
+                                   meta.max_query_len, meta.max_query_len, causal=True,
+                                   query_seen_again=meta.chunked_context is not None)
         if out is not None:
             out.copy_(result)
             result = out
@@ -210,7 +230,8 @@ class MHA2MLAPrefillBackend(_CompactedHeads, MLAPrefillBackend):
         meta = self._prefill_metadata
         chunk = meta.chunked_context
         return self._attend(q, k, v, meta.query_start_loc, chunk.cu_seq_lens[chunk_idx], meta.max_query_len,
-                            chunk.max_seq_lens[chunk_idx], causal=False)
+                            chunk.max_seq_lens[chunk_idx], causal=False,
+                            query_seen_again=chunk_idx + 1 < len(chunk.max_seq_lens))
 
 
 def cpu_flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
