@@ -13,7 +13,7 @@
               layout, plugin backend) vs the MHA original.
 
 Usage: python benchmarks/gpu_anyshape.py MODE OUT.json
-  MODE: kernel, kerneltimings (no tile sweep), kernelcheck (correctness only, no vLLM), parity, parity576 (576 case only), throughput576, throughput1024,
+  MODE: kernel, kerneltimings (no tile sweep), kernelcheck (correctness only, no vLLM), parity, parity576 (576 case only), parity1024 (1024 case only), throughput576, throughput1024,
         smollm2 (third argument: the SmolLM2-135M-Instruct Q4_1 GGUF file)
 """
 
@@ -437,6 +437,8 @@ if __name__ == "__main__":
         throughput(out, which=mode.removeprefix("throughput"))
     elif mode == "parity576":
         parity(out, only=("gqa_d128_576_forced",))
+    elif mode == "parity1024":
+        parity(out, only=("llama2_7b_shaped_1024",))
     elif mode == "smollm2":
         smollm2(out, Path(sys.argv[3]))
     elif mode == "kerneltimings":
