@@ -123,7 +123,7 @@ class _CompactedHeads:
                          v_head_dim=v_head_dim, vllm_config=vllm_config)
         self._shard = checkpoint_heads(vllm_config, num_heads)
         self._compaction_by_width: dict[int, HeadCompaction] = {}
-        self._query_memo: tuple[weakref.ref, int, torch.Tensor] | None = None
+        self._query_memo: tuple[weakref.ref, int | None, torch.Tensor] | None = None
         self.padded_dim = self.head_geometry(qk_nope_head_dim + qk_rope_head_dim).padded_dim
 
     def head_geometry(self, qk_width: int) -> HeadCompaction:
@@ -154,12 +154,13 @@ class _CompactedHeads:
         (same object, same version counter). Kept only while ``seen_again`` (more context chunks of
         this layer follow), so no compact query outlives its layer's attention: vLLM's memory
         profile, taken on the same calls, sees at most one at a time, as without the memo."""
+        version = None if q.is_inference() else q._version  # inference tensors keep no version counter
         memo = self._query_memo
-        if memo is not None and memo[0]() is q and memo[1] == q._version:
+        if memo is not None and memo[0]() is q and memo[1] == version:
             compact = memo[2]
         else:
             compact = compact_heads(q, heads)
-        self._query_memo = (weakref.ref(q), q._version, compact) if seen_again else None
+        self._query_memo = (weakref.ref(q), version, compact) if seen_again else None
         return compact
 
     def _value_dims(self, out: torch.Tensor) -> torch.Tensor:
