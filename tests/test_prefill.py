@@ -204,9 +204,16 @@ def test_query_is_compacted_once_per_layer_and_only_while_chunks_follow(monkeypa
     torch.testing.assert_close(out, varlen_attention_reference(q, k, v, cu, cu_k, 0.125, causal=False)[0],
                                rtol=1e-5, atol=1e-5)
     assert len(gathered) == 3 and backend._query_memo is None
+    with torch.inference_mode():  # as vLLM runs the model: tensors without a version counter
+        q_inference = q.clone()
+        backend.run_prefill_new_tokens(q_inference, compact_k, v, return_softmax_lse=False)
+        out, _ = backend.run_prefill_context_chunk(0, q_inference, compact_k, v)
+    assert len(gathered) == 4 and backend._query_memo is not None
+    torch.testing.assert_close(out, varlen_attention_reference(q, k, v, cu, cu_k, 0.125, causal=False)[0],
+                               rtol=1e-5, atol=1e-5)
     backend.prepare_metadata(SimpleNamespace(query_start_loc=cu, max_query_len=5, chunked_context=None))
     backend.run_prefill_new_tokens(q, compact_k, v, return_softmax_lse=False)
-    assert len(gathered) == 4 and backend._query_memo is None  # no chunk follows: nothing kept
+    assert len(gathered) == 5 and backend._query_memo is None  # no chunk follows: nothing kept
 
 
 def test_gpu_implementation_builds_keys_compact_only_where_narrower():
