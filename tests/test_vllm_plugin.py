@@ -131,11 +131,16 @@ def prompts_sharing_a_prefix(models):
 def test_non_native_shape_with_chunked_prefill_and_prefix_caching(exact_model, prompts_sharing_a_prefix):
     """32-token scheduling steps split every prompt into chunks that attend to their cached
     context, and later prompts start from the cached shared prefix: vLLM's CPU platform turns
-    both off for MLA, the plugin keeps them for its own backend, and tokens stay exact."""
+    both off for MLA, the plugin keeps them for its own backend, and tokens stay exact. A timed
+    rerun of the batch starts from an empty prefix cache: it finds only the prefix its own prompts
+    share, not the whole prompts the first run left cached (which would time decode alone)."""
     prompts = prompts_sharing_a_prefix
     result = run_engine_in_subprocess(_request(exact_model, prompts, max_tokens=16, dtype="float32",
                                                enable_chunked_prefill=True, enable_prefix_caching=True,
-                                               max_num_batched_tokens=32))
+                                               max_num_batched_tokens=32, timed_repeats=1))
+    shared_prefix = 40
+    assert len(result["timed_cached_prompt_tokens"]) == 1 and result["output_tokens_per_s"] > 0
+    assert result["timed_cached_prompt_tokens"][0] <= (len(prompts) - 1) * shared_prefix
     assert "CUSTOM" in result["attention_backends"]
     assert result["scheduling"] == {"enable_chunked_prefill": True, "max_num_batched_tokens": 32,
                                     "enable_prefix_caching": True}

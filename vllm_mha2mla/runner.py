@@ -44,7 +44,9 @@ class EngineRequest:
     max_num_seqs: int | None = None
     timed_repeats: int = 0
     """If > 0, time this many extra runs of the same batch (after the first, a warm-up),
-    generating exactly ``max_tokens`` each (EOS ignored)."""
+    generating exactly ``max_tokens`` each (EOS ignored), each from an empty prefix cache: the
+    warm-up has just cached these very prompts, and a cache big enough to keep them would skip
+    their prefill — an engine with more KV capacity would look faster for that alone."""
     scoring_token_ids: list[list[int]] = field(default_factory=list)
     """Sequences to score: their prompt log-probabilities (e.g. perplexity on held-out text)."""
     load_format: str = "auto"
@@ -130,9 +132,12 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
     timings = []
     timed_params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True, detokenize=detok)
     for _ in range(req.timed_repeats):
+        if not llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to empty its prefix cache before a timed run")
         t0 = time.perf_counter()
         timed = llm.generate(inputs, timed_params, use_tqdm=False)
-        timings.append((time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in timed)))
+        timings.append((time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in timed),
+                        sum(o.num_cached_tokens or 0 for o in timed)))
     scoring = []
     if req.scoring_token_ids:
         score_params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
@@ -181,10 +186,11 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
         "scoring_logprobs": scoring,
     }
     if timings:
-        seconds = sorted(t for t, _ in timings)[len(timings) // 2]
+        seconds = sorted(t for t, _, _ in timings)[len(timings) // 2]
         tokens = timings[0][1]
         report.update(timed_seconds_median=seconds, timed_output_tokens=tokens,
-                      output_tokens_per_s=tokens / seconds, timed_runs=[t for t, _ in timings])
+                      output_tokens_per_s=tokens / seconds, timed_runs=[t for t, _, _ in timings],
+                      timed_cached_prompt_tokens=[cached for _, _, cached in timings])
     return report
 
 
