@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conversion.layout import plan_exact_layout, plan_native_layout  # noqa: E402
-from vllm_mha2mla.head_compaction import compact_heads, compact_keys, head_compaction, pad_last  # noqa: E402
+from vllm_mha2mla.head_compaction import compact_heads, compact_keys, head_compaction, pad_last, round_up  # noqa: E402
 
 SHAPES = {  # name: layout of the engines' Llama-2-7B rows
     "native_576": lambda: plan_native_layout(32, 32, 128, 2, 16, 576),
@@ -86,7 +86,7 @@ def paths(layout, flash, version_for, device: str = "cuda"):
     h, nope, rope, v_dim = layout.num_heads, layout.qk_nope_head_dim, layout.qk_rope_head_dim, layout.v_head_dim
     now_heads = head_compaction(layout, 0, h, v_dim, pad_to=8)
     columns = layout.rope_slot_columns(0, h).to(device)
-    before_width = -(-max(nope + columns.shape[1], v_dim) // 8) * 8
+    before_width = round_up(max(nope + columns.shape[1], v_dim), 8)
 
     def attend(q, k, v, cu_q, cu_k, max_q, max_k, causal, width_v):
         return flash(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
