@@ -22,7 +22,7 @@ from vllm_mha2mla.bench.summary import load_summary  # noqa: E402
 
 RUNS = ("h200x4-bench", "h100-bench", "h100-bench-2", "h100-bench-3", "h100-bench-4", "h100-bench-5",
         "h100-bench-6", "h100-bench-7", "h100-bench-8", "h100-bench-9", "h100-bench-10", "h100-bench-11",
-        "h100-bench-12", "h100-bench-13", "h100-bench-14")
+        "h100-bench-12", "h100-bench-13", "h100-bench-14", "h100-bench-15")
 """The bench run folders, oldest first (a folder's README says what ran in it and how)."""
 
 
