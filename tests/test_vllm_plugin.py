@@ -117,15 +117,19 @@ def test_non_native_shape_is_served_by_the_plugin_backend(exact_model, prompts):
     assert abs(result["kv_cache_tokens"] * 256 * 4 * SPEC.num_layers / KV_BYTES - 1) < 0.02
 
 
+SHARED_PREFIX_TOKENS = 40
+"""The prefix every prompt of :func:`prompts_sharing_a_prefix` starts with (2 full cache blocks of 16)."""
+
+
 @pytest.fixture(scope="module")
 def prompts_sharing_a_prefix(models):
-    """5 prompts of 70–122 tokens: a 40-token shared prefix (2 full cache blocks of 16) and
-    their own held-out text after it."""
+    """5 prompts of 70–122 tokens: a :data:`SHARED_PREFIX_TOKENS`-token shared prefix and their
+    own held-out text after it."""
     from transformers import AutoTokenizer
 
     _, held_out = split_text(shared_text_path().read_text())
     ids = AutoTokenizer.from_pretrained(str(models["src"]))(held_out, add_special_tokens=False).input_ids
-    return [ids[:40] + ids[500 + 200 * i : 500 + 200 * i + 30 + 13 * i] for i in range(5)]
+    return [ids[:SHARED_PREFIX_TOKENS] + ids[500 + 200 * i : 500 + 200 * i + 30 + 13 * i] for i in range(5)]
 
 
 def test_non_native_shape_with_chunked_prefill_and_prefix_caching(exact_model, prompts_sharing_a_prefix):
@@ -138,9 +142,8 @@ def test_non_native_shape_with_chunked_prefill_and_prefix_caching(exact_model, p
     result = run_engine_in_subprocess(_request(exact_model, prompts, max_tokens=16, dtype="float32",
                                                enable_chunked_prefill=True, enable_prefix_caching=True,
                                                max_num_batched_tokens=32, timed_repeats=1))
-    shared_prefix = 40
     assert len(result["timed_cached_prompt_tokens"]) == 1 and result["output_tokens_per_s"] > 0
-    assert result["timed_cached_prompt_tokens"][0] <= (len(prompts) - 1) * shared_prefix
+    assert result["timed_cached_prompt_tokens"][0] <= (len(prompts) - 1) * SHARED_PREFIX_TOKENS
     assert "CUSTOM" in result["attention_backends"]
     assert result["scheduling"] == {"enable_chunked_prefill": True, "max_num_batched_tokens": 32,
                                     "enable_prefix_caching": True}
