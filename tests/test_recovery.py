@@ -366,24 +366,26 @@ def test_a_diverged_loss_stops_training_with_a_clear_error(setup, tmp_path, monk
     assert code == 2 and "diverged" in capsys.readouterr().err and not dst.exists()
 
 
-def test_synthesis_prompts_use_the_chat_template_and_are_seeded(setup):
-    from transformers import AutoTokenizer
-
-    from vllm_mha2mla.synthesize import synthesis_prompts
-
-    tok = AutoTokenizer.from_pretrained(str(setup["src"]))
-    docs = ["Paris\nParis is the capital of France.", "Jupiter\nJupiter is a planet.", "Tea\nTea is a drink."]
-    prompts = synthesis_prompts(tok, docs, 5, seed=1)
-    assert prompts == synthesis_prompts(tok, docs, 5, seed=1) and prompts != synthesis_prompts(tok, docs, 5, seed=2)
-    assert all(p.startswith("user: Write an informative paragraph about ") and p.endswith("assistant:") for p in prompts)
-
-
 @pytest.mark.vllm
-def test_synthesize_adds_teacher_text_generated_in_vllm(setup, tmp_path):
+def test_synthesis_and_onpolicy_sample_in_vllm_teacher_and_plugin_served_student(setup, tmp_path):
+    """--synthesize: the teacher answers chat prompts in vLLM (two turns for follow-ups), in its own chat
+    template; --stage all then samples the student through this project's plugin for the on-policy round."""
+    from conversion.recovery.onpolicy import OnPolicyOptions
+    from vllm_mha2mla.synthesize import vllm_engine_hooks
+
     dst = tmp_path / "out"
-    opts = _finetune_opts(setup, stage="global", synthesize=2048, cache_dir=tmp_path / "cache", evaluate=False,
-                          global_=GlobalOptions(tokens=2 * 4 * SEQ, batch_size=4, lr=1e-3, loss="kd"))
-    report = finetune(setup["mla"], dst, opts, log=lambda *_: None)
-    assert report["synthesized_tokens"] >= SEQ
+    opts = _finetune_opts(setup, stage="all", synthesize=4096, cache_dir=tmp_path / "cache", evaluate=False,
+                          synthesis_max_tokens=24, local=LocalOptions(steps_per_layer=2),
+                          global_=GlobalOptions(tokens=2 * 4 * SEQ, batch_size=4, lr=1e-3, loss="kd"),
+                          onpolicy=OnPolicyOptions(rounds=1, prompts_per_round=6, max_new_tokens=16, batch_size=4))
+    report = finetune(setup["mla"], dst, opts, log=lambda *_: None, hooks=vllm_engine_hooks())
+    synthesis = report["synthesis"]
+    assert synthesis["kind"] == "chat" and synthesis["conversations"] == 12 and report["synthesized_tokens"] >= SEQ
+    assert set(synthesis["kinds"]) == {"instruction", "open", "multi_turn"}  # --data: no corpus questions
+    assert sum(synthesis["kinds"].values()) == 12
+    assert 0 < synthesis["mix"]["synthesized_share"] <= 1
     cached = list((tmp_path / "cache" / "tokens").glob("synthesized-*.npy"))
     assert len(cached) == 1 and (dst / "model.safetensors").is_file()
+    (row,) = report["onpolicy"]["rounds"]
+    assert row["prompts"] == 6 and row["onpolicy_sequences"] + row["teacher_sequences"] > 0
+    assert 0 < row["mean_completion_tokens"] <= 16

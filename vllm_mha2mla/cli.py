@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run_eval(args)
     if args.command == "bench":
         return _run_bench(args)
-    return run_command(args)
+    from vllm_mha2mla.synthesize import vllm_engine_hooks
+
+    return run_command(args, engine_hooks=vllm_engine_hooks)
 
 
 if __name__ == "__main__":

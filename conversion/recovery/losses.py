@@ -7,6 +7,8 @@ dominate memory.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -134,3 +136,32 @@ def fused_next_token_loss(hidden: torch.Tensor, w_out: torch.Tensor, input_ids: 
     targets = input_ids[:, 1:].reshape(-1)
     return _FusedLinearLoss.apply(h, w_out, _chunk_fn(_ce_chunk, compiled), 1.0 / h.shape[0], chunk_tokens,
                                   (targets,), ())
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5, temperature: float = 1.0,
+) -> torch.Tensor:
+    """Mean over rows of the generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024).
+
+    ``beta`` = 0 is the forward KL(teacher ‖ student) of classic distillation (mass-covering),
+    ``beta`` = 1 the reverse KL(student ‖ teacher) (mode-seeking: the student is penalised for
+    putting mass where the teacher puts none, e.g. on echoing its system prompt), and in between
+    ``beta·KL(teacher ‖ M) + (1−beta)·KL(student ‖ M)`` with ``M = beta·teacher + (1−beta)·student``,
+    as TRL's ``GKDTrainer`` defines it. Rows are token positions (``[N, V]`` logits); float32.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"logit shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if beta == 0.0:
+        per_row = (log_t.exp() * (log_t - log_s)).sum(-1)
+    elif beta == 1.0:
+        per_row = (log_s.exp() * (log_s - log_t)).sum(-1)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1 - beta)]), dim=0)
+        kl_t = (log_t.exp() * (log_t - log_m)).sum(-1)
+        kl_s = (log_s.exp() * (log_s - log_m)).sum(-1)
+        per_row = beta * kl_t + (1 - beta) * kl_s
+    return per_row.mean()
