@@ -189,3 +189,17 @@ def test_onpolicy_and_synthesis_need_an_engine_and_say_so(chat_setup, tmp_path, 
         err = capsys.readouterr().err
         assert code == 2 and "mha2mla finetune" in err and "vLLM" in err
         assert not (tmp_path / "out").exists()
+
+
+def test_general_requests_stay_clear_of_the_demo_prompts():
+    """The demo's chat prompts are its evaluation: no training request repeats one or opens like one."""
+    from conversion.recovery.chat_data import GENERAL_REQUESTS
+    from vllm_mha2mla.demo import DEFAULT_PROMPTS
+
+    def opening(text):
+        return tuple(text.lower().split()[:4])
+
+    assert not {opening(p) for p in DEFAULT_PROMPTS} & {opening(r) for r in GENERAL_REQUESTS}
+    words = {w.strip(".?,'").lower() for p in DEFAULT_PROMPTS for w in p.split() if len(w) > 5}
+    for request in GENERAL_REQUESTS:  # no request about the same thing: at most one shared long word
+        assert len({w.strip(".?,'").lower() for w in request.split() if len(w) > 5} & words) <= 1, request
