@@ -168,8 +168,8 @@ def _qa_prepare(folder: str, fmt: Callable[[dict], generative.QAItem]):
         def score(results: list[Result]) -> tuple[dict, list[dict]]:
             return generative.score_items(items, [tok.decode(ids) for ids in results])
 
-        return Prepared(requests, score, [f"greedy, at most {generative.MAX_TOKENS} tokens, cut at "
-                                          f"{list(generative.STOP)}; SQuAD-normalised exact match"])
+        return Prepared(requests, score, [f"greedy, at most {generative.MAX_TOKENS} tokens, cut at the line end "
+                                          "or a clause-ending . or ,; SQuAD-normalised exact match"])
 
     return prepare
 
