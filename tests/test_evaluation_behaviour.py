@@ -15,8 +15,8 @@ import pytest
 
 from conversion.recovery.corpus import is_held_out, load_default_corpus, split_key
 from tests.helpers import TinySpec
-from vllm_mha2mla.evaluation import EvaluationError, agreement, generative, multiple_choice
-from vllm_mha2mla.evaluation.requests import Generate, Score, ScoreResult
+from vllm_mha2mla.evaluation import EvaluationError, agreement, generative
+from vllm_mha2mla.evaluation.requests import Generate, ScoreResult
 from vllm_mha2mla.evaluation.tasks import GROUPS, Settings, Tokenizer, resolve_tasks
 
 SMOLLM2_TEMPLATE = (  # SmolLM2-Instruct's chat template: a default system prompt when none is given
