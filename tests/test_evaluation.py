@@ -200,12 +200,20 @@ def _records(out: Path, label: str, task: str) -> list[dict]:
     return [json.loads(ln) for ln in (out / "items" / label / f"{task}.jsonl").read_text().splitlines()]
 
 
+BEHAVIOUR_LIMIT = 24  # every item of lines.jsonl; one passkey per cell as without a limit
+
+
 @pytest.fixture(scope="module")
-def single_engine_run(eval_models, task_files, tmp_path_factory):
+def single_engine_run(eval_models, task_files, tmp_path_factory, corpus_cache):
+    """One run of both models; it also runs the ``behaviour`` group (24 items a task) on the
+    same engines. The data caches are the session's corpus cache (no second download)."""
     src, mla, _ = eval_models
     out = tmp_path_factory.mktemp("run1")
     tasks = f"{task_files[0]},{task_files[1]},passkey"
-    summary = evaluate([f"original={src}", f"mla={mla}"], out, _options(tasks=tasks))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MHA2MLA_CACHE", str(corpus_cache))
+        summary = evaluate([f"original={src}", f"mla={mla}"], out,
+                           _options(tasks=tasks + ",behaviour", limit=BEHAVIOUR_LIMIT))
     return out, summary, tasks
 
 
@@ -222,7 +230,7 @@ def test_vllm_scores_equal_hf_and_reference_models(single_engine_run, eval_model
               "mla": load_reference(mla)}
     assert "CUSTOM" in summary["results"]["mla"]["engine"]["replicas"][0]["attention_backends"]
     settings = Settings(max_model_len=512, lengths=(256, 512), per_cell=1)
-    mc, ppl, passkey = resolve_tasks(tasks)
+    mc, ppl, passkey = resolve_tasks(tasks)  # the behaviour tasks: test_behaviour_tasks_on_the_same_engines
     for label, model in models.items():
         requests = mc.prepare(tok, settings).requests
         records = _records(out, label, mc.name)
@@ -242,6 +250,33 @@ def test_vllm_scores_equal_hf_and_reference_models(single_engine_run, eval_model
     assert summary["results"]["original"]["tasks"][mc.name]["n"] == 24
     assert (out / "results.md").read_text().count("|") > 20 and (out / "results.png").is_file()
     assert (out / "long_context.png").is_file()
+
+
+@pytest.mark.vllm
+def test_behaviour_tasks_on_the_same_engines(single_engine_run, eval_models, tok, corpus_cache):
+    """The behaviour group in the run above: every task scored 24 items for both models; the
+    first model is agreement's reference (100% against itself), the other is compared with its
+    answers; the greedy answers (QA and chat) are the Hugging Face original's."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_mha2mla.evaluation.tasks import GROUPS
+
+    out, summary, _ = single_engine_run
+    for label in ("original", "mla"):
+        results = summary["results"][label]["tasks"]
+        assert {t: results[t]["n"] for t in GROUPS["behaviour"]} == dict.fromkeys(GROUPS["behaviour"], BEHAVIOUR_LIMIT)
+    ref = summary["results"]["original"]["tasks"]["agreement"]
+    assert ref["first_sentence_match"] == 1.0 and ref["rouge_l_f1"] == 1.0
+    original_answers = [r["answer"] for r in _records(out, "original", "agreement")]
+    assert [r["reference"] for r in _records(out, "mla", "agreement")] == original_answers
+    table = (out / "results.md").read_text()
+    assert "| agreement | rouge_l_f1 | 24 | 1.000" in table and "| triviaqa | exact_match (%) | 24 |" in table
+    model = AutoModelForCausalLM.from_pretrained(str(eval_models[0]), dtype=torch.float32).eval()
+    settings = Settings(max_model_len=512, lengths=(256, 512), per_cell=1, limit=4, cache_dir=corpus_cache)
+    for task in ("triviaqa", "agreement"):
+        requests = resolve_tasks(task)[0].prepare(tok, settings).requests
+        got = [r["output" if task == "triviaqa" else "answer"] for r in _records(out, "original", task)[:4]]
+        assert got == [tok.decode(reference.greedy(model, r, tok.eot)) for r in requests], task
 
 
 @pytest.mark.vllm

@@ -4,6 +4,9 @@ Each model gets its engines once (one child process, or N Ray replicas) and serv
 task's requests in one stream with one progress bar; then the engines are shut down before
 the next model starts. Results are written only when every model finished — a run that
 fails leaves no partial results.
+
+The first model is the reference of the ``agreement`` task: its answers are kept
+(``references``) and every later model's answers are scored against them.
 """
 
 from __future__ import annotations
@@ -121,8 +124,13 @@ def _prepare(tasks: list[Task], model: ModelSpec, settings: Settings, memo: dict
 
 
 def evaluate_model(model: ModelSpec, tasks: list[Task], options: EvalOptions, items_dir: Path | None,
-                   memo: dict | None = None) -> dict:
-    """Scores one model on every task; returns its results and what its engines ran with."""
+                   memo: dict | None = None, references: dict[str, list[str]] | None = None) -> dict:
+    """Scores one model on every task; returns its results and what its engines ran with.
+
+    ``references``: the reference model's answers per ``agreement`` task; a task missing from
+    it makes this model the reference (scored against itself, its answers stored there)."""
+    references = {} if references is None else references
+    kinds = {t.name: t.kind for t in tasks}
     settings = _settings(options, tasks, model.path)
     prepared = _prepare(tasks, model, settings, {} if memo is None else memo)
     requests = [r for p in prepared.values() for r in p.requests]
@@ -135,7 +143,12 @@ def evaluate_model(model: ModelSpec, tasks: list[Task], options: EvalOptions, it
         executor.close()
     per_task, at, items = {}, 0, 0
     for name, prep in prepared.items():
-        metrics, records = prep.score(results[at:at + len(prep.requests)])
+        answered = results[at:at + len(prep.requests)]
+        if kinds[name] == "agreement":
+            metrics, records = prep.score(answered, references.get(name))
+            references.setdefault(name, [r["answer"] for r in records])
+        else:
+            metrics, records = prep.score(answered)
         at += len(prep.requests)
         items += metrics["n"]
         per_task[name] = {**metrics, "requests": len(prep.requests), "notes": prep.notes}
@@ -167,10 +180,12 @@ def evaluate(model_specs: list[str], output: Path, options: EvalOptions) -> dict
     output.mkdir(parents=True, exist_ok=True)
     staging = output / ".items.partial"
     memo: dict = {}
-    results = {m.label: evaluate_model(m, tasks, options, staging, memo) for m in models}
+    references: dict[str, list[str]] = {}  # the first model's agreement answers
+    results = {m.label: evaluate_model(m, tasks, options, staging, memo, references) for m in models}
     summary = {
         "models": [m.label for m in models],
-        "tasks": {t.name: {"kind": t.kind, "metrics": list(t.metrics)} for t in tasks},
+        "tasks": {t.name: {"kind": t.kind, "metrics": list(t.metrics),
+                           **({"reference": models[0].label} if t.kind == "agreement" else {})} for t in tasks},
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "results": results,
     }

@@ -6,6 +6,8 @@ tokens of context+continuation after those of the context, trailing spaces of th
 moved onto the continuation. ``acc`` takes the argmax of the summed log-probability;
 ``acc_norm`` divides it by the choice's length in bytes first (the harness divides by
 characters; the two agree on ASCII text). Standard errors are those of a sample mean.
+LAMBADA is a one-choice item scored by :func:`score_greedy`: correct iff every token of the
+last word is the model's greedy choice (the harness's ``is_greedy``, ``lambada_openai``).
 
 The prompt formats follow the harness's task files (``lm_eval/tasks/<task>/*.yaml``).
 """
@@ -162,6 +164,53 @@ def mmlu(row: dict) -> Item:
     context = (f"The following are multiple choice questions (with answers) about {subject}.\n\n"
                f"{row['question'].strip()}{options}\nAnswer:")
     return _standard(context, ["A", "B", "C", "D"], int(row["answer"]))
+
+
+def commonsense_qa(row: dict) -> Item:
+    """The harness's ``commonsense_qa``: the five options listed, the letter scored."""
+    texts = row["choices"]["text"]
+    options = "".join(f"\n{letter}. {text}" for letter, text in zip("ABCDE", texts))
+    letters = list("ABCDE"[:len(texts)])
+    return _standard(f"Question: {row['question'].strip()}{options}\nAnswer:", letters,
+                     letters.index(row["answerKey"].strip()))
+
+
+def social_iqa(row: dict) -> Item:
+    """The harness's ``social_iqa``: ``Q: {context} {question}\nA:``, labels 1–3."""
+    return _standard(f"Q: {row['context']} {row['question']}\nA:", [row["answerA"], row["answerB"], row["answerC"]],
+                     int(row["label"]) - 1)
+
+
+def _copa_choice(text: str) -> str:
+    return text[0].lower() + text[1:]
+
+
+def copa(row: dict) -> Item:
+    """The harness's ``copa`` (``super_glue/copa/utils.py``): the premise without its full stop,
+    joined to the lower-cased choice by "because" (cause) or "therefore" (effect)."""
+    connector = {"cause": "because", "effect": "therefore"}[row["question"]]
+    choices = [_copa_choice(row["choice1"]), _copa_choice(row["choice2"])]
+    return _standard(row["premise"].strip()[:-1] + f" {connector}", choices, int(row["label"]))
+
+
+def lambada(row: dict) -> Item:
+    """One choice: the passage's last word (with its leading space) after the rest."""
+    continuation = row["continuation"]
+    return Item((row["context"],), (continuation,), 0, (continuation.strip(),))
+
+
+def score_greedy(items: Sequence[Item], results: Sequence[Sequence[ScoreResult]]) -> tuple[dict, list[dict]]:
+    """LAMBADA's metrics: ``acc`` (the continuation is the greedy one, token by token) and
+    ``perplexity`` (exp of minus the mean log-likelihood of the continuation over items)."""
+    acc, lls, records = [], [], []
+    for item, res in zip(items, results, strict=True):
+        (r,) = res
+        acc.append(float(r.greedy))
+        lls.append(r.logprob)
+        records.append({"target": item.continuations[0], "loglikelihood": r.logprob, "is_greedy": r.greedy})
+    metrics = {"acc": _mean(acc), "acc_stderr": mean_stderr(acc),
+               "perplexity": math.exp(-_mean(lls)) if lls else float("nan"), "n": len(acc)}
+    return metrics, records
 
 
 # --- a user's own task --------------------------------------------------------------------------

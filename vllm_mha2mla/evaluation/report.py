@@ -1,6 +1,10 @@
 """results.json, results.md (rows: task metrics; columns: models, the first the reference
 with the others' differences), results.png (grouped bars) and long_context.png (accuracy by
-length and depth), each written atomically."""
+length and depth), each written atomically.
+
+Metrics print as percentages (accuracy, exact match, agreement fractions) except the
+perplexities and ``rouge_l_f1`` (a score in [0, 1], three decimals); ``↓`` marks those where
+lower is better (perplexities, ``echoes_system_prompt``)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,10 @@ import math
 import os
 from pathlib import Path
 
-_LOWER_IS_BETTER = {"token_perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity"}
+_LOWER_IS_BETTER = {"token_perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity"}
+_UNIT_SCORES = {"rouge_l_f1"}
+"""Shown as they are (three decimals), not as percentages."""
+_LOWER_IS_BETTER_PERCENT = {"echoes_system_prompt"}
 
 
 def _write(path: Path, text: str) -> None:
@@ -21,7 +28,15 @@ def _write(path: Path, text: str) -> None:
 def _fmt(value: float | None, metric: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{value:.3f}" if metric in _LOWER_IS_BETTER else f"{100 * value:.1f}"
+    return f"{value:.3f}" if metric in _LOWER_IS_BETTER | _UNIT_SCORES else f"{100 * value:.1f}"
+
+
+def _metric_label(metric: str) -> str:
+    if metric in _LOWER_IS_BETTER:
+        return metric + " ↓"
+    if metric in _UNIT_SCORES:
+        return metric
+    return metric + (" (%) ↓" if metric in _LOWER_IS_BETTER_PERCENT else " (%)")
 
 
 def markdown_table(summary: dict) -> str:
@@ -33,7 +48,7 @@ def markdown_table(summary: dict) -> str:
         for metric in spec["metrics"]:
             res = {m: summary["results"][m]["tasks"][task] for m in models}
             ref_value = res[ref].get(metric)
-            cells = [task, metric + (" ↓" if metric in _LOWER_IS_BETTER else " (%)"), str(res[ref]["n"]),
+            cells = [task, _metric_label(metric), str(res[ref]["n"]),
                      _fmt(ref_value, metric) + _stderr(res[ref], metric)]
             for m in models[1:]:
                 value = res[m].get(metric)
@@ -53,7 +68,7 @@ def markdown_table(summary: dict) -> str:
 
 def _stderr(res: dict, metric: str) -> str:
     err = res.get(f"{metric}_stderr")
-    return "" if err is None or math.isnan(err) else f" ± {100 * err:.1f}"
+    return "" if err is None or math.isnan(err) else f" ± {_fmt(err, metric)}"
 
 
 def _plot_bars(summary: dict, path: Path) -> None:
@@ -65,7 +80,7 @@ def _plot_bars(summary: dict, path: Path) -> None:
     models = summary["models"]
     acc_tasks = [t for t, s in summary["tasks"].items() if s["metrics"][0] not in _LOWER_IS_BETTER]
     ppl_tasks = [t for t, s in summary["tasks"].items() if s["metrics"][0] in _LOWER_IS_BETTER]
-    panels = [(acc_tasks, "accuracy (%)"), (ppl_tasks, "perplexity per token (log scale)")]
+    panels = [(acc_tasks, "accuracy / exact match / agreement (%)"), (ppl_tasks, "perplexity (log scale)")]
     panels = [p for p in panels if p[0]]
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6, 1.1 * len(acc_tasks) * len(models) ** 0.5) + 4, 4.5),
                              squeeze=False, gridspec_kw={"width_ratios": [max(1, len(p[0])) for p in panels]})

@@ -3,9 +3,15 @@
 A task turns a tokenizer into requests and scores the results (:class:`Prepared`). Names:
 the multiple-choice suite (``arc_easy`` … ``sciq``, ``mmlu``), perplexity (``wikipedia``: the
 held-out split of the fine-tune's default corpus; ``essays``: Paul Graham's essays, out of
-that domain), long context (``passkey``, ``niah``), groups (``mc``, ``ppl``, ``long``,
-``all``), and paths: ``FILE.jsonl`` is a user's multiple-choice task, ``FILE.txt``/``.md``
-text to measure perplexity on; both are reported under the file's stem.
+that domain), long context (``passkey``, ``niah``), behaviour (``triviaqa`` and ``nq_open``:
+generative exact match; ``lambada``: the greedy last word; ``commonsense_qa``,
+``social_iqa``, ``copa``: multiple choice; ``agreement``: greedy chat answers compared with
+the first model's), groups (``mc``, ``ppl``, ``long``, ``behaviour``, ``all``), and paths:
+``FILE.jsonl`` is a user's multiple-choice task, ``FILE.txt``/``.md`` text to measure
+perplexity on; both are reported under the file's stem.
+
+``all`` is ``mc`` + ``ppl`` + ``long``, as before ``behaviour`` existed (``behaviour``
+generates tens of thousands of answers; ask for it by name: ``--tasks all,behaviour``).
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from vllm_mha2mla.evaluation import EvaluationError, long_context, multiple_choice, perplexity
-from vllm_mha2mla.evaluation.datasets import mmlu_subjects, read_split
-from vllm_mha2mla.evaluation.requests import Request, Result
+from vllm_mha2mla.evaluation import EvaluationError, agreement, generative, long_context, multiple_choice, perplexity
+from vllm_mha2mla.evaluation.datasets import mmlu_subjects, read_lambada, read_split
+from vllm_mha2mla.evaluation.requests import Generate, Request, Result
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,9 @@ class Settings:
 @dataclass
 class Prepared:
     requests: list[Request]
-    score: Callable[[list[Result]], tuple[dict, list[dict]]]
+    score: Callable[..., tuple[dict, list[dict]]]
+    """``score(results)``; an ``agreement`` task's is ``score(results, reference)`` with the
+    first model's answers (None for the first model itself)."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -73,7 +81,7 @@ class Tokenizer:
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str  # "multiple_choice" | "perplexity" | "long_context"
+    kind: str  # "multiple_choice" | "perplexity" | "long_context" | "generative" | "agreement"
     metrics: tuple[str, ...]
     """Shown in the table, the first in the plot."""
     prepare: Callable[[Tokenizer, Settings], Prepared]
@@ -132,6 +140,74 @@ def _mmlu_items(settings: Settings) -> list[multiple_choice.Item]:
     for i in range(max(map(len, per_subject))):
         out += [items[i] for items in per_subject if i < len(items)]
     return out
+
+
+def _lambada_prepare(tok: Tokenizer, settings: Settings) -> Prepared:
+    items = _limit([multiple_choice.lambada(row) for row in read_lambada(settings.cache_dir)], settings)
+    tok.warm([text for item in items for text in _pair_texts(*item.pair(0))])
+    requests, sizes = _flatten([multiple_choice.item_requests(item, tok.encode, tok.eot, settings.max_model_len - 1)
+                                for item in items])
+
+    def score(results: list[Result]) -> tuple[dict, list[dict]]:
+        return multiple_choice.score_greedy(items, _regroup(results, sizes))
+
+    tok.forget()
+    return Prepared(requests, score)
+
+
+def _qa_prepare(folder: str, fmt: Callable[[dict], generative.QAItem]):
+    """Greedy answers of at most ``generative.MAX_TOKENS`` tokens, scored by exact match."""
+    def prepare(tok: Tokenizer, settings: Settings) -> Prepared:
+        items = _limit([fmt(row) for row in read_split(folder, settings.cache_dir)], settings)
+        budget = settings.max_model_len - generative.MAX_TOKENS
+        tok.warm([item.prompt for item in items])
+        requests: list[Request] = [Generate(tuple(tok.encode(item.prompt)[-budget:]), generative.MAX_TOKENS)
+                                   for item in items]
+        tok.forget()
+
+        def score(results: list[Result]) -> tuple[dict, list[dict]]:
+            return generative.score_items(items, [tok.decode(ids) for ids in results])
+
+        return Prepared(requests, score, [f"greedy, at most {generative.MAX_TOKENS} tokens, cut at the line end "
+                                          "or a clause-ending . or ,; SQuAD-normalised exact match"])
+
+    return prepare
+
+
+def _agreement_prepare(tok: Tokenizer, settings: Settings) -> Prepared:
+    """The held-out chat prompts in this model's chat template; answers kept for the report and
+    compared with the first model's by :func:`agreement.score_answers`."""
+    prompts = _limit(agreement.agreement_prompts(_corpus(settings.cache_dir).held_out), settings)
+    budget = settings.max_model_len - agreement.MAX_TOKENS
+    if budget < 16:
+        raise EvaluationError(f"agreement: max_model_len {settings.max_model_len} leaves no room for a prompt "
+                              f"and a {agreement.MAX_TOKENS}-token answer")
+    requests: list[Request] = []
+    shortened = cut = 0
+    for messages in prompts:
+        ids = tok.encode(agreement.render(tok.hf, messages))
+        shortened += len(ids) > budget
+        while len(ids) > budget and len(messages[-1]["content"]) > 200:  # shorten the user's text, keep its form
+            content = messages[-1]["content"]
+            messages = messages[:-1] + [{**messages[-1], "content": content[:3 * len(content) // 4].rsplit(" ", 1)[0]}]
+            ids = tok.encode(agreement.render(tok.hf, messages))
+        if len(ids) > budget:
+            ids, cut = ids[-budget:], cut + 1
+        requests.append(Generate(tuple(ids), agreement.MAX_TOKENS))
+    system = agreement.default_system_prompt(tok.hf)
+    notes = [f"prompt set v{agreement.PROMPT_SET_VERSION}: {len(prompts)} held-out prompts, greedy, at most "
+             f"{agreement.MAX_TOKENS} tokens; reference: the first model",
+             "chat template: " + ("the model's" if agreement.has_chat_template(tok.hf) else
+                                  "none (plain 'User: …\\nAssistant:')"),
+             f"default system prompt: {system!r}"]
+    if shortened or cut:
+        notes.append(f"{shortened} prompts' user text shortened ({cut} then cut on the left) to fit "
+                     f"max_model_len {settings.max_model_len}")
+
+    def score(results: list[Result], reference: list[str] | None = None) -> tuple[dict, list[dict]]:
+        return agreement.score_answers(prompts, [tok.decode(ids) for ids in results], reference, system)
+
+    return Prepared(requests, score, notes)
 
 
 def _ppl_prepare(load: Callable[[Settings], list[str]]):
@@ -229,11 +305,23 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("essays", "perplexity", _PPL, _ppl_prepare(_essays)),
     Task("passkey", "long_context", ("acc",), _lc_prepare("passkey")),
     Task("niah", "long_context", ("acc",), _lc_prepare("niah")),
+    Task("triviaqa", "generative", ("exact_match",),
+         _qa_prepare("trivia_qa/rc.wikipedia.nocontext/validation", generative.triviaqa)),
+    Task("nq_open", "generative", ("exact_match",), _qa_prepare("nq_open/none/validation", generative.nq_open)),
+    Task("lambada", "multiple_choice", ("acc", "perplexity"), _lambada_prepare),
+    Task("commonsense_qa", "multiple_choice", ("acc",),
+         _split_task("tau/commonsense_qa/none/validation", multiple_choice.commonsense_qa)),
+    Task("social_iqa", "multiple_choice", ("acc",),
+         _split_task("social_i_qa/none/validation", multiple_choice.social_iqa)),
+    Task("copa", "multiple_choice", ("acc",), _split_task("super_glue/copa/validation", multiple_choice.copa)),
+    Task("agreement", "agreement", ("first_sentence_match", "rouge_l_f1", "non_empty", "echoes_system_prompt"),
+         _agreement_prepare),
 ]}
 GROUPS = {
     "mc": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa", "sciq"],
     "ppl": ["wikipedia", "essays"],
     "long": ["passkey", "niah"],
+    "behaviour": ["triviaqa", "nq_open", "lambada", "commonsense_qa", "social_iqa", "copa", "agreement"],
 }
 GROUPS["all"] = GROUPS["mc"] + GROUPS["ppl"] + GROUPS["long"]
 
