@@ -46,7 +46,7 @@ finetune() {  # SRC DST [args]: bounded; the report comes back either way
   local src=$1 dst=$2; shift 2
   local left=$(( LIMIT - SECONDS )); (( left > 30 )) || left=30
   rm -rf "$dst"
-  timeout -k 10 "$left" python3 -m vllm_mha2mla.cli finetune "$src" "$dst" --teacher "$MODEL" --keep-work-dir "$@" 2>&1 \
+  timeout -k 10 "$left" python3 -m vllm_mha2mla.cli finetune "$src" "$dst" --teacher "$MODEL" "$@" 2>&1 \
     | grep -v -E "it/s\]$|s/it\]$|INFO|WARNING" | tail -50 || echo "finetune exited with ${PIPESTATUS[0]}"
   mkdir -p "$OUT"
   cp "$dst/finetune_report.json" "$OUT/$(basename "$dst")-finetune_report.json" 2>/dev/null || true
