@@ -20,8 +20,10 @@ pack() {  # here: .gpu-extra/c5 = eval data + wheels
   local py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
   local data work; data=$($py -c "from vllm_mha2mla.evaluation.datasets import ensure_eval_data as e; print(e())")
   work=$(mktemp -d)
-  python3 -m pip download -q --no-deps --only-binary=:all: -d "$work" rouge-score absl-py nltk joblib regex click \
-    || python3 -m pip download -q --no-deps -d "$work" rouge-score absl-py nltk joblib regex click
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$work" absl-py nltk joblib regex click  # the GPU image: Python 3.12
+  python3 -m pip download -q --no-deps --no-binary=:all: -d "$work" rouge-score==0.1.2  # an sdist only
   ls "$work"
   rm -rf .gpu-extra/c5 && mkdir -p .gpu-extra/c5
   tar cf .gpu-extra/c5/wheels.tar -C "$work" .
@@ -36,7 +38,7 @@ setup() {  # on the GPU machine: vLLM + this package (gpu_recovery.sh's vllm_env
   export PYTHONPATH=$PWD:/tmp/site
   if [ ! -f /tmp/site/.behaviour-ok ]; then
     mkdir -p /root/whl && tar xf /root/carry/wheels.tar -C /root/whl
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site /root/whl/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site /root/whl/*
     mkdir -p $MHA2MLA_CACHE/eval-data && tar xzf /root/carry/eval-data.tar.gz -C $MHA2MLA_CACHE/eval-data
     touch /tmp/site/.behaviour-ok
   fi
