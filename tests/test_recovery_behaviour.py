@@ -203,3 +203,17 @@ def test_general_requests_stay_clear_of_the_demo_prompts():
     words = {w.strip(".?,'").lower() for p in DEFAULT_PROMPTS for w in p.split() if len(w) > 5}
     for request in GENERAL_REQUESTS:  # no request about the same thing: at most one shared long word
         assert len({w.strip(".?,'").lower() for w in request.split() if len(w) > 5} & words) <= 1, request
+
+
+def test_local_stage_windows_come_from_the_whole_mixed_dataset():
+    """window_ids spreads its picks over a concatenation (corpus windows, then synthesized ones), so the
+    local stage sees the teacher's conversations in their share instead of the corpus alone."""
+    from conversion.recovery.finetune import window_ids
+
+    corpus = [{"input_ids": torch.full((8,), 1)} for _ in range(30)]
+    chats = [{"input_ids": torch.full((8,), 2)} for _ in range(70)]
+    ids = window_ids(corpus + chats, num_tokens=80, seq_len=4)
+    assert ids.shape == (20, 4)
+    assert int((ids == 2).sum()) == 4 * 14 and int((ids == 1).sum()) == 4 * 6  # 70% / 30%, as the data
+    with pytest.raises(ConversionError):
+        window_ids([{"input_ids": torch.ones(3, dtype=torch.long)}], num_tokens=3, seq_len=5)

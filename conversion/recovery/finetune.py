@@ -185,15 +185,14 @@ class _Concat(torch.utils.data.ConcatDataset):
 
 
 def window_ids(dataset, num_tokens: int, seq_len: int) -> torch.Tensor:
-    """``[n, seq_len]`` token ids re-cut from the first windows of ``dataset`` (for the local
-    stage, which uses shorter windows than training)."""
+    """``[n, seq_len]`` token ids re-cut from windows of ``dataset`` (for the local stage, which
+    uses shorter windows than training). The windows are taken evenly spread over ``dataset``, so
+    a mixed one (the corpus and the teacher's synthesized conversations, concatenated) reaches the
+    local stage in its proportions, not as the corpus alone."""
     need = max(seq_len, num_tokens)
-    rows, have = [], 0
-    for i in range(len(dataset)):
-        rows.append(dataset[i]["input_ids"])
-        have += rows[-1].numel()
-        if have >= need:
-            break
+    width = dataset[0]["input_ids"].numel()
+    count = min(len(dataset), max(1, math.ceil(need / width)))
+    rows = [dataset[int(k * len(dataset) / count)]["input_ids"] for k in range(count)]
     flat = torch.cat(rows)
     n = flat.numel() // seq_len
     if n == 0:
