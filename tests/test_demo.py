@@ -31,7 +31,8 @@ def test_demo_pipeline_writes_summary_table_and_chart(tmp_path):
     text.write_text(shared_text_path().read_text()[:40_000])
     opts = DemoOptions(out_dir=tmp_path / "demo", text=text, calib_tokens=1024, ppl_tokens=512, ppl_seq_len=256,
                        max_tokens=8, num_prompts=2, enforce_eager=True, kv_cache_memory_bytes=64 << 20,
-                       local_tokens=2048, local_steps=2, local_seconds=600)  # budget never binding
+                       local_tokens=2048, local_steps=2, local_seconds=600,  # budget never binding
+                       synthesize=1500, synthesis_max_tokens=16)  # a few teacher chats join the local stage
     out = run_demo(opts, console=Console(quiet=True))
     summary = json.loads((out / "summary.json").read_text())
     orig, conv, rec, ratios = summary["original"], summary["converted"], summary["recovered"], summary["ratios"]
@@ -46,6 +47,7 @@ def test_demo_pipeline_writes_summary_table_and_chart(tmp_path):
     assert orig["perplexity"] < 200  # the real model predicts Shakespeare far better than chance
     assert rec["perplexity"] < conv["perplexity"]  # even two steps per layer of the local stage help
     assert summary["recovery"]["local"]["steps_per_layer"] == [2] * 30
+    assert summary["recovery"]["synthesis"]["kind"] == "chat" and summary["recovery"]["synthesis"]["conversations"] > 0
     assert orig["agrees_with_original"] == sum(1 for s in summary["samples"] if s["original"])
     assert len(summary["samples"]) == 2 and all(s["original"] for s in summary["samples"])
     assert (out / "chart.png").stat().st_size > 10_000

@@ -28,6 +28,7 @@ from conversion.accounting import KVAccounting
 from conversion.errors import ConversionError
 from conversion.layout import MLALayout
 from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+from vllm_mha2mla.synthesize import vllm_engine_hooks
 
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
@@ -68,6 +69,11 @@ class DemoOptions:
     and its chat answers, depend on how busy the machine is (a capped 40-step stage got 3-14 steps a
     layer alone, fewer on shared cores, where chat answers dropped to 0 of 8)."""
     finetune_tokens: int = 0
+    synthesize: int = 12_000
+    """Tokens of teacher-written chat conversations (sampled in vLLM, ~35 conversations, ~1.5 min on 2
+    cores) that join the corpus in the local stage's windows: the GPU recipe's data at CPU scale, so the
+    recovered model is fitted on chat turns, not only on Wikipedia paragraphs. 0: corpus only."""
+    synthesis_max_tokens: int = 128
     max_tokens: int = 64
     num_prompts: int = len(DEFAULT_PROMPTS)
     kv_cache_memory_bytes: int = 256 << 20
@@ -224,7 +230,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> Path:
             calib_tokens=opts.calib_tokens, layout="exact", dtype=opts.dtype))
     recovery = None
     if opts.recover:
-        with _stage(console, timings, f"3/{steps} recover (layer-wise distillation"
+        with _stage(console, timings, f"3/{steps} recover ("
+                    + ("teacher chats in vLLM, " if opts.synthesize else "") + "layer-wise distillation"
                     + (f" + {opts.finetune_tokens:,} tokens of global training)" if opts.finetune_tokens else ")")):
             recovered = out_dir / "mha2mla-recovered"
             recovery = finetune(converted, recovered, FinetuneOptions(
@@ -233,7 +240,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> Path:
                 local_tokens=opts.local_tokens, local_seq_len=opts.ppl_seq_len,
                 local=LocalOptions(steps_per_layer=opts.local_steps, time_budget_s=opts.local_seconds),
                 global_=GlobalOptions(tokens=max(opts.finetune_tokens, 1), batch_size=2),
-            ), log=console.print)
+                synthesize=opts.synthesize, synthesis_max_tokens=opts.synthesis_max_tokens,
+            ), log=console.print, hooks=vllm_engine_hooks() if opts.synthesize else None)
     if calib_file is not None:
         calib_file.unlink()
     runs = {}
@@ -296,7 +304,7 @@ def summarise(opts: DemoOptions, model: Path, model_name: str, report: dict, rec
         summary["ratios"]["perplexity_gap_closed_pct"] = (
             100 * (summary["converted"]["perplexity"] - summary["recovered"]["perplexity"]) / gap if gap > 0 else None)
     if recovery is not None:
-        summary["recovery"] = {k: recovery[k] for k in ("stage", "data") if k in recovery}
+        summary["recovery"] = {k: recovery[k] for k in ("stage", "data", "synthesis") if recovery.get(k)}
         if "local" in recovery:
             local = recovery["local"]
             summary["recovery"]["local"] = {k: local[k] for k in ("seconds", "train_tokens", "mean_held_out_error_before",
@@ -365,6 +373,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-seconds", type=float, default=None,
                    help="optional time cap of the local stage (off: results then do not depend on machine load)")
     p.add_argument("--finetune-tokens", type=int, default=0, help="add a global stage of N tokens (KD, attention)")
+    p.add_argument("--synthesize", type=int, default=DemoOptions.synthesize,
+                   help=f"tokens of teacher chat conversations sampled in vLLM for the recovery (default "
+                        f"{DemoOptions.synthesize:,}; 0: corpus only)")
 
 
 def main_from_args(args: argparse.Namespace) -> int:
@@ -372,7 +383,7 @@ def main_from_args(args: argparse.Namespace) -> int:
                        text=args.text, ppl_tokens=args.ppl_tokens, calib_tokens=args.calib_tokens,
                        max_tokens=args.max_tokens, recover=args.recover, local_steps=args.local_steps,
                        local_seconds=args.local_seconds,
-                       finetune_tokens=args.finetune_tokens)
+                       finetune_tokens=args.finetune_tokens, synthesize=args.synthesize)
     try:
         run_demo(opts)
     except ConversionError as exc:
