@@ -119,7 +119,7 @@ def kernel_check(out_file: Path) -> dict:
 def _prefill_correctness() -> dict:
     from types import SimpleNamespace
 
-    from conversion.layout import plan_exact_layout
+    from conversion.mla_format.layout import plan_exact_layout
     from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, varlen_attention_reference
 
     layout = plan_exact_layout(32, 32, 128, 16, 16)

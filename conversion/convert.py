@@ -18,16 +18,16 @@ from conversion.accounting import KVAccounting
 from conversion.calibration import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS, CalibrationStats, load_or_collect
 from conversion.checkpoint import ShardWriter, atomic_output_folder, write_json
 from conversion.errors import ConversionError
-from conversion.layout import (
-    DEFAULT_NATIVE_CACHE_SIZE,
-    NATIVE_CACHE_SIZES,
+from conversion.lowrank import SVD_METHODS, factorize_kv, relative_output_error, relative_weight_error
+from conversion.mla_format.layout import (
+    DEFAULT_NATIVE_HEAD_SIZE,
+    NATIVE_HEAD_SIZES,
     MLALayout,
     max_d_kv_for_cache,
     plan_exact_layout,
     plan_native_layout,
 )
-from conversion.lowrank import SVD_METHODS, factorize_kv, relative_output_error, relative_weight_error
-from conversion.mla_config import ARCHITECTURE, FORMAT_VERSION
+from conversion.mla_format.spec import build_config
 from conversion.source import TOKENIZER_FILES, TOKENIZER_VOCAB_FILES, SourceSpec, SourceWeights, read_source_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -159,8 +159,8 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
     notes: list[str] = []
     max_rank = max_latent_rank(spec, options.rope_dim)
     if options.kv_budget is not None:
-        if options.kv_budget not in NATIVE_CACHE_SIZES:
-            raise ConversionError(f"--kv-budget must be one of {NATIVE_CACHE_SIZES}, got {options.kv_budget}")
+        if options.kv_budget not in NATIVE_HEAD_SIZES:
+            raise ConversionError(f"--kv-budget must be one of {NATIVE_HEAD_SIZES}, got {options.kv_budget}")
         d_kv = min(max_d_kv_for_cache(g, options.rope_dim, options.kv_budget), max_rank // g)
         if d_kv < 1:
             raise ConversionError(
@@ -179,23 +179,23 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
                 f"--d-kv {d_kv} is too large: the latent (kv-heads × d_kv = {g * d_kv}) cannot exceed "
                 f"rank {max_rank} (min of hidden size and key+value rows); use --d-kv <= {max_rank // g}"
             )
-        fits_native = d_kv <= max_d_kv_for_cache(g, options.rope_dim, DEFAULT_NATIVE_CACHE_SIZE) and d <= 192
+        fits_native = d_kv <= max_d_kv_for_cache(g, options.rope_dim, DEFAULT_NATIVE_HEAD_SIZE) and d <= 192
         if options.layout == "native" and not fits_native:
             raise ConversionError(
                 f"--d-kv {d_kv} with --rope-dim {options.rope_dim} needs {g * (d_kv + options.rope_dim)} values "
-                f"per token, more than vLLM's native {DEFAULT_NATIVE_CACHE_SIZE}; lower them or use --layout exact"
+                f"per token, more than vLLM's native {DEFAULT_NATIVE_HEAD_SIZE}; lower them or use --layout exact"
             )
         essential = g * (d_kv + options.rope_dim)
-        cheap_padding = DEFAULT_NATIVE_CACHE_SIZE <= (1 + NATIVE_PADDING_TOLERANCE) * essential
+        cheap_padding = DEFAULT_NATIVE_HEAD_SIZE <= (1 + NATIVE_PADDING_TOLERANCE) * essential
         if options.layout == "native" or (options.layout == "auto" and fits_native and cheap_padding):
-            layout = plan_native_layout(h, g, d, options.rope_dim, d_kv, DEFAULT_NATIVE_CACHE_SIZE)
+            layout = plan_native_layout(h, g, d, options.rope_dim, d_kv, DEFAULT_NATIVE_HEAD_SIZE)
             _refuse_larger_cache(layout.cache_values, 2 * g * d, "--layout native", options.force)
         else:
             layout = plan_exact_layout(h, g, d, options.rope_dim, d_kv)
             if options.layout == "auto":
-                why = (f"padding them to vLLM's native {DEFAULT_NATIVE_CACHE_SIZE} would cost "
-                       f"{100 * (DEFAULT_NATIVE_CACHE_SIZE / essential - 1):.0f}% more cache") if fits_native else \
-                    f"they do not fit vLLM's native MLA sizes {NATIVE_CACHE_SIZES}"
+                why = (f"padding them to vLLM's native {DEFAULT_NATIVE_HEAD_SIZE} would cost "
+                       f"{100 * (DEFAULT_NATIVE_HEAD_SIZE / essential - 1):.0f}% more cache") if fits_native else \
+                    f"they do not fit vLLM's native MLA sizes {NATIVE_HEAD_SIZES}"
                 notes.append(f"{layout.essential_values} values per token: {why}; written with exact sizes "
                              "(served by this plugin's own backend; --layout native to pad)")
     return ConversionPlan(spec, layout, options, _check_dtype_and_calibration(spec, options), notes + list(spec.warnings))
@@ -387,60 +387,13 @@ def convert_attention(
     return out, errors, low.energy
 
 
-def build_config(plan: ConversionPlan, pairs: list[list[list[int]]]) -> dict:
-    """config.json of the converted model: a DeepSeek-V2 config plus the ``mha2mla`` section."""
-    from transformers import DeepseekV2Config
-
-    spec, lay, opts = plan.spec, plan.layout, plan.options
-    section = {
-        "format_version": FORMAT_VERSION,
-        "layout": lay.to_dict(),
-        "rope_pairs": pairs,
-        "rope_theta": spec.rope_theta,
-        "rope_scaling": spec.rope_scaling,
-        "q_bias": spec.qkv_bias,
-        "kv_a_bias": spec.qkv_bias,
-        "o_bias": spec.qkv_bias or spec.o_bias,
-        "strategy": opts.strategy,
-        "svd": opts.svd,
-        "source_model_type": spec.model_type,
-        "source_architecture": spec.architecture,
-        "original_num_key_value_heads": spec.num_kv_heads,
-        "original_head_dim": spec.head_dim,
-    }
-    if plan.layer_rope is not None:
-        section["layer_rope_dim"] = list(plan.layer_rope)
-    if plan.layer_latent is not None:
-        section["layer_kv_lora_rank"] = list(plan.layer_latent)
-        section["allocation"] = "given" if opts.layer_latent is not None else opts.allocate
-    config = DeepseekV2Config(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        moe_intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
-        hidden_act="silu",
-        max_position_embeddings=spec.max_position_embeddings,
-        rms_norm_eps=spec.rms_norm_eps,
-        tie_word_embeddings=spec.tie_word_embeddings,
-        bos_token_id=spec.bos_token_id,
-        eos_token_id=spec.eos_token_id,
-        q_lora_rank=None,
-        kv_lora_rank=lay.kv_lora_rank,
-        qk_rope_head_dim=lay.qk_rope_head_dim,
-        qk_nope_head_dim=lay.qk_nope_head_dim,
-        v_head_dim=lay.v_head_dim,
-        n_routed_experts=0,
-        n_shared_experts=0,
-        first_k_dense_replace=spec.num_layers,
-        mha2mla=section,
-    )
-    data = config.to_dict()
-    data["architectures"] = [ARCHITECTURE]
-    data["dtype"] = {v: k for k, v in DTYPES.items()}[plan.dtype]
-    return data
+def plan_config(plan: ConversionPlan, pairs: list[list[list[int]]]) -> dict:
+    """config.json of the model ``plan`` converts to (the format's writer, :func:`build_config`)."""
+    opts = plan.options
+    return build_config(plan.spec, plan.layout, pairs, {v: k for k, v in DTYPES.items()}[plan.dtype],
+                        strategy=opts.strategy, svd=opts.svd, layer_latent=plan.layer_latent,
+                        layer_rope=plan.layer_rope,
+                        allocation="given" if opts.layer_latent is not None else opts.allocate)
 
 
 CHARS_PER_CALIBRATION_TOKEN = 6
@@ -519,7 +472,7 @@ def write_checkpoint(plan: ConversionPlan, weights: SourceWeights, stats: Calibr
         if not spec.tie_word_embeddings:
             writer.add("lm_head.weight", weights.get("lm_head.weight"))
         writer.close()
-        write_json(tmp / "config.json", build_config(plan, pairs))
+        write_json(tmp / "config.json", plan_config(plan, pairs))
         for name in TOKENIZER_FILES:
             if (spec.path / name).is_file():
                 shutil.copy2(spec.path / name, tmp / name)

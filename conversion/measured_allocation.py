@@ -16,7 +16,7 @@ import torch
 
 from conversion.calibration import CalibrationStats
 from conversion.convert import WIDE_FACTOR, ConversionPlan, max_latent_rank, select_rope_pairs, write_checkpoint
-from conversion.layout import plan_exact_layout
+from conversion.mla_format.layout import plan_exact_layout
 from conversion.source import SourceWeights
 
 

@@ -20,7 +20,7 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     import torch
     from transformers import DeepseekV2Config
 
-    from conversion.mla_config import MHA2MLASpec
+    from conversion.mla_format.spec import MHA2MLASpec
     from conversion.reference_model import MHA2MLAForCausalLM
 
     try:

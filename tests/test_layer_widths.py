@@ -12,8 +12,8 @@ from conversion import ConvertOptions, convert, load_reference
 from conversion.accounting import KVAccounting
 from conversion.allocation import allocate_by_cost, allocate_options, interpolate_cost
 from conversion.errors import ConversionError
-from conversion.layout import MLALayout, plan_exact_layout
-from conversion.mla_config import MHA2MLASpec
+from conversion.mla_format.layout import MLALayout, plan_exact_layout
+from conversion.mla_format.spec import MHA2MLASpec
 from conversion.validate import check_checkpoint
 from tests.helpers import TinySpec
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conversion.errors import ConversionError
-from conversion.layout import MLALayout, max_d_kv_for_cache, native_prefill_dims, plan_exact_layout, plan_native_layout
-from conversion.reference_model import distinct_zero_index, mla_inputs
+from conversion.mla_format.layout import MLALayout, max_d_kv_for_cache, native_prefill_dims, plan_exact_layout, plan_native_layout
+from conversion.mla_format.inputs import distinct_zero_index, mla_inputs
 from conversion.rope import apply_partial_rope
 
 CASES = [
@@ -142,7 +142,7 @@ def test_constants_are_built_on_cpu_under_another_default_device(tiny_model_fact
     import json
 
     from conversion import ConvertOptions, convert
-    from conversion.mla_config import MHA2MLASpec
+    from conversion.mla_format.spec import MHA2MLASpec
     from tests.helpers import TinySpec
 
     convert(tiny_model_factory(TinySpec()), tmp_path / "m", ConvertOptions(rope_dim=8, strategy="high", d_kv=16),

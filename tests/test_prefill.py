@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conversion.layout import plan_exact_layout, plan_native_layout
-from conversion.reference_model import mla_inputs
+from conversion.mla_format.layout import plan_exact_layout, plan_native_layout
+from conversion.mla_format.inputs import mla_inputs
 from vllm_mha2mla.head_compaction import compact_heads, compact_keys, head_compaction, padded_heads
 from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, varlen_attention_reference
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from conversion import ConvertOptions, convert, load_reference
 from conversion.cli import main as cli_main
-from conversion.layout import plan_native_layout
+from conversion.mla_format.layout import plan_native_layout
 from conversion.recovery.finetune import FinetuneOptions, finetune, held_out_perplexity
 from conversion.recovery.global_stage import GlobalOptions, latest_complete_checkpoint, run_global_stage
 from conversion.recovery.local import LocalOptions, TeacherStream, run_local_stage

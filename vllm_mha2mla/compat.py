@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from conversion.mla_format.layout import CPU_NATIVE_HEAD_SIZES, NATIVE_HEAD_SIZES
+
 
 def native_cache_sizes() -> tuple[int, ...]:
     """MLA head sizes the stock kernels of this platform accept (CPU backends: 576 only)."""
     from vllm.platforms import current_platform
 
-    return (576,) if current_platform.is_cpu() else (576, 512, 320)
+    return CPU_NATIVE_HEAD_SIZES if current_platform.is_cpu() else NATIVE_HEAD_SIZES
 
 
 def default_device() -> torch.device:
@@ -100,8 +102,8 @@ def plugin_prefill_kwargs(vllm_config) -> dict:
     return {}
 
 
-VLLM_GATHER_WIDTHS = (320, 576)
-"""Row widths vLLM's ``gather_and_maybe_dequant_cache`` CUDA kernel is compiled for."""
+VLLM_GATHER_WIDTHS = (min(NATIVE_HEAD_SIZES), max(NATIVE_HEAD_SIZES))
+"""Row widths vLLM's ``gather_and_maybe_dequant_cache`` CUDA kernel is compiled for (320 and 576)."""
 
 
 def extend_cache_gather_to_any_width() -> None:
@@ -245,7 +247,7 @@ def mha2mla_spec(vllm_config):
     hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
     if hf_config is None or not hasattr(hf_config, "mha2mla"):
         return None
-    from conversion.mla_config import MHA2MLASpec
+    from conversion.mla_format.spec import MHA2MLASpec
 
     return MHA2MLASpec.from_config(hf_config)
 

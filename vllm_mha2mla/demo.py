@@ -26,7 +26,7 @@ from rich.table import Table
 
 from conversion.accounting import KVAccounting
 from conversion.errors import ConversionError
-from conversion.layout import MLALayout
+from conversion.mla_format.layout import MLALayout
 from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
 
 DEFAULT_PROMPTS = (

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from conversion.layout import MLALayout
+    from conversion.mla_format.layout import MLALayout
 
 
 def round_up(value: int, multiple: int) -> int:

@@ -4,7 +4,7 @@ Built the way vLLM's own ``llama.py`` and ``deepseek_v2.py`` are: parallel linea
 (heads split across tensor-parallel ranks, the latent projection replicated), fused
 residual RMSNorm, pipeline-parallel support and ``load_weights``. The attention computes
 compact projections, applies this checkpoint's per-kv-head partial RoPE, lays the result out
-as vLLM's ``[latent | k_pe]`` MLA inputs (see ``conversion.layout``), and calls vLLM's
+as vLLM's ``[latent | k_pe]`` MLA inputs (see ``conversion.mla_format.layout``), and calls vLLM's
 ``MLAAttention``, which owns the paged latent cache and the backends.
 """
 
@@ -37,9 +37,9 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from conversion.layout import MLALayout
-from conversion.mla_config import MHA2MLASpec
-from conversion.reference_model import mla_inputs
+from conversion.mla_format.layout import MLALayout
+from conversion.mla_format.spec import MHA2MLASpec
+from conversion.mla_format.inputs import mla_inputs
 from vllm_mha2mla.compat import (
     default_device,
     load_class,

@@ -28,7 +28,7 @@ try:
 except ImportError:  # vLLM releases without the CPU SDPA prefill backend (the GPU bundle's 0.26)
     CPUSDPAMLAPrefillBackend = None  # type: ignore[assignment,misc]
 
-from conversion.layout import MLALayout
+from conversion.mla_format.layout import MLALayout
 from vllm_mha2mla.head_compaction import HeadCompaction, compact_heads, head_compaction, pad_last, padded_heads
 
 FLASH_ATTN_MAX_HEAD_DIM = 256

@@ -77,7 +77,7 @@ def resolve_stage(opts: FinetuneOptions) -> str:
 
 def read_student_config(mla_dir: Path) -> dict:
     """The converted checkpoint's config, or a clear error if ``mla_dir`` is not one."""
-    from conversion.mla_config import MHA2MLASpec
+    from conversion.mla_format.spec import MHA2MLASpec
 
     config_path = Path(mla_dir) / "config.json"
     if not config_path.is_file():

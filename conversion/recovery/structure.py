@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from conversion.layout import MLALayout
+from conversion.mla_format.layout import MLALayout
 
 
 def kv_b_free_mask(layout: MLALayout) -> torch.Tensor:

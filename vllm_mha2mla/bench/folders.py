@@ -16,13 +16,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from conversion.convert import ConversionPlan, ConvertOptions, build_config, convert
-from conversion.layout import plan_exact_layout, plan_native_layout
+from conversion.convert import ConvertOptions, convert
+from conversion.mla_format.layout import DEFAULT_NATIVE_HEAD_SIZE, plan_exact_layout, plan_native_layout
+from conversion.mla_format.spec import build_config
 from conversion.rope import select_pairs_fixed
 from conversion.source import read_source_spec
-from vllm_mha2mla.bench.shapes import NATIVE_CACHE_VALUES, SHAPES, BenchError, Variant, shape_config
+from vllm_mha2mla.bench.shapes import SHAPES, BenchError, Variant, shape_config
 
 @dataclass(frozen=True)
 class ModelFolder:
@@ -68,7 +67,7 @@ def write_word_tokenizer(folder: Path, vocab_size: int) -> None:
     fast.save_pretrained(str(folder))
 
 
-def mla_config_for(llama_folder: Path, rope_dim: int, d_kv: int, cache_size: int | None = NATIVE_CACHE_VALUES,
+def mla_config_for(llama_folder: Path, rope_dim: int, d_kv: int, cache_size: int | None = DEFAULT_NATIVE_HEAD_SIZE,
                    layer_latent: list[int] | None = None) -> dict:
     """The converted config.json an MHA2MLA conversion of ``llama_folder`` would write
     (``cache_size`` None: the exact layout, true sizes; ``layer_latent``: per-layer latent
@@ -79,9 +78,8 @@ def mla_config_for(llama_folder: Path, rope_dim: int, d_kv: int, cache_size: int
     if layer_latent:
         layout = layout.with_latent(max(layer_latent))
     pairs = select_pairs_fixed("uniform", rope_dim // 2, spec.head_dim // 2)
-    opts = ConvertOptions(rope_dim=rope_dim, strategy="uniform", d_kv=d_kv)
-    plan = ConversionPlan(spec, layout, opts, torch.bfloat16, layer_latent=layer_latent)
-    return build_config(plan, [[pairs] * spec.num_kv_heads] * spec.num_layers)
+    return build_config(spec, layout, [[pairs] * spec.num_kv_heads] * spec.num_layers, "bfloat16",
+                        strategy="uniform", svd="joint", layer_latent=layer_latent, allocation="uniform")
 
 
 def prepare_original(shape: str, workdir: Path, max_positions: int) -> ModelFolder:
@@ -109,7 +107,7 @@ def prepare_variant(original: ModelFolder, shape_label: str, variant: Variant, w
     """The folder ``variant`` runs on: the original itself, or its conversion."""
     if variant.is_original:
         return original
-    cache_size = NATIVE_CACHE_VALUES if variant.layout == "native" else None
+    cache_size = DEFAULT_NATIVE_HEAD_SIZE if variant.layout == "native" else None
     folder = workdir / shape_label / f"r{variant.rope_dim}-d{variant.d_kv}-{variant.layout}"
     if original.dummy_weights:
         config = mla_config_for(original.path, variant.rope_dim, variant.d_kv, cache_size)

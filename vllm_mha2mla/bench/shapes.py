@@ -23,9 +23,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from conversion.layout import NATIVE_ROPE_SLOT
+from conversion.mla_format.layout import DEFAULT_NATIVE_HEAD_SIZE, NATIVE_ROPE_SLOT
 
-NATIVE_CACHE_VALUES = 576
 CUT_ROPE_DIM = 16
 
 
@@ -101,7 +100,7 @@ class Variant:
         if self.is_original:
             return mha_cache_values(config)
         if self.layout == "native":
-            return NATIVE_CACHE_VALUES
+            return DEFAULT_NATIVE_HEAD_SIZE
         return config.get("num_key_value_heads", config["num_attention_heads"]) * (self.rope_dim + self.d_kv)
 
 
@@ -123,7 +122,7 @@ def parse_variant(spec: str, config: dict) -> Variant:
         return Variant(spec.strip(), attention_backend=backend)
     if name == "native":
         rope = max(2, min(CUT_ROPE_DIM, (NATIVE_ROPE_SLOT // kv_heads) // 2 * 2))
-        d_kv = min((NATIVE_CACHE_VALUES - NATIVE_ROPE_SLOT) // kv_heads, 2 * head_dim - rope)
+        d_kv = min((DEFAULT_NATIVE_HEAD_SIZE - NATIVE_ROPE_SLOT) // kv_heads, 2 * head_dim - rope)
         return Variant(spec.strip(), rope, d_kv, "native", backend)
     if m := _EXACT.match(name):
         rope, d_kv = int(m[1]), int(m[2])

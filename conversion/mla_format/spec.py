@@ -1,9 +1,11 @@
-"""Reading the MHA2MLA section of a converted checkpoint's config.
+"""The ``mha2mla`` section of a converted checkpoint's config: its writer and its reader.
 
 A converted ``config.json`` is a DeepSeek-V2 config (``model_type: deepseek_v2`` so vLLM
 switches MLA on) plus one ``mha2mla`` dict with what DeepSeek-V2 has no field for: the
 original head geometry, the rotary pairs kept per layer and kv-head, and the rope
-parameters. The reference model and the vLLM plugin both read it through this module.
+parameters. The converter (and ``mha2mla bench``'s config-only folders) write it with
+:func:`build_config`; the reference model and the vLLM plugin read it with
+:class:`MHA2MLASpec`.
 """
 
 from __future__ import annotations
@@ -13,12 +15,78 @@ from typing import Any
 
 import torch
 
-from conversion.layout import MLALayout
+from conversion.mla_format.layout import MLALayout
 from conversion.rope import rope_inv_freq
+from conversion.source import SourceSpec
 
 ARCHITECTURE = "MHA2MLAForCausalLM"
 FORMAT_VERSION = 1
 
+
+
+def build_config(source: SourceSpec, layout: MLALayout, rope_pairs: list[list[list[int]]], dtype: str, *,
+                 strategy: str, svd: str, layer_latent: list[int] | None = None,
+                 layer_rope: list[int] | None = None, allocation: str | None = None) -> dict:
+    """config.json of a converted model: a DeepSeek-V2 config plus the ``mha2mla`` section.
+
+    ``source``: the original model's spec; ``layout``: the (widest layer's) layout;
+    ``rope_pairs``: ``[layer][kv_head] → pairs`` kept rotary; ``dtype``: the weights' torch
+    dtype name; ``strategy`` / ``svd``: how the conversion chose them (recorded only);
+    ``layer_latent`` / ``layer_rope``: each layer's latent width / rotary dims under a per-layer
+    allocation (None: every layer has ``layout``'s); ``allocation``: how ``layer_latent`` was
+    chosen (recorded with it).
+    """
+    from transformers import DeepseekV2Config  # heavy; only the writer needs it
+
+    section = {
+        "format_version": FORMAT_VERSION,
+        "layout": layout.to_dict(),
+        "rope_pairs": rope_pairs,
+        "rope_theta": source.rope_theta,
+        "rope_scaling": source.rope_scaling,
+        "q_bias": source.qkv_bias,
+        "kv_a_bias": source.qkv_bias,
+        "o_bias": source.qkv_bias or source.o_bias,
+        "strategy": strategy,
+        "svd": svd,
+        "source_model_type": source.model_type,
+        "source_architecture": source.architecture,
+        "original_num_key_value_heads": source.num_kv_heads,
+        "original_head_dim": source.head_dim,
+    }
+    if layer_rope is not None:
+        section["layer_rope_dim"] = list(layer_rope)
+    if layer_latent is not None:
+        section["layer_kv_lora_rank"] = list(layer_latent)
+        section["allocation"] = allocation
+    config = DeepseekV2Config(
+        vocab_size=source.vocab_size,
+        hidden_size=source.hidden_size,
+        intermediate_size=source.intermediate_size,
+        moe_intermediate_size=source.intermediate_size,
+        num_hidden_layers=source.num_layers,
+        num_attention_heads=source.num_heads,
+        num_key_value_heads=source.num_heads,
+        hidden_act="silu",
+        max_position_embeddings=source.max_position_embeddings,
+        rms_norm_eps=source.rms_norm_eps,
+        tie_word_embeddings=source.tie_word_embeddings,
+        bos_token_id=source.bos_token_id,
+        eos_token_id=source.eos_token_id,
+        q_lora_rank=None,
+        kv_lora_rank=layout.kv_lora_rank,
+        qk_rope_head_dim=layout.qk_rope_head_dim,
+        qk_nope_head_dim=layout.qk_nope_head_dim,
+        v_head_dim=layout.v_head_dim,
+        n_routed_experts=0,
+        n_shared_experts=0,
+        first_k_dense_replace=source.num_layers,
+        mha2mla=section,
+    )
+    data = config.to_dict()
+    data["architectures"] = [ARCHITECTURE]
+    data["dtype"] = dtype
+    return data
 
 @dataclass(frozen=True)
 class MHA2MLASpec:

@@ -25,13 +25,16 @@ import torch
 
 from conversion.errors import ConversionError
 
-NATIVE_CACHE_SIZES = (576, 512, 320)
-"""Head sizes (kv_lora_rank + qk_rope_head_dim) vLLM's MLA kernels accept (CPU: 576 only)."""
+NATIVE_HEAD_SIZES = (576, 512, 320)
+"""Head sizes (kv_lora_rank + qk_rope_head_dim) vLLM's MLA kernels accept (CPU: 576 only).
+The one place these sizes are spelled; everything else derives from this tuple."""
+DEFAULT_NATIVE_HEAD_SIZE = NATIVE_HEAD_SIZES[0]
+"""576 is the one size every vLLM MLA backend serves (FlashMLA, Triton, CPU)."""
+CPU_NATIVE_HEAD_SIZES = (DEFAULT_NATIVE_HEAD_SIZE,)
+"""The head sizes vLLM's CPU MLA backends accept."""
 NATIVE_ROPE_SLOT = 64
 NATIVE_PREFILL_DIMS = ((64, 64, 128), (128, 64, 128), (192, 64, 256))
 """(qk_nope_head_dim, qk_rope_head_dim, v_head_dim) triples vLLM's MLA prefill accepts."""
-DEFAULT_NATIVE_CACHE_SIZE = 576
-"""576 is the one size every vLLM MLA backend serves (FlashMLA, Triton, CPU)."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ class MLALayout:
     def is_native(self) -> bool:
         """True if stock vLLM MLA kernels accept this shape (GPU; CPU needs 576)."""
         dims = (self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim)
-        return self.cache_values in NATIVE_CACHE_SIZES and dims in NATIVE_PREFILL_DIMS
+        return self.cache_values in NATIVE_HEAD_SIZES and dims in NATIVE_PREFILL_DIMS
 
     def _overflow_count(self, kv_head: int) -> int:
         first = kv_head * self.rope_dim
@@ -274,8 +277,8 @@ def plan_native_layout(
     num_heads: int, num_kv_heads: int, head_dim: int, rope_dim: int, d_kv: int, cache_size: int
 ) -> MLALayout:
     """Layout that stock vLLM MLA serves with a cache of ``cache_size`` values per token."""
-    if cache_size not in NATIVE_CACHE_SIZES:
-        raise ConversionError(f"cache size {cache_size} is not one of vLLM's {NATIVE_CACHE_SIZES}")
+    if cache_size not in NATIVE_HEAD_SIZES:
+        raise ConversionError(f"cache size {cache_size} is not one of vLLM's {NATIVE_HEAD_SIZES}")
     nope, v = native_prefill_dims(head_dim)
     return MLALayout(
         num_heads=num_heads,
