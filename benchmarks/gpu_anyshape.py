@@ -57,8 +57,8 @@ def _paged_inputs(batch, heads, latent, rope, seq_len, page, dtype, seed=0):
 
 
 def _kernel_correctness() -> dict:
-    from vllm_mha2mla.paged_attention import paged_latent_decode
-    from vllm_mha2mla.triton_decode import mla_paged_decode
+    from vllm_mha2mla.attention.paged_attention import paged_latent_decode
+    from vllm_mha2mla.attention.triton_decode import mla_paged_decode
 
     out: dict = {}
     for name, (latent, rope) in SHAPES.items():
@@ -120,7 +120,7 @@ def _prefill_correctness() -> dict:
     from types import SimpleNamespace
 
     from conversion.mla_format.layout import plan_exact_layout
-    from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, varlen_attention_reference
+    from vllm_mha2mla.attention.prefill import MHA2MLAPrefillBackend, varlen_attention_reference
 
     layout = plan_exact_layout(32, 32, 128, 16, 16)
     hf = SimpleNamespace(mha2mla={"format_version": 1, "layout": layout.to_dict(), "rope_pairs": [],
@@ -165,7 +165,7 @@ def _decode_timings() -> dict:
     """Decode attention alone (one layer), ms per call (median, L2 flushed by do_bench)."""
     from triton.testing import do_bench
 
-    from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch
+    from vllm_mha2mla.attention.triton_decode import mla_paged_decode, plan_launch
 
     results: dict = {}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -226,7 +226,7 @@ def _vllm_decode_timings(q, cache, table, lens, latent, seq_len, sms) -> dict:
 def _tile_sweep() -> dict:
     from triton.testing import do_bench
 
-    from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch
+    from vllm_mha2mla.attention.triton_decode import mla_paged_decode, plan_launch
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out: dict = {}

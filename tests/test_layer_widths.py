@@ -95,7 +95,7 @@ def test_spec_refuses_inconsistent_per_layer_widths(per_layer):
 
 
 def test_layer_width_view():
-    from vllm_mha2mla.metadata import layer_width_view
+    from vllm_mha2mla.attention.metadata import layer_width_view
 
     workspace = torch.arange(4 * 6.0).view(4, 6)
     view = layer_width_view(workspace, 4)

@@ -8,8 +8,8 @@ import torch
 
 from conversion.mla_format.layout import plan_exact_layout, plan_native_layout
 from conversion.mla_format.inputs import mla_inputs
-from vllm_mha2mla.head_compaction import compact_heads, compact_keys, head_compaction, padded_heads
-from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, varlen_attention_reference
+from vllm_mha2mla.attention.head_compaction import compact_heads, compact_keys, head_compaction, padded_heads
+from vllm_mha2mla.attention.prefill import MHA2MLAPrefillBackend, varlen_attention_reference
 
 LAYOUTS = {
     "exact_gqa": lambda: plan_exact_layout(8, 4, 64, 16, 24),
@@ -178,7 +178,7 @@ def test_query_is_compacted_once_per_layer_and_only_while_chunks_follow(monkeypa
     """vLLM passes one query to a layer's new-token call and to each context chunk: it is gathered
     once and dropped after the last chunk; a query changed in place, or another query, is
     gathered afresh (a stale compact query would attend with the wrong values)."""
-    import vllm_mha2mla.prefill as prefill
+    import vllm_mha2mla.attention.prefill as prefill
 
     layout = LAYOUTS["exact_llama2_1024"]()
     q, k, k_nope, k_pe = _mla_qk(layout, tokens=9, parts=True)
@@ -221,8 +221,8 @@ def test_gpu_implementation_builds_keys_compact_only_where_narrower():
     vLLM's key (the backend takes either: a key as wide as its query is the full one), and finds
     its layer's layout from both head dims — one kv-head's layers are all ``d`` wide whatever
     their rotary dims, so the width alone would not tell them apart."""
-    from vllm_mha2mla.gpu_backend import MHA2MLATritonImpl
-    from vllm_mha2mla.prefill import layer_layout_for_dims
+    from vllm_mha2mla.attention.gpu_backend import MHA2MLATritonImpl
+    from vllm_mha2mla.attention.prefill import layer_layout_for_dims
 
     config = SimpleNamespace(model_config=SimpleNamespace(hf_config=None))
     for name, narrower in (("native_llama2_576", True), ("exact_llama2_1024", True), ("native_gqa_576", False)):
@@ -252,7 +252,7 @@ def test_gpu_implementation_builds_keys_compact_only_where_narrower():
 def test_one_backend_serves_layers_of_different_rotary_dims():
     """vLLM hands one prefill backend every layer of a group; a checkpoint whose layers keep
     different rotary dims is told apart by query width, each layer compacted by its own columns."""
-    from vllm_mha2mla.prefill import layer_layout_for_width
+    from vllm_mha2mla.attention.prefill import layer_layout_for_width
 
     widest = plan_exact_layout(8, 4, 64, 16, 24)  # what config.json's layout describes
     backend = _backend(widest, _hf_config(widest))
@@ -315,7 +315,7 @@ def test_cpu_prefill_backend_equals_vllms_dense_cpu_prefill(dtype):
     """The plugin's CPU prefill (fused flash attention on compacted heads) against vLLM's own
     CPU SDPA prefill on the full ``qk_nope + qk_rope`` dims: new tokens (causal, with LSE) and a
     context chunk (unmasked)."""
-    from vllm_mha2mla.prefill import CPUSDPAMLAPrefillBackend, MHA2MLACPUPrefillBackend
+    from vllm_mha2mla.attention.prefill import CPUSDPAMLAPrefillBackend, MHA2MLACPUPrefillBackend
 
     layout = LAYOUTS["exact_mha_small"]()
     kwargs = dict(num_heads=layout.num_heads, scale=0.125, kv_lora_rank=layout.kv_lora_rank,

@@ -180,7 +180,7 @@ def test_bf16_decode_kernel_in_the_engine(exact_model, prompts, monkeypatch):
     through the PyTorch decode (MHA2MLA_CPU_DECODE=torch). Against the float32 reference, the
     kernel's greedy choices may not be more than 2× (+0.05) further from its argmax than the PyTorch
     decode's (both engines round weights and activations to bf16)."""
-    from vllm_mha2mla.cpu_decode_kernel import load_variant
+    from vllm_mha2mla.attention.cpu_decode_kernel import load_variant
 
     kw = dict(max_tokens=24, dtype="bfloat16", enforce_eager=True)
     kernel_run = run_engine_in_subprocess(_request(exact_model, prompts, **kw))

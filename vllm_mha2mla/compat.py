@@ -28,14 +28,14 @@ def plugin_backend_class_path() -> str | None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        return "vllm_mha2mla.cpu_backend.MHA2MLACPUBackend"
+        return "vllm_mha2mla.attention.cpu_backend.MHA2MLACPUBackend"
     if current_platform.is_cuda():
-        return "vllm_mha2mla.gpu_backend.MHA2MLATritonBackend"
+        return "vllm_mha2mla.attention.gpu_backend.MHA2MLATritonBackend"
     return None
 
 
-PREFILL_BACKEND_PATH = "vllm_mha2mla.prefill.MHA2MLAPrefillBackend"
-CPU_PREFILL_BACKEND_PATH = "vllm_mha2mla.prefill.MHA2MLACPUPrefillBackend"
+PREFILL_BACKEND_PATH = "vllm_mha2mla.attention.prefill.MHA2MLAPrefillBackend"
+CPU_PREFILL_BACKEND_PATH = "vllm_mha2mla.attention.prefill.MHA2MLACPUPrefillBackend"
 
 
 def _uses_plugin_prefill() -> bool:
@@ -52,7 +52,7 @@ def _plugin_prefill_path() -> str | None:
     fused-flash variant of vLLM's SDPA prefill, where this vLLM has that backend."""
     if _uses_plugin_prefill():
         return PREFILL_BACKEND_PATH
-    from vllm_mha2mla.prefill import CPUSDPAMLAPrefillBackend
+    from vllm_mha2mla.attention.prefill import CPUSDPAMLAPrefillBackend
 
     return CPU_PREFILL_BACKEND_PATH if CPUSDPAMLAPrefillBackend is not None else None
 
@@ -115,7 +115,7 @@ def extend_cache_gather_to_any_width() -> None:
     original = ops.gather_and_maybe_dequant_cache
     if getattr(original, "mha2mla_any_width", False):
         return
-    from vllm_mha2mla.cache_gather import gather_cache_rows
+    from vllm_mha2mla.attention.cache_gather import gather_cache_rows
 
     def gather_and_maybe_dequant_cache(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens,
                                        kv_cache_dtype, scale, seq_starts=None):
@@ -198,7 +198,7 @@ def plugin_backend_wanted(layout, vllm_config, per_layer: bool = False) -> bool:
     """Whether the plugin's backend serves this :class:`MLALayout`: vLLM's kernels on this
     platform refuse its shape, the user asked for it (``--attention-backend CUSTOM``), or the
     layers have different widths (one backend for all of them, whatever each one's shape)."""
-    from vllm_mha2mla.backend_name import BACKEND_NAME
+    from vllm_mha2mla.attention.backend_name import BACKEND_NAME
 
     native = layout.is_native and layout.cache_values in native_cache_sizes()
     return per_layer or not native or requested_backend_name(vllm_config) == BACKEND_NAME

@@ -5,7 +5,7 @@ written with their true sizes (say 120 or 1024 values) keep vLLM's paged ``[late
 layout, its metadata builder, absorbed decode and up-projected prefill; it replaces only the
 decode kernel and the metadata class, whose ``__post_init__`` refuses non-native head sizes.
 
-Decode: the compiled kernel (:mod:`vllm_mha2mla.cpu_decode_kernel`; AVX-512, bf16 query and
+Decode: the compiled kernel (:mod:`vllm_mha2mla.attention.cpu_decode_kernel`; AVX-512, bf16 query and
 cache read in place) where it runs, else :func:`paged_latent_decode` (PyTorch, any dtype). The
 cache write goes through the same extension when it is there (one pass, no host sync).
 """
@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
-from vllm_mha2mla.cpu_decode_kernel import cpu_kernels, kernel_name
-from vllm_mha2mla.metadata import AnyShapeBackend, MHA2MLAMetadataBuilder
-from vllm_mha2mla.paged_attention import paged_latent_decode
+from vllm_mha2mla.attention.cpu_decode_kernel import cpu_kernels, kernel_name
+from vllm_mha2mla.attention.metadata import AnyShapeBackend, MHA2MLAMetadataBuilder
+from vllm_mha2mla.attention.paged_attention import paged_latent_decode
 
 
 class MHA2MLACPUImpl(CPUMLAImpl):

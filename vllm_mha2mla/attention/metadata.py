@@ -15,7 +15,7 @@ import torch
 from vllm.model_executor.layers.attention.mla_attention import MLACommonMetadata, MLACommonMetadataBuilder
 from vllm.v1.attention.backend import AttentionCGSupport
 
-from vllm_mha2mla.backend_name import BACKEND_NAME
+from vllm_mha2mla.attention.backend_name import BACKEND_NAME
 
 
 class AnyShapeBackend:

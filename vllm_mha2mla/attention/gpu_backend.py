@@ -17,10 +17,10 @@ from vllm.model_executor.layers.attention.mla_attention import MLACommonBackend,
 from vllm.v1.attention.backend import MultipleOf
 
 from vllm_mha2mla.compat import extend_cache_gather_to_any_width
-from vllm_mha2mla.head_compaction import HeadCompaction, compact_keys, head_compaction
-from vllm_mha2mla.metadata import AnyShapeBackend, MHA2MLAGraphMetadataBuilder
-from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, checkpoint_heads, layer_layout_for_dims
-from vllm_mha2mla.triton_decode import device_shared_memory, mla_paged_decode, plan_launch
+from vllm_mha2mla.attention.head_compaction import HeadCompaction, compact_keys, head_compaction
+from vllm_mha2mla.attention.metadata import AnyShapeBackend, MHA2MLAGraphMetadataBuilder
+from vllm_mha2mla.attention.prefill import MHA2MLAPrefillBackend, checkpoint_heads, layer_layout_for_dims
+from vllm_mha2mla.attention.triton_decode import device_shared_memory, mla_paged_decode, plan_launch
 
 
 def _is_quantized(kv_cache_dtype: str) -> bool:

@@ -1,7 +1,7 @@
 """The plugin's compiled CPU kernels (``csrc/latent_decode_cpu.cpp``), built on first use.
 
 :func:`cpu_kernels` returns the ops of the extension: ``latent_decode`` — the same contract as
-:func:`vllm_mha2mla.paged_attention.paged_latent_decode` for a bf16 query and cache, read in place
+:func:`vllm_mha2mla.attention.paged_attention.paged_latent_decode` for a bf16 query and cache, read in place
 through the block table — and ``write_latent_rows`` (the cache write), or ``None`` where they cannot
 run, and the caller keeps the PyTorch paths:
 

@@ -6,7 +6,7 @@ slot) and ``v = d``: for Llama-2-7B at the paper's 1024-value config that is (11
 a 624-dim query·key product no FlashAttention kernel takes. But each query head is zero on
 every column except its nope dims and its own kv-head's slot columns, so attention over those
 alone (``d`` = 128 dims here, and for the native 576 layout too) is exactly the same attention
-(:mod:`vllm_mha2mla.head_compaction`). This backend gathers those columns, zero-pads the head
+(:mod:`vllm_mha2mla.attention.head_compaction`). This backend gathers those columns, zero-pads the head
 dims to a multiple of 8 where they are not one (zeros change no dot product), runs
 FlashAttention varlen and slices the value dims back. Without FlashAttention, or past its
 256-dim limit, a PyTorch path computes the same thing (also the reference the tests hold the
@@ -29,7 +29,7 @@ except ImportError:  # vLLM releases without the CPU SDPA prefill backend (the G
     CPUSDPAMLAPrefillBackend = None  # type: ignore[assignment,misc]
 
 from conversion.mla_format.layout import MLALayout
-from vllm_mha2mla.head_compaction import HeadCompaction, compact_heads, head_compaction, pad_last, padded_heads
+from vllm_mha2mla.attention.head_compaction import HeadCompaction, compact_heads, head_compaction, pad_last, padded_heads
 
 FLASH_ATTN_MAX_HEAD_DIM = 256
 
@@ -105,7 +105,7 @@ def layer_layout_for_dims(layout: MLALayout, qk_nope: int, qk_rope: int) -> MLAL
 
 class _CompactedHeads:
     """What the GPU and CPU prefill backends share: each query/key head reduced to the columns
-    it attends over (:mod:`vllm_mha2mla.head_compaction`), all three of q, k and v zero-padded
+    it attends over (:mod:`vllm_mha2mla.attention.head_compaction`), all three of q, k and v zero-padded
     to one head size (a multiple of ``PAD_TO``), values sliced back after. Layers with their own
     rotary dims are told apart by their query width. Keys may arrive already compact (the GPU
     implementation builds them so: :meth:`MHA2MLATritonImpl._concat_k_nope_k_pe`); a key as
