@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_plugin import PARITY_CASES, _prompts, score_runs  # noqa: E402
 from benchmarks.synthetic import llama_config, mla_config_for, save_random_llama, write_config_only  # noqa: E402
 from conversion import ConvertOptions, convert, load_reference  # noqa: E402
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
 
 LLAMA2_7B = dict(hidden=4096, heads=32, kv_heads=32, head_dim=128, vocab=32000, intermediate=11008)
 SHAPES = {"576": (512, 64), "1024_llama2_paper": (512, 512), "192_smollm2_demo": (96, 96)}

@@ -1,6 +1,6 @@
 """The ``convert`` and ``finetune`` subcommands (no vLLM import: they run where vLLM is not
 installed, e.g. ``torchrun -m conversion.cli finetune`` on a training machine). The ``mha2mla``
-command (``vllm_mha2mla.cli``) adds ``eval`` and ``demo`` on top of these."""
+command (``vllm_mha2mla.tools.cli``) adds ``eval`` and ``demo`` on top of these."""
 
 from __future__ import annotations
 

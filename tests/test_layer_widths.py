@@ -222,7 +222,7 @@ def test_vllm_serves_each_layer_at_its_own_width(per_layer, prompts_sharing_a_pr
     width (no padding to the widest); the KV capacity is the memory over the summed widths.
     With 32-token steps, later chunks attend to cached context through each layer's own-width
     workspace view, and prompts reuse the cached prefix."""
-    from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+    from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
     config = json.loads((per_layer / "config.json").read_text())
     rope = config["qk_rope_head_dim"]
@@ -418,7 +418,7 @@ def test_vllm_serves_per_layer_rotary_dims(per_layer_rope, prompts_sharing_a_pre
     """Layers of different rotary and latent widths: greedy tokens equal the reference model's under
     chunked prefill with a prefix cache (each layer's prefill attends over its own rope columns),
     every layer's cache row is its own latent + rotary width."""
-    from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+    from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
     widths = [w + 2 * r for w, r in zip(LATENTS, ROPES)]
     prompts = prompts_sharing_a_prefix

@@ -266,7 +266,7 @@ def test_finetune_writes_a_checkpoint_in_the_converted_format(setup, finetuned):
 
 @pytest.mark.vllm
 def test_finetuned_checkpoint_greedy_tokens_in_vllm_equal_the_reference(finetuned, setup):
-    from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+    from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
     dst, _ = finetuned
     prompts = [row[: 5 + 3 * i].tolist() for i, row in enumerate(_windows(setup, 6, offset=90_000))]
@@ -369,7 +369,7 @@ def test_a_diverged_loss_stops_training_with_a_clear_error(setup, tmp_path, monk
 def test_synthesis_prompts_use_the_chat_template_and_are_seeded(setup):
     from transformers import AutoTokenizer
 
-    from vllm_mha2mla.synthesize import synthesis_prompts
+    from vllm_mha2mla.tools.synthesize import synthesis_prompts
 
     tok = AutoTokenizer.from_pretrained(str(setup["src"]))
     docs = ["Paris\nParis is the capital of France.", "Jupiter\nJupiter is a planet.", "Tea\nTea is a drink."]

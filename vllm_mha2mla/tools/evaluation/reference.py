@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_mha2mla.evaluation.requests import Generate, Score
+from vllm_mha2mla.tools.evaluation.requests import Generate, Score
 
 
 @torch.no_grad()

@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from vllm_mha2mla.evaluation.multiple_choice import mean_stderr
-from vllm_mha2mla.evaluation.requests import Generate
+from vllm_mha2mla.tools.evaluation.multiple_choice import mean_stderr
+from vllm_mha2mla.tools.evaluation.requests import Generate
 
 LENGTHS = (1024, 2048, 4096, 8192)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -12,8 +12,8 @@ from conversion.cli import add_commands, run_command
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    from vllm_mha2mla.evaluation.evaluate import DEFAULT_KV_CACHE_GIB, EvalOptions
-    from vllm_mha2mla.evaluation.tasks import GROUPS, TASKS
+    from vllm_mha2mla.tools.evaluation.evaluate import DEFAULT_KV_CACHE_GIB, EvalOptions
+    from vllm_mha2mla.tools.evaluation.tasks import GROUPS, TASKS
 
     d = EvalOptions()
     p.add_argument("models", nargs="+", metavar="MODEL",
@@ -51,7 +51,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _lengths(spec: str | None) -> tuple[int, ...] | None:
-    from vllm_mha2mla.evaluation import EvaluationError
+    from vllm_mha2mla.tools.evaluation import EvaluationError
 
     if spec is None:
         return None
@@ -65,8 +65,8 @@ def _lengths(spec: str | None) -> tuple[int, ...] | None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from vllm_mha2mla.evaluation import EvaluationError
-    from vllm_mha2mla.evaluation.evaluate import EvalOptions, evaluate
+    from vllm_mha2mla.tools.evaluation import EvaluationError
+    from vllm_mha2mla.tools.evaluation.evaluate import EvalOptions, evaluate
 
     try:
         options = EvalOptions(
@@ -86,8 +86,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
-    from vllm_mha2mla.bench.run import DEFAULT_RUNS, DEFAULT_WORKLOADS, BenchOptions
-    from vllm_mha2mla.bench.shapes import MIN_SERVE_PROMPTS, SERVE_PROMPTS, SHAPES
+    from vllm_mha2mla.tools.bench.run import DEFAULT_RUNS, DEFAULT_WORKLOADS, BenchOptions
+    from vllm_mha2mla.tools.bench.shapes import MIN_SERVE_PROMPTS, SERVE_PROMPTS, SHAPES
 
     d = BenchOptions()
     p.add_argument("runs", nargs="*", metavar="SHAPE:VARIANTS",
@@ -123,7 +123,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
 
 def _run_bench(args: argparse.Namespace) -> int:
     from conversion.errors import ConversionError
-    from vllm_mha2mla.bench import BenchError, BenchOptions, run_bench, write_report
+    from vllm_mha2mla.tools.bench import BenchError, BenchOptions, run_bench, write_report
 
     def floats(text: str) -> list[float]:
         try:
@@ -164,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval_args(sub.add_parser("eval", help="score models on standard tasks in vLLM (Ray for several engines)"))
     _add_bench_args(sub.add_parser("bench", help="throughput and serving latency against the MHA original, with "
                                                  "vLLM's own benchmark tools"))
-    from vllm_mha2mla.demo import add_arguments
+    from vllm_mha2mla.tools.demo import add_arguments
 
     add_arguments(sub.add_parser("demo", help="convert a real model and compare it with the original in vLLM"))
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from vllm_mha2mla.demo import main_from_args
+        from vllm_mha2mla.tools.demo import main_from_args
 
         return main_from_args(args)
     if args.command == "eval":

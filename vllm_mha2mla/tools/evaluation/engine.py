@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from vllm_mha2mla.evaluation.requests import Generate, Request, Result, ScoreResult
+from vllm_mha2mla.tools.evaluation.requests import Generate, Request, Result, ScoreResult
 
 
 class EngineWorker:
@@ -44,7 +44,7 @@ class EngineWorker:
         import torch
         import vllm
 
-        from vllm_mha2mla.runner import backend_names
+        from vllm_mha2mla.tools.runner import backend_names
 
         cache = self.llm.llm_engine.vllm_config.cache_config
         try:

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_mha2mla.bench.folders import ModelFolder, prepare_original, prepare_variant
-from vllm_mha2mla.bench.shapes import (
+from vllm_mha2mla.tools.bench.folders import ModelFolder, prepare_original, prepare_variant
+from vllm_mha2mla.tools.bench.shapes import (
     BenchError,
     Variant,
     auto_num_prompts,
@@ -30,8 +30,8 @@ from vllm_mha2mla.bench.shapes import (
     serve_num_prompts,
     weight_bytes,
 )
-from vllm_mha2mla.bench.summary import KV_BYTES, markdown, plot, save_summary
-from vllm_mha2mla.bench.vllm_tools import (
+from vllm_mha2mla.tools.bench.summary import KV_BYTES, markdown, plot, save_summary
+from vllm_mha2mla.tools.bench.vllm_tools import (
     EngineSettings,
     Server,
     attention_backend,
@@ -357,7 +357,7 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True,
 
 def write_report(output: Path) -> dict:
     """summary.md and the plots from ``output/summary.json`` (also after a run elsewhere)."""
-    from vllm_mha2mla.bench.summary import load_summary
+    from vllm_mha2mla.tools.bench.summary import load_summary
 
     summary = load_summary(output / "summary.json")
     (output / "summary.md").write_text(markdown(summary))

@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_mha2mla.bench.shapes import BenchError
+from vllm_mha2mla.tools.bench.shapes import BenchError
 
 VLLM_CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 

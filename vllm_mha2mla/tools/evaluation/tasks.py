@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from vllm_mha2mla.evaluation import EvaluationError, long_context, multiple_choice, perplexity
-from vllm_mha2mla.evaluation.datasets import mmlu_subjects, read_split
-from vllm_mha2mla.evaluation.requests import Request, Result
+from vllm_mha2mla.tools.evaluation import EvaluationError, long_context, multiple_choice, perplexity
+from vllm_mha2mla.tools.evaluation.datasets import mmlu_subjects, read_split
+from vllm_mha2mla.tools.evaluation.requests import Request, Result
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from vllm_mha2mla.evaluation.requests import Score, ScoreResult
+from vllm_mha2mla.tools.evaluation.requests import Score, ScoreResult
 
 
 def rolling_windows(token_ids: Sequence[int], eot: int, window: int) -> list[Score]:

@@ -207,7 +207,7 @@ def run_engine_in_subprocess(req: EngineRequest, timeout: float = 1200) -> dict[
         request_file, result_file = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request_file.write_text(json.dumps(asdict(req)))
         proc = subprocess.run(
-            [sys.executable, "-m", "vllm_mha2mla.runner", str(request_file), str(result_file)],
+            [sys.executable, "-m", "vllm_mha2mla.tools.runner", str(request_file), str(result_file)],
             env=env, capture_output=True, text=True, timeout=timeout,
         )
         if proc.returncode != 0 or not result_file.is_file():
@@ -219,7 +219,7 @@ def run_engine_in_subprocess(req: EngineRequest, timeout: float = 1200) -> dict[
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 2:
-        print("usage: python -m vllm_mha2mla.runner REQUEST.json RESULT.json", file=sys.stderr)
+        print("usage: python -m vllm_mha2mla.tools.runner REQUEST.json RESULT.json", file=sys.stderr)
         return 2
     req = EngineRequest(**json.loads(Path(args[0]).read_text()))
     result = run_engine(req)

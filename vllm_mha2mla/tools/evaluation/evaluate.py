@@ -14,9 +14,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_mha2mla.evaluation import EvaluationError
-from vllm_mha2mla.evaluation.executor import start_executor, timed_run
-from vllm_mha2mla.evaluation.tasks import Prepared, Settings, Task, Tokenizer, resolve_tasks
+from vllm_mha2mla.tools.evaluation import EvaluationError
+from vllm_mha2mla.tools.evaluation.executor import start_executor, timed_run
+from vllm_mha2mla.tools.evaluation.tasks import Prepared, Settings, Task, Tokenizer, resolve_tasks
 
 DEFAULT_KV_CACHE_GIB = 4.0
 
@@ -158,7 +158,7 @@ def evaluate_model(model: ModelSpec, tasks: list[Task], options: EvalOptions, it
 def evaluate(model_specs: list[str], output: Path, options: EvalOptions) -> dict:
     """Runs everything and writes ``output``/results.json, results.md, results.png (+ the
     long-context heat map and per-item records under ``items/``)."""
-    from vllm_mha2mla.evaluation.report import write_reports
+    from vllm_mha2mla.tools.evaluation.report import write_reports
 
     models = parse_models(model_specs)
     tasks = resolve_tasks(options.tasks)

@@ -16,9 +16,9 @@ import traceback
 from collections import deque
 from typing import Any, Callable, Sequence
 
-from vllm_mha2mla.evaluation import EvaluationError
-from vllm_mha2mla.evaluation.engine import EngineWorker
-from vllm_mha2mla.evaluation.requests import Request, Result, request_cost
+from vllm_mha2mla.tools.evaluation import EvaluationError
+from vllm_mha2mla.tools.evaluation.engine import EngineWorker
+from vllm_mha2mla.tools.evaluation.requests import Request, Result, request_cost
 
 Progress = Callable[[int], None]
 IN_FLIGHT_PER_REPLICA = 2
