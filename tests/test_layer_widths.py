@@ -246,14 +246,14 @@ def test_a_vllm_that_merges_widths_is_made_to_keep_them_apart(monkeypatch):
     the plugin's hook wraps it so that layers of different widths get per-layer specs."""
     from vllm.v1 import kv_cache_interface as kv
 
-    from vllm_mha2mla import compat
+    from vllm_mha2mla import compat, patches
 
     def careless_merge(cls, specs):  # what 0.26 does: no comparison of head sizes
         return specs[0]
 
     monkeypatch.setattr(kv.MLAAttentionSpec, "merge", classmethod(careless_merge))
     assert not compat.merge_refuses_different_widths()
-    compat.keep_layer_widths_apart()
+    patches.keep_layer_widths_apart()
     assert compat.merge_refuses_different_widths()
     same = [kv.MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=40, dtype=torch.float32)] * 2
     assert kv.MLAAttentionSpec.merge(same) is same[0]  # layers of one width still merge
@@ -262,11 +262,11 @@ def test_a_vllm_that_merges_widths_is_made_to_keep_them_apart(monkeypatch):
 def test_a_vllm_without_per_layer_specs_refuses_per_layer_checkpoints(monkeypatch):
     from vllm.v1 import kv_cache_interface as kv
 
-    from vllm_mha2mla import compat
+    from vllm_mha2mla import patches
 
     monkeypatch.delattr(kv, "UniformTypeKVCacheSpecs")
     with pytest.raises(ValueError, match="no per-layer KV cache specs"):
-        compat.require_per_layer_kv_cache()
+        patches.require_per_layer_kv_cache()
 
 
 def test_given_widths_round_trip(tiny_model_factory, tmp_path, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from itertools import islice
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,18 +38,19 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
+from conversion.errors import ConversionError
+from conversion.mla_format.inputs import mla_inputs
 from conversion.mla_format.layout import MLALayout
 from conversion.mla_format.spec import MHA2MLASpec
-from conversion.mla_format.inputs import mla_inputs
-from vllm_mha2mla.compat import (
-    default_device,
+from conversion.validate import check_checkpoint
+from vllm_mha2mla.backend_selection import (
     load_class,
     native_cache_sizes,
     plugin_backend_class_path,
     plugin_backend_wanted,
     plugin_prefill_kwargs,
-    require_per_layer_kv_cache,
 )
+from vllm_mha2mla.patches import require_per_layer_kv_cache
 
 logger = init_logger("vllm.mha2mla")  # under "vllm": vLLM's logging configuration prints it
 BACKEND_LOG = "MHA2MLA attention backend: %s, cache row %d values"
@@ -76,14 +78,15 @@ def select_attention_backend(layout: MLALayout, vllm_config: VllmConfig, per_lay
     return load_class(path)
 
 
+def default_device() -> torch.device:
+    """The device tensors are created on right now (vLLM builds models under a device
+    context manager, and buffers must live where the weights will)."""
+    return torch.empty(0).device
+
+
 def _check_checkpoint_folder(vllm_config: VllmConfig) -> None:
     """Refuses a checkpoint whose tensors disagree with its config before any weight loads, with
     the tensors or fields named (vLLM's loaders would fail later on an anonymous shape assertion)."""
-    from pathlib import Path
-
-    from conversion.errors import ConversionError
-    from conversion.validate import check_checkpoint
-
     folder = Path(vllm_config.model_config.model)
     if vllm_config.load_config.load_format == "dummy" or not (folder / "config.json").is_file():
         return

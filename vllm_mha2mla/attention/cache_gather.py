@@ -4,7 +4,7 @@ When a prefill has earlier context in the cache (a chunked prefill, a prefix-cac
 vLLM copies those rows out of the paged cache with ``gather_and_maybe_dequant_cache``, a
 CUDA op compiled for rows of 320 or 576 values only. This is the same gather for any width,
 in PyTorch (one indexed copy; prefill-only, so never inside a CUDA graph). Pure function,
-tested against a per-token loop; :func:`vllm_mha2mla.compat.extend_cache_gather_to_any_width`
+tested against a per-token loop; :func:`vllm_mha2mla.patches.extend_cache_gather_to_any_width`
 routes vLLM's op here for widths its kernel lacks.
 """
 

@@ -4,7 +4,7 @@ Same structure as vLLM's ``TRITON_MLA``: vLLM's MLA layer, metadata builder, abs
 decode and up-projected prefill, with this project's pieces where the shapes differ —
 :func:`mla_paged_decode` (Triton, any latent and rope width, fp8 cache), the metadata class
 without the native-size check, :class:`MHA2MLAPrefillBackend` (installed by the model
-through :mod:`vllm_mha2mla.compat`) and :func:`gather_cache_rows` for context chunks.
+through :mod:`vllm_mha2mla.backend_selection`) and :func:`gather_cache_rows` for context chunks.
 Decode-only batches run as full CUDA graphs.
 """
 
@@ -16,11 +16,11 @@ import torch
 from vllm.model_executor.layers.attention.mla_attention import MLACommonBackend, MLACommonImpl
 from vllm.v1.attention.backend import MultipleOf
 
-from vllm_mha2mla.compat import extend_cache_gather_to_any_width
 from vllm_mha2mla.attention.head_compaction import HeadCompaction, compact_keys, head_compaction
 from vllm_mha2mla.attention.metadata import AnyShapeBackend, MHA2MLAGraphMetadataBuilder
 from vllm_mha2mla.attention.prefill import MHA2MLAPrefillBackend, checkpoint_heads, layer_layout_for_dims
 from vllm_mha2mla.attention.triton_decode import device_shared_memory, mla_paged_decode, plan_launch
+from vllm_mha2mla.patches import extend_cache_gather_to_any_width
 
 
 def _is_quantized(kv_cache_dtype: str) -> bool:

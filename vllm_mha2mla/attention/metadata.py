@@ -16,6 +16,8 @@ from vllm.model_executor.layers.attention.mla_attention import MLACommonMetadata
 from vllm.v1.attention.backend import AttentionCGSupport
 
 from vllm_mha2mla.attention.backend_name import BACKEND_NAME
+from vllm_mha2mla.backend_selection import mha2mla_spec
+from vllm_mha2mla.compat import context_workspace, dcp_world_size
 
 
 class AnyShapeBackend:
@@ -74,11 +76,9 @@ class MHA2MLAMetadataBuilder(MLACommonMetadataBuilder):
         self._fit_context_workspace(kv_cache_spec, vllm_config)
 
     def _fit_context_workspace(self, kv_cache_spec, vllm_config) -> None:
-        from vllm_mha2mla.compat import mha2mla_spec
-
-        workspace = getattr(self, "chunked_prefill_workspace", None)
+        workspace = context_workspace(self)
         spec = mha2mla_spec(vllm_config)
-        if workspace is None or spec is None or not spec.per_layer or getattr(self, "dcp_world_size", 1) > 1:
+        if workspace is None or spec is None or not spec.per_layer or dcp_world_size(self) > 1:
             return
         width = getattr(kv_cache_spec, "head_size", None)
         if width is None:

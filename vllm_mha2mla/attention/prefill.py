@@ -19,17 +19,13 @@ import weakref
 
 import torch
 
-try:
-    from vllm.v1.attention.backends.mla.prefill.base import MLAPrefillBackend
-except ImportError:  # pragma: no cover - vLLM releases before the prefill-backend registry
-    MLAPrefillBackend = object  # type: ignore[assignment,misc]
-try:
-    from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBackend
-except ImportError:  # vLLM releases without the CPU SDPA prefill backend (the GPU bundle's 0.26)
-    CPUSDPAMLAPrefillBackend = None  # type: ignore[assignment,misc]
-
 from conversion.mla_format.layout import MLALayout
+from vllm_mha2mla import compat
 from vllm_mha2mla.attention.head_compaction import HeadCompaction, compact_heads, head_compaction, pad_last, padded_heads
+from vllm_mha2mla.backend_selection import mha2mla_spec
+
+MLAPrefillBackend = compat.mla_prefill_backend_base()
+CPUSDPAMLAPrefillBackend = compat.cpu_sdpa_prefill_backend()
 
 FLASH_ATTN_MAX_HEAD_DIM = 256
 
@@ -66,8 +62,6 @@ def varlen_attention_reference(
 
 def checkpoint_heads(vllm_config, num_heads: int) -> tuple[MLALayout, int] | None:
     """(layout, first head of this rank) when the model is an MHA2MLA checkpoint, else None."""
-    from vllm_mha2mla.compat import mha2mla_spec
-
     spec = mha2mla_spec(vllm_config)
     if spec is None:
         return None
