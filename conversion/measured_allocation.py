@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from conversion.calibration import CalibrationStats
-from conversion.convert import WIDE_FACTOR, ConversionPlan, max_latent_rank, select_rope_pairs, write_checkpoint
+from conversion.layers import write_checkpoint
 from conversion.mla_format.layout import plan_exact_layout
+from conversion.plan import WIDE_FACTOR, ConversionPlan, max_latent_rank, select_rope_pairs
 from conversion.source import SourceWeights
 
 

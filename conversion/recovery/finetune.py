@@ -182,7 +182,7 @@ def save_checkpoint(model: nn.Module, src_dir: Path, dst: Path, overwrite: bool,
                     recovery_section: dict) -> None:
     """Writes ``model`` in the converted checkpoint's format (its dtype, names, config,
     tokenizer) to ``dst`` atomically: a failure (disk full, Ctrl-C) leaves no ``dst``."""
-    from conversion.convert import DTYPES
+    from conversion.plan import DTYPES
 
     config = json.loads((src_dir / "config.json").read_text())
     dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)
