@@ -45,8 +45,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_prog
         stats = load_or_collect(spec, text, options.cache_dir, options.calib_tokens, options.calib_seq_len)
     allocation = None
     if plan.latent_total is not None:
-        # inside: the measured allocation loads the reference model and the sensitivity code, which
-        # `import conversion` (the plugin's way to conversion.mla_format) must not load
+        # inside: it loads the reference model (~6 s), which `import conversion` (the plugin's too) must not
         from conversion.measured_allocation import allocate_measured, allocate_measured_with_rope
 
         allocate = allocate_measured_with_rope if options.rope_choices else allocate_measured

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from conversion.allocation import allocate_by_cost
 from conversion.errors import ConversionError
 
 
@@ -170,8 +171,6 @@ def measured_allocation(model, windows: torch.Tensor, grid: Sequence[int], total
 
     ``first_costs``: pass 1's costs if already measured. Returns (widths, one record per pass).
     """
-    from conversion.allocation import allocate_by_cost
-
     layers = len(model.model.layers)
     wide = model.model.layers[0].self_attn.layout.latent_dim
     base = [total // layers] * layers

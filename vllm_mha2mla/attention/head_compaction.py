@@ -18,12 +18,9 @@ never written.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from conversion.mla_format.layout import MLALayout
+from conversion.mla_format.layout import MLALayout
 
 
 def round_up(value: int, multiple: int) -> int:

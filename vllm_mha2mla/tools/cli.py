@@ -9,12 +9,17 @@ import sys
 from pathlib import Path
 
 from conversion.cli import add_commands, run_command
+from conversion.errors import ConversionError
+from vllm_mha2mla.tools.bench import BenchError, BenchOptions, run_bench, write_report
+from vllm_mha2mla.tools.bench.run import DEFAULT_RUNS, DEFAULT_WORKLOADS
+from vllm_mha2mla.tools.bench.shapes import MIN_SERVE_PROMPTS, SERVE_PROMPTS, SHAPES
+from vllm_mha2mla.tools.demo import add_arguments, main_from_args
+from vllm_mha2mla.tools.evaluation import EvaluationError
+from vllm_mha2mla.tools.evaluation.evaluate import DEFAULT_KV_CACHE_GIB, EvalOptions, evaluate
+from vllm_mha2mla.tools.evaluation.tasks import GROUPS, TASKS
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    from vllm_mha2mla.tools.evaluation.evaluate import DEFAULT_KV_CACHE_GIB, EvalOptions
-    from vllm_mha2mla.tools.evaluation.tasks import GROUPS, TASKS
-
     d = EvalOptions()
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="model folders (an MHA original or a converted checkpoint), LABEL=PATH to name one; the "
@@ -51,8 +56,6 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _lengths(spec: str | None) -> tuple[int, ...] | None:
-    from vllm_mha2mla.tools.evaluation import EvaluationError
-
     if spec is None:
         return None
     try:
@@ -65,9 +68,6 @@ def _lengths(spec: str | None) -> tuple[int, ...] | None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from vllm_mha2mla.tools.evaluation import EvaluationError
-    from vllm_mha2mla.tools.evaluation.evaluate import EvalOptions, evaluate
-
     try:
         options = EvalOptions(
             tasks=args.tasks, limit=args.limit, replicas=args.replicas, ray_address=args.ray_address,
@@ -86,9 +86,6 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
-    from vllm_mha2mla.tools.bench.run import DEFAULT_RUNS, DEFAULT_WORKLOADS, BenchOptions
-    from vllm_mha2mla.tools.bench.shapes import MIN_SERVE_PROMPTS, SERVE_PROMPTS, SHAPES
-
     d = BenchOptions()
     p.add_argument("runs", nargs="*", metavar="SHAPE:VARIANTS",
                    help=f"a shape ({', '.join(SHAPES)}: dummy weights; or a model folder: its own weights) and the "
@@ -122,9 +119,6 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from conversion.errors import ConversionError
-    from vllm_mha2mla.tools.bench import BenchError, BenchOptions, run_bench, write_report
-
     def floats(text: str) -> list[float]:
         try:
             return [float(x) for x in text.split(",") if x.strip()]
@@ -164,13 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval_args(sub.add_parser("eval", help="score models on standard tasks in vLLM (Ray for several engines)"))
     _add_bench_args(sub.add_parser("bench", help="throughput and serving latency against the MHA original, with "
                                                  "vLLM's own benchmark tools"))
-    from vllm_mha2mla.tools.demo import add_arguments
-
     add_arguments(sub.add_parser("demo", help="convert a real model and compare it with the original in vLLM"))
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from vllm_mha2mla.tools.demo import main_from_args
-
         return main_from_args(args)
     if args.command == "eval":
         return _run_eval(args)

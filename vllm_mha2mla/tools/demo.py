@@ -25,8 +25,12 @@ from rich.console import Console
 from rich.table import Table
 
 from conversion.accounting import KVAccounting
+from conversion.convert import ConvertOptions, convert
+from conversion.default_model import MODEL_NAME, ensure_default_model
 from conversion.errors import ConversionError
 from conversion.mla_format.layout import MLALayout
+from conversion.recovery.data import default_training_data
+from conversion.text_data import split_text
 from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 DEFAULT_PROMPTS = (
@@ -119,12 +123,9 @@ def _engine(model: Path, opts: DemoOptions, prompts: list[str], scoring: list[li
 def _held_out_windows(tokenizer, opts: DemoOptions, cache_dir: Path | None) -> tuple[list[list[int]], str]:
     """Held-out token windows: the default corpus's held-out split, or the tail of ``--text``."""
     if opts.text is None:
-        from conversion.recovery.data import default_training_data
-
         _, held = default_training_data(tokenizer, opts.ppl_seq_len, cache_dir, max_train_tokens=opts.ppl_seq_len,
                                         held_out_tokens=opts.ppl_tokens, show_progress=False)
         return [held[i]["input_ids"].tolist() for i in range(len(held))], "default corpus, held-out split"
-    from conversion.text_data import split_text
 
     _, held_out = split_text(opts.text.read_text(encoding="utf-8", errors="replace"))
     ids = tokenizer(held_out, add_special_tokens=False).input_ids[: opts.ppl_tokens]
@@ -192,8 +193,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> Path:
     """Runs the whole comparison; returns the results folder."""
     from transformers import AutoTokenizer
 
-    from conversion.convert import ConvertOptions, convert
-    from conversion.default_model import MODEL_NAME, ensure_default_model
+    # inside: recovery loads transformers' Trainer (seconds), and every `mha2mla` command imports this module
     from conversion.recovery.finetune import FinetuneOptions, finetune
     from conversion.recovery.global_stage import GlobalOptions
     from conversion.recovery.local import LocalOptions
@@ -213,8 +213,6 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> Path:
                       f"{len(prompts)} prompts")
     calib_file = None
     if opts.text is not None:
-        from conversion.text_data import split_text
-
         calib_file = out_dir / "calibration.txt"
         calib_file.write_text(split_text(opts.text.read_text(encoding="utf-8", errors="replace"))[0])
     with _stage(console, timings, f"2/{steps} convert (partial RoPE + SVD)"):

@@ -30,7 +30,7 @@ from vllm_mha2mla.tools.bench.shapes import (
     serve_num_prompts,
     weight_bytes,
 )
-from vllm_mha2mla.tools.bench.summary import KV_BYTES, markdown, plot, save_summary
+from vllm_mha2mla.tools.bench.summary import KV_BYTES, load_summary, markdown, plot, save_summary
 from vllm_mha2mla.tools.bench.vllm_tools import (
     EngineSettings,
     Server,
@@ -357,8 +357,6 @@ def run_bench(options: BenchOptions, output: Path, show_progress: bool = True,
 
 def write_report(output: Path) -> dict:
     """summary.md and the plots from ``output/summary.json`` (also after a run elsewhere)."""
-    from vllm_mha2mla.tools.bench.summary import load_summary
-
     summary = load_summary(output / "summary.json")
     (output / "summary.md").write_text(markdown(summary))
     plot(summary, output)

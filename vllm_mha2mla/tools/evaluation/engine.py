@@ -16,6 +16,7 @@ import time
 from typing import Any, Sequence
 
 from vllm_mha2mla.tools.evaluation.requests import Generate, Request, Result, ScoreResult
+from vllm_mha2mla.tools.runner import backend_names
 
 
 class EngineWorker:
@@ -43,8 +44,6 @@ class EngineWorker:
     def info(self, init_seconds: float = 0.0) -> dict:
         import torch
         import vllm
-
-        from vllm_mha2mla.tools.runner import backend_names
 
         cache = self.llm.llm_engine.vllm_config.cache_config
         try:

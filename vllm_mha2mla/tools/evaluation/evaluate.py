@@ -14,8 +14,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from conversion.recovery.data import tokenizer_identity
 from vllm_mha2mla.tools.evaluation import EvaluationError
 from vllm_mha2mla.tools.evaluation.executor import start_executor, timed_run
+from vllm_mha2mla.tools.evaluation.report import write_reports
 from vllm_mha2mla.tools.evaluation.tasks import Prepared, Settings, Task, Tokenizer, resolve_tasks
 
 DEFAULT_KV_CACHE_GIB = 4.0
@@ -107,8 +109,6 @@ def _prepare(tasks: list[Task], model: ModelSpec, settings: Settings, memo: dict
 
     from transformers import AutoTokenizer
 
-    from conversion.recovery.data import tokenizer_identity
-
     try:
         hf = AutoTokenizer.from_pretrained(str(model.path))
     except Exception as exc:
@@ -158,8 +158,6 @@ def evaluate_model(model: ModelSpec, tasks: list[Task], options: EvalOptions, it
 def evaluate(model_specs: list[str], output: Path, options: EvalOptions) -> dict:
     """Runs everything and writes ``output``/results.json, results.md, results.png (+ the
     long-context heat map and per-item records under ``items/``)."""
-    from vllm_mha2mla.tools.evaluation.report import write_reports
-
     models = parse_models(model_specs)
     tasks = resolve_tasks(options.tasks)
     if options.limit is not None and options.limit < 1:

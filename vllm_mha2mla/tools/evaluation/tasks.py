@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from conversion.recovery.corpus import load_default_corpus
 from vllm_mha2mla.tools.evaluation import EvaluationError, long_context, multiple_choice, perplexity
 from vllm_mha2mla.tools.evaluation.datasets import mmlu_subjects, read_split
 from vllm_mha2mla.tools.evaluation.requests import Request, Result
@@ -155,8 +156,6 @@ def _ppl_prepare(load: Callable[[Settings], list[str]]):
 @functools.lru_cache(maxsize=2)
 def _corpus(cache_dir: Path | None):
     """The default corpus, parsed once per run (wikipedia, essays and the haystack all read it)."""
-    from conversion.recovery.corpus import load_default_corpus
-
     return load_default_corpus(cache_dir)
 
 
