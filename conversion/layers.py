@@ -63,7 +63,7 @@ def convert_attention(
     k_rows = torch.stack([k * d + perms[k] for k in range(g)])  # [g, d]
     k_rope_rows, k_nope_rows = k_rows[:, :rd].reshape(-1), k_rows[:, rd:].reshape(-1)
     w_k_nope = w_k[k_nope_rows]
-    low = factorize_kv(w_k_nope, w_v, lay.latent_dim, svd, second_moment)
+    low = factorize_kv(w_k_nope, w_v, lay.latent_width, svd, second_moment)
     out = {
         "q_proj.weight": w_q[q_rows],
         "kv_a_proj_with_mqa.weight": torch.cat([low.w_down, w_k[k_rope_rows]]),
@@ -73,7 +73,7 @@ def convert_attention(
     if b_q is not None:
         out["q_proj.bias"] = b_q[q_rows]
     if b_k is not None:
-        out["kv_a_proj_with_mqa.bias"] = torch.cat([b_k.new_zeros(lay.latent_dim), b_k[k_rope_rows]])
+        out["kv_a_proj_with_mqa.bias"] = torch.cat([b_k.new_zeros(lay.latent_width), b_k[k_rope_rows]])
     if b_v is not None or b_o is not None:
         bias = b_o.clone() if b_o is not None else w_o.new_zeros(w_o.shape[0])
         if b_v is not None:
@@ -88,7 +88,7 @@ def convert_attention(
         errors["k_nope_output_error"] = relative_output_error(w_k_nope, k_approx, second_moment)
         errors["v_output_error"] = relative_output_error(w_v, v_approx, second_moment)
     if low.energy is not None:
-        errors["latent_energy_kept"] = float(low.energy[: lay.latent_dim].sum() / low.energy.sum().clamp_min(1e-300))
+        errors["latent_energy_kept"] = float(low.energy[: lay.latent_width].sum() / low.energy.sum().clamp_min(1e-300))
     return out, errors, low.energy
 
 
@@ -119,7 +119,7 @@ def write_checkpoint(plan: ConversionPlan, weights: SourceWeights, stats: Calibr
             moment = stats.input_second_moment[i] if stats is not None else None
             converted, errors, energy = convert_attention(layer_weights, plan.layer_layout(i), pairs[i], options.svd,
                                                           moment)
-            layer_errors.append({"layer": i, "latent": plan.layer_layout(i).latent_dim, **errors})
+            layer_errors.append({"layer": i, "latent": plan.layer_layout(i).latent_width, **errors})
             if energy is not None:
                 spectra.append([float(e) for e in energy])
             for name, tensor in converted.items():

@@ -37,7 +37,7 @@ def allocate_measured(plan: ConversionPlan, weights: SourceWeights, stats: Calib
     import time
 
     opts, layers, step = plan.options, plan.spec.num_layers, plan.options.rank_step
-    wide = plan.layout.latent_dim
+    wide = plan.layout.latent_width
     average = plan.latent_total // layers
     started = time.perf_counter()
     dst.parent.mkdir(parents=True, exist_ok=True)

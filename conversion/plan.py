@@ -107,7 +107,7 @@ class ConversionPlan:
     latent_total: int | None = None
     """Latent dims summed over layers that a per-layer allocation hands out (None: uniform)."""
     layer_latent: list[int] | None = None
-    """Each layer's latent once allocated (None: every layer has ``layout.latent_dim``)."""
+    """Each layer's latent once allocated (None: every layer has ``layout.latent_width``)."""
     layer_rope: list[int] | None = None
     """Each layer's rotary dims per head (None: every layer has ``layout.rope_dim``)."""
 

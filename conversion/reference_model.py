@@ -94,7 +94,7 @@ class MHA2MLAAttention(nn.Module):
             *tensors,
             lay.head_dim,
             lay.rope_dim,
-            lay.latent_dim,
+            lay.latent_width,
             q_zeros,
             kv_zeros,
         )

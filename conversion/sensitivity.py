@@ -63,7 +63,7 @@ class _LatentWidths:
 
     def __init__(self, model):
         self.layers = model.model.layers
-        self.wide = self.layers[0].self_attn.layout.latent_dim
+        self.wide = self.layers[0].self_attn.layout.latent_width
         self.down = [layer.self_attn.kv_a_proj_with_mqa.weight for layer in self.layers]
         self.saved = [weight[: self.wide].clone() for weight in self.down]
 
@@ -172,7 +172,7 @@ def measured_allocation(model, windows: torch.Tensor, grid: Sequence[int], total
     ``first_costs``: pass 1's costs if already measured. Returns (widths, one record per pass).
     """
     layers = len(model.model.layers)
-    wide = model.model.layers[0].self_attn.layout.latent_dim
+    wide = model.model.layers[0].self_attn.layout.latent_width
     base = [total // layers] * layers
     history: list[dict] = []
     ranks = base

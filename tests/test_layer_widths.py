@@ -74,11 +74,11 @@ def test_cost_interpolation_and_budget_errors():
 
 def test_layout_latent_width_and_old_configs():
     lay = plan_exact_layout(4, 2, 32, 8, 16)
-    assert lay.latent_dim == 32 and lay.kv_lora_rank == 32
+    assert lay.latent_width == 32 and lay.kv_lora_rank == 32
     old = {k: v for k, v in lay.to_dict().items() if k != "latent_dim"}  # written before per-layer widths
     assert MLALayout.from_dict(old) == lay
     narrow = lay.with_latent(8)
-    assert (narrow.latent_dim, narrow.kv_lora_rank, narrow.cache_values) == (8, 8, 8 + 16)
+    assert (narrow.latent_width, narrow.kv_lora_rank, narrow.cache_values) == (8, 8, 8 + 16)
     assert narrow.kv_gather_index.tolist()[:8] == list(range(8))
     acc = KVAccounting.from_layouts([lay.with_latent(8), lay.with_latent(24)])
     assert acc.essential_values == 16 + 16 and acc.original_values == 128
@@ -88,7 +88,7 @@ def test_spec_refuses_inconsistent_per_layer_widths(per_layer):
     config = json.loads((per_layer / "config.json").read_text())
     section = config["mha2mla"]
     spec = MHA2MLASpec.from_config(config)
-    assert spec.per_layer and [spec.layer_layout(i).latent_dim for i in range(4)] == section["layer_kv_lora_rank"]
+    assert spec.per_layer and [spec.layer_layout(i).latent_width for i in range(4)] == section["layer_kv_lora_rank"]
     for bad, message in (([8, 8, 8], "has 3 entries for 4 layers"), ([8, 8, 8, 999], "must lie in")):
         with pytest.raises(ValueError, match=message):
             MHA2MLASpec.from_config({**config, "mha2mla": {**section, "layer_kv_lora_rank": bad}})

@@ -28,12 +28,12 @@ def _mla_qk(layout, tokens: int, seed: int = 0, parts: bool = False):
     g = torch.Generator().manual_seed(seed)
     h, d, r = layout.num_heads, layout.head_dim, layout.rope_dim
     q_compact = torch.randn(tokens, h * d, generator=g, dtype=torch.float64)
-    kv_compact = torch.randn(tokens, layout.latent_dim + layout.rope_total, generator=g, dtype=torch.float64)
+    kv_compact = torch.randn(tokens, layout.latent_width + layout.rope_total, generator=g, dtype=torch.float64)
     inv_q = torch.rand(h, r // 2, generator=g, dtype=torch.float64)
     inv_k = inv_q[:: layout.group_size]
     pos = torch.arange(tokens)
     q, kv = mla_inputs(q_compact, kv_compact, pos, inv_q, inv_k, layout.q_gather_index, layout.kv_gather_index,
-                       d, r, layout.latent_dim)
+                       d, r, layout.latent_width)
     k_nope = torch.randn(tokens, h, layout.qk_nope_head_dim, generator=g, dtype=torch.float64)
     k_nope[..., layout.nope_columns_used:] = 0
     k_pe = kv[:, None, layout.kv_lora_rank:]
@@ -65,7 +65,7 @@ def _shards_and_layers(name):
     its heads (a tensor-parallel rank) and, for exact layouts, a layer with its own rotary dims."""
     layout = LAYOUTS[name]()
     cases = [(layout, 0, layout.num_heads), (layout, layout.num_heads // 2, layout.num_heads - layout.num_heads // 2)]
-    if layout.kv_lora_rank == layout.latent_dim and not layout.rope_overflow:
+    if layout.kv_lora_rank == layout.latent_width and not layout.rope_overflow:
         cases.append((layout.with_rope(layout.rope_dim // 2 // 2 * 2 or 2), 0, layout.num_heads))
     return cases
 

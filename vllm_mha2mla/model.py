@@ -153,7 +153,7 @@ class MHA2MLAAttention(nn.Module):
         q, _ = self.q_proj(hidden_states)
         kv, _ = self.kv_a_proj_with_mqa(hidden_states)
         q, kv = mla_inputs(q, kv, positions, self.inv_freq_q, self.inv_freq_k, self.q_index, self.kv_index,
-                           lay.head_dim, lay.rope_dim, lay.latent_dim)
+                           lay.head_dim, lay.rope_dim, lay.latent_width)
         kv_c, k_pe = kv.split([lay.kv_lora_rank, lay.qk_rope_head_dim], dim=-1)
         out = self.mla_attn(q, kv_c.contiguous(), k_pe.unsqueeze(1),
                             output_shape=(hidden_states.shape[0], self.num_local_heads * lay.v_head_dim))

@@ -22,7 +22,7 @@ def mla_inputs(
     kv_index: torch.Tensor,
     head_dim: int,
     rope_dim: int,
-    latent_dim: int,
+    latent_width: int,
     q_zero_columns: int = 1,
     kv_zero_columns: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,12 +41,12 @@ def mla_inputs(
     lead = q_compact.shape[:-1]
     q = q_compact.view(*lead, -1, head_dim)
     q_rope = apply_partial_rope(q[..., :rope_dim], positions, inv_freq_q)
-    k_rope = kv_compact[..., latent_dim:].view(*lead, -1, rope_dim)
+    k_rope = kv_compact[..., latent_width:].view(*lead, -1, rope_dim)
     k_rope = apply_partial_rope(k_rope, positions, inv_freq_k)
     q_flat = torch.cat([q_rope, q[..., rope_dim:]], dim=-1).reshape(*lead, -1)
     q_flat = torch.cat([q_flat, q.new_zeros(*lead, q_zero_columns)], dim=-1)
     q_mla = q_flat.index_select(-1, q_index)
-    kv_flat = torch.cat([kv_compact[..., :latent_dim], k_rope.reshape(*lead, -1),
+    kv_flat = torch.cat([kv_compact[..., :latent_width], k_rope.reshape(*lead, -1),
                          kv_compact.new_zeros(*lead, kv_zero_columns)], dim=-1)
     return q_mla.view(*lead, q.shape[-2], -1), kv_flat.index_select(-1, kv_index)
 

@@ -33,6 +33,8 @@ DEFAULT_NATIVE_HEAD_SIZE = NATIVE_HEAD_SIZES[0]
 CPU_NATIVE_HEAD_SIZES = (DEFAULT_NATIVE_HEAD_SIZE,)
 """The head sizes vLLM's CPU MLA backends accept."""
 NATIVE_ROPE_SLOT = 64
+SERIALISED_LATENT_WIDTH = "latent_dim"
+"""The key :attr:`MLALayout.latent_width` has in a checkpoint's config.json and report."""
 NATIVE_PREFILL_DIMS = ((64, 64, 128), (128, 64, 128), (192, 64, 256))
 """(qk_nope_head_dim, qk_rope_head_dim, v_head_dim) triples vLLM's MLA prefill accepts."""
 
@@ -50,23 +52,25 @@ class MLALayout:
     qk_rope_head_dim: int
     qk_nope_head_dim: int
     v_head_dim: int
-    latent_dim: int = 0
-    """C: the SVD latent shared by keys and values (all kv-heads). 0 (the default, and what
-    checkpoints written before per-layer widths hold) means ``num_kv_heads · d_kv``; a
-    per-layer allocation gives each layer its own (:meth:`with_latent`), ``d_kv`` then being
-    the budget's average per kv-head."""
+    latent_width: int = 0
+    """C, the latent width: the SVD latent shared by keys and values (all kv-heads). 0 (the
+    default, and what checkpoints written before per-layer widths hold) means
+    ``num_kv_heads · d_kv``; a per-layer allocation gives each layer its own
+    (:meth:`with_latent`), ``d_kv`` then being the budget's average per kv-head. At most
+    ``kv_lora_rank``, vLLM's latent part of the cache row, which also holds rotary keys that do
+    not fit the rope slot and zero padding. Serialised as ``latent_dim`` (:meth:`to_dict`)."""
 
     def __post_init__(self) -> None:
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.latent_dim == 0:
-            object.__setattr__(self, "latent_dim", g * self.d_kv)
-        if self.latent_dim < 1:
-            raise ConversionError(f"latent width {self.latent_dim} must be at least 1")
+        if self.latent_width == 0:
+            object.__setattr__(self, "latent_width", g * self.d_kv)
+        if self.latent_width < 1:
+            raise ConversionError(f"latent width {self.latent_width} must be at least 1")
         if h % g:
             raise ConversionError(f"{h} query heads do not split into {g} kv-head groups")
-        if self.latent_dim + self.rope_overflow > self.kv_lora_rank:
+        if self.latent_width + self.rope_overflow > self.kv_lora_rank:
             raise ConversionError(
-                f"latent {self.latent_dim} + rotary overflow {self.rope_overflow} does not fit "
+                f"latent {self.latent_width} + rotary overflow {self.rope_overflow} does not fit "
                 f"kv_lora_rank {self.kv_lora_rank}"
             )
         worst_overflow = max(self._overflow_count(k) for k in range(g))
@@ -78,28 +82,28 @@ class MLALayout:
         if d > self.v_head_dim:
             raise ConversionError(f"v_head_dim {self.v_head_dim} < head_dim {d}")
 
-    def with_latent(self, latent_dim: int) -> "MLALayout":
-        """This layout with a latent of ``latent_dim`` (one layer of a per-layer allocation);
+    def with_latent(self, latent_width: int) -> "MLALayout":
+        """This layout with a latent of ``latent_width`` (one layer of a per-layer allocation);
         an exact layout's ``kv_lora_rank`` follows the latent, a native one keeps its row."""
-        exact = self.kv_lora_rank == self.latent_dim + self.rope_overflow
-        rank = latent_dim + self.rope_overflow if exact else self.kv_lora_rank
-        return replace(self, latent_dim=latent_dim, kv_lora_rank=rank)
+        exact = self.kv_lora_rank == self.latent_width + self.rope_overflow
+        rank = latent_width + self.rope_overflow if exact else self.kv_lora_rank
+        return replace(self, latent_width=latent_width, kv_lora_rank=rank)
 
     def with_rope(self, rope_dim: int) -> "MLALayout":
         """This exact layout with ``rope_dim`` rotary dims per head (one layer of a per-layer
         allocation that also spends rotary dims per layer): the rope slot holds every kv-head's
         rotated keys and the nope part the rest of each head, so only those sizes change."""
-        if self.kv_lora_rank != self.latent_dim or self.rope_overflow:
+        if self.kv_lora_rank != self.latent_width or self.rope_overflow:
             raise ConversionError("per-layer rotary dims need the exact layout (kv_lora_rank = latent width)")
         if rope_dim % 2 or not 2 <= rope_dim <= self.head_dim:
             raise ConversionError(f"rotary dims {rope_dim} must be even and in [2, {self.head_dim}]")
         return replace(self, rope_dim=rope_dim, qk_rope_head_dim=self.num_kv_heads * rope_dim,
                        qk_nope_head_dim=self.head_dim - rope_dim)
 
-    def for_layer(self, latent_dim: int | None = None, rope_dim: int | None = None) -> "MLALayout":
+    def for_layer(self, latent_width: int | None = None, rope_dim: int | None = None) -> "MLALayout":
         """One layer's layout under a per-layer allocation: its own latent width and rotary dims
         where given (None: this layout's), for the converter's plan and a checkpoint's spec alike."""
-        lay = self if latent_dim is None else self.with_latent(latent_dim)
+        lay = self if latent_width is None else self.with_latent(latent_width)
         return lay if rope_dim is None or rope_dim == lay.rope_dim else lay.with_rope(rope_dim)
 
     # -- sizes -------------------------------------------------------------------------------
@@ -139,7 +143,7 @@ class MLALayout:
     @property
     def essential_values(self) -> int:
         """Values MHA2MLA needs per token per layer (C + R); the rest is zero padding."""
-        return self.latent_dim + self.rope_total
+        return self.latent_width + self.rope_total
 
     @property
     def compact_q_dim(self) -> int:
@@ -147,7 +151,7 @@ class MLALayout:
 
     @property
     def compact_kv_dim(self) -> int:
-        return self.latent_dim + self.rope_total
+        return self.latent_width + self.rope_total
 
     @property
     def is_native(self) -> bool:
@@ -215,7 +219,7 @@ class MLALayout:
     def kv_gather_index(self) -> torch.Tensor:
         """``[kv_lora_rank + qk_rope]`` indices into the compact ``[c (C) | rotated keys (R)]``
         plus one zero (index ``C + R``)."""
-        c, r, lr = self.latent_dim, self.rope_total, self.kv_lora_rank
+        c, r, lr = self.latent_width, self.rope_total, self.kv_lora_rank
         idx = torch.full((lr + self.qk_rope_head_dim,), c + r, dtype=torch.long, device="cpu")
         idx[:c] = torch.arange(c, device="cpu")
         for f in range(r):
@@ -227,7 +231,7 @@ class MLALayout:
 
         ``w_up_k``: ``[g·(d - rope_dim), C]`` (rows per kv-head), ``w_up_v``: ``[g·d, C]``.
         """
-        g, d, rd, c = self.num_kv_heads, self.head_dim, self.rope_dim, self.latent_dim
+        g, d, rd, c = self.num_kv_heads, self.head_dim, self.rope_dim, self.latent_width
         nd, pn = self.nope_dim, self.qk_nope_head_dim
         if tuple(w_up_k.shape) != (g * nd, c) or tuple(w_up_v.shape) != (g * d, c):
             raise ValueError(
@@ -250,11 +254,18 @@ class MLALayout:
 
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+        """The ``layout`` dict of a checkpoint's ``mha2mla`` section (the latent width under its
+        on-disk name ``latent_dim``, format version 1)."""
+        values = asdict(self)
+        values[SERIALISED_LATENT_WIDTH] = values.pop("latent_width")
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "MLALayout":
-        return cls(**{k: int(values[k]) for k in cls.__dataclass_fields__ if k in values or k != "latent_dim"})
+        values = dict(values)
+        if SERIALISED_LATENT_WIDTH in values:
+            values["latent_width"] = values.pop(SERIALISED_LATENT_WIDTH)
+        return cls(**{k: int(values[k]) for k in cls.__dataclass_fields__ if k in values or k != "latent_width"})
 
 
 def native_prefill_dims(head_dim: int) -> tuple[int, int]:

@@ -114,7 +114,7 @@ class MHA2MLASpec:
                 continue
             if len(values) != layers:
                 raise ValueError(f"mha2mla.{name} has {len(values)} entries for {layers} layers")
-            if lay.kv_lora_rank != lay.latent_dim or lay.rope_overflow:
+            if lay.kv_lora_rank != lay.latent_width or lay.rope_overflow:
                 raise ValueError(f"per-layer widths ({name}) need the exact layout (kv_lora_rank = latent width)")
             if any(not 1 <= v <= top for v in values):
                 raise ValueError(f"mha2mla.{name} {list(values)} must lie in [1, {top}] (the layout is the widest "

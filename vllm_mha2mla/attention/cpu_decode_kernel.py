@@ -81,9 +81,9 @@ def load_variant(bf16: bool | None = None):
 def cpu_kernels():
     """This CPU's kernels (built if needed), or ``None`` (see the module doc):
 
-    * ``latent_decode(q, q_pe, kv_cache, block_table, seq_lens, scale, latent_dim)`` with ``q`` ``[B, H, D]``
+    * ``latent_decode(q, q_pe, kv_cache, block_table, seq_lens, scale, kv_lora_rank)`` with ``q`` ``[B, H, D]``
       and ``q_pe`` ``None``, or ``q`` the latent part ``[B, H, C]`` and ``q_pe`` the rope part; bf16;
-      returns ``[B, H, latent_dim]``;
+      returns ``[B, H, kv_lora_rank]``;
     * ``write_latent_rows(kv_c, k_pe, kv_cache, slot_mapping)``: each token's ``[kv_c | k_pe]`` row into its
       cache slot (slots < 0 skipped), any dtype the rows and the cache share.
     """

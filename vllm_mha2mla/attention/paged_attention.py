@@ -27,17 +27,17 @@ def paged_latent_decode(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
-    latent_dim: int,
+    kv_lora_rank: int,
     chunk_tokens: int = 4096,
 ) -> torch.Tensor:
-    """One query token per request: ``q`` ``[B, H, D]`` → ``[B, H, latent_dim]``.
+    """One query token per request: ``q`` ``[B, H, D]`` → ``[B, H, kv_lora_rank]``.
 
     Softmax in float32 (or the inputs' wider dtype). Requests are processed in groups so the gathered rows stay below
     ``chunk_tokens`` × batch-group rows at a time.
     """
     batch = q.shape[0]
     compute = torch.promote_types(q.dtype, torch.float32)
-    out = torch.empty(batch, q.shape[1], latent_dim, dtype=q.dtype, device=q.device)
+    out = torch.empty(batch, q.shape[1], kv_lora_rank, dtype=q.dtype, device=q.device)
     lens = seq_lens.long()
     order = torch.argsort(lens)  # similar lengths together: less padding per group
     start = 0
@@ -52,6 +52,6 @@ def paged_latent_decode(
         valid = torch.arange(rows.shape[1], device=q.device)[None, :] < lens[idx][:, None]
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        out[idx] = torch.einsum("bhl,bld->bhd", probs, rows[..., :latent_dim]).to(q.dtype)
+        out[idx] = torch.einsum("bhl,bld->bhd", probs, rows[..., :kv_lora_rank]).to(q.dtype)
         start = end
     return out

@@ -586,7 +586,7 @@ def mla_paged_decode(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
-    latent_dim: int,
+    kv_lora_rank: int,
     max_seq_len: int,
     k_scale: torch.Tensor | None = None,
     num_sms: int | None = None,
@@ -604,7 +604,7 @@ def mla_paged_decode(
     log-sum-exp -inf.
     """
     batch, num_heads, width = q.shape
-    rope = width - latent_dim
+    rope = width - kv_lora_rank
     if kv_cache.shape[-1] != width:
         raise ValueError(f"cache rows have {kv_cache.shape[-1]} values, queries {width}")
     if kv_cache.stride(-1) != 1 or q.stride(-1) != 1:
@@ -614,18 +614,18 @@ def mla_paged_decode(
     if shared_memory is None:
         shared_memory = device_shared_memory(q.device.index or 0) if q.is_cuda else SHARED_MEMORY_BUDGET
     fp8_cache = kv_cache.element_size() == 1  # one signal for the tiles and the float16 products
-    plan = launch or plan_launch(batch, num_heads, latent_dim, rope, max_seq_len, num_sms, shared_memory,
+    plan = launch or plan_launch(batch, num_heads, kv_lora_rank, rope, max_seq_len, num_sms, shared_memory,
                                  fp8_cache=fp8_cache)
-    if plan.block_c < latent_dim:
-        raise ValueError(f"latent blocks {plan.latent_blocks} cover {plan.block_c} of {latent_dim} latent columns")
+    if plan.block_c < kv_lora_rank:
+        raise ValueError(f"latent blocks {plan.latent_blocks} cover {plan.block_c} of {kv_lora_rank} latent columns")
     scaled = k_scale is not None
-    out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
+    out = torch.empty(batch, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
-    constants = split_kernel_constants(plan, latent_dim, rope, kv_cache.shape[1], scaled, fp8_cache)
+    constants = split_kernel_constants(plan, kv_lora_rank, rope, kv_cache.shape[1], scaled, fp8_cache)
     if plan.num_programs:
         _balanced_decode(q, kv_cache, block_table, seq_lens, scale, k_scale, plan, out, lse, constants)
         return out, lse
-    partial = torch.empty(batch, num_heads, plan.num_splits, latent_dim + 1, dtype=torch.float32, device=q.device)
+    partial = torch.empty(batch, num_heads, plan.num_splits, kv_lora_rank + 1, dtype=torch.float32, device=q.device)
     _mla_decode_split_kernel[plan.grid(batch, num_heads)](
         q, q.stride(0), q.stride(1),
         kv_cache, kv_cache.stride(0), kv_cache.stride(1),
@@ -644,8 +644,8 @@ def mla_paged_decode(
         out, out.stride(0), out.stride(1),
         lse, lse.stride(0),
         plan.num_splits,
-        LATENT=latent_dim, BLOCK_C=triton.next_power_of_2(latent_dim),
-        num_warps=_merge_warps(latent_dim),
+        LATENT=kv_lora_rank, BLOCK_C=triton.next_power_of_2(kv_lora_rank),
+        num_warps=_merge_warps(kv_lora_rank),
     )
     return out, lse
 
@@ -656,9 +656,9 @@ def batch_block(batch: int) -> int:
     return max(16, triton.next_power_of_2(batch))
 
 
-def _merge_warps(latent_dim: int) -> int:
-    """Warps of a merge program (one output row of ``latent_dim`` float32 values)."""
-    return 4 if latent_dim <= 1024 else 8
+def _merge_warps(kv_lora_rank: int) -> int:
+    """Warps of a merge program (one output row of ``kv_lora_rank`` float32 values)."""
+    return 4 if kv_lora_rank <= 1024 else 8
 
 
 def _balanced_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -668,9 +668,9 @@ def _balanced_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     two float32 slots for pieces of requests (its chunk's first and last); the lengths' running sum
     (one small launch) tells every program where its chunk starts."""
     batch, num_heads, _ = q.shape
-    latent_dim = out.shape[-1]
+    kv_lora_rank = out.shape[-1]
     cu_lens = torch.cumsum(seq_lens, 0, dtype=torch.int32)
-    partial = torch.empty(plan.num_programs, 2, num_heads, latent_dim, dtype=torch.float32, device=q.device)
+    partial = torch.empty(plan.num_programs, 2, num_heads, kv_lora_rank, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(plan.num_programs, 2, num_heads, dtype=torch.float32, device=q.device)
     _mla_decode_balanced_kernel[plan.grid(batch, num_heads)](
         q, q.stride(0), q.stride(1),
@@ -697,6 +697,6 @@ def _balanced_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         lse, lse.stride(0),
         plan.num_programs,
         MIN_TOKENS_PER_PROGRAM,
-        LATENT=latent_dim, BLOCK_C=triton.next_power_of_2(latent_dim),
-        num_warps=_merge_warps(latent_dim),
+        LATENT=kv_lora_rank, BLOCK_C=triton.next_power_of_2(kv_lora_rank),
+        num_warps=_merge_warps(kv_lora_rank),
     )

@@ -267,16 +267,16 @@ void attend_range(const uint16_t* q, const float* qf, const int32_t* chunks, int
 // q: [B, H, D], or the query's latent part [B, H, C] with q_pe its rope part [B, H, D - C] (any
 // strides with contiguous rows: vLLM hands over a transposed latent query; no concatenation needed).
 at::Tensor latent_decode(const at::Tensor& q, const std::optional<at::Tensor>& q_pe, const at::Tensor& kv_cache,
-                         const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, int64_t latent_dim) {
+                         const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, int64_t kv_lora_rank) {
   TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 3, "q [B, H, D] and kv_cache [blocks, block_size, D]");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && kv_cache.scalar_type() == at::kBFloat16, "bf16 q and cache");
   const int64_t width = q.size(2) + (q_pe.has_value() ? q_pe->size(2) : 0);
   TORCH_CHECK(width == kv_cache.size(2), "query and cache rows differ in width");
   TORCH_CHECK(kv_cache.stride(2) == 1, "cache rows must be contiguous");
-  TORCH_CHECK(latent_dim > 0 && latent_dim <= width, "latent_dim out of range");
+  TORCH_CHECK(kv_lora_rank > 0 && kv_lora_rank <= width, "kv_lora_rank out of range");
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == q.size(0) && seq_lens.numel() == q.size(0),
               "block_table [B, blocks] and seq_lens [B]");
-  const int64_t B = q.size(0), H = q.size(1), D = width, C = latent_dim, BS = kv_cache.size(1);
+  const int64_t B = q.size(0), H = q.size(1), D = width, C = kv_lora_rank, BS = kv_cache.size(1);
   Shape sh;
   sh.H = (int)H;
   sh.D = (int)D;
@@ -467,7 +467,7 @@ void write_latent_rows(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tenso
 
 MHA2MLA_LIBRARY(MHA2MLA_OPS, m) {
   m.def("latent_decode(Tensor q, Tensor? q_pe, Tensor kv_cache, Tensor block_table, Tensor seq_lens, float scale, "
-        "int latent_dim) -> Tensor");
+        "int kv_lora_rank) -> Tensor");
   m.def("write_latent_rows(Tensor kv_c, Tensor k_pe, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()");
 }
 
