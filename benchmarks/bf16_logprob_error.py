@@ -22,7 +22,7 @@ from benchmarks.gpu_anyshape import held_out_prompts  # noqa: E402
 from benchmarks.gpu_plugin import score_runs  # noqa: E402
 from conversion import load_reference  # noqa: E402
 from conversion.text_data import shared_text_path, split_text  # noqa: E402
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 Each run folder keeps the summary its own run wrote; this gathers them, oldest first, with each
 row's ``run`` set to its folder, so one table and one set of plots show the whole matrix while
 every ratio still compares a conversion with the MHA original of its own run (same machine, same
-lease: ``vllm_mha2mla.bench.summary.with_ratios``). The plots draw the latest run's point where
+lease: ``vllm_mha2mla.tools.bench.summary.with_ratios``). The plots draw the latest run's point where
 several runs measured the same row.
 
 Usage: python benchmarks/collect_summary.py [RESULTS_DIR]   (writes summary.json, summary.md, plots there)
@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_mha2mla.bench.run import write_report  # noqa: E402
-from vllm_mha2mla.bench.summary import load_summary  # noqa: E402
+from vllm_mha2mla.tools.bench.run import write_report  # noqa: E402
+from vllm_mha2mla.tools.bench.summary import load_summary  # noqa: E402
 
 RUNS = ("h200x4-bench", "h100-bench", "h100-bench-2", "h100-bench-3", "h100-bench-4", "h100-bench-5",
         "h100-bench-6", "h100-bench-7", "h100-bench-8", "h100-bench-9", "h100-bench-10", "h100-bench-11",

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_mha2mla.triton_decode import SHARED_MEMORY_BUDGET, mla_paged_decode, plan_launch, shared_memory_bytes  # noqa: E402
+from vllm_mha2mla.attention.triton_decode import SHARED_MEMORY_BUDGET, mla_paged_decode, plan_launch, shared_memory_bytes  # noqa: E402
 
 # (name, latent, rope, heads, batch, context): the engine runs' decode phases
 SHAPES = [
@@ -128,7 +128,7 @@ def _timed(run, want, key: str = "max_abs_diff_vs_torch") -> dict:
 def _reference(q, cache, table, lens, latent, scale=1.0, requests=4):
     """float32 PyTorch decode of the first ``requests`` (scale 0.07), over their own pages only,
     each multiplied by ``scale`` (an fp8 cache's ``k_scale``)."""
-    from vllm_mha2mla.paged_attention import paged_latent_decode
+    from vllm_mha2mla.attention.paged_attention import paged_latent_decode
 
     pages = table[:requests].flatten().long()
     own = torch.arange(pages.numel(), device=q.device, dtype=torch.int32).view(requests, -1)
@@ -288,7 +288,7 @@ def balanced(out_file: Path) -> None:
 def crossover(out_file: Path) -> None:
     """The fixed splits against the balanced kernel (forced) over batch sizes at 8.7K tokens: where
     the balanced kernel starts to pay."""
-    from vllm_mha2mla.triton_decode import balanced_launch
+    from vllm_mha2mla.attention.triton_decode import balanced_launch
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     results = {"device": torch.cuda.get_device_name(0), "sms": sms, "page": PAGE, "rows": []}

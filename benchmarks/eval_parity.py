@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conversion import load_reference  # noqa: E402
-from vllm_mha2mla.evaluation import reference  # noqa: E402
-from vllm_mha2mla.evaluation.evaluate import EvalOptions, evaluate, parse_models  # noqa: E402
-from vllm_mha2mla.evaluation.tasks import Settings, Tokenizer, resolve_tasks  # noqa: E402
+from vllm_mha2mla.tools.evaluation import reference  # noqa: E402
+from vllm_mha2mla.tools.evaluation.evaluate import EvalOptions, evaluate, parse_models  # noqa: E402
+from vllm_mha2mla.tools.evaluation.tasks import Settings, Tokenizer, resolve_tasks  # noqa: E402
 
 TASKS = "arc_easy,wikipedia,passkey"
 OPTIONS = EvalOptions(tasks=TASKS, limit=100, dtype="float32", lengths=(512, 1024), per_cell=10, max_model_len=1024)

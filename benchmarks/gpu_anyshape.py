@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_plugin import PARITY_CASES, _prompts, score_runs  # noqa: E402
 from benchmarks.synthetic import llama_config, mla_config_for, save_random_llama, write_config_only  # noqa: E402
 from conversion import ConvertOptions, convert, load_reference  # noqa: E402
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
 
 LLAMA2_7B = dict(hidden=4096, heads=32, kv_heads=32, head_dim=128, vocab=32000, intermediate=11008)
 SHAPES = {"576": (512, 64), "1024_llama2_paper": (512, 512), "192_smollm2_demo": (96, 96)}
@@ -57,8 +57,8 @@ def _paged_inputs(batch, heads, latent, rope, seq_len, page, dtype, seed=0):
 
 
 def _kernel_correctness() -> dict:
-    from vllm_mha2mla.paged_attention import paged_latent_decode
-    from vllm_mha2mla.triton_decode import mla_paged_decode
+    from vllm_mha2mla.attention.paged_attention import paged_latent_decode
+    from vllm_mha2mla.attention.triton_decode import mla_paged_decode
 
     out: dict = {}
     for name, (latent, rope) in SHAPES.items():
@@ -119,8 +119,8 @@ def kernel_check(out_file: Path) -> dict:
 def _prefill_correctness() -> dict:
     from types import SimpleNamespace
 
-    from conversion.layout import plan_exact_layout
-    from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, varlen_attention_reference
+    from conversion.mla_format.layout import plan_exact_layout
+    from vllm_mha2mla.attention.prefill import MHA2MLAPrefillBackend, varlen_attention_reference
 
     layout = plan_exact_layout(32, 32, 128, 16, 16)
     hf = SimpleNamespace(mha2mla={"format_version": 1, "layout": layout.to_dict(), "rope_pairs": [],
@@ -165,7 +165,7 @@ def _decode_timings() -> dict:
     """Decode attention alone (one layer), ms per call (median, L2 flushed by do_bench)."""
     from triton.testing import do_bench
 
-    from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch
+    from vllm_mha2mla.attention.triton_decode import mla_paged_decode, plan_launch
 
     results: dict = {}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -226,7 +226,7 @@ def _vllm_decode_timings(q, cache, table, lens, latent, seq_len, sms) -> dict:
 def _tile_sweep() -> dict:
     from triton.testing import do_bench
 
-    from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch
+    from vllm_mha2mla.attention.triton_decode import mla_paged_decode, plan_launch
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out: dict = {}

@@ -18,7 +18,7 @@ LIMIT=${JOB_SECONDS:-560}
 
 pack() {  # here: .gpu-extra/c5 = eval data + wheels
   local py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
-  local data work; data=$($py -c "from vllm_mha2mla.evaluation.datasets import ensure_eval_data as e; print(e())")
+  local data work; data=$($py -c "from vllm_mha2mla.tools.evaluation.datasets import ensure_eval_data as e; print(e())")
   work=$(mktemp -d)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -48,7 +48,7 @@ finetune() {  # SRC DST [args]: bounded; the report comes back either way
   local src=$1 dst=$2; shift 2
   local left=$(( LIMIT - SECONDS )); (( left > 30 )) || left=30
   rm -rf "$dst"
-  timeout -k 10 "$left" python3 -m vllm_mha2mla.cli finetune "$src" "$dst" --teacher "$MODEL" "$@" 2>&1 \
+  timeout -k 10 "$left" python3 -m vllm_mha2mla.tools.cli finetune "$src" "$dst" --teacher "$MODEL" "$@" 2>&1 \
     | grep -v -E "it/s\]$|s/it\]$|INFO|WARNING" | tail -50 || echo "finetune exited with ${PIPESTATUS[0]}"
   mkdir -p "$OUT"
   cp "$dst/finetune_report.json" "$OUT/$(basename "$dst")-finetune_report.json" 2>/dev/null || true
@@ -74,7 +74,7 @@ case $MODE in
     models=("original=$MODEL"); while [ $# -gt 0 ] && [ "$1" != "--" ]; do models+=("$1"); shift; done
     [ "${1:-}" = "--" ] && shift
     left=$(( LIMIT - SECONDS )); (( left > 30 )) || left=30
-    timeout -k 10 "$left" python3 -m vllm_mha2mla.cli eval "${models[@]}" --output "/root/eval-$OUTNAME" "$@" 2>&1 \
+    timeout -k 10 "$left" python3 -m vllm_mha2mla.tools.cli eval "${models[@]}" --output "/root/eval-$OUTNAME" "$@" 2>&1 \
       | grep -v -E "(INFO|WARNING|it/s\]|s/it\]|req/s\])" | tail -60 || echo "eval exited with ${PIPESTATUS[0]}"
     mkdir -p "$OUT" && tar czf "$OUT/eval-$OUTNAME.tar.gz" -C /root "eval-$OUTNAME" 2>/dev/null || true
     cp /root/eval-$OUTNAME/results.md "$OUT/" 2>/dev/null || true

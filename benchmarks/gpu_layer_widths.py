@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_plugin import _prompts, score_runs  # noqa: E402
 from benchmarks.synthetic import llama_config, mla_config_for, save_random_llama, write_config_only  # noqa: E402
 from conversion import ConvertOptions, convert, load_reference  # noqa: E402
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
 
 PARITY_LLAMA = llama_config(1024, 16, 4, 64, 6, 4096, 2816)
 PARITY_WIDTHS = [32, 160, 96, 48, 128, 64]  # latent per layer (4 kv-heads × rope_dim 16 = 64 rope values)
@@ -142,7 +142,7 @@ def kernels(out_file: Path, batch: int = 256, heads: int = 32, rope: int = 512, 
 
     import triton
 
-    from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch
+    from vllm_mha2mla.attention.triton_decode import mla_paged_decode, plan_launch
 
     page = 16
     pages_per_seq = seq_len // page
@@ -181,7 +181,7 @@ def sweep(out_file: Path, heads: int = 32, rope: int = 512) -> dict:
     where the default plan reads at half the bandwidth of narrower rows (``kernels``)."""
     import triton
 
-    from vllm_mha2mla.triton_decode import DecodeLaunch, mla_paged_decode, shared_memory_bytes
+    from vllm_mha2mla.attention.triton_decode import DecodeLaunch, mla_paged_decode, shared_memory_bytes
 
     page, sms = 16, torch.cuda.get_device_properties(0).multi_processor_count
     results: dict = {"heads": heads, "rope": rope, "cases": []}
@@ -252,7 +252,7 @@ plan's 16-head groups moved ~1.1 TB/s (results/h100-bench-4/), and at a 1K/256 b
 def _wide_variants(plan, padded) -> list:
     """A latent past 512 as three exact blocks or two 512 blocks (the last padded), over head
     groups, row tiles, warps and pipeline depth."""
-    from vllm_mha2mla.triton_decode import latent_blocks
+    from vllm_mha2mla.attention.triton_decode import latent_blocks
 
     return _tile_grid(plan, (plan.latent_blocks, latent_blocks(plan.block_c, max_blocks=2)), stages=(1, 2))
 
@@ -278,8 +278,8 @@ def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=
     import triton
 
     from benchmarks.decode_kernel_sweep import PAGE, paged_inputs
-    from vllm_mha2mla.paged_attention import paged_latent_decode
-    from vllm_mha2mla.triton_decode import (SHARED_MEMORY_BUDGET, latent_blocks, mla_paged_decode, plan_launch,
+    from vllm_mha2mla.attention.paged_attention import paged_latent_decode
+    from vllm_mha2mla.attention.triton_decode import (SHARED_MEMORY_BUDGET, latent_blocks, mla_paged_decode, plan_launch,
                                             shared_memory_bytes)
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -346,9 +346,9 @@ def fit(out_file: Path, heads: int = 32, batch: int = 64, seq_len: int = 2048) -
     """Every FIT_CASES row with a bf16 and an fp8 cache: the plan for this GPU's shared memory
     must launch (Triton raises OutOfResources past the limit) and agree with float32 PyTorch, or
     be refused by ``plan_launch`` before any launch."""
-    from vllm_mha2mla import triton_decode
-    from vllm_mha2mla.paged_attention import paged_latent_decode
-    from vllm_mha2mla.triton_decode import device_shared_memory, mla_paged_decode, plan_launch, shared_memory_bytes
+    from vllm_mha2mla.attention import triton_decode
+    from vllm_mha2mla.attention.paged_attention import paged_latent_decode
+    from vllm_mha2mla.attention.triton_decode import device_shared_memory, mla_paged_decode, plan_launch, shared_memory_bytes
 
     from benchmarks.decode_kernel_sweep import paged_inputs
 

@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conversion.layout import plan_exact_layout, plan_native_layout  # noqa: E402
-from vllm_mha2mla.head_compaction import compact_heads, compact_keys, head_compaction, pad_last, round_up  # noqa: E402
+from conversion.mla_format.layout import plan_exact_layout, plan_native_layout  # noqa: E402
+from vllm_mha2mla.attention.head_compaction import compact_heads, compact_keys, head_compaction, pad_last, round_up  # noqa: E402
 
 SHAPES = {  # name: layout of the engines' Llama-2-7B rows
     "native_576": lambda: plan_native_layout(32, 32, 128, 2, 16, 576),

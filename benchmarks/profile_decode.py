@@ -12,7 +12,7 @@ the same paged cache (issue 11, item 5: what holds the plugin at ~2.2 TB/s where
 On the lent GPU (vLLM staged as for ``gpu_recovery.sh bench``; the plugin cases alone need no vLLM):
   bash benchmarks/gpu_recovery.sh script benchmarks/profile_decode.py profile $OUT/ncu
 
-KERNEL is ``plugin`` (``vllm_mha2mla.triton_decode.mla_paged_decode`` with its own plan) or ``flashmla``
+KERNEL is ``plugin`` (``vllm_mha2mla.attention.triton_decode.mla_paged_decode`` with its own plan) or ``flashmla``
 (vLLM's ``flash_mla_with_kvcache``, 576-value rows only). Pages of 64 tokens in random order (FlashMLA's
 block size; the plugin takes any multiple of 16), each request 90–100% of CONTEXT, bf16. The clocks are
 left alone (``--clock-control none``): the device library asks it, and the engines run unlocked too.
@@ -58,7 +58,7 @@ HEADLINE = (  # (section, metric) pairs printed per kernel; profile.json keeps e
 def _call(kernel: str, latent: int, q, cache, table, lens, context: int):
     """A function that runs one decode call of ``kernel`` on these inputs."""
     if kernel == "plugin":
-        from vllm_mha2mla.triton_decode import mla_paged_decode
+        from vllm_mha2mla.attention.triton_decode import mla_paged_decode
 
         return lambda: mla_paged_decode(q, cache, table, lens, SCALE, latent, context)
     if kernel == "flashmla":

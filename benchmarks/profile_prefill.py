@@ -62,8 +62,8 @@ def run(out_dir: Path, spec: str) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
-    from vllm_mha2mla.bench.folders import prepare_original, prepare_variant
-    from vllm_mha2mla.bench.shapes import parse_variant
+    from vllm_mha2mla.tools.bench.folders import prepare_original, prepare_variant
+    from vllm_mha2mla.tools.bench.shapes import parse_variant
 
     work = out_dir / "models"
     original = prepare_original(SHAPE, work, MAX_MODEL_LEN)

@@ -28,8 +28,8 @@ from conversion.convert import ConvertOptions, convert  # noqa: E402
 from conversion.default_model import ensure_default_model  # noqa: E402
 from conversion.recovery.corpus import load_default_corpus  # noqa: E402
 from conversion.recovery.data import default_training_data, text_windows  # noqa: E402
-from vllm_mha2mla.demo import DEFAULT_PROMPTS, _chat_prompts, agreement, perplexity  # noqa: E402
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
+from vllm_mha2mla.tools.demo import DEFAULT_PROMPTS, _chat_prompts, agreement, perplexity  # noqa: E402
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
 
 SEQ_LEN = 512
 TOKENS = 16384

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_plugin import _teacher_forced  # noqa: E402
 from conversion.recovery.corpus import HOTPOTQA, ensure_default_corpus, load_default_corpus  # noqa: E402
 from conversion.recovery.data import default_training_data, text_windows  # noqa: E402
-from vllm_mha2mla.demo import DEFAULT_PROMPTS, _chat_prompts, agreement, perplexity  # noqa: E402
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
+from vllm_mha2mla.tools.demo import DEFAULT_PROMPTS, _chat_prompts, agreement, perplexity  # noqa: E402
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
 
 SEQ_LEN = 512
 TOKENS = 32768

@@ -1,6 +1,6 @@
 """Synthetic Llama-family checkpoints (random weights, no tokenizer) for GPU runs, where no
 data or hub is reachable. Config-only folders for dummy-weight runs come from the package's
-benchmark code (``vllm_mha2mla.bench``), re-exported here for the older GPU scripts."""
+benchmark code (``vllm_mha2mla.tools.bench``), re-exported here for the older GPU scripts."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_mha2mla.bench.folders import mla_config_for, write_config_only
-from vllm_mha2mla.bench.shapes import llama_config
+from vllm_mha2mla.tools.bench.folders import mla_config_for, write_config_only
+from vllm_mha2mla.tools.bench.shapes import llama_config
 
 __all__ = ["llama_config", "mla_config_for", "save_random_llama", "write_config_only"]
 

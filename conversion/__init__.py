@@ -13,7 +13,7 @@ def load_reference(path, dtype=None):
     modelling code keeps ``mha2mla --help`` fast)."""
     import torch
 
-    from conversion.reference_model import load_reference as _load
+    from conversion.reference_model import load_reference as _load  # inside: ~6 s of modelling code
 
     return _load(path, dtype=dtype or torch.float32)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from conversion.layout import MLALayout
+from conversion.mla_format.layout import MLALayout
 
 BYTES_PER_VALUE = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5}
 

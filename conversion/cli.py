@@ -1,6 +1,6 @@
 """The ``convert`` and ``finetune`` subcommands (no vLLM import: they run where vLLM is not
 installed, e.g. ``torchrun -m conversion.cli finetune`` on a training machine). The ``mha2mla``
-command (``vllm_mha2mla.cli``) adds ``eval`` and ``demo`` on top of these."""
+command (``vllm_mha2mla.tools.cli``) adds ``eval`` and ``demo`` on top of these."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from conversion.errors import ConversionError
+from conversion.mla_format.layout import NATIVE_HEAD_SIZES
 
 
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
@@ -18,7 +19,7 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="2-norm", choices=["high", "low", "uniform", "2-norm"])
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--d-kv", type=int, help="latent dims per kv-head")
-    budget.add_argument("--kv-budget", type=int, choices=[576, 512, 320],
+    budget.add_argument("--kv-budget", type=int, choices=list(NATIVE_HEAD_SIZES),
                         help="cached values per token per layer (a vLLM-native MLA size)")
     budget.add_argument("--kv-budget-total", type=int, metavar="VALUES",
                         help="with --allocate measured: cached values per token summed over all layers")

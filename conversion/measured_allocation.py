@@ -14,9 +14,14 @@ from pathlib import Path
 
 import torch
 
+from conversion.allocation import choose_options, interpolate_cost
 from conversion.calibration import CalibrationStats
-from conversion.convert import WIDE_FACTOR, ConversionPlan, max_latent_rank, select_rope_pairs, write_checkpoint
-from conversion.layout import plan_exact_layout
+from conversion.layers import write_checkpoint
+from conversion.mla_format.layout import plan_exact_layout
+from conversion.plan import WIDE_FACTOR, ConversionPlan, max_latent_rank, select_rope_pairs
+from conversion.recovery.data import text_windows
+from conversion.reference_model import load_reference
+from conversion.sensitivity import MixedAttention, measured_allocation, mixed_kl, option_costs, reference_logprobs
 from conversion.source import SourceWeights
 
 
@@ -31,12 +36,8 @@ def allocate_measured(plan: ConversionPlan, weights: SourceWeights, stats: Calib
     import tempfile
     import time
 
-    from conversion.allocation import interpolate_cost
-    from conversion.reference_model import load_reference
-    from conversion.sensitivity import measured_allocation
-
     opts, layers, step = plan.options, plan.spec.num_layers, plan.options.rank_step
-    wide = plan.layout.latent_dim
+    wide = plan.layout.latent_width
     average = plan.latent_total // layers
     started = time.perf_counter()
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +85,6 @@ def _sensitivity_windows(plan: ConversionPlan, text: str) -> torch.Tensor:
     """``[n, T]`` calibration token windows on which allocations measure their costs."""
     from transformers import AutoTokenizer
 
-    from conversion.recovery.data import text_windows
-
     tokenizer = AutoTokenizer.from_pretrained(str(plan.spec.path))
     seq_len = min(plan.options.calib_seq_len, 512)
     return torch.tensor(text_windows(tokenizer, text, seq_len, plan.options.sensitivity_tokens))
@@ -110,10 +109,6 @@ def allocate_measured_with_rope(plan: ConversionPlan, weights: SourceWeights, st
     import time
 
     from transformers import AutoModelForCausalLM
-
-    from conversion.allocation import choose_options
-    from conversion.reference_model import load_reference
-    from conversion.sensitivity import MixedAttention, mixed_kl, option_costs, reference_logprobs
 
     spec, opts, step = plan.spec, plan.options, plan.options.rank_step
     g, layers = spec.num_kv_heads, spec.num_layers

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from conversion.allocation import allocate_by_cost
 from conversion.errors import ConversionError
 
 
@@ -62,7 +63,7 @@ class _LatentWidths:
 
     def __init__(self, model):
         self.layers = model.model.layers
-        self.wide = self.layers[0].self_attn.layout.latent_dim
+        self.wide = self.layers[0].self_attn.layout.latent_width
         self.down = [layer.self_attn.kv_a_proj_with_mqa.weight for layer in self.layers]
         self.saved = [weight[: self.wide].clone() for weight in self.down]
 
@@ -170,10 +171,8 @@ def measured_allocation(model, windows: torch.Tensor, grid: Sequence[int], total
 
     ``first_costs``: pass 1's costs if already measured. Returns (widths, one record per pass).
     """
-    from conversion.allocation import allocate_by_cost
-
     layers = len(model.model.layers)
-    wide = model.model.layers[0].self_attn.layout.latent_dim
+    wide = model.model.layers[0].self_attn.layout.latent_width
     base = [total // layers] * layers
     history: list[dict] = []
     ranks = base

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from conversion.errors import ConversionError
+from conversion.mla_format.spec import MHA2MLASpec
 
 
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -20,8 +21,7 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     import torch
     from transformers import DeepseekV2Config
 
-    from conversion.mla_config import MHA2MLASpec
-    from conversion.reference_model import MHA2MLAForCausalLM
+    from conversion.reference_model import MHA2MLAForCausalLM  # inside: ~6 s of modelling code, and serving checks run here
 
     try:
         spec = MHA2MLASpec.from_config(config)

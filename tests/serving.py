@@ -21,7 +21,7 @@ import requests
 
 from conversion import ConvertOptions, convert
 from tests.helpers import TinySpec
-from vllm_mha2mla.bench.vllm_tools import free_port
+from vllm_mha2mla.tools.bench.vllm_tools import free_port
 
 # Wide enough for 8 MLA heads at a 576-value budget; the same spec in every serve test, so the session's
 # tiny_model_factory builds the source checkpoint once.

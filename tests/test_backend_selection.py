@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conversion.layout import plan_exact_layout, plan_native_layout
+from conversion.mla_format.layout import plan_exact_layout, plan_native_layout
 from vllm_mha2mla import model as plugin_model
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_mha2mla.bench.folders import mla_config_for, prepare_original, prepare_variant, token_word
-from vllm_mha2mla.bench.shapes import (
+from vllm_mha2mla.tools.bench.folders import mla_config_for, prepare_original, prepare_variant, token_word
+from vllm_mha2mla.tools.bench.shapes import (
     MIN_SERVE_PROMPTS,
     SERVE_PROMPTS,
     SHAPES,
@@ -27,8 +27,8 @@ from vllm_mha2mla.bench.shapes import (
     shape_config,
     weight_bytes,
 )
-from vllm_mha2mla.bench.summary import best_serving_rates, markdown, merge_rows, with_ratios
-from vllm_mha2mla.bench.vllm_tools import (
+from vllm_mha2mla.tools.bench.summary import best_serving_rates, markdown, merge_rows, with_ratios
+from vllm_mha2mla.tools.bench.vllm_tools import (
     Server,
     attention_backend,
     free_port,
@@ -241,7 +241,7 @@ def test_serving_request_count_is_fixed_or_follows_the_rate():
 
 # -- a real run on the CPU -------------------------------------------------------------------------------
 def _bench(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "vllm_mha2mla.cli", "bench", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vllm_mha2mla.tools.cli", "bench", *args], capture_output=True, text=True,
                           timeout=1800, cwd=cwd)
 
 
@@ -283,7 +283,7 @@ def test_bench_refuses_a_bad_matrix_before_starting_engines(tmp_path):
 _TOOL_UNDER_SIGNAL = """
 import sys, threading, time
 from pathlib import Path
-from vllm_mha2mla.bench import vllm_tools
+from vllm_mha2mla.tools.bench import vllm_tools
 vllm_tools.STOP_GRACE_S = 1.0
 vllm_tools.stop_tools_on_signals()
 out, stubborn = Path(sys.argv[1]), sys.argv[2] == "stubborn"
@@ -379,7 +379,7 @@ def test_a_stopped_serving_run_keeps_its_finished_rates_and_stops_the_server(tmp
     from conversion.default_model import ensure_default_model
 
     out = tmp_path / "bench"
-    proc = subprocess.Popen([sys.executable, "-m", "vllm_mha2mla.cli", "bench", f"{ensure_default_model()}:r32-d32",
+    proc = subprocess.Popen([sys.executable, "-m", "vllm_mha2mla.tools.cli", "bench", f"{ensure_default_model()}:r32-d32",
                              "--workloads", "", "--serve-rates", "8,0.02", "--serve-prompts", "4",
                              "--serve-workload", "64/8", "--output", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -7,7 +7,7 @@ from rich.console import Console
 
 from conversion.default_model import ensure_default_model
 from conversion.text_data import shared_text_path
-from vllm_mha2mla.demo import DemoOptions, run_demo
+from vllm_mha2mla.tools.demo import DemoOptions, run_demo
 
 pytestmark = pytest.mark.vllm
 
@@ -56,7 +56,7 @@ def test_demo_pipeline_writes_summary_table_and_chart(tmp_path):
 
 
 def test_agreement_counts_samples_that_start_like_the_reference():
-    from vllm_mha2mla.demo import agreement
+    from vllm_mha2mla.tools.demo import agreement
 
     ref = [[1, 2, 3, 4], [5, 6], []]
     assert agreement(ref, [[1, 2, 3, 9], [5, 6], []], tokens=3) == 2  # an empty reference never counts

@@ -15,11 +15,11 @@ import torch
 from conversion import ConvertOptions, convert, load_reference
 from conversion.text_data import shared_text_path, split_text
 from tests.helpers import TinySpec
-from vllm_mha2mla.evaluation import EvaluationError, long_context, multiple_choice, perplexity, reference
-from vllm_mha2mla.evaluation.evaluate import EvalOptions, evaluate
-from vllm_mha2mla.evaluation.executor import make_chunks
-from vllm_mha2mla.evaluation.requests import Generate, Score, ScoreResult
-from vllm_mha2mla.evaluation.tasks import Settings, Tokenizer, resolve_tasks
+from vllm_mha2mla.tools.evaluation import EvaluationError, long_context, multiple_choice, perplexity, reference
+from vllm_mha2mla.tools.evaluation.evaluate import EvalOptions, evaluate
+from vllm_mha2mla.tools.evaluation.executor import make_chunks
+from vllm_mha2mla.tools.evaluation.requests import Generate, Score, ScoreResult
+from vllm_mha2mla.tools.evaluation.tasks import Settings, Tokenizer, resolve_tasks
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_task_file_errors_name_the_line(tmp_path, line, message):
 
 
 def test_cli_rejects_bad_models_and_tasks(tmp_path, capsys):
-    from vllm_mha2mla.cli import main
+    from vllm_mha2mla.tools.cli import main
 
     assert main(["eval", str(tmp_path), "--tasks", "mc", "--output", str(tmp_path / "o")]) == 2
     assert "not a model folder" in capsys.readouterr().err
@@ -259,7 +259,7 @@ def test_behaviour_tasks_on_the_same_engines(single_engine_run, eval_models, tok
     answers; the greedy answers (QA and chat) are the Hugging Face original's."""
     from transformers import AutoModelForCausalLM
 
-    from vllm_mha2mla.evaluation.tasks import GROUPS
+    from vllm_mha2mla.tools.evaluation.tasks import GROUPS
 
     out, summary, _ = single_engine_run
     for label in ("original", "mla"):
@@ -297,8 +297,8 @@ def test_a_dead_replica_has_its_work_retried(eval_models, tok):
     the scores equal a single engine's."""
     import ray
 
-    from vllm_mha2mla.evaluation.evaluate import _engine_kwargs
-    from vllm_mha2mla.evaluation.executor import LocalExecutor, RayExecutor
+    from vllm_mha2mla.tools.evaluation.evaluate import _engine_kwargs
+    from vllm_mha2mla.tools.evaluation.executor import LocalExecutor, RayExecutor
 
     _, mla, _ = eval_models
     kwargs = _engine_kwargs(_options(), 512)
@@ -324,7 +324,7 @@ def test_a_dead_replica_has_its_work_retried(eval_models, tok):
 def test_a_model_vllm_cannot_load_is_named(eval_models, tmp_path, capsys):
     import shutil
 
-    from vllm_mha2mla.cli import main
+    from vllm_mha2mla.tools.cli import main
 
     src = eval_models[0]
     broken = tmp_path / "broken"

@@ -15,9 +15,9 @@ import pytest
 
 from conversion.recovery.corpus import is_held_out, load_default_corpus, split_key
 from tests.helpers import TinySpec
-from vllm_mha2mla.evaluation import EvaluationError, agreement, generative
-from vllm_mha2mla.evaluation.requests import Generate, ScoreResult
-from vllm_mha2mla.evaluation.tasks import GROUPS, Settings, Tokenizer, resolve_tasks
+from vllm_mha2mla.tools.evaluation import EvaluationError, agreement, generative
+from vllm_mha2mla.tools.evaluation.requests import Generate, ScoreResult
+from vllm_mha2mla.tools.evaluation.tasks import GROUPS, Settings, Tokenizer, resolve_tasks
 
 SMOLLM2_TEMPLATE = (  # SmolLM2-Instruct's chat template: a default system prompt when none is given
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -150,7 +150,7 @@ def test_lambada_is_the_greedy_last_word(tok, eval_cache):
 
 
 def test_an_old_cache_without_the_new_splits_is_fetched_again(tmp_path):
-    from vllm_mha2mla.evaluation import datasets
+    from vllm_mha2mla.tools.evaluation import datasets
 
     folder = tmp_path / "old"
     folder.mkdir()
@@ -268,8 +268,8 @@ def test_evaluate_scores_later_models_against_the_first(tiny_model_factory, tok,
                                                          monkeypatch):
     """Two models through ``evaluate`` (engines faked): the first is the reference (100%), the
     second differs on half its answers; both models' answers are in the per-item records."""
-    from vllm_mha2mla.evaluation import evaluate as ev
-    from vllm_mha2mla.evaluation.evaluate import EvalOptions
+    from vllm_mha2mla.tools.evaluation import evaluate as ev
+    from vllm_mha2mla.tools.evaluation.evaluate import EvalOptions
 
     src = tiny_model_factory(TinySpec())
     shutil.copytree(src, tmp_path / "original")
@@ -297,7 +297,7 @@ def test_evaluate_scores_later_models_against_the_first(tiny_model_factory, tok,
 
 
 def test_report_formats_the_new_metrics():
-    from vllm_mha2mla.evaluation.report import markdown_table
+    from vllm_mha2mla.tools.evaluation.report import markdown_table
 
     def result(em, acc, ppl):
         return {"tasks": {"triviaqa": {"exact_match": em, "exact_match_stderr": 0.01, "n": 100},

@@ -12,8 +12,8 @@ from conversion import ConvertOptions, convert, load_reference
 from conversion.accounting import KVAccounting
 from conversion.allocation import allocate_by_cost, allocate_options, interpolate_cost
 from conversion.errors import ConversionError
-from conversion.layout import MLALayout, plan_exact_layout
-from conversion.mla_config import MHA2MLASpec
+from conversion.mla_format.layout import MLALayout, plan_exact_layout
+from conversion.mla_format.spec import MHA2MLASpec
 from conversion.validate import check_checkpoint
 from tests.helpers import TinySpec
 
@@ -74,11 +74,11 @@ def test_cost_interpolation_and_budget_errors():
 
 def test_layout_latent_width_and_old_configs():
     lay = plan_exact_layout(4, 2, 32, 8, 16)
-    assert lay.latent_dim == 32 and lay.kv_lora_rank == 32
+    assert lay.latent_width == 32 and lay.kv_lora_rank == 32
     old = {k: v for k, v in lay.to_dict().items() if k != "latent_dim"}  # written before per-layer widths
     assert MLALayout.from_dict(old) == lay
     narrow = lay.with_latent(8)
-    assert (narrow.latent_dim, narrow.kv_lora_rank, narrow.cache_values) == (8, 8, 8 + 16)
+    assert (narrow.latent_width, narrow.kv_lora_rank, narrow.cache_values) == (8, 8, 8 + 16)
     assert narrow.kv_gather_index.tolist()[:8] == list(range(8))
     acc = KVAccounting.from_layouts([lay.with_latent(8), lay.with_latent(24)])
     assert acc.essential_values == 16 + 16 and acc.original_values == 128
@@ -88,14 +88,14 @@ def test_spec_refuses_inconsistent_per_layer_widths(per_layer):
     config = json.loads((per_layer / "config.json").read_text())
     section = config["mha2mla"]
     spec = MHA2MLASpec.from_config(config)
-    assert spec.per_layer and [spec.layer_layout(i).latent_dim for i in range(4)] == section["layer_kv_lora_rank"]
+    assert spec.per_layer and [spec.layer_layout(i).latent_width for i in range(4)] == section["layer_kv_lora_rank"]
     for bad, message in (([8, 8, 8], "has 3 entries for 4 layers"), ([8, 8, 8, 999], "must lie in")):
         with pytest.raises(ValueError, match=message):
             MHA2MLASpec.from_config({**config, "mha2mla": {**section, "layer_kv_lora_rank": bad}})
 
 
 def test_layer_width_view():
-    from vllm_mha2mla.metadata import layer_width_view
+    from vllm_mha2mla.attention.metadata import layer_width_view
 
     workspace = torch.arange(4 * 6.0).view(4, 6)
     view = layer_width_view(workspace, 4)
@@ -222,7 +222,7 @@ def test_vllm_serves_each_layer_at_its_own_width(per_layer, prompts_sharing_a_pr
     width (no padding to the widest); the KV capacity is the memory over the summed widths.
     With 32-token steps, later chunks attend to cached context through each layer's own-width
     workspace view, and prompts reuse the cached prefix."""
-    from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+    from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
     config = json.loads((per_layer / "config.json").read_text())
     rope = config["qk_rope_head_dim"]
@@ -246,14 +246,14 @@ def test_a_vllm_that_merges_widths_is_made_to_keep_them_apart(monkeypatch):
     the plugin's hook wraps it so that layers of different widths get per-layer specs."""
     from vllm.v1 import kv_cache_interface as kv
 
-    from vllm_mha2mla import compat
+    from vllm_mha2mla import compat, patches
 
     def careless_merge(cls, specs):  # what 0.26 does: no comparison of head sizes
         return specs[0]
 
     monkeypatch.setattr(kv.MLAAttentionSpec, "merge", classmethod(careless_merge))
     assert not compat.merge_refuses_different_widths()
-    compat.keep_layer_widths_apart()
+    patches.keep_layer_widths_apart()
     assert compat.merge_refuses_different_widths()
     same = [kv.MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=40, dtype=torch.float32)] * 2
     assert kv.MLAAttentionSpec.merge(same) is same[0]  # layers of one width still merge
@@ -262,11 +262,11 @@ def test_a_vllm_that_merges_widths_is_made_to_keep_them_apart(monkeypatch):
 def test_a_vllm_without_per_layer_specs_refuses_per_layer_checkpoints(monkeypatch):
     from vllm.v1 import kv_cache_interface as kv
 
-    from vllm_mha2mla import compat
+    from vllm_mha2mla import patches
 
     monkeypatch.delattr(kv, "UniformTypeKVCacheSpecs")
     with pytest.raises(ValueError, match="no per-layer KV cache specs"):
-        compat.require_per_layer_kv_cache()
+        patches.require_per_layer_kv_cache()
 
 
 def test_given_widths_round_trip(tiny_model_factory, tmp_path, capsys):
@@ -418,7 +418,7 @@ def test_vllm_serves_per_layer_rotary_dims(per_layer_rope, prompts_sharing_a_pre
     """Layers of different rotary and latent widths: greedy tokens equal the reference model's under
     chunked prefill with a prefix cache (each layer's prefill attends over its own rope columns),
     every layer's cache row is its own latent + rotary width."""
-    from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+    from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
     widths = [w + 2 * r for w, r in zip(LATENTS, ROPES)]
     prompts = prompts_sharing_a_prefix

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conversion.errors import ConversionError
-from conversion.layout import MLALayout, max_d_kv_for_cache, native_prefill_dims, plan_exact_layout, plan_native_layout
-from conversion.reference_model import distinct_zero_index, mla_inputs
+from conversion.mla_format.layout import MLALayout, max_d_kv_for_cache, native_prefill_dims, plan_exact_layout, plan_native_layout
+from conversion.mla_format.inputs import distinct_zero_index, mla_inputs
 from conversion.rope import apply_partial_rope
 
 CASES = [
@@ -46,8 +46,8 @@ def test_mapped_prefill_and_decode_equal_direct_attention(case):
     t, hidden = 7, 48
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     x = rnd(t, hidden)
-    w_q, w_down, w_kr = rnd(h * d, hidden), rnd(lay.latent_dim, hidden), rnd(lay.rope_total, hidden)
-    w_up_k, w_up_v = rnd(g * (d - rd), lay.latent_dim), rnd(g * d, lay.latent_dim)
+    w_q, w_down, w_kr = rnd(h * d, hidden), rnd(lay.latent_width, hidden), rnd(lay.rope_total, hidden)
+    w_up_k, w_up_v = rnd(g * (d - rd), lay.latent_width), rnd(g * d, lay.latent_width)
     inv_freq = torch.rand(g, rd // 2, generator=gen, dtype=torch.float64).float()
     pos = torch.arange(t) * 3 + 5
     scale = 1 / math.sqrt(d)
@@ -65,13 +65,13 @@ def test_mapped_prefill_and_decode_equal_direct_attention(case):
 
     # Mapped into vLLM's layout.
     q_mla, kv = mla_inputs(x @ w_q.T, torch.cat([c, x @ w_kr.T], -1), pos, inv_freq[grp], inv_freq,
-                           lay.q_gather_index, lay.kv_gather_index, d, rd, lay.latent_dim)
+                           lay.q_gather_index, lay.kv_gather_index, d, rd, lay.latent_width)
     assert q_mla.shape == (t, h, lay.qk_nope_head_dim + lay.qk_rope_head_dim)
     # The reference model's indices (a zero of its own per padding position) give the same tensors.
     q_idx, q_zeros = distinct_zero_index(lay.q_gather_index, lay.compact_q_dim)
     kv_idx, kv_zeros = distinct_zero_index(lay.kv_gather_index, lay.compact_kv_dim)
     q_same, kv_same = mla_inputs(x @ w_q.T, torch.cat([c, x @ w_kr.T], -1), pos, inv_freq[grp], inv_freq,
-                                 q_idx, kv_idx, d, rd, lay.latent_dim, q_zeros, kv_zeros)
+                                 q_idx, kv_idx, d, rd, lay.latent_width, q_zeros, kv_zeros)
     assert torch.equal(q_same, q_mla) and torch.equal(kv_same, kv)
     assert len(set(q_idx.tolist())) == q_idx.numel()  # no two outputs share an input
     assert kv.shape == (t, lay.kv_lora_rank + lay.qk_rope_head_dim)
@@ -142,7 +142,7 @@ def test_constants_are_built_on_cpu_under_another_default_device(tiny_model_fact
     import json
 
     from conversion import ConvertOptions, convert
-    from conversion.mla_config import MHA2MLASpec
+    from conversion.mla_format.spec import MHA2MLASpec
     from tests.helpers import TinySpec
 
     convert(tiny_model_factory(TinySpec()), tmp_path / "m", ConvertOptions(rope_dim=8, strategy="high", d_kv=16),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vllm_mha2mla.paged_attention import gather_paged_rows, paged_latent_decode
+from vllm_mha2mla.attention.paged_attention import gather_paged_rows, paged_latent_decode
 
 
 @pytest.mark.parametrize("latent,rope,block", [(96, 24, 16), (448, 64, 16), (1024, 128, 8), (7, 3, 4)])
@@ -31,7 +31,7 @@ def test_gather_follows_the_block_table():
 
 @pytest.mark.parametrize("width", [120, 1024])
 def test_cache_gather_follows_block_table_and_starts(width):
-    from vllm_mha2mla.cache_gather import gather_cache_rows
+    from vllm_mha2mla.attention.cache_gather import gather_cache_rows
 
     g = torch.Generator().manual_seed(width)
     block, blocks = 4, 12
@@ -53,10 +53,10 @@ def test_cache_gather_follows_block_table_and_starts(width):
     torch.testing.assert_close(scaled[:14], dst[:14] * 0.5)
 
 
-# --- the compiled CPU decode kernel (vllm_mha2mla/csrc/latent_decode_cpu.cpp) --------------------------------------
+# --- the compiled CPU decode kernel (vllm_mha2mla/attention/csrc/latent_decode_cpu.cpp) --------------------------------------
 
 def _kernel_variants():
-    from vllm_mha2mla.cpu_decode_kernel import build_flags
+    from vllm_mha2mla.attention.cpu_decode_kernel import build_flags
 
     return [pytest.param(bf16, id="avx512bf16" if bf16 else "avx512",
                          marks=pytest.mark.skipif(build_flags(bf16) is None, reason="this CPU cannot run the variant"))
@@ -101,7 +101,7 @@ def test_decode_kernel_equals_reference(bf16, case):
     weights are rounded to bf16 before p·V) against the PyTorch reference in float64 on the same bf16
     inputs. Tolerance: one bf16 rounding of the output (2^-9 relative) plus one of every weight
     (at most 2^-9 · max|V|), doubled: rtol = 2^-8, atol = 2^-8 · max|V|."""
-    from vllm_mha2mla.cpu_decode_kernel import load_variant
+    from vllm_mha2mla.attention.cpu_decode_kernel import load_variant
 
     kernel = load_variant(bf16).latent_decode
     lens, heads, latent, rope, block, q_scale, group = case
@@ -122,7 +122,7 @@ def test_decode_kernel_equals_reference(bf16, case):
 def test_decode_kernel_is_as_close_to_exact_as_the_bf16_reference(bf16):
     """Accuracy against the float32 reference run on the same bf16 inputs (what the plugin used before
     the kernel): the kernel's worst error is at most that reference's plus one bf16 output rounding."""
-    from vllm_mha2mla.cpu_decode_kernel import load_variant
+    from vllm_mha2mla.attention.cpu_decode_kernel import load_variant
 
     kernel = load_variant(bf16).latent_decode
     g = torch.Generator().manual_seed(7)
@@ -137,7 +137,7 @@ def test_decode_kernel_is_as_close_to_exact_as_the_bf16_reference(bf16):
 
 
 def test_decode_kernel_refuses_what_it_cannot_serve():
-    from vllm_mha2mla.cpu_decode_kernel import load_variant
+    from vllm_mha2mla.attention.cpu_decode_kernel import load_variant
 
     ops = load_variant()
     if ops is None:
@@ -158,7 +158,7 @@ def test_decode_kernel_refuses_what_it_cannot_serve():
 def test_decode_kernel_switch_and_fallback(monkeypatch, caplog):
     """MHA2MLA_CPU_DECODE=torch keeps the PyTorch decode; a failed build warns and falls back (auto)
     or raises (kernel); a bad value is refused."""
-    from vllm_mha2mla import cpu_decode_kernel as ck
+    from vllm_mha2mla.attention import cpu_decode_kernel as ck
 
     def fresh(mode):
         ck.cpu_kernels.cache_clear()
@@ -186,7 +186,7 @@ def test_decode_kernel_switch_and_fallback(monkeypatch, caplog):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cache_write_kernel_equals_indexed_writes(dtype):
     """write_latent_rows = vLLM's CPU MLA cache write (two indexed writes of the valid slots)."""
-    from vllm_mha2mla.cpu_decode_kernel import load_variant
+    from vllm_mha2mla.attention.cpu_decode_kernel import load_variant
 
     ops = load_variant()
     if ops is None:

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conversion.layout import plan_exact_layout, plan_native_layout
-from conversion.reference_model import mla_inputs
-from vllm_mha2mla.head_compaction import compact_heads, compact_keys, head_compaction, padded_heads
-from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, varlen_attention_reference
+from conversion.mla_format.layout import plan_exact_layout, plan_native_layout
+from conversion.mla_format.inputs import mla_inputs
+from vllm_mha2mla.attention.head_compaction import compact_heads, compact_keys, head_compaction, padded_heads
+from vllm_mha2mla.attention.prefill import MHA2MLAPrefillBackend, varlen_attention_reference
 
 LAYOUTS = {
     "exact_gqa": lambda: plan_exact_layout(8, 4, 64, 16, 24),
@@ -28,12 +28,12 @@ def _mla_qk(layout, tokens: int, seed: int = 0, parts: bool = False):
     g = torch.Generator().manual_seed(seed)
     h, d, r = layout.num_heads, layout.head_dim, layout.rope_dim
     q_compact = torch.randn(tokens, h * d, generator=g, dtype=torch.float64)
-    kv_compact = torch.randn(tokens, layout.latent_dim + layout.rope_total, generator=g, dtype=torch.float64)
+    kv_compact = torch.randn(tokens, layout.latent_width + layout.rope_total, generator=g, dtype=torch.float64)
     inv_q = torch.rand(h, r // 2, generator=g, dtype=torch.float64)
     inv_k = inv_q[:: layout.group_size]
     pos = torch.arange(tokens)
     q, kv = mla_inputs(q_compact, kv_compact, pos, inv_q, inv_k, layout.q_gather_index, layout.kv_gather_index,
-                       d, r, layout.latent_dim)
+                       d, r, layout.latent_width)
     k_nope = torch.randn(tokens, h, layout.qk_nope_head_dim, generator=g, dtype=torch.float64)
     k_nope[..., layout.nope_columns_used:] = 0
     k_pe = kv[:, None, layout.kv_lora_rank:]
@@ -65,7 +65,7 @@ def _shards_and_layers(name):
     its heads (a tensor-parallel rank) and, for exact layouts, a layer with its own rotary dims."""
     layout = LAYOUTS[name]()
     cases = [(layout, 0, layout.num_heads), (layout, layout.num_heads // 2, layout.num_heads - layout.num_heads // 2)]
-    if layout.kv_lora_rank == layout.latent_dim and not layout.rope_overflow:
+    if layout.kv_lora_rank == layout.latent_width and not layout.rope_overflow:
         cases.append((layout.with_rope(layout.rope_dim // 2 // 2 * 2 or 2), 0, layout.num_heads))
     return cases
 
@@ -178,7 +178,7 @@ def test_query_is_compacted_once_per_layer_and_only_while_chunks_follow(monkeypa
     """vLLM passes one query to a layer's new-token call and to each context chunk: it is gathered
     once and dropped after the last chunk; a query changed in place, or another query, is
     gathered afresh (a stale compact query would attend with the wrong values)."""
-    import vllm_mha2mla.prefill as prefill
+    import vllm_mha2mla.attention.prefill as prefill
 
     layout = LAYOUTS["exact_llama2_1024"]()
     q, k, k_nope, k_pe = _mla_qk(layout, tokens=9, parts=True)
@@ -221,8 +221,8 @@ def test_gpu_implementation_builds_keys_compact_only_where_narrower():
     vLLM's key (the backend takes either: a key as wide as its query is the full one), and finds
     its layer's layout from both head dims — one kv-head's layers are all ``d`` wide whatever
     their rotary dims, so the width alone would not tell them apart."""
-    from vllm_mha2mla.gpu_backend import MHA2MLATritonImpl
-    from vllm_mha2mla.prefill import layer_layout_for_dims
+    from vllm_mha2mla.attention.gpu_backend import MHA2MLATritonImpl
+    from vllm_mha2mla.attention.prefill import layer_layout_for_dims
 
     config = SimpleNamespace(model_config=SimpleNamespace(hf_config=None))
     for name, narrower in (("native_llama2_576", True), ("exact_llama2_1024", True), ("native_gqa_576", False)):
@@ -252,7 +252,7 @@ def test_gpu_implementation_builds_keys_compact_only_where_narrower():
 def test_one_backend_serves_layers_of_different_rotary_dims():
     """vLLM hands one prefill backend every layer of a group; a checkpoint whose layers keep
     different rotary dims is told apart by query width, each layer compacted by its own columns."""
-    from vllm_mha2mla.prefill import layer_layout_for_width
+    from vllm_mha2mla.attention.prefill import layer_layout_for_width
 
     widest = plan_exact_layout(8, 4, 64, 16, 24)  # what config.json's layout describes
     backend = _backend(widest, _hf_config(widest))
@@ -315,7 +315,7 @@ def test_cpu_prefill_backend_equals_vllms_dense_cpu_prefill(dtype):
     """The plugin's CPU prefill (fused flash attention on compacted heads) against vLLM's own
     CPU SDPA prefill on the full ``qk_nope + qk_rope`` dims: new tokens (causal, with LSE) and a
     context chunk (unmasked)."""
-    from vllm_mha2mla.prefill import CPUSDPAMLAPrefillBackend, MHA2MLACPUPrefillBackend
+    from vllm_mha2mla.attention.prefill import CPUSDPAMLAPrefillBackend, MHA2MLACPUPrefillBackend
 
     layout = LAYOUTS["exact_mha_small"]()
     kwargs = dict(num_heads=layout.num_heads, scale=0.125, kv_lora_rank=layout.kv_lora_rank,

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from conversion import ConvertOptions, convert, load_reference
 from conversion.cli import main as cli_main
-from conversion.layout import plan_native_layout
+from conversion.mla_format.layout import plan_native_layout
 from conversion.recovery.finetune import FinetuneOptions, finetune, held_out_perplexity
 from conversion.recovery.global_stage import GlobalOptions, latest_complete_checkpoint, run_global_stage
 from conversion.recovery.local import LocalOptions, TeacherStream, run_local_stage
@@ -266,7 +266,7 @@ def test_finetune_writes_a_checkpoint_in_the_converted_format(setup, finetuned):
 
 @pytest.mark.vllm
 def test_finetuned_checkpoint_greedy_tokens_in_vllm_equal_the_reference(finetuned, setup):
-    from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+    from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
     dst, _ = finetuned
     prompts = [row[: 5 + 3 * i].tolist() for i, row in enumerate(_windows(setup, 6, offset=90_000))]
@@ -371,7 +371,7 @@ def test_synthesis_and_onpolicy_sample_in_vllm_teacher_and_plugin_served_student
     """--synthesize: the teacher answers chat prompts in vLLM (two turns for follow-ups), in its own chat
     template; --stage all then samples the student through this project's plugin for the on-policy round."""
     from conversion.recovery.onpolicy import OnPolicyOptions
-    from vllm_mha2mla.synthesize import vllm_engine_hooks
+    from vllm_mha2mla.tools.synthesize import vllm_engine_hooks
 
     dst = tmp_path / "out"
     opts = _finetune_opts(setup, stage="all", synthesize=4096, cache_dir=tmp_path / "cache", evaluate=False,

@@ -104,10 +104,7 @@ def test_corpus_chat_data_never_shows_held_out_or_evaluation_text(corpus_cache):
     held_bodies = [d.split("\n", 1)[-1][:120] for d in corpus.held_out[:300]]
     joined = "\n".join(texts)
     assert not any(body in joined for body in held_bodies)
-    try:
-        from vllm_mha2mla.tools.evaluation.agreement import agreement_prompts
-    except ImportError:
-        from vllm_mha2mla.evaluation.agreement import agreement_prompts
+    from vllm_mha2mla.tools.evaluation.agreement import agreement_prompts
     eval_texts = {m["content"] for conv in agreement_prompts(corpus.held_out) for m in conv if m["role"] == "user"}
     assert eval_texts and not eval_texts & set(texts)
 
@@ -194,7 +191,7 @@ def test_onpolicy_and_synthesis_need_an_engine_and_say_so(chat_setup, tmp_path, 
 def test_general_requests_stay_clear_of_the_demo_prompts():
     """The demo's chat prompts are its evaluation: no training request repeats one or opens like one."""
     from conversion.recovery.chat_data import GENERAL_REQUESTS
-    from vllm_mha2mla.demo import DEFAULT_PROMPTS
+    from vllm_mha2mla.tools.demo import DEFAULT_PROMPTS
 
     def opening(text):
         return tuple(text.lower().split()[:4])

@@ -19,8 +19,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vllm_mha2mla.paged_attention import gather_paged_rows, paged_latent_decode  # noqa: E402
-from vllm_mha2mla.triton_decode import latent_blocks, mla_paged_decode, plan_launch  # noqa: E402
+from vllm_mha2mla.attention.paged_attention import gather_paged_rows, paged_latent_decode  # noqa: E402
+from vllm_mha2mla.attention.triton_decode import latent_blocks, mla_paged_decode, plan_launch  # noqa: E402
 
 del os.environ["TRITON_INTERPRET"]  # not for the engines other tests start
 
@@ -74,7 +74,7 @@ def test_kernel_equals_reference_decode(latent, rope, heads, block, splits):
 def test_balanced_kernel_equals_reference_decode(latent, rope, heads, block, lens, programs, min_chunk, monkeypatch):
     """Tokens shared evenly by ``programs`` programs whatever the request lengths: whole requests
     finished in place, pieces merged from their programs' slots, output and lse as the reference."""
-    from vllm_mha2mla import triton_decode
+    from vllm_mha2mla.attention import triton_decode
 
     monkeypatch.setattr(triton_decode, "MIN_TOKENS_PER_PROGRAM", min_chunk)
     q, cache, table, lens_t = _paged_problem(latent, rope, heads, block, lens)
@@ -108,7 +108,7 @@ def test_balanced_kernel_gives_empty_rows_zero_and_minus_infinity(lens, programs
     point nowhere here) and come out as 0 with log-sum-exp -inf, whichever program their position
     falls to; the other rows as the reference. The buffers are filled first, so a row left unwritten
     shows."""
-    from vllm_mha2mla import triton_decode
+    from vllm_mha2mla.attention import triton_decode
 
     monkeypatch.setattr(triton_decode, "MIN_TOKENS_PER_PROGRAM", min_chunk)
     empty_like_before = torch.empty
@@ -152,7 +152,7 @@ def test_planned_balanced_launch_at_larger_batches(batch, longest, padding):
 
 
 def test_balanced_kernel_dequantises_a_scaled_cache(monkeypatch):
-    from vllm_mha2mla import triton_decode
+    from vllm_mha2mla.attention import triton_decode
 
     monkeypatch.setattr(triton_decode, "MIN_TOKENS_PER_PROGRAM", 1)
     q, cache, table, lens = _paged_problem(112, 32, 5, 16, [9, 40, 3])
@@ -272,7 +272,7 @@ def test_balanced_kernel_takes_batches_that_fill_the_gpu():
     """From 0.7 (request, head group) pairs per SM on (the measured crossover) the balanced kernel runs
     one wave: two programs per SM where two fit (4 warps, tiles under half the SM's shared memory), one
     where they do not; fp8 caches and small batches keep the fixed splits."""
-    from vllm_mha2mla.triton_decode import balanced_launch
+    from vllm_mha2mla.attention.triton_decode import balanced_launch
 
     native = plan_launch(310, 32, 512, 64, 8704, 132)  # Llama-2-7B 576 values at its 8K/1K decode batch
     assert (native.num_programs, native.block_n, native.num_warps) == (264, 64, 4)
@@ -291,7 +291,7 @@ def test_balanced_kernel_takes_batches_that_fill_the_gpu():
 
 
 def test_tiles_shrink_to_a_smaller_gpus_shared_memory_and_too_wide_rows_are_refused():
-    from vllm_mha2mla.triton_decode import SHARED_MEMORY_MARGIN, shared_memory_bytes
+    from vllm_mha2mla.attention.triton_decode import SHARED_MEMORY_MARGIN, shared_memory_bytes
 
     h100 = plan_launch(64, 32, 512, 512, 4096, 132)
     for kib in (163, 99):  # A100, Ada / consumer cards: per-block opt-in limits
@@ -317,7 +317,7 @@ def test_rejects_mismatched_cache_width():
 def test_very_wide_rows_fit_shared_memory():
     """A 896-latent + 512-rope row (a per-layer allocation's widest layer) once asked Triton for
     242 KiB of shared memory on an H200 (limit 227 KiB); the plan now shrinks the row tile."""
-    from vllm_mha2mla.triton_decode import SHARED_MEMORY_BUDGET, shared_memory_bytes
+    from vllm_mha2mla.attention.triton_decode import SHARED_MEMORY_BUDGET, shared_memory_bytes
 
     assert shared_memory_bytes(16, 64, 1024, 512) == 245760  # Triton asked for 247808 bytes
     for latent, rope in [(896, 512), (2048, 512), (1536, 1024), (512, 512), (96, 96)]:

@@ -13,7 +13,7 @@ from conversion import ConvertOptions, convert
 from conversion.errors import ConversionError
 from conversion.validate import check_checkpoint
 from tests.helpers import TinySpec
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 LAYER0_KV_A = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
 

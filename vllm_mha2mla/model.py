@@ -4,7 +4,7 @@ Built the way vLLM's own ``llama.py`` and ``deepseek_v2.py`` are: parallel linea
 (heads split across tensor-parallel ranks, the latent projection replicated), fused
 residual RMSNorm, pipeline-parallel support and ``load_weights``. The attention computes
 compact projections, applies this checkpoint's per-kv-head partial RoPE, lays the result out
-as vLLM's ``[latent | k_pe]`` MLA inputs (see ``conversion.layout``), and calls vLLM's
+as vLLM's ``[latent | k_pe]`` MLA inputs (see ``conversion.mla_format.layout``), and calls vLLM's
 ``MLAAttention``, which owns the paged latent cache and the backends.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from itertools import islice
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,18 +38,19 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from conversion.layout import MLALayout
-from conversion.mla_config import MHA2MLASpec
-from conversion.reference_model import mla_inputs
-from vllm_mha2mla.compat import (
-    default_device,
+from conversion.errors import ConversionError
+from conversion.mla_format.inputs import mla_inputs
+from conversion.mla_format.layout import MLALayout
+from conversion.mla_format.spec import MHA2MLASpec
+from conversion.validate import check_checkpoint
+from vllm_mha2mla.backend_selection import (
     load_class,
     native_cache_sizes,
     plugin_backend_class_path,
     plugin_backend_wanted,
     plugin_prefill_kwargs,
-    require_per_layer_kv_cache,
 )
+from vllm_mha2mla.patches import require_per_layer_kv_cache
 
 logger = init_logger("vllm.mha2mla")  # under "vllm": vLLM's logging configuration prints it
 BACKEND_LOG = "MHA2MLA attention backend: %s, cache row %d values"
@@ -76,14 +78,15 @@ def select_attention_backend(layout: MLALayout, vllm_config: VllmConfig, per_lay
     return load_class(path)
 
 
+def default_device() -> torch.device:
+    """The device tensors are created on right now (vLLM builds models under a device
+    context manager, and buffers must live where the weights will)."""
+    return torch.empty(0).device
+
+
 def _check_checkpoint_folder(vllm_config: VllmConfig) -> None:
     """Refuses a checkpoint whose tensors disagree with its config before any weight loads, with
     the tensors or fields named (vLLM's loaders would fail later on an anonymous shape assertion)."""
-    from pathlib import Path
-
-    from conversion.errors import ConversionError
-    from conversion.validate import check_checkpoint
-
     folder = Path(vllm_config.model_config.model)
     if vllm_config.load_config.load_format == "dummy" or not (folder / "config.json").is_file():
         return
@@ -150,7 +153,7 @@ class MHA2MLAAttention(nn.Module):
         q, _ = self.q_proj(hidden_states)
         kv, _ = self.kv_a_proj_with_mqa(hidden_states)
         q, kv = mla_inputs(q, kv, positions, self.inv_freq_q, self.inv_freq_k, self.q_index, self.kv_index,
-                           lay.head_dim, lay.rope_dim, lay.latent_dim)
+                           lay.head_dim, lay.rope_dim, lay.latent_width)
         kv_c, k_pe = kv.split([lay.kv_lora_rank, lay.qk_rope_head_dim], dim=-1)
         out = self.mla_attn(q, kv_c.contiguous(), k_pe.unsqueeze(1),
                             output_shape=(hidden_states.shape[0], self.num_local_heads * lay.v_head_dim))

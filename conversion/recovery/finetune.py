@@ -103,7 +103,7 @@ def resolve_stage(opts: FinetuneOptions) -> str:
 
 def read_student_config(mla_dir: Path) -> dict:
     """The converted checkpoint's config, or a clear error if ``mla_dir`` is not one."""
-    from conversion.mla_config import MHA2MLASpec
+    from conversion.mla_format.spec import MHA2MLASpec
 
     config_path = Path(mla_dir) / "config.json"
     if not config_path.is_file():
@@ -207,7 +207,7 @@ def save_checkpoint(model: nn.Module, src_dir: Path, dst: Path, overwrite: bool,
                     recovery_section: dict) -> None:
     """Writes ``model`` in the converted checkpoint's format (its dtype, names, config,
     tokenizer) to ``dst`` atomically: a failure (disk full, Ctrl-C) leaves no ``dst``."""
-    from conversion.convert import DTYPES
+    from conversion.plan import DTYPES
 
     config = json.loads((src_dir / "config.json").read_text())
     dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from conversion.layout import MLALayout
+from conversion.mla_format.layout import MLALayout
 
 
 def kv_b_free_mask(layout: MLALayout) -> torch.Tensor:
     """Boolean ``[h·(qk_nope + v), kv_lora_rank]``: True where ``kv_b_proj`` holds ``W_up_k``
     or ``W_up_v`` entries, False on padding and identity rows."""
-    g, nd, d, c = layout.num_kv_heads, layout.nope_dim, layout.head_dim, layout.latent_dim
+    g, nd, d, c = layout.num_kv_heads, layout.nope_dim, layout.head_dim, layout.latent_width
     ones = layout.build_kv_b_proj(torch.ones(g * nd, c), torch.ones(g * d, c))
     fixed = layout.build_kv_b_proj(torch.zeros(g * nd, c), torch.zeros(g * d, c))
     return (ones - fixed) != 0

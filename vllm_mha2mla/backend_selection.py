@@ -1,0 +1,127 @@
+"""Which attention backend serves an MHA2MLA checkpoint, and the plugin's backends in vLLM's registry.
+
+vLLM's own MLA kernels serve the native shapes (:data:`NATIVE_HEAD_SIZES`; CPU: 576 only); the
+plugin's any-shape backend (``vllm_mha2mla.attention``) serves every other shape, per-layer
+widths, and whatever the user selects with ``--attention-backend CUSTOM``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from conversion.mla_format.layout import CPU_NATIVE_HEAD_SIZES, NATIVE_HEAD_SIZES
+from conversion.mla_format.spec import MHA2MLASpec
+from vllm_mha2mla import compat
+from vllm_mha2mla.attention.backend_name import BACKEND_NAME
+
+PREFILL_BACKEND_PATH = "vllm_mha2mla.attention.prefill.MHA2MLAPrefillBackend"
+CPU_PREFILL_BACKEND_PATH = "vllm_mha2mla.attention.prefill.MHA2MLACPUPrefillBackend"
+
+
+def native_cache_sizes() -> tuple[int, ...]:
+    """MLA head sizes the stock kernels of this platform accept (CPU backends: 576 only)."""
+    from vllm.platforms import current_platform
+
+    return CPU_NATIVE_HEAD_SIZES if current_platform.is_cpu() else NATIVE_HEAD_SIZES
+
+
+def plugin_backend_class_path() -> str | None:
+    """Dotted path of the plugin's any-shape MLA backend for this platform (None: none here)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return "vllm_mha2mla.attention.cpu_backend.MHA2MLACPUBackend"
+    if current_platform.is_cuda():
+        return "vllm_mha2mla.attention.gpu_backend.MHA2MLATritonBackend"
+    return None
+
+
+def _uses_plugin_prefill() -> bool:
+    """GPU: vLLM's MLA prefill kernels take three head shapes, so the plugin brings its own.
+    CPU: vLLM's SDPA prefill takes any shape (the plugin only makes it faster, see
+    :func:`plugin_prefill_kwargs`)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
+
+
+def _plugin_prefill_path() -> str | None:
+    """The plugin's prefill backend for this platform: the any-shape one on GPUs; on CPUs the
+    fused-flash variant of vLLM's SDPA prefill, where this vLLM has that backend."""
+    if _uses_plugin_prefill():
+        return PREFILL_BACKEND_PATH
+    return CPU_PREFILL_BACKEND_PATH if compat.cpu_sdpa_prefill_backend() is not None else None
+
+
+def register_attention_backend() -> None:
+    """Registers the plugin backend in vLLM's registry under ``CUSTOM`` (the slot both
+    0.26 and 0.32 have; 0.32 also takes free-form names), so ``--attention-backend CUSTOM``
+    selects it explicitly; on GPU also the prefill backend under the MLA prefill ``CUSTOM``."""
+    path = plugin_backend_class_path()
+    if path is None:
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, path)
+    if _uses_plugin_prefill():
+        from vllm.v1.attention.backends.mla.prefill.registry import (
+            MLAPrefillBackendEnum,
+            register_mla_prefill_backend,
+        )
+
+        register_mla_prefill_backend(MLAPrefillBackendEnum.CUSTOM, PREFILL_BACKEND_PATH)
+
+
+def plugin_prefill_kwargs(vllm_config) -> dict:
+    """Makes the next ``MLAAttention`` use the plugin's prefill backend; returns the extra
+    keyword arguments that takes.
+
+    vLLM 0.32 takes the class as ``MLAAttention(prefill_backend_cls=...)``; 0.26 picks the
+    prefill backend from ``attention_config.mla_prefill_backend``, so it is set to the
+    registered ``CUSTOM`` entry (the model's layers are all MHA2MLA layers).
+    """
+    path = _plugin_prefill_path()
+    if path is None:
+        return {}
+    if compat.mla_attention_takes_prefill_backend_cls():
+        return {"prefill_backend_cls": load_class(path)}
+    if not _uses_plugin_prefill():
+        return {}  # a CPU vLLM that picks prefill backends only from its registry: keep its own
+    register_attention_backend()  # this process may not have run the plugin hook yet
+    compat.choose_registered_prefill_backend(vllm_config)
+    return {}
+
+
+def requested_backend_name(vllm_config) -> str | None:
+    """The attention backend the user named (``--attention-backend``), if any."""
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    return None if backend is None else getattr(backend, "name", str(backend))
+
+
+def plugin_backend_wanted(layout, vllm_config, per_layer: bool = False) -> bool:
+    """Whether the plugin's backend serves this :class:`MLALayout`: vLLM's kernels on this
+    platform refuse its shape, the user asked for it (``--attention-backend CUSTOM``), or the
+    layers have different widths (one backend for all of them, whatever each one's shape)."""
+    native = layout.is_native and layout.cache_values in native_cache_sizes()
+    return per_layer or not native or requested_backend_name(vllm_config) == BACKEND_NAME
+
+
+def served_by_plugin_backend(vllm_config) -> bool:
+    """Whether the model ``vllm_config`` serves is an MHA2MLA checkpoint on the plugin's backend."""
+    spec = mha2mla_spec(vllm_config)
+    return spec is not None and plugin_backend_wanted(spec.layout, vllm_config, spec.per_layer)
+
+
+def mha2mla_spec(vllm_config) -> MHA2MLASpec | None:
+    """The :class:`MHA2MLASpec` of the model ``vllm_config`` serves; None when it is not an
+    MHA2MLA checkpoint (its config.json has no ``mha2mla`` section)."""
+    hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+    if hf_config is None or not hasattr(hf_config, "mha2mla"):
+        return None
+    return MHA2MLASpec.from_config(hf_config)
+
+
+def load_class(dotted: str) -> type:
+    """The class a dotted ``module.Class`` path names."""
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
