@@ -87,20 +87,27 @@ def test_answers_are_cut_at_the_line_and_tried_before_a_clause_end():
     assert records[1]["correct"] and not records[3]["correct"]
 
 
-SIZES = {"triviaqa": 7993, "nq_open": 3610, "lambada": 5153, "commonsense_qa": 1221, "social_iqa": 1954, "copa": 100}
+SIZES = {"triviaqa": 7993 - generative.FEWSHOT, "nq_open": 3610 - generative.FEWSHOT, "lambada": 5153,
+         "commonsense_qa": 1221, "social_iqa": 1954, "copa": 100}
 
 
-@pytest.mark.parametrize("name, prompt", [
-    ("triviaqa", "Question: Which Lloyd Webber musical premiered in the US on 10th December 1993??\nAnswer:"),
-    ("nq_open", "Answer these questions:\n\nQ: when was the last time anyone was on the moon?\nA:"),
+@pytest.mark.parametrize("name, first_shot, question_end", [
+    ("triviaqa", "Question: Which Lloyd Webber musical premiered in the US on 10th December 1993??\nAnswer: Sunset "
+                 "Boulevard\n\nQuestion:", "?\nAnswer:"),
+    ("nq_open", "Answer these questions:\n\nQ: when was the last time anyone was on the moon?\nA: 14 December 1972 "
+                "UTC\n\nQ:", "?\nA:"),
 ])
-def test_generative_tasks_parse_and_score_the_gold_answer(tok, eval_cache, name, prompt):
-    """Every validation item becomes one greedy request; the gold answer (its first alias that
-    the stop rule leaves whole) scores 1, another item's answer 0."""
+def test_generative_tasks_parse_and_score_the_gold_answer(tok, eval_cache, name, first_shot, question_end):
+    """Every validation item but the five examples becomes one greedy request after the same five solved
+    examples; the gold answer (its first alias that the stop rule leaves whole) scores 1, another item's 0."""
     prepared = resolve_tasks(name)[0].prepare(tok, Settings(cache_dir=eval_cache))
     assert len(prepared.requests) == SIZES[name]
     assert all(isinstance(r, Generate) and r.max_tokens == generative.MAX_TOKENS for r in prepared.requests)
-    assert tok.decode(prepared.requests[0].token_ids) == prompt
+    first, second = (tok.decode(r.token_ids) for r in prepared.requests[:2])
+    assert first.startswith(first_shot) and first.endswith(question_end)
+    assert first.count("\n\n") == generative.FEWSHOT + (name == "nq_open")  # the examples, then the question
+    shots = first[: first.rindex("\n\n") + 2]
+    assert second.startswith(shots) and second[len(shots):] != first[len(shots):]
     _, records = prepared.score([tok.encode(" x")] * len(prepared.requests))
     golds = [r["gold"] for r in records]
     whole = [next((a for a in g if "\n" not in a), None) for g in golds]

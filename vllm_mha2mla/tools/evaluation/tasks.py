@@ -159,20 +159,24 @@ def _lambada_prepare(tok: Tokenizer, settings: Settings) -> Prepared:
 
 
 def _qa_prepare(folder: str, fmt: Callable[[dict], generative.QAItem]):
-    """Greedy answers of at most ``generative.MAX_TOKENS`` tokens, scored by exact match."""
+    """Greedy answers of at most ``generative.MAX_TOKENS`` tokens after ``generative.FEWSHOT``
+    solved examples (the split's first items, not scored), scored by exact match."""
     def prepare(tok: Tokenizer, settings: Settings) -> Prepared:
-        items = _limit([fmt(row) for row in read_split(folder, settings.cache_dir)], settings)
+        every = [fmt(row) for row in read_split(folder, settings.cache_dir)]
+        shots, items = every[:generative.FEWSHOT], _limit(every[generative.FEWSHOT:], settings)
+        prompts = [generative.fewshot_prompt(shots, item) for item in items]
         budget = settings.max_model_len - generative.MAX_TOKENS
-        tok.warm([item.prompt for item in items])
-        requests: list[Request] = [Generate(tuple(tok.encode(item.prompt)[-budget:]), generative.MAX_TOKENS)
-                                   for item in items]
+        tok.warm(prompts)
+        requests: list[Request] = [Generate(tuple(tok.encode(prompt)[-budget:]), generative.MAX_TOKENS)
+                                   for prompt in prompts]
         tok.forget()
 
         def score(results: list[Result]) -> tuple[dict, list[dict]]:
             return generative.score_items(items, [tok.decode(ids) for ids in results])
 
-        return Prepared(requests, score, [f"greedy, at most {generative.MAX_TOKENS} tokens, cut at the line end "
-                                          "or a clause-ending . or ,; SQuAD-normalised exact match"])
+        return Prepared(requests, score, [f"{generative.FEWSHOT}-shot (the split's first items, not scored), greedy, "
+                                          f"at most {generative.MAX_TOKENS} tokens, cut at the line end or a "
+                                          "clause-ending . or ,; SQuAD-normalised exact match"])
 
     return prepare
 
