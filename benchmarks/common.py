@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from conversion.default_model import ensure_default_model
+from conversion.recovery.corpus import load_default_corpus
 from vllm_mha2mla.bench.folders import mla_config_for, write_config_only
 from vllm_mha2mla.bench.shapes import llama_config
 
@@ -148,7 +150,7 @@ def decode_call(kernel: str, latent: int, q, cache, table, lens, context: int):
     ``plugin`` (the plugin's Triton kernel with its own plan) or ``flashmla`` (vLLM's
     ``flash_mla_with_kvcache``, 576-value rows only)."""
     if kernel == "plugin":
-        from vllm_mha2mla.triton_decode import mla_paged_decode
+        from vllm_mha2mla.triton_decode import mla_paged_decode  # here: Triton only for the kernel scripts
 
         return lambda: mla_paged_decode(q, cache, table, lens, DECODE_SCALE, latent, context)
     if kernel == "flashmla":
@@ -178,8 +180,6 @@ def window_perplexity(model, windows: torch.Tensor) -> float:
 
 def held_out_windows(tokenizer, tokens: int, seq_len: int = 512) -> torch.Tensor:
     """The default corpus's held-out documents, EOS-separated, as ``tokens // seq_len`` windows."""
-    from conversion.recovery.corpus import load_default_corpus
-
     ids: list[int] = []
     for doc in load_default_corpus().held_out:
         ids += tokenizer(doc, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -193,8 +193,6 @@ def study_setup(out: Path):
     """What every study of the default model starts with: its output folder, the 2 cores' threads,
     the model folder and its tokenizer."""
     from transformers import AutoTokenizer
-
-    from conversion.default_model import ensure_default_model
 
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)

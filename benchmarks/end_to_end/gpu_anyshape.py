@@ -34,6 +34,8 @@ import torch
 from benchmarks.common import (PARITY_CASES, cli_args, held_out_prompts, llama_config, mla_config_for, random_prompts,
                                save_random_llama, score_runs, write_config_only)
 from conversion import ConvertOptions, convert, load_reference
+from conversion.default_model import _dequantize_to_folder
+from conversion.text_data import shared_text_path, split_text
 from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
 
 LLAMA2_7B = dict(hidden=4096, heads=32, kv_heads=32, head_dim=128, vocab=32000, intermediate=11008)
@@ -121,9 +123,6 @@ def smollm2(out_file: Path, gguf: Path) -> dict:
     converted as the demo does (2-norm, aw-joint, exact layout: 192 values), on the plugin
     backend, teacher-forced against the float32 reference on held-out text."""
     from transformers import AutoTokenizer
-
-    from conversion.default_model import _dequantize_to_folder
-    from conversion.text_data import shared_text_path, split_text
 
     tmp = Path(tempfile.mkdtemp())
     src = tmp / "smollm2_src"

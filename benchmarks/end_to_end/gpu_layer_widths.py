@@ -37,6 +37,7 @@ from benchmarks.common import (cli_args, llama_config, mla_config_for, random_pr
                                write_config_only)
 from conversion import ConvertOptions, convert, load_reference
 from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+from vllm_mha2mla.triton_decode import DecodeLaunch, mla_paged_decode, plan_launch, shared_memory_bytes
 
 PARITY_LLAMA = llama_config(1024, 16, 4, 64, 6, 4096, 2816)
 PARITY_WIDTHS = [32, 160, 96, 48, 128, 64]  # latent per layer (4 kv-heads × rope_dim 16 = 64 rope values)
@@ -131,8 +132,6 @@ def kernels(out_file: Path, batch: int = 256, heads: int = 32, rope: int = 512, 
 
     import triton
 
-    from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch
-
     page = 16
     pages_per_seq = seq_len // page
     table = torch.arange(batch * pages_per_seq, device="cuda", dtype=torch.int32).view(batch, pages_per_seq)
@@ -169,8 +168,6 @@ def sweep(out_file: Path, heads: int = 32, rope: int = 512) -> dict:
     """Launch configurations of the decode kernel for latents wider than 512 (1024-wide tiles),
     where the default plan reads at half the bandwidth of narrower rows (``kernels``)."""
     import triton
-
-    from vllm_mha2mla.triton_decode import DecodeLaunch, mla_paged_decode, shared_memory_bytes
 
     page, sms = 16, torch.cuda.get_device_properties(0).multi_processor_count
     results: dict = {"heads": heads, "rope": rope, "cases": []}

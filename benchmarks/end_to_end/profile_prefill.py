@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import cli_args
+from vllm_mha2mla.bench.folders import prepare_original, prepare_variant
+from vllm_mha2mla.bench.shapes import parse_variant
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = "benchmarks.end_to_end.profile_prefill"  # each variant runs this module in a process of its own
@@ -66,10 +68,7 @@ def run(out_dir: Path, spec: str) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     import torch
-    from vllm import LLM, SamplingParams
-
-    from vllm_mha2mla.bench.folders import prepare_original, prepare_variant
-    from vllm_mha2mla.bench.shapes import parse_variant
+    from vllm import LLM, SamplingParams  # after the environment above, which vLLM reads at import
 
     work = out_dir / "models"
     original = prepare_original(SHAPE, work, MAX_MODEL_LEN)

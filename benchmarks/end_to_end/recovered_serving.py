@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import teacher_forced
+from conversion.reference_model import load_reference
 from conversion.recovery.corpus import HOTPOTQA, ensure_default_corpus, load_default_corpus
 from conversion.recovery.data import default_training_data, text_windows
 from vllm_mha2mla.demo import DEFAULT_PROMPTS, _chat_prompts, agreement, perplexity
@@ -52,8 +53,6 @@ def corpus_questions(count: int) -> list[str]:
 
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from conversion.reference_model import load_reference
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")

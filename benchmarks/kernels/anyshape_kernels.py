@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import cli_args
+from conversion.layout import plan_exact_layout
+from vllm_mha2mla.paged_attention import paged_latent_decode
+from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch
 
 SHAPES = {"576": (512, 64), "1024_llama2_paper": (512, 512), "192_smollm2_demo": (96, 96)}
 
@@ -49,9 +52,6 @@ def _paged_inputs(batch, heads, latent, rope, seq_len, page, dtype, seed=0):
 
 
 def _kernel_correctness() -> dict:
-    from vllm_mha2mla.paged_attention import paged_latent_decode
-    from vllm_mha2mla.triton_decode import mla_paged_decode
-
     out: dict = {}
     for name, (latent, rope) in SHAPES.items():
         for heads, batch, seq_len in ((32, 8, 777), (9, 3, 2100), (64, 2, 40), (32, 128, 3000), (9, 120, 900)):
@@ -111,8 +111,7 @@ def kernel_check(out_file: Path) -> dict:
 def _prefill_correctness() -> dict:
     from types import SimpleNamespace
 
-    from conversion.layout import plan_exact_layout
-    from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, varlen_attention_reference
+    from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, varlen_attention_reference  # imports vLLM: kernelcheck runs without
 
     layout = plan_exact_layout(32, 32, 128, 16, 16)
     hf = SimpleNamespace(mha2mla={"format_version": 1, "layout": layout.to_dict(), "rope_pairs": [],
@@ -156,8 +155,6 @@ def _prefill_correctness() -> dict:
 def _decode_timings() -> dict:
     """Decode attention alone (one layer), ms per call (median, L2 flushed by do_bench)."""
     from triton.testing import do_bench
-
-    from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch
 
     results: dict = {}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -217,8 +214,6 @@ def _vllm_decode_timings(q, cache, table, lens, latent, seq_len, sms) -> dict:
 
 def _tile_sweep() -> dict:
     from triton.testing import do_bench
-
-    from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out: dict = {}

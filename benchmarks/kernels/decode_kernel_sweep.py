@@ -37,7 +37,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import DECODE_SCALE, PAGE, cli_args, decode_call, paged_inputs
-from vllm_mha2mla.triton_decode import SHARED_MEMORY_BUDGET, mla_paged_decode, plan_launch, shared_memory_bytes
+from vllm_mha2mla.paged_attention import paged_latent_decode
+from vllm_mha2mla.triton_decode import (SHARED_MEMORY_BUDGET, balanced_launch, mla_paged_decode, plan_launch,
+                                        shared_memory_bytes)
 
 # (name, latent, rope, heads, batch, context): the engine runs' decode phases
 SHAPES = [
@@ -113,8 +115,6 @@ def _timed(run, want, key: str = "max_abs_diff_vs_torch") -> dict:
 def _reference(q, cache, table, lens, latent, scale=1.0, requests=4):
     """float32 PyTorch decode of the first ``requests`` (scale 0.07), over their own pages only,
     each multiplied by ``scale`` (an fp8 cache's ``k_scale``)."""
-    from vllm_mha2mla.paged_attention import paged_latent_decode
-
     pages = table[:requests].flatten().long()
     own = torch.arange(pages.numel(), device=q.device, dtype=torch.int32).view(requests, -1)
     return paged_latent_decode(q[:requests].float(), cache[pages].float() * scale, own, lens[:requests], 0.07, latent)
@@ -269,8 +269,6 @@ def balanced(out_file: Path) -> None:
 def crossover(out_file: Path) -> None:
     """The fixed splits against the balanced kernel (forced) over batch sizes at 8.7K tokens: where
     the balanced kernel starts to pay."""
-    from vllm_mha2mla.triton_decode import balanced_launch
-
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     results = {"device": torch.cuda.get_device_name(0), "sms": sms, "page": PAGE, "rows": []}
     for latent, rope in ((512, 64), (512, 512), (384, 128)):

@@ -36,9 +36,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import PAGE, cli_args, paged_inputs
+from vllm_mha2mla import triton_decode
+from vllm_mha2mla.paged_attention import paged_latent_decode
+from vllm_mha2mla.triton_decode import (SHARED_MEMORY_BUDGET, device_shared_memory, latent_blocks, mla_paged_decode,
+                                        plan_launch, shared_memory_bytes)
 
-
-BLOCK_CASES = [  # (latent, rope, batch, seq_len): the throughput pattern's widths, and the 8K/1K engines' shapes
+BLOCK_CASES = [  # (latent, rope, batch, seq_len): gpu_layer_widths' per-layer pattern widths, two 8K/1K engine rows
     *[(w, 512, 256, 768) for w in (128, 384, 448, 512, 640, 896)],
     (384, 128, 348, 8704),  # Llama-3-8B cut75 (8 kv-heads × 16 rope), 8K/1K decode batch
     (512, 64, 310, 8704),  # the native 576 row, for reference (one block either way)
@@ -77,8 +80,6 @@ plan's 16-head groups read the cache slowly in the engine, and at a 1K/256 batch
 def _wide_variants(plan, padded) -> list:
     """A latent past 512 as three exact blocks or two 512 blocks (the last padded), over head
     groups, row tiles, warps and pipeline depth."""
-    from vllm_mha2mla.triton_decode import latent_blocks
-
     return _tile_grid(plan, (plan.latent_blocks, latent_blocks(plan.block_c, max_blocks=2)), stages=(1, 2))
 
 
@@ -101,10 +102,6 @@ def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=
     from dataclasses import replace
 
     import triton
-
-    from vllm_mha2mla.paged_attention import paged_latent_decode
-    from vllm_mha2mla.triton_decode import (SHARED_MEMORY_BUDGET, latent_blocks, mla_paged_decode, plan_launch,
-                                            shared_memory_bytes)
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     results: dict = {"device": torch.cuda.get_device_name(0), "heads": heads, "page": PAGE, "cases": []}
@@ -170,10 +167,6 @@ def fit(out_file: Path, heads: int = 32, batch: int = 64, seq_len: int = 2048) -
     """Every FIT_CASES row with a bf16 and an fp8 cache: the plan for this GPU's shared memory
     must launch (Triton raises OutOfResources past the limit) and agree with float32 PyTorch, or
     be refused by ``plan_launch`` before any launch."""
-    from vllm_mha2mla import triton_decode
-    from vllm_mha2mla.paged_attention import paged_latent_decode
-    from vllm_mha2mla.triton_decode import device_shared_memory, mla_paged_decode, plan_launch, shared_memory_bytes
-
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     budget = device_shared_memory(0)
     results: dict = {"device": torch.cuda.get_device_name(0), "shared_memory_budget": budget, "cases": []}

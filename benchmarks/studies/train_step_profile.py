@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from benchmarks.common import mla_config_for
+from conversion.reference_model import MHA2MLAForCausalLM, load_reference
 from conversion.recovery.global_stage import H100_BF16_DENSE_FLOPS, training_flops_per_token
 from conversion.recovery.losses import fused_distillation_loss
 
@@ -77,8 +78,6 @@ def random_models(config_dir: Path, rope_dim: int, d_kv: int):
     """Student (exact-layout MHA2MLA of the config) and teacher with random weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from conversion.reference_model import MHA2MLAForCausalLM
-
     teacher = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(config_dir)), attn_implementation="sdpa")
     mla = Path(tempfile.mkdtemp()) / "mla"
     mla.mkdir()
@@ -89,8 +88,6 @@ def random_models(config_dir: Path, rope_dim: int, d_kv: int):
 
 def real_models(mla_dir: Path, teacher_dir: Path):
     from transformers import AutoModelForCausalLM
-
-    from conversion.reference_model import load_reference
 
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32, attn_implementation="sdpa")
     return load_reference(mla_dir), teacher
