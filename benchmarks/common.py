@@ -2,7 +2,7 @@
 
 - Synthetic checkpoints for GPU hosts without data or hub: random-weight Llama folders
   (:func:`save_random_llama`) and config-only folders for dummy-weight engines (re-exported from the
-  package's own benchmark code, ``vllm_mha2mla.bench``).
+  package's own benchmark code, ``vllm_mha2mla.tools.bench``).
 - Parity of an engine's tokens with a PyTorch model, teacher-forced (:func:`teacher_forced`,
   :func:`score_runs`), on random prompts (:func:`random_prompts`), the shared random-weight cases
   (:data:`PARITY_CASES`) or held-out text (:func:`held_out_prompts`).
@@ -23,8 +23,8 @@ import torch
 
 from conversion.default_model import ensure_default_model
 from conversion.recovery.corpus import load_default_corpus
-from vllm_mha2mla.bench.folders import mla_config_for, write_config_only
-from vllm_mha2mla.bench.shapes import llama_config
+from vllm_mha2mla.tools.bench.folders import mla_config_for, write_config_only
+from vllm_mha2mla.tools.bench.shapes import llama_config
 
 __all__ = [
     "DECODE_SCALE", "PAGE", "PARITY_CASES", "cli_args", "decode_call", "held_out_prompts", "held_out_windows",
@@ -150,7 +150,7 @@ def decode_call(kernel: str, latent: int, q, cache, table, lens, context: int):
     ``plugin`` (the plugin's Triton kernel with its own plan) or ``flashmla`` (vLLM's
     ``flash_mla_with_kvcache``, 576-value rows only)."""
     if kernel == "plugin":
-        from vllm_mha2mla.triton_decode import mla_paged_decode  # here: Triton only for the kernel scripts
+        from vllm_mha2mla.attention.triton_decode import mla_paged_decode  # here: Triton only for the kernel scripts
 
         return lambda: mla_paged_decode(q, cache, table, lens, DECODE_SCALE, latent, context)
     if kernel == "flashmla":

@@ -19,7 +19,7 @@ import torch
 from benchmarks.common import cli_args, held_out_prompts, score_runs
 from conversion import load_reference
 from conversion.text_data import shared_text_path, split_text
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 
 @torch.no_grad()

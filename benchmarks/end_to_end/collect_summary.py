@@ -3,7 +3,7 @@
 Each run folder keeps the summary its own run wrote; this gathers them, oldest first, with each
 row's ``run`` set to its folder, so one table and one set of plots show the whole matrix while
 every ratio still compares a conversion with the MHA original of its own run (same machine, same
-lease: ``vllm_mha2mla.bench.summary.with_ratios``). The plots draw the latest run's point where
+lease: ``vllm_mha2mla.tools.bench.summary.with_ratios``). The plots draw the latest run's point where
 several runs measured the same row.
 
 Usage: python -m benchmarks.end_to_end.collect_summary [RESULTS_DIR]   (writes summary.json, summary.md, plots there)
@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 from benchmarks.common import cli_args
-from vllm_mha2mla.bench.run import write_report
-from vllm_mha2mla.bench.summary import load_summary
+from vllm_mha2mla.tools.bench.run import write_report
+from vllm_mha2mla.tools.bench.summary import load_summary
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 

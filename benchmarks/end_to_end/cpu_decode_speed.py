@@ -56,7 +56,7 @@ def _worker(conn, model: str, engine_kwargs: dict, env: dict) -> None:
     try:
         from vllm import LLM, SamplingParams
 
-        from vllm_mha2mla.runner import backend_names
+        from vllm_mha2mla.tools.runner import backend_names
 
         t0 = time.perf_counter()
         llm = LLM(model=model, **engine_kwargs)

@@ -21,9 +21,9 @@ import torch
 
 from benchmarks.common import cli_args
 from conversion import load_reference
-from vllm_mha2mla.evaluation import reference
-from vllm_mha2mla.evaluation.evaluate import EvalOptions, evaluate, parse_models
-from vllm_mha2mla.evaluation.tasks import Settings, Tokenizer, resolve_tasks
+from vllm_mha2mla.tools.evaluation import reference
+from vllm_mha2mla.tools.evaluation.evaluate import EvalOptions, evaluate, parse_models
+from vllm_mha2mla.tools.evaluation.tasks import Settings, Tokenizer, resolve_tasks
 
 TASKS = "arc_easy,wikipedia,passkey"
 OPTIONS = EvalOptions(tasks=TASKS, limit=100, dtype="float32", lengths=(512, 1024), per_cell=10, max_model_len=1024)

@@ -36,7 +36,7 @@ from benchmarks.common import (PARITY_CASES, cli_args, held_out_prompts, llama_c
 from conversion import ConvertOptions, convert, load_reference
 from conversion.default_model import _dequantize_to_folder
 from conversion.text_data import shared_text_path, split_text
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 LLAMA2_7B = dict(hidden=4096, heads=32, kv_heads=32, head_dim=128, vocab=32000, intermediate=11008)
 

@@ -36,8 +36,9 @@ import torch
 from benchmarks.common import (cli_args, llama_config, mla_config_for, random_prompts, save_random_llama, score_runs,
                                write_config_only)
 from conversion import ConvertOptions, convert, load_reference
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
-from vllm_mha2mla.triton_decode import DecodeLaunch, mla_paged_decode, plan_launch, shared_memory_bytes
+from vllm_mha2mla.attention.triton_decode import (DecodeLaunch, mla_paged_decode, plan_launch,
+                                                  shared_memory_bytes)
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 PARITY_LLAMA = llama_config(1024, 16, 4, 64, 6, 4096, 2816)
 PARITY_WIDTHS = [32, 160, 96, 48, 128, 64]  # latent per layer (4 kv-heads × rope_dim 16 = 64 rope values)

@@ -29,7 +29,7 @@ import torch
 from benchmarks.common import (PARITY_CASES, cli_args, llama_config, mla_config_for, random_prompts,
                                save_random_llama, score_runs, write_config_only)
 from conversion import ConvertOptions, convert, load_reference
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 PARITY_BACKENDS = {"gqa_d128": [None, "FLASHMLA", "FLASH_ATTN_MLA", "TRITON_MLA"]}
 

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import cli_args
-from vllm_mha2mla.bench.folders import prepare_original, prepare_variant
-from vllm_mha2mla.bench.shapes import parse_variant
+from vllm_mha2mla.tools.bench.folders import prepare_original, prepare_variant
+from vllm_mha2mla.tools.bench.shapes import parse_variant
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = "benchmarks.end_to_end.profile_prefill"  # each variant runs this module in a process of its own

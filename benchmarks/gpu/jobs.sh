@@ -118,7 +118,7 @@ case $MODE in
     left=$(( ${BENCH_SECONDS:-540} - SECONDS ))
     (( left > 0 )) || left=1  # `timeout 0` would mean no bound at all
     rc=0
-    timeout -k 20 "$left" python3 -m vllm_mha2mla.cli bench --output /root/bench "$@" 2>&1 | tail -80 || rc=${PIPESTATUS[0]}
+    timeout -k 20 "$left" python3 -m vllm_mha2mla.tools.cli bench --output /root/bench "$@" 2>&1 | tail -80 || rc=${PIPESTATUS[0]}
     if (( rc == 124 || rc == 137 )); then  # say so: the rows that did finish still come back
       echo "bench: stopped at BENCH_SECONDS=${BENCH_SECONDS:-540}; summary.json holds every finished run and serving rate, not the one in progress" >&2
     elif (( rc != 0 )); then

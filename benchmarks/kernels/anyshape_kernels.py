@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import cli_args
-from conversion.layout import plan_exact_layout
-from vllm_mha2mla.paged_attention import paged_latent_decode
-from vllm_mha2mla.triton_decode import mla_paged_decode, plan_launch
+from conversion.mla_format.layout import plan_exact_layout
+from vllm_mha2mla.attention.paged_attention import paged_latent_decode
+from vllm_mha2mla.attention.triton_decode import mla_paged_decode, plan_launch
 
 SHAPES = {"576": (512, 64), "1024_llama2_paper": (512, 512), "192_smollm2_demo": (96, 96)}
 
@@ -111,7 +111,7 @@ def kernel_check(out_file: Path) -> dict:
 def _prefill_correctness() -> dict:
     from types import SimpleNamespace
 
-    from vllm_mha2mla.prefill import MHA2MLAPrefillBackend, varlen_attention_reference  # imports vLLM: kernelcheck runs without
+    from vllm_mha2mla.attention.prefill import MHA2MLAPrefillBackend, varlen_attention_reference  # imports vLLM: kernelcheck runs without
 
     layout = plan_exact_layout(32, 32, 128, 16, 16)
     hf = SimpleNamespace(mha2mla={"format_version": 1, "layout": layout.to_dict(), "rope_pairs": [],

@@ -1,6 +1,6 @@
 """What Triton makes of a decode launch for an H100, on a machine without a GPU.
 
-Compiles the plugin's split decode kernel, or its balanced one (``vllm_mha2mla/triton_decode.py``), for sm_90 with the same
+Compiles the plugin's split decode kernel, or its balanced one (``vllm_mha2mla/attention/triton_decode.py``), for sm_90 with the same
 compile-time arguments and the same 16-divisibility of pointers and strides that a real launch
 specializes on, then reports per launch: shared memory, registers and spilled bytes (ptxas), which
 matrix instruction Triton chose (``mma.sync`` = MMA v2; Hopper's ``wgmma`` = v3, needing M ≥ 64), and
@@ -36,8 +36,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vllm_mha2mla import triton_decode
-from vllm_mha2mla.triton_decode import DecodeLaunch, plan_launch, split_kernel_constants
+from vllm_mha2mla.attention import triton_decode
+from vllm_mha2mla.attention.triton_decode import DecodeLaunch, plan_launch, split_kernel_constants
 
 H100_SMS = 132
 PAGE = 16  # vLLM's block size for the plugin's backend

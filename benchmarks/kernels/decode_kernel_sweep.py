@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import DECODE_SCALE, PAGE, cli_args, decode_call, paged_inputs
-from vllm_mha2mla.paged_attention import paged_latent_decode
-from vllm_mha2mla.triton_decode import (SHARED_MEMORY_BUDGET, balanced_launch, mla_paged_decode, plan_launch,
-                                        shared_memory_bytes)
+from vllm_mha2mla.attention.paged_attention import paged_latent_decode
+from vllm_mha2mla.attention.triton_decode import (SHARED_MEMORY_BUDGET, balanced_launch, mla_paged_decode,
+                                                  plan_launch, shared_memory_bytes)
 
 # (name, latent, rope, heads, batch, context): the engine runs' decode phases
 SHAPES = [

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import PAGE, cli_args, paged_inputs
-from vllm_mha2mla import triton_decode
-from vllm_mha2mla.paged_attention import paged_latent_decode
-from vllm_mha2mla.triton_decode import (SHARED_MEMORY_BUDGET, device_shared_memory, latent_blocks, mla_paged_decode,
-                                        plan_launch, shared_memory_bytes)
+from vllm_mha2mla.attention import triton_decode
+from vllm_mha2mla.attention.paged_attention import paged_latent_decode
+from vllm_mha2mla.attention.triton_decode import (SHARED_MEMORY_BUDGET, device_shared_memory, latent_blocks,
+                                                  mla_paged_decode, plan_launch, shared_memory_bytes)
 
 BLOCK_CASES = [  # (latent, rope, batch, seq_len): gpu_layer_widths' per-layer pattern widths, two 8K/1K engine rows
     *[(w, 512, 256, 768) for w in (128, 384, 448, 512, 640, 896)],

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import cli_args
-from conversion.layout import plan_exact_layout, plan_native_layout
-from vllm_mha2mla.head_compaction import compact_heads, compact_keys, head_compaction, pad_last, round_up
+from conversion.mla_format.layout import plan_exact_layout, plan_native_layout
+from vllm_mha2mla.attention.head_compaction import (compact_heads, compact_keys, head_compaction, pad_last,
+                                                    round_up)
 
 SHAPES = {  # name: layout of the engines' Llama-2-7B rows
     "native_576": lambda: plan_native_layout(32, 32, 128, 2, 16, 576),

@@ -14,7 +14,7 @@ On the lent GPU (vLLM staged as for ``benchmarks/gpu/jobs.sh bench``; the plugin
   bash benchmarks/gpu/jobs.sh script benchmarks.kernels.profile_decode profile $OUT/ncu
 Elsewhere: python -m benchmarks.kernels.profile_decode profile OUT_DIR [CASE ...]
 
-KERNEL is ``plugin`` (``vllm_mha2mla.triton_decode.mla_paged_decode`` with its own plan) or ``flashmla``
+KERNEL is ``plugin`` (``vllm_mha2mla.attention.triton_decode.mla_paged_decode`` with its own plan) or ``flashmla``
 (vLLM's ``flash_mla_with_kvcache``, 576-value rows only). Pages of 64 tokens in random order (FlashMLA's
 block size; the plugin takes any multiple of 16), each request 90–100% of CONTEXT, bf16. The clocks are
 left alone (``--clock-control none``): the device library asks it, and the engines run unlocked too.

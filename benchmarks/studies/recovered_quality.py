@@ -26,12 +26,13 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from benchmarks.common import cli_args
-from conversion.convert import ConvertOptions, convert
+from conversion.convert import convert
 from conversion.default_model import ensure_default_model
+from conversion.plan import ConvertOptions
 from conversion.recovery.corpus import load_default_corpus
 from conversion.recovery.data import default_training_data, text_windows
-from vllm_mha2mla.demo import DEFAULT_PROMPTS, _chat_prompts, agreement, perplexity
-from vllm_mha2mla.runner import EngineRequest, run_engine_in_subprocess
+from vllm_mha2mla.tools.demo import DEFAULT_PROMPTS, _chat_prompts, agreement, perplexity
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 SEQ_LEN = 512
 TOKENS = 16384

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from benchmarks.common import mla_config_for
-from conversion.reference_model import MHA2MLAForCausalLM, load_reference
 from conversion.recovery.global_stage import H100_BF16_DENSE_FLOPS, training_flops_per_token
 from conversion.recovery.losses import fused_distillation_loss
+from conversion.reference_model import MHA2MLAForCausalLM, load_reference
 
 
 def checkpointed_distillation_loss(h_s, w_s, h_t, w_t, chunk_tokens: int = 4096):
