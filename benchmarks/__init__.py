@@ -1,0 +1,1 @@
+"""Scripts that produce the committed results under ``benchmarks/results/`` (index: ``benchmarks/README.md``)."""

@@ -2,7 +2,7 @@
 
 Runs without a GPU: ``TRITON_INTERPRET=1`` executes the kernels in NumPy, which checks the
 indexing, masking, split merging and fp8-scale paths exactly; speed is measured on the GPU by
-``benchmarks/gpu_anyshape.py``.
+``benchmarks.kernels.anyshape_kernels`` and ``benchmarks.kernels.decode_kernel_sweep``.
 """
 
 import os
@@ -339,7 +339,7 @@ def test_plans_compile_for_an_h100_within_its_shared_memory(latent, rope, fp8, b
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [str(latent), str(rope), "--batch", str(batch), *(["--fp8"] if fp8 else [])]
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "compile_sm90.py"), *args],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.kernels.compile_sm90", *args],
                           capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads(done.stdout.strip().splitlines()[-1])

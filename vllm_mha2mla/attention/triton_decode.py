@@ -573,7 +573,7 @@ def _mla_decode_merge_kernel(
 def split_kernel_constants(plan: DecodeLaunch, latent: int, rope: int, page: int, scaled_cache: bool,
                            fp8_cache: bool) -> dict:
     """The split kernel's compile-time arguments for a launch: what ``mla_paged_decode`` passes, and
-    what a compile without a GPU needs to reproduce the same kernel (``benchmarks/compile_sm90.py``)."""
+    what a compile without a GPU needs to reproduce the same kernel (``benchmarks/kernels/compile_sm90.py``)."""
     blocks = plan.latent_blocks + (16,) * (MAX_LATENT_BLOCKS - len(plan.latent_blocks))  # placeholders
     return dict(LATENT=latent, ROPE=rope, NUM_BLOCKS=len(plan.latent_blocks), C0=blocks[0], C1=blocks[1],
                 C2=blocks[2], BLOCK_R=plan.block_r, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n, PAGE=page,

@@ -7,7 +7,7 @@ serving row per (device, shape, variant, KV dtype, workload, request rate). New 
 the rows they measure again and keep the others, so a matrix can grow over several sessions
 and machines. Ratios are computed here, only between rows of the same device, shape, KV dtype
 and workload — never across runs of different hardware. Rows collected from several runs carry
-``run`` (where they were measured, see ``benchmarks/collect_summary.py``): then each keeps its
+``run`` (where they were measured, see ``benchmarks/end_to_end/collect_summary.py``): then each keeps its
 own row and its ratios come from its own run's original only.
 """
 

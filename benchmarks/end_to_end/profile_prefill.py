@@ -1,6 +1,7 @@
 """Prefill alone in a real vLLM engine, per attention backend: prompt tokens/s and where the GPU time
-goes (issue 11: in the 8K/1K runs the plugin's backend prefilled at ~0.8× FLASH_ATTN_MLA's rate,
-`results/h100-bench-11/`).
+goes (attention, GEMMs, gather/copy/pad, torch.compile's fused kernels). Why: at 8K in / 1K out every
+output token brings 8 prompt tokens, so prefill bounds the long-context rows end to end; this tells
+whether the plugin's backend prefills as fast as FLASH_ATTN_MLA, and if not, which kernels cost it.
 
   OUT_DIR VARIANT [VARIANT ...]   each variant of the Llama-2-7B shape (``mha2mla bench``'s names:
                                   native, native@CUSTOM, r16-d16, mha …) in a process of its own,
@@ -14,7 +15,9 @@ kernels. Random 8,192-token prompts, one output token each: a warm-up of 8 promp
 (prompt tokens/s), then 4 under the torch profiler — kernels summed by name (self CUDA time) and by
 kind (FlashAttention, GEMMs, gather/copy/pad, the rest).
 
-On the lent GPU: bash benchmarks/gpu_recovery.sh script benchmarks/profile_prefill.py $OUT/prefill native native@CUSTOM
+Usage (GPU, vLLM importable): python -m benchmarks.end_to_end.profile_prefill OUT_DIR VARIANT [VARIANT ...]
+On the lent GPU: bash benchmarks/gpu/jobs.sh script benchmarks.end_to_end.profile_prefill $OUT/prefill native native@CUSTOM
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import cli_args
+from vllm_mha2mla.tools.bench.folders import prepare_original, prepare_variant
+from vllm_mha2mla.tools.bench.shapes import parse_variant
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = "benchmarks.end_to_end.profile_prefill"  # each variant runs this module in a process of its own
 
 SHAPE = "llama2-7b"
 PROMPT_TOKENS = 8192
@@ -60,10 +68,7 @@ def run(out_dir: Path, spec: str) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     import torch
-    from vllm import LLM, SamplingParams
-
-    from vllm_mha2mla.tools.bench.folders import prepare_original, prepare_variant
-    from vllm_mha2mla.tools.bench.shapes import parse_variant
+    from vllm import LLM, SamplingParams  # after the environment above, which vLLM reads at import
 
     work = out_dir / "models"
     original = prepare_original(SHAPE, work, MAX_MODEL_LEN)
@@ -123,8 +128,8 @@ def main(out_dir: Path, specs: list[str]) -> None:
         log = out_dir / f"prefill_{spec.replace('@', '-')}.log"
         out_dir.mkdir(parents=True, exist_ok=True)
         with log.open("w") as handle:
-            code = subprocess.run([sys.executable, __file__, "run", str(out_dir), spec], stdout=handle,
-                                  stderr=subprocess.STDOUT).returncode
+            code = subprocess.run([sys.executable, "-m", MODULE, "run", str(out_dir), spec], stdout=handle,
+                                  stderr=subprocess.STDOUT, cwd=REPO).returncode
         found = out_dir / f"prefill_{spec.replace('@', '-')}.json"
         if code or not found.is_file():
             print(f"{spec}: failed (rc {code}), see {log}", flush=True)
@@ -140,9 +145,10 @@ def main(out_dir: Path, specs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 4 and sys.argv[1] == "run":
-        run(Path(sys.argv[2]), sys.argv[3])
-    elif len(sys.argv) >= 3 and sys.argv[1] != "run":
-        main(Path(sys.argv[1]), sys.argv[2:])
+    args = cli_args(__doc__, min_args=2)
+    if len(args) >= 3 and args[0] == "run":
+        run(Path(args[1]).resolve(), args[2])
+    elif args[0] != "run":
+        main(Path(args[0]).resolve(), args[1:])
     else:
-        sys.exit(__doc__)
+        raise SystemExit(__doc__)

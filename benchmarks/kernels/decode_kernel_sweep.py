@@ -1,26 +1,26 @@
-"""The plugin's Triton decode kernel at the batch and context of the long-context engine runs
-(`results/h200x4-bench/`: ~310 sequences of ~8.7K tokens at 576 values, where it moved 1.3 TB/s
-against FlashMLA's 2.7 TB/s), over tile sizes, warps, pipeline depth and KV splits.
+"""The plugin's Triton decode kernel alone, over its launch settings, at the batches and contexts the
+engine runs decode at: which tile sizes, warps, pipeline depth and KV splits its launch plan
+(``plan_launch``) should pick, because the kernel, not the engine, bounds the long-context rows.
 
 No vLLM needed: the kernel alone on random pages, each variant checked against the default
 plan's output, timed with ``triton.testing.do_bench`` (median), bandwidth = cached bytes read.
 
-With ``fp8``: the decode phases of the 8K/1K engines with an fp8 cache (where the 1024-value row
-decoded at 0.62 ms per sequence-step against 0.34 with bf16, `results/h100-bench-2/`): the kernel
-with a bf16 cache as the yardstick, the fp8 kernel as it was (a copy of the module at
-``$OLD_DECODE``, when given), and the fp8 kernel's plan and head groups × row tiles × warps ×
-pipeline depth, each checked against float32 PyTorch.
+  (no mode)   SHAPES: tokens per tile × warps × pipeline depth × KV splits around the default plan.
+  fp8         the decode phases of engines with an fp8 cache: the kernel with a bf16 cache as the
+              yardstick, the fp8 kernel as it was (a copy of the module at ``$OLD_DECODE``, when
+              given), and the fp8 kernel's plan and head groups × row tiles × warps × pipeline depth,
+              each checked against float32 PyTorch.
+  fp8-plan    the same without the tile variants.
+  balanced    the balanced kernel (programs sharing the batch's tokens evenly, FlashMLA's scheduling)
+              against the plan's fixed splits per request, over program counts (multiples of the SMs),
+              tiles and warps, at the engine runs' decode batches; the spill-free 576 tile (32 heads ×
+              16 rows) and split counts that are not powers of two beside them; vLLM's FlashMLA on the
+              576-value rows when vLLM imports.
+  crossover   the fixed splits against the balanced kernel (forced) over batch sizes: where the
+              balanced kernel starts to pay.
 
-``fp8-plan``: the same without the tile variants.
-
-``balanced``: the balanced kernel (programs sharing the batch's tokens evenly, FlashMLA's scheduling)
-against the plan's fixed splits per request, over program counts (multiples of the SMs), tiles and
-warps, at the engine runs' decode batches; the spill-free 576 tile (32 heads × 16 rows) and split
-counts that are not powers of two beside them; vLLM's FlashMLA on the 576-value rows when vLLM imports.
-
-``crossover``: the fixed splits against the balanced kernel (forced) over batch sizes.
-
-Usage (GPU): python benchmarks/decode_kernel_sweep.py [fp8|fp8-plan|balanced|crossover] OUT.json
+Usage (GPU): python -m benchmarks.kernels.decode_kernel_sweep [fp8|fp8-plan|balanced|crossover] OUT.json
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vllm_mha2mla.attention.triton_decode import SHARED_MEMORY_BUDGET, mla_paged_decode, plan_launch, shared_memory_bytes  # noqa: E402
+from benchmarks.common import DECODE_SCALE, PAGE, cli_args, decode_call, paged_inputs
+from vllm_mha2mla.attention.paged_attention import paged_latent_decode
+from vllm_mha2mla.attention.triton_decode import (SHARED_MEMORY_BUDGET, balanced_launch, mla_paged_decode,
+                                                  plan_launch, shared_memory_bytes)
 
 # (name, latent, rope, heads, batch, context): the engine runs' decode phases
 SHAPES = [
@@ -49,20 +50,6 @@ SHAPES = [
     ("576_llama2_b32_8k", 512, 64, 32, 32, 8700),
     ("1024_llama2_b16_8k", 512, 512, 32, 16, 8192),
 ]
-PAGE = 16  # vLLM's default block size for this backend
-
-
-def paged_inputs(latent, rope, heads, batch, context, seed=0, page=PAGE):
-    """Random bf16 queries and a paged cache of ``page``-token pages (16: vLLM's for this backend) in
-    random order, each request holding 90-100% of ``context`` tokens: (q, cache, block table, lengths)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    lens = torch.randint(int(context * 0.9), context + 1, (batch,), device="cuda", generator=g).to(torch.int32)
-    per_req = -(-context // page)
-    pages = batch * per_req
-    cache = (torch.randn(pages, page, latent + rope, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
-    table = torch.randperm(pages, device="cuda", generator=g)[: batch * per_req].view(batch, per_req).to(torch.int32)
-    q = (torch.randn(batch, heads, latent + rope, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
-    return q, cache, table, lens
 
 
 def main(out_file: Path) -> None:
@@ -128,8 +115,6 @@ def _timed(run, want, key: str = "max_abs_diff_vs_torch") -> dict:
 def _reference(q, cache, table, lens, latent, scale=1.0, requests=4):
     """float32 PyTorch decode of the first ``requests`` (scale 0.07), over their own pages only,
     each multiplied by ``scale`` (an fp8 cache's ``k_scale``)."""
-    from vllm_mha2mla.attention.paged_attention import paged_latent_decode
-
     pages = table[:requests].flatten().long()
     own = torch.arange(pages.numel(), device=q.device, dtype=torch.int32).view(requests, -1)
     return paged_latent_decode(q[:requests].float(), cache[pages].float() * scale, own, lens[:requests], 0.07, latent)
@@ -213,14 +198,10 @@ BALANCED_SHAPES = [  # (name, latent, rope, heads, batch, context, page)
 
 def _flashmla(q, cache, table, lens, latent):
     """vLLM's FlashMLA decode on these inputs (576-value rows, 64-token pages), or None without vLLM."""
-    try:
-        from benchmarks.profile_decode import SCALE, _call
-    except ImportError:
-        return None
     if q.shape[-1] != 576 or cache.shape[1] != 64:
         return None
     try:
-        return _call("flashmla", latent, q, cache, table, lens, 0), SCALE
+        return decode_call("flashmla", latent, q, cache, table, lens, 0), DECODE_SCALE
     except (ImportError, SystemExit):
         return None
 
@@ -288,8 +269,6 @@ def balanced(out_file: Path) -> None:
 def crossover(out_file: Path) -> None:
     """The fixed splits against the balanced kernel (forced) over batch sizes at 8.7K tokens: where
     the balanced kernel starts to pay."""
-    from vllm_mha2mla.attention.triton_decode import balanced_launch
-
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     results = {"device": torch.cuda.get_device_name(0), "sms": sms, "page": PAGE, "rows": []}
     for latent, rope in ((512, 64), (512, 512), (384, 128)):
@@ -314,11 +293,14 @@ def crossover(out_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "crossover":
-        crossover(Path(sys.argv[2]))
-    elif sys.argv[1] == "balanced":
-        balanced(Path(sys.argv[2]))
-    elif sys.argv[1] in ("fp8", "fp8-plan"):
-        fp8(Path(sys.argv[2]), tiles=sys.argv[1] == "fp8")
+    args = cli_args(__doc__)
+    if args[0] in ("crossover", "balanced", "fp8", "fp8-plan") and len(args) < 2:
+        raise SystemExit(__doc__)
+    if args[0] == "crossover":
+        crossover(Path(args[1]))
+    elif args[0] == "balanced":
+        balanced(Path(args[1]))
+    elif args[0] in ("fp8", "fp8-plan"):
+        fp8(Path(args[1]), tiles=args[0] == "fp8")
     else:
-        main(Path(sys.argv[1]))
+        main(Path(args[0]))

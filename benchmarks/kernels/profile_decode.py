@@ -1,7 +1,8 @@
 """Nsight Compute profiles of one decode call: the plugin's Triton kernel against vLLM's FlashMLA on
-the same paged cache (issue 11, item 5: what holds the plugin at ~2.2 TB/s where FlashMLA reads ~2.7).
+the same paged cache, to see what holds the plugin's kernel below FlashMLA's bandwidth (waves,
+occupancy, spills, DRAM and issue utilisation) rather than guess from timings.
 
-  profile OUT_DIR [CASE ...]   for each case (default: all of CASES) run this script's ``run`` under
+  profile OUT_DIR [CASE ...]   for each case (default: all of CASES) run this module's ``run`` under
                                ``ncu --set full`` and keep the raw CSV, then write OUT_DIR/profile.json
                                (every metric of every kernel of the call) and print the metrics that say
                                where the time goes. Needs ncu on the path; FlashMLA cases need vLLM.
@@ -9,13 +10,15 @@ the same paged cache (issue 11, item 5: what holds the plugin at ~2.2 TB/s where
                                warm the kernel up, then bracket one call with cudaProfilerStart/Stop
                                (ncu runs with ``--profile-from-start off``: only that call is profiled)
 
-On the lent GPU (vLLM staged as for ``gpu_recovery.sh bench``; the plugin cases alone need no vLLM):
-  bash benchmarks/gpu_recovery.sh script benchmarks/profile_decode.py profile $OUT/ncu
+On the lent GPU (vLLM staged as for ``benchmarks/gpu/jobs.sh bench``; the plugin cases alone need no vLLM):
+  bash benchmarks/gpu/jobs.sh script benchmarks.kernels.profile_decode profile $OUT/ncu
+Elsewhere: python -m benchmarks.kernels.profile_decode profile OUT_DIR [CASE ...]
 
 KERNEL is ``plugin`` (``vllm_mha2mla.attention.triton_decode.mla_paged_decode`` with its own plan) or ``flashmla``
 (vLLM's ``flash_mla_with_kvcache``, 576-value rows only). Pages of 64 tokens in random order (FlashMLA's
 block size; the plugin takes any multiple of 16), each request 90–100% of CONTEXT, bf16. The clocks are
 left alone (``--clock-control none``): the device library asks it, and the engines run unlocked too.
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package and benchmarks/, run as a script
+from benchmarks.common import cli_args, decode_call, paged_inputs
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = "benchmarks.kernels.profile_decode"  # the child ncu profiles runs this module
 
 CASES = {
     # name: (kernel, latent, rope, heads, batch, context) at the 8K/1K engines' decode batches
@@ -38,14 +44,13 @@ CASES = {
     "plugin-2560": ("plugin", 2048, 512, 32, 40, 8704),
 }
 PAGE = 64
-SCALE = 0.07
 HEADLINE = (  # (section, metric) pairs printed per kernel; profile.json keeps every metric
     ("GPU Speed Of Light Throughput", "Duration"),
     ("GPU Speed Of Light Throughput", "DRAM Throughput"),
     ("GPU Speed Of Light Throughput", "Compute (SM) Throughput"),
     ("Memory Workload Analysis", "Memory Throughput"),
     ("Memory Workload Analysis", "L2 Hit Rate"),
-    ("Memory Workload Analysis", "Local Memory Spilling Requests"),  # the 576 plan spills (h100-ncu-decode/)
+    ("Memory Workload Analysis", "Local Memory Spilling Requests"),
     ("Compute Workload Analysis", "Issue Slots Busy"),
     ("Launch Statistics", "Registers Per Thread"),
     ("Launch Statistics", "Dynamic Shared Memory Per Block"),
@@ -55,31 +60,11 @@ HEADLINE = (  # (section, metric) pairs printed per kernel; profile.json keeps e
 )
 
 
-def _call(kernel: str, latent: int, q, cache, table, lens, context: int):
-    """A function that runs one decode call of ``kernel`` on these inputs."""
-    if kernel == "plugin":
-        from vllm_mha2mla.attention.triton_decode import mla_paged_decode
-
-        return lambda: mla_paged_decode(q, cache, table, lens, SCALE, latent, context)
-    if kernel == "flashmla":
-        if q.shape[-1] != 576:
-            raise SystemExit(f"flashmla serves 576-value rows only, not {q.shape[-1]}")
-        from vllm.v1.attention.ops.flashmla import flash_mla_with_kvcache, get_mla_metadata
-
-        sched, _ = get_mla_metadata(lens, q.shape[1], 1, is_fp8_kvcache=False)  # as gpu_anyshape.py (timed there)
-        return lambda: flash_mla_with_kvcache(q=q.unsqueeze(1), k_cache=cache.unsqueeze(-2), block_table=table,
-                                              cache_seqlens=lens, head_dim_v=latent, tile_scheduler_metadata=sched,
-                                              softmax_scale=SCALE, causal=True, is_fp8_kvcache=False)
-    raise SystemExit(f"kernel must be plugin or flashmla, not {kernel!r}")
-
-
 def run(kernel: str, latent: int, rope: int, heads: int, batch: int, context: int) -> None:
     import torch
 
-    from benchmarks.decode_kernel_sweep import paged_inputs
-
     q, cache, table, lens = paged_inputs(latent, rope, heads, batch, context, page=PAGE)
-    call = _call(kernel, latent, q, cache, table, lens, context)
+    call = decode_call(kernel, latent, q, cache, table, lens, context)
     for _ in range(3):  # compile and warm up outside the profiled range
         call()
     torch.cuda.synchronize()
@@ -138,11 +123,11 @@ def profile(out_dir: Path, names: list[str]) -> dict:
         profiler = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--set", "full", "--csv",
                     "--page", "details"]
         run_args = ["run", kernel, *map(str, shape)]
-        done = subprocess.run([*profiler, sys.executable, str(Path(__file__).resolve()), *run_args],
-                              capture_output=True, text=True)
+        done = subprocess.run([*profiler, sys.executable, "-m", MODULE, *run_args],
+                              capture_output=True, text=True, cwd=REPO)
         (out_dir / f"{name}.csv").write_text(done.stdout)
         (out_dir / f"{name}.stderr.txt").write_text(done.stderr[-20000:])
-        case: dict = {"command": " ".join([*profiler, "python3", "benchmarks/profile_decode.py", *run_args]),
+        case: dict = {"command": " ".join([*profiler, "python3", "-m", MODULE, *run_args]),
                       "returncode": done.returncode}
         try:
             case["kernels"] = parse_details(done.stdout)
@@ -163,12 +148,13 @@ def profile(out_dir: Path, names: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "run" and len(sys.argv) == 8:
-        run(sys.argv[2], *map(int, sys.argv[3:]))
-    elif len(sys.argv) >= 3 and sys.argv[1] == "profile":
-        unknown = [n for n in sys.argv[3:] if n not in CASES]
+    args = cli_args(__doc__, min_args=2)
+    if args[0] == "run" and len(args) == 7:
+        run(args[1], *map(int, args[2:]))
+    elif args[0] == "profile":
+        unknown = [n for n in args[2:] if n not in CASES]
         if unknown:
             raise SystemExit(f"unknown cases {unknown}; known: {', '.join(CASES)}")
-        profile(Path(sys.argv[2]), sys.argv[3:] or list(CASES))
+        profile(Path(args[1]).resolve(), args[2:] or list(CASES))
     else:
         raise SystemExit(__doc__)

@@ -5,21 +5,20 @@ compile-time arguments and the same 16-divisibility of pointers and strides that
 specializes on, then reports per launch: shared memory, registers and spilled bytes (ptxas), which
 matrix instruction Triton chose (``mma.sync`` = MMA v2; Hopper's ``wgmma`` = v3, needing M ≥ 64), and
 how many loads its software pipeliner turned into asynchronous copies (0: every tile waits for its
-load). Found this way (benchmarks/results/h100-heads-as-n/, h100-fp8-once/): 32-head tiles run on
-``mma.sync``; an fp8 tile's loads were not pipelined. It guides; the GPU measures speed.
+load). Why: GPU time is scarce, and whether a tile fits shared memory, spills or is pipelined can be
+read here first. It guides; the GPU measures speed.
 
-``--against`` recompiles every launch whose shared memory an H100 run recorded and sets the two side by
-side: all 72 of ``h100-fp8-decode/fp8_tiles.json`` came out equal, with the venv's Triton 3.9 and with the
-lent GPU's 3.6 (``pip download --no-deps triton==3.6.0``, the wheel unpacked, ``PYTHONPATH=<unpacked>``)
-(benchmarks/results/cpu-compile-sm90/). Registers, spills and shared memory of the 576, 1024 and 2560-value
-plans also matched what Nsight Compute read on the H100 (benchmarks/results/h100-ncu-decode/).
+``--against`` recompiles every launch whose shared memory an H100 run recorded (an fp8-tiles record) and
+sets the two side by side, to check that a compile here predicts the GPU's (any Triton on the path: a
+wheel of the GPU's version unpacked onto ``PYTHONPATH`` compiles as the GPU's does).
 
-Usage: python benchmarks/compile_sm90.py LATENT ROPE [--heads 32] [--batch 64] [--context 8704] [--fp8]
-                                         [--tile H,N,WARPS,STAGES ...] [--programs P]
+Usage: python -m benchmarks.kernels.compile_sm90 LATENT ROPE [--heads 32] [--batch 64] [--context 8704] [--fp8]
+                                                 [--tile H,N,WARPS,STAGES ...] [--programs P]
          (no --tile: the launch plan_launch picks for an H100; each --tile replaces its tile sizes)
          (--programs P: the balanced kernel, P programs per head group sharing the batch's tokens)
-       python benchmarks/compile_sm90.py --against DEVICE_FP8_TILES.json [--json-out OUT.json]
+       python -m benchmarks.kernels.compile_sm90 --against DEVICE_FP8_TILES.json [--json-out OUT.json]
          (a record of the former ``gpu_layer_widths.py fp8-tiles`` mode: batch 16, context 1024, fp8, 32 heads)
+Results: benchmarks/README.md lists the folders this script wrote or checked.
 """
 
 from __future__ import annotations
@@ -29,19 +28,16 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from vllm_mha2mla.attention import triton_decode  # noqa: E402
-from vllm_mha2mla.attention.triton_decode import DecodeLaunch, plan_launch, split_kernel_constants  # noqa: E402
+from vllm_mha2mla.attention import triton_decode
+from vllm_mha2mla.attention.triton_decode import DecodeLaunch, plan_launch, split_kernel_constants
 
 H100_SMS = 132
 PAGE = 16  # vLLM's block size for the plugin's backend
@@ -153,7 +149,7 @@ def compile_launch(plan: DecodeLaunch, latent: int, rope: int, heads: int, conte
 
 
 def against_device(record: Path) -> list[dict]:
-    """Recompile every launch of an fp8-tiles record (``h100-fp8-decode/fp8_tiles.json``) at its batch,
+    """Recompile every launch of an fp8-tiles record (``fp8_tiles.json`` of a GPU run) at its batch,
     context and recorded tiles, and set the shared memory compiled here beside the bytes the H100's
     Triton compiled or asked for."""
     cases = json.loads(record.read_text())["cases"]
@@ -178,7 +174,7 @@ def against_device(record: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("latent", type=int, nargs="?")
     parser.add_argument("rope", type=int, nargs="?")
     parser.add_argument("--against", type=Path, metavar="FP8_TILES_JSON",

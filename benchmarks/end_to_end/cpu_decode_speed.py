@@ -1,4 +1,6 @@
-"""CPU decode speed: a converted MHA2MLA checkpoint against its MHA/GQA original, in vLLM.
+"""CPU decode speed: a converted MHA2MLA checkpoint against its MHA/GQA original, in vLLM. Why: on a CPU
+the converted model decodes through the plugin's own kernel while the original uses vLLM's C++ CPU
+attention; half the cached values should make decode no slower, and faster at long contexts.
 
 Both models run as real vLLM engines (bf16, the project's CPU defaults: compiled, in-process engine core), each in
 its own child process, side by side in one run. For every context length and batch size, each engine gets the same
@@ -13,12 +15,15 @@ Only engine steps where every request of the batch decodes are timed (the engine
 ``LLMEngine.add_request`` / ``step``), so prefill never leaks into the figure.
 
 Usage:
-    python benchmarks/cpu_decode_speed.py [--original DIR] [--converted DIR] [--contexts 256,512,1024,2048,4096]
-        [--batches 16] [--window 16] [--windows 5] [--out benchmarks/results/cpu-decode] [--eager] [--torch-decode]
+    python -m benchmarks.end_to_end.cpu_decode_speed [--original DIR] [--converted DIR]
+        [--contexts 256,512,1024,2048,4096] [--batches 16] [--window 16] [--windows 5]
+        [--out benchmarks/results/YYYY-MM-DD-cpu-decode] [--eager] [--torch-decode]
 
 Without ``--converted`` the original is converted the way ``mha2mla demo`` does (2-norm rope_dim 32, aw-joint
 d_kv 32: 192 cached values per token per layer) into ``~/.cache/mha2mla/bench/<name>-192``. Writes
-``results.json`` (every window, the command, versions), ``table.md`` and ``decode_speed.png`` under ``--out``.
+``results.json`` (every window, the command, versions), ``table.md`` and ``decode_speed.png`` under ``--out``
+(default: a new folder named as benchmarks/README.md says, today's date first).
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ORIGINAL = Path.home() / ".cache/mha2mla/models/SmolLM2-135M-Instruct"
 DEMO_CONVERT = ["--rope-dim", "32", "--d-kv", "32", "--strategy", "2-norm", "--svd", "aw-joint",
                 "--dtype", "bfloat16"]
@@ -46,8 +52,7 @@ def _worker(conn, model: str, engine_kwargs: dict, env: dict) -> None:
     """One vLLM engine; answers commands from the parent over ``conn`` until told to stop."""
     os.environ.update(env)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: step() is synchronous
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # (spawn gives this child the parent's sys.path)
     try:
         from vllm import LLM, SamplingParams
 
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled, as the demo)")
     ap.add_argument("--torch-decode", action="store_true",
                     help="a third engine: the converted model with the plugin's PyTorch decode (MHA2MLA_CPU_DECODE=torch)")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cpu-decode")
+    ap.add_argument("--out", type=Path, default=REPO / f"benchmarks/results/{date.today().isoformat()}-cpu-decode")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     engine_kwargs = dict(dtype="bfloat16", max_model_len=max_len, kv_cache_memory_bytes=kv_bytes,
                          enable_prefix_caching=False, enforce_eager=args.eager, max_num_seqs=max(max(batches), 16),
                          seed=args.seed)
-    command = "python benchmarks/cpu_decode_speed.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.end_to_end.cpu_decode_speed " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"original {original}\nconverted {converted}\nengine {engine_kwargs}", flush=True)
 
     engines = {"original": Engine("original", original, engine_kwargs)}

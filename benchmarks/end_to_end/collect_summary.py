@@ -6,24 +6,26 @@ every ratio still compares a conversion with the MHA original of its own run (sa
 lease: ``vllm_mha2mla.tools.bench.summary.with_ratios``). The plots draw the latest run's point where
 several runs measured the same row.
 
-Usage: python benchmarks/collect_summary.py [RESULTS_DIR]   (writes summary.json, summary.md, plots there)
+Usage: python -m benchmarks.end_to_end.collect_summary [RESULTS_DIR]   (writes summary.json, summary.md, plots there)
+A new bench run folder (named as benchmarks/README.md says) is added to RUNS, after the ones before it.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import cli_args
+from vllm_mha2mla.tools.bench.run import write_report
+from vllm_mha2mla.tools.bench.summary import load_summary
 
-from vllm_mha2mla.tools.bench.run import write_report  # noqa: E402
-from vllm_mha2mla.tools.bench.summary import load_summary  # noqa: E402
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 RUNS = ("h200x4-bench", "h100-bench", "h100-bench-2", "h100-bench-3", "h100-bench-4", "h100-bench-5",
         "h100-bench-6", "h100-bench-7", "h100-bench-8", "h100-bench-9", "h100-bench-10", "h100-bench-11",
         "h100-bench-12", "h100-bench-13", "h100-bench-14", "h100-bench-15")
-"""The bench run folders, oldest first (a folder's README says what ran in it and how)."""
+"""The bench run folders, oldest first (a folder's README says what ran in it and how; benchmarks/README.md
+says which rows of each are current)."""
 
 
 def collect(results: Path, runs: tuple[str, ...] = RUNS) -> dict:
@@ -44,7 +46,8 @@ def collect(results: Path, runs: tuple[str, ...] = RUNS) -> dict:
 
 
 if __name__ == "__main__":
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results"
+    args = cli_args(__doc__, min_args=0)
+    folder = Path(args[0]) if args else RESULTS
     summary = collect(folder)
     print(f"{len(summary['rows'])} throughput rows and {len(summary['serving'])} serving rows from {len(RUNS)} runs "
           f"-> {folder / 'summary.json'}, summary.md, plots")

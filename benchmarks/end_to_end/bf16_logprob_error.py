@@ -1,28 +1,25 @@
 """bf16 vs float32 prompt log-prob error of the demo's converted SmolLM2 (192 values) and of its
 MHA original, on this machine's vLLM (CPU here): separates the converted model's own bf16
-sensitivity from any GPU-kernel effect seen in ``gpu_anyshape.py smollm2``. Besides the vLLM
+sensitivity from any GPU-kernel effect seen in ``benchmarks.end_to_end.gpu_anyshape smollm2``. Besides the vLLM
 engines it scores the PyTorch models themselves run in DTYPE against float32 (no vLLM at all):
 if they show the same error, the error belongs to the model, not to a serving path.
 
-Usage: python benchmarks/bf16_logprob_error.py ORIGINAL_DIR CONVERTED_DIR OUT.json [DTYPE (bfloat16)]
+Usage: python -m benchmarks.end_to_end.bf16_logprob_error ORIGINAL_DIR CONVERTED_DIR OUT.json [DTYPE (bfloat16)]
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.gpu_anyshape import held_out_prompts  # noqa: E402
-from benchmarks.gpu_plugin import score_runs  # noqa: E402
-from conversion import load_reference  # noqa: E402
-from conversion.text_data import shared_text_path, split_text  # noqa: E402
-from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
+from benchmarks.common import cli_args, held_out_prompts, score_runs
+from conversion import load_reference
+from conversion.text_data import shared_text_path, split_text
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 
 @torch.no_grad()
@@ -57,7 +54,7 @@ def main(original: Path, converted: Path, out_file: Path, dtype: str = "bfloat16
 
     _, held_out = split_text(shared_text_path().read_text())
     ids = AutoTokenizer.from_pretrained(str(original))(held_out, add_special_tokens=False).input_ids
-    prompts = held_out_prompts(ids)  # the prompts of gpu_anyshape.smollm2
+    prompts = held_out_prompts(ids)  # the prompts of gpu_anyshape smollm2
     common = dict(prompt_token_ids=prompts, max_tokens=8, dtype=dtype, prompt_logprobs=True, max_model_len=512,
                   kv_cache_memory_bytes=1 << 30)
     runs = {"baseline_llama": run_engine_in_subprocess(EngineRequest(model=str(original), **common)),
@@ -79,4 +76,5 @@ def main(original: Path, converted: Path, out_file: Path, dtype: str = "bfloat16
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), *sys.argv[4:5])
+    args = cli_args(__doc__, min_args=3)
+    main(Path(args[0]), Path(args[1]), Path(args[2]), *args[3:4])

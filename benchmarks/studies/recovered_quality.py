@@ -1,6 +1,6 @@
 """Quality of the H100-recovered SmolLM2 checkpoints, served by vLLM on this machine.
 
-The GPU run (`gpu_recovery.sh run`) returns only the trained attention weights (bf16; the rest
+The GPU run (``benchmarks/gpu/jobs.sh run``, ``COLLECT_WEIGHTS=1``) returns only the trained attention weights (bf16; the rest
 of the model is frozen under ``--train attention``). This script rebuilds each checkpoint from
 the same conversion done here (same code, same default-corpus calibration), checks that the
 GPU's attention weights belong to it (their rotary key rows must stay close to the
@@ -9,27 +9,30 @@ original, the converted and the recovered model in vLLM: perplexity on the corpu
 Wikipedia split and on the out-of-domain essays, the demo's chat prompts (non-empty answers,
 answers that start like the original's).
 
-Usage: python benchmarks/recovered_quality.py OUT_DIR NAME=ROPE,DKV,ATTENTION_DIR [...]
+Why: GPU time is short and the lent GPU returns only small files; this tells whether what was
+recovered there holds up when served by vLLM, without a GPU.
+
+Usage: python -m benchmarks.studies.recovered_quality OUT_DIR NAME=ROPE,DKV,ATTENTION_DIR [...]
     e.g. r192=32,32,/tmp/gpu-r192 r96=16,16,/tmp/gpu-r96
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conversion.convert import ConvertOptions, convert  # noqa: E402
-from conversion.default_model import ensure_default_model  # noqa: E402
-from conversion.recovery.corpus import load_default_corpus  # noqa: E402
-from conversion.recovery.data import default_training_data, text_windows  # noqa: E402
-from vllm_mha2mla.tools.demo import DEFAULT_PROMPTS, _chat_prompts, agreement, perplexity  # noqa: E402
-from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
+from benchmarks.common import cli_args
+from conversion.convert import convert
+from conversion.default_model import ensure_default_model
+from conversion.plan import ConvertOptions
+from conversion.recovery.corpus import load_default_corpus
+from conversion.recovery.data import default_training_data, text_windows
+from vllm_mha2mla.tools.demo import DEFAULT_PROMPTS, _chat_prompts, agreement, perplexity
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 SEQ_LEN = 512
 TOKENS = 16384
@@ -61,7 +64,8 @@ def rebuild(conv: Path, attention_dir: Path, dst: Path) -> float:
 def main() -> None:
     from transformers import AutoTokenizer
 
-    out = Path(sys.argv[1])
+    args = cli_args(__doc__, min_args=2)
+    out = Path(args[0])
     out.mkdir(parents=True, exist_ok=True)
     work = out / "models"
     work.mkdir(exist_ok=True)
@@ -73,7 +77,7 @@ def main() -> None:
     prompts = _chat_prompts(tokenizer, DEFAULT_PROMPTS)
     models = {"original": teacher}
     checks = {}
-    for spec in sys.argv[2:]:
+    for spec in args[1:]:
         name, rest = spec.split("=", 1)
         rope, dkv, attention_dir = rest.split(",", 2)
         conv = work / f"{name}-converted"

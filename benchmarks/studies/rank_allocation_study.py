@@ -12,29 +12,27 @@ each layer's truncation (``conversion.sensitivity`` on default-corpus training t
 default corpus's held-out split (PyTorch, float32). Reports the perplexity gap to the original
 that each allocation closes relative to uniform.
 
-Usage: python benchmarks/rank_allocation_study.py OUT_DIR [--tokens N] [--sensitivity-tokens N]
+Usage: python -m benchmarks.studies.rank_allocation_study OUT_DIR [--tokens N] [--sensitivity-tokens N]
        [--only NAME,...]
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conversion import ConvertOptions, convert, load_reference  # noqa: E402
-from conversion.allocation import allocate_by_cost, allocate_ranks, kept_energy  # noqa: E402
-from conversion.default_model import ensure_default_model  # noqa: E402
-from conversion.recovery.corpus import default_calibration_text, load_default_corpus  # noqa: E402
-from conversion.recovery.data import text_windows  # noqa: E402
-from conversion.sensitivity import measured_allocation, truncation_costs  # noqa: E402
+from benchmarks.common import held_out_windows, study_setup, window_perplexity
+from conversion import ConvertOptions, convert, load_reference
+from conversion.allocation import allocate_by_cost, allocate_ranks, kept_energy
+from conversion.recovery.corpus import default_calibration_text
+from conversion.recovery.data import text_windows
+from conversion.sensitivity import measured_allocation, truncation_costs
 
 SETTINGS = {  # cache values per token per layer → (rope_dim, average d_kv per kv-head)
     192: (32, 32),
@@ -43,42 +41,10 @@ SETTINGS = {  # cache values per token per layer → (rope_dim, average d_kv per
 STEP = 16
 
 
-@torch.no_grad()
-def perplexity(model, windows: torch.Tensor) -> float:
-    nll, count = 0.0, 0
-    for batch in windows.split(8):
-        logits = model(batch).logits[:, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                 reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return math.exp(nll / count)
-
-
-def held_out_windows(tokenizer, tokens: int, seq_len: int = 512) -> torch.Tensor:
-    ids: list[int] = []
-    for doc in load_default_corpus().held_out:
-        ids += tokenizer(doc, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        if len(ids) >= tokens:
-            break
-    n = tokens // seq_len
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-
-
-def study_setup(out: Path):
-    """What every study of the default model starts with: its output folder, the 2 cores' threads,
-    the model folder and its tokenizer."""
-    from transformers import AutoTokenizer
-
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
-    src = ensure_default_model()
-    return src, AutoTokenizer.from_pretrained(str(src))
-
-
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--sensitivity-tokens", type=int, default=1024)
@@ -91,9 +57,9 @@ def main() -> None:
     src, tok = study_setup(args.out)
     windows = held_out_windows(tok, args.tokens)
     original = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    results: dict = {"command": "python benchmarks/rank_allocation_study.py " + " ".join(sys.argv[1:]),
+    results: dict = {"command": "python -m benchmarks.studies.rank_allocation_study " + " ".join(sys.argv[1:]),
                      "held_out_tokens": windows.numel(), "step": STEP,
-                     "original_perplexity": perplexity(original, windows), "budgets": {}}
+                     "original_perplexity": window_perplexity(original, windows), "budgets": {}}
     del original
     print(f"original: {results['original_perplexity']:.3f}", flush=True)
     for values, (rope_dim, d_kv) in SETTINGS.items():
@@ -156,7 +122,7 @@ def main() -> None:
                 for w, orig, r in zip(kv_a, saved, ranks):
                     w.copy_(orig)
                     w[r:wide] = 0
-            ppl = perplexity(model, windows)
+            ppl = window_perplexity(model, windows)
             budget["allocations"][name] = {"ranks": ranks, "perplexity": ppl,
                                            "kept_energy_share": kept_energy(energies, ranks) / sum(map(sum, energies)),
                                            "seconds": time.perf_counter() - t0}

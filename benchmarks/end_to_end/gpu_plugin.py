@@ -1,85 +1,36 @@
-"""GPU checks of the vLLM plugin on native MLA shapes (issue: vLLM plugin).
+"""GPU checks of the vLLM plugin on native MLA shapes: do converted checkpoints that fit vLLM's own
+576-value MLA row serve as the float32 reference computes them, on each of vLLM's MLA backends, and
+how fast against vLLM's own DeepSeek-V2 model class and the MHA original? (Issue: vLLM plugin.)
 
   parity:     bf16 engines (CUDA graphs + torch.compile on) per MLA backend vs the float32
               reference model; fp8 KV cache. Random-weight models (no data on the GPU host).
   throughput: dummy-weight Llama-2-7B-shaped engines: our MHA2MLAForCausalLM vs vLLM's
               DeepseekV2ForCausalLM on the same MLA shapes vs the MHA original (LlamaForCausalLM).
+              (``mha2mla bench`` is the throughput suite; this mode came before it.)
+  tp2:        parity with tensor parallel 2 (2 GPUs): heads split, latent replicated.
 
-Usage: python benchmarks/gpu_plugin.py {parity,throughput,tp2} OUT.json  (tp2: 2 GPUs)
 Greedy decoding in bf16 flips near-tied tokens, so parity is judged teacher-forced: every
 token vLLM chose must be within ``margin`` of the reference's best logit, and prompt
 log-probabilities must be as close to float32 as vLLM's own bf16 Llama path is (2× + 0.02).
+
+Usage (GPU): python -m benchmarks.end_to_end.gpu_plugin {parity,throughput,tp2} OUT.json
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import (PARITY_CASES, cli_args, llama_config, mla_config_for, random_prompts,
+                               save_random_llama, score_runs, write_config_only)
+from conversion import ConvertOptions, convert, load_reference
+from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
-from benchmarks.synthetic import llama_config, mla_config_for, save_random_llama, write_config_only  # noqa: E402
-from conversion import ConvertOptions, convert, load_reference  # noqa: E402
-from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess  # noqa: E402
-
-
-def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (8 + 7 * i,), generator=g).tolist() for i in range(n)]
-
-
-@torch.no_grad()
-def _teacher_forced(model, prompts, outputs, device) -> dict:
-    """Worst logit margin of vLLM's greedy tokens and worst prompt-logprob error."""
-    margins, lp_errors, exact = [], [], 0
-    for prompt, out in zip(prompts, outputs):
-        seq = prompt + out["token_ids"]
-        logits = model(torch.tensor([seq], device=device)).logits[0].float()
-        gen = logits[len(prompt) - 1 : len(seq) - 1]
-        chosen = gen.gather(1, torch.tensor(out["token_ids"], device=device)[:, None])[:, 0]
-        margins.append(float((gen.max(-1).values - chosen).max()))
-        exact += int(bool((gen.argmax(-1).cpu() == torch.tensor(out["token_ids"])).all()))
-        if out.get("prompt_logprobs"):
-            logp = logits.log_softmax(-1)
-            want = [float(logp[t - 1, prompt[t]]) for t in range(1, len(prompt))]
-            errors = [abs(a - b) for a, b in zip(want, out["prompt_logprobs"][1:])]
-            worst = max(range(len(errors)), key=errors.__getitem__)
-            lp_errors.append((errors[worst], 1 + worst))  # (error, index of that prompt token)
-    max_error, worst_position = max(lp_errors) if lp_errors else (None, None)
-    return {"max_margin": max(margins), "max_prompt_logprob_error": max_error,
-            "worst_prompt_logprob_position": worst_position,
-            "sequences_exactly_greedy": exact, "sequences": len(prompts)}
-
-
-def score_runs(runs: dict, original, reference, device) -> dict:
-    """Each engine run scored teacher-forced: ``baseline_llama`` against the original
-    model, every other run against the MHA2MLA reference; failed runs kept as they are."""
-    scored = {}
-    for key, run in runs.items():
-        if "error" in run:
-            scored[key] = run
-            continue
-        model = original if key == "baseline_llama" else reference
-        settings = {k: v for k, v in run["request"].items() if v is not None and k in
-                    ("attention_backend", "kv_cache_dtype", "enable_prefix_caching", "max_num_batched_tokens")}
-        scored[key] = {"backends": run["attention_backends"], "kv_cache_tokens": run["kv_cache_tokens"],
-                       "settings": settings,
-                       **_teacher_forced(model, [o["prompt_token_ids"] for o in run["outputs"]], run["outputs"],
-                                         device)}
-    return scored
-
-
-PARITY_CASES = {
-    # name: (llama config, rope_dim, d_kv); each fills a 576-value cache
-    "gqa_d128": (llama_config(2048, 16, 4, 128, 4, 4096, 5632), 32, 112),
-    "mha_d128": (llama_config(2048, 16, 16, 128, 4, 4096, 5632), 16, 20),
-    "mha_d64": (llama_config(768, 12, 12, 64, 4, 4096, 2048), 8, 40),
-}
 PARITY_BACKENDS = {"gqa_d128": [None, "FLASHMLA", "FLASH_ATTN_MLA", "TRITON_MLA"]}
 
 
@@ -87,7 +38,7 @@ def parity(out_file: Path, tensor_parallel_size: int = 1, only: tuple[str, ...] 
     tmp = Path(tempfile.mkdtemp())
     cases = {k: v for k, v in PARITY_CASES.items() if only is None or k in only}
     backends = PARITY_BACKENDS if tensor_parallel_size == 1 else {}
-    prompts = _prompts(8, 4096)
+    prompts = random_prompts(8, 4096)
     results: dict = {"cases": {}, "tensor_parallel_size": tensor_parallel_size}
     for name, (cfg, rope_dim, d_kv) in cases.items():
         src = save_random_llama(tmp / f"{name}_src", cfg)
@@ -162,7 +113,8 @@ def throughput(out_file: Path, num_prompts: int = 256, prompt_len: int = 512, ou
 
 
 if __name__ == "__main__":
-    mode, out = sys.argv[1], Path(sys.argv[2])
+    mode, out = cli_args(__doc__, min_args=2)[:2]
+    out = Path(out)
     if mode == "tp2":  # heads split over 2 GPUs, latent replicated
         parity(out, tensor_parallel_size=2, only=("gqa_d128", "mha_d64"))
     else:

@@ -1,5 +1,6 @@
-"""The MLA prefill attention of one layer, as each backend runs it (issue 11: the plugin's prefill
-ran at ~0.8× FLASH_ATTN_MLA's prompt tokens/s in the 8K/1K engines, `results/h100-bench-11/`).
+"""The MLA prefill attention of one layer, as each backend runs it: where the plugin's prefill loses
+time against FLASH_ATTN_MLA's when both run FlashAttention varlen on the same tokens (building the
+keys, compacting the heads, padding, copying the output back).
 
 From the same inputs — ``k_nope`` (a strided view of ``kv_b_proj``'s output, as vLLM splits it),
 ``k_pe`` ``[T, 1, qk_rope]``, ``v`` (the other half of that view) and q ``[T, H, qk_nope + qk_rope]``
@@ -18,21 +19,21 @@ Each path is checked against ``now`` (bf16 outputs, max |difference|) and timed 
 ``triton.testing.do_bench`` (median). Workloads: new tokens only (causal) as in one engine step of
 the 8K and 1K runs, and a context chunk (queries against 8K cached tokens, unmasked).
 
-Usage (GPU, vLLM importable): python benchmarks/prefill_attention_sweep.py OUT.json
+Usage (GPU, vLLM importable): python -m benchmarks.kernels.prefill_attention_sweep OUT.json
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conversion.mla_format.layout import plan_exact_layout, plan_native_layout  # noqa: E402
-from vllm_mha2mla.attention.head_compaction import compact_heads, compact_keys, head_compaction, pad_last, round_up  # noqa: E402
+from benchmarks.common import cli_args
+from conversion.mla_format.layout import plan_exact_layout, plan_native_layout
+from vllm_mha2mla.attention.head_compaction import (compact_heads, compact_keys, head_compaction, pad_last,
+                                                    round_up)
 
 SHAPES = {  # name: layout of the engines' Llama-2-7B rows
     "native_576": lambda: plan_native_layout(32, 32, 128, 2, 16, 576),
@@ -150,6 +151,4 @@ def main(out_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
-    main(Path(sys.argv[1]))
+    main(Path(cli_args(__doc__)[0]))

@@ -8,9 +8,10 @@ distillation budget (``mha2mla finetune --stage local``). Held-out perplexity (t
 Wikipedia split) of the original, each conversion and each recovered model come from ``finetune``'s
 own before/after evaluation.
 
-Usage: python benchmarks/allocation_after_recovery.py OUT_DIR [--values 192|96] [--rope-choices 8,16,24,32]
+Usage: python -m benchmarks.studies.allocation_after_recovery OUT_DIR [--values 192|96] [--rope-choices 8,16,24,32]
        [--local-steps N] [--local-seconds S (0: no time cap, results independent of machine load)]
        [--sensitivity-tokens N]
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
@@ -23,16 +24,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conversion import ConvertOptions, convert  # noqa: E402
-from conversion.default_model import ensure_default_model  # noqa: E402
-from conversion.recovery.finetune import FinetuneOptions, finetune  # noqa: E402
-from conversion.recovery.local import LocalOptions  # noqa: E402
+from conversion import ConvertOptions, convert
+from conversion.default_model import ensure_default_model
+from conversion.recovery.finetune import FinetuneOptions, finetune
+from conversion.recovery.local import LocalOptions
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--values", type=int, choices=(192, 96), default=192,
                     help="cached values per token per layer: rope_dim = d_kv = values / 6 (3 kv-heads)")
@@ -49,7 +48,7 @@ def main() -> None:
     base = dict(rope_dim=per_head, d_kv=per_head, strategy="2-norm", svd="aw-joint", layout="exact", dtype="float32")
     measured = {"allocate": "measured", "sensitivity_tokens": args.sensitivity_tokens,
                 "rope_choices": args.rope_choices}
-    results: dict = {"command": "python benchmarks/allocation_after_recovery.py " + " ".join(sys.argv[1:]),
+    results: dict = {"command": "python -m benchmarks.studies.allocation_after_recovery " + " ".join(sys.argv[1:]),
                      "cache_values_per_layer": args.values, "allocations": {}}
     for name, extra in (("uniform", {}), ("measured", measured)):
         converted, recovered = args.out / f"{name}-mla", args.out / f"{name}-recovered"

@@ -2,10 +2,9 @@
 layer, reach issue 13's 96-value target? (Measured on the reference model, no serving change.)
 
 At 96 values per token per layer (SmolLM2: 3 kv-heads × (16 rotary + 16 latent dims)) the
-latent-only measured allocation closed 14% of the uniform conversion's perplexity gap
-(``benchmarks/results/rank-allocation-cpu``); rotary keys are half of those values, and a
-uniform split with more of them does better (24 rotary + 8 latent per kv-head: 303.9 vs 312.7
-held-out perplexity). So here each layer may also pick its rotary dims.
+latent-only measured allocation (``rank_allocation_study``) closed little of the uniform conversion's
+perplexity gap; rotary keys are half of those values, and a uniform split with more of them did
+better. So here each layer may also pick its rotary dims.
 
 The source is converted once per rotary width R (2-norm pairs, activation-aware joint SVD, each
 at a wide latent). Every layer's option (R, latent width w) — ``kv_heads·R + w`` cached values —
@@ -17,7 +16,8 @@ distribution from the *original* model's, on default-corpus training text (``opt
 (exact), and every allocation is scored by held-out perplexity on the corpus's held-out split.
 This is what ``mha2mla convert --allocate measured --rope-choices 8,16,24,32`` does.
 
-Usage: python benchmarks/rope_allocation_study.py OUT_DIR [--tokens N] [--sensitivity-tokens N]
+Usage: python -m benchmarks.studies.rope_allocation_study OUT_DIR [--tokens N] [--sensitivity-tokens N]
+Results: benchmarks/README.md lists the folders this script wrote.
 """
 
 from __future__ import annotations
@@ -30,15 +30,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from conversion import ConvertOptions, convert, load_reference  # noqa: E402
-from conversion.allocation import choose_options  # noqa: E402
-from conversion.recovery.corpus import default_calibration_text  # noqa: E402
-from conversion.recovery.data import text_windows  # noqa: E402
-from conversion.sensitivity import MixedAttention, mixed_kl, option_costs, reference_logprobs  # noqa: E402
-from rank_allocation_study import held_out_windows, perplexity, study_setup  # noqa: E402
+from benchmarks.common import held_out_windows, study_setup, window_perplexity
+from conversion import ConvertOptions, convert, load_reference
+from conversion.allocation import choose_options
+from conversion.recovery.corpus import default_calibration_text
+from conversion.recovery.data import text_windows
+from conversion.sensitivity import MixedAttention, mixed_kl, option_costs, reference_logprobs
 
 BASE = (16, 48)  # the uniform 96-value conversion: rotary dims per head, latent width (3 kv-heads × 16)
 LATENT_GRID = {  # rotary dims per head → latent widths measured (values per layer ≤ 192, twice the average)
@@ -52,7 +49,7 @@ LATENT_GRID = {  # rotary dims per head → latent widths measured (values per l
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--sensitivity-tokens", type=int, default=1024)
@@ -63,9 +60,9 @@ def main() -> None:
                                       args.sensitivity_tokens))
     original = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     reference = reference_logprobs(original, calib)
-    results: dict = {"command": "python benchmarks/rope_allocation_study.py " + " ".join(sys.argv[1:]),
+    results: dict = {"command": "python -m benchmarks.studies.rope_allocation_study " + " ".join(sys.argv[1:]),
                      "held_out_tokens": held_out.numel(), "calibration_tokens": calib.numel(),
-                     "original_perplexity": perplexity(original, held_out), "allocations": {}}
+                     "original_perplexity": window_perplexity(original, held_out), "allocations": {}}
     print(f"original: {results['original_perplexity']:.3f}", flush=True)
     kv_heads = original.config.num_key_value_heads
     del original
@@ -99,7 +96,7 @@ def main() -> None:
         row = {"options": options, "values_per_layer": values / layers,
                "predicted_kl": sum(c[o] for c, o in zip(costs, options) if o in c),
                "calibration_kl": mixed_kl(mixed, reference, calib, options),
-               "perplexity": perplexity(mixed.host, held_out)}  # mixed_kl left every layer at its option
+               "perplexity": window_perplexity(mixed.host, held_out)}  # mixed_kl left every layer at its option
         row["seconds"] = time.perf_counter() - t0
         results["allocations"][name] = row
         print(f"{name}: {values / layers:.1f} values/layer, KL {row['calibration_kl']:.3f}, "

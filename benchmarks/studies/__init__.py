@@ -1,0 +1,1 @@
+"""Studies of the conversion and recovery (allocation of ranks and rotary dims, recovered quality, training-step cost)."""
