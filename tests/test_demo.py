@@ -12,11 +12,12 @@ from vllm_mha2mla.demo import DemoOptions, run_demo
 pytestmark = pytest.mark.vllm
 
 
-def test_default_model_is_the_real_smollm2():
+def test_default_model_is_the_real_smollm2(default_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = ensure_default_model()
+    assert folder == default_model  # found in the cache, not fetched again
     cfg = json.loads((folder / "config.json").read_text())
     assert (cfg["model_type"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == ("llama", 9, 3)
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -26,7 +27,7 @@ def test_default_model_is_the_real_smollm2():
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
 
 
-def test_demo_pipeline_writes_summary_table_and_chart(tmp_path):
+def test_demo_pipeline_writes_summary_table_and_chart(tmp_path, default_model):
     text = tmp_path / "short.txt"
     text.write_text(shared_text_path().read_text()[:40_000])
     opts = DemoOptions(out_dir=tmp_path / "demo", text=text, calib_tokens=1024, ppl_tokens=512, ppl_seq_len=256,
