@@ -1,3 +1,21 @@
+"""Shared fixtures and markers of the test suite.
+
+Three ways to run it (from the repository root):
+
+- ``.venv/bin/python -m pytest -q -ra tests`` -- everything (the README's and CI's command; CI adds
+  ``--durations=20``); ~10 minutes on 2 CPU cores.
+- ``.venv/bin/python -m pytest -q -m fast tests`` -- the fast subset (under a minute): every test that starts no
+  vLLM engine and is not marked ``slow``; the same selection as ``-m "not vllm and not slow"``.
+- ``.venv/bin/python -m pytest -q -m vllm tests`` -- the tests that start real vLLM engines or ``vllm serve``
+  (the 500-request soak among them).
+
+Markers (registered in pyproject.toml): ``vllm`` (starts a real engine), ``slow`` (no engine, but seconds of
+conversion, training or kernel interpretation), ``fast`` (added here to every test that is neither), ``gpu``.
+
+What is expensive to build is built once per session: the tiny checkpoints (``tiny_model_factory``), the default
+model (``default_model_cache``; tests take it through ``default_model``), the default corpus (``corpus_cache``).
+"""
+
 import os
 import shutil
 from pathlib import Path
@@ -86,3 +104,10 @@ def _isolated_cache(tmp_path, monkeypatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("MHA2MLA_CACHE", str(cache))
     return cache
+
+
+def pytest_collection_modifyitems(config, items):
+    """``fast`` on every test that is neither ``vllm`` nor ``slow``, so ``-m fast`` selects the quick subset."""
+    for item in items:
+        if item.get_closest_marker("vllm") is None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
