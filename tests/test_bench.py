@@ -57,6 +57,7 @@ def test_variant_cache_values(shape, spec, values):
     assert parse_variant(spec, SHAPES[shape]).cache_values(SHAPES[shape]) == values
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("spec", ["native", "r16-d16", "cut50", "cut75"])
 def test_written_config_caches_what_the_variant_says(tmp_path, shape, spec):
@@ -98,6 +99,7 @@ def test_workloads_and_prompt_counts():
         shape_config("llama9", 4096)
 
 
+@pytest.mark.slow
 def test_word_tokenizer_round_trips_random_prompts(tmp_path):
     """vLLM's random dataset decodes random ids and re-encodes the text: it must get the same
     ids back, at every id up to the largest vocabulary (Qwen2.5's)."""
@@ -302,6 +304,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,tool", [(15, "plain"), (2, "plain"), (1, "plain"), (15, "stubborn")],
                          ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGTERM-ignoring-tool"])
 def test_a_signal_to_the_bench_stops_the_tools_it_started(tmp_path, signum, tool):
