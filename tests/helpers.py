@@ -29,11 +29,22 @@ class TinySpec:
     tie: bool = False
 
 
+_TRAINED_TOKENIZERS: dict[int, str] = {}
+"""vocab_size -> the trained tokenizer's JSON: trained once per test process, every tiny checkpoint of that
+vocabulary size gets the same tokenizer (training it again per checkpoint took seconds each)."""
+
+
 def train_tokenizer(folder: Path, vocab_size: int) -> None:
     """A byte-level BPE tokenizer trained on the shared text's calibration split."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if vocab_size in _TRAINED_TOKENIZERS:
+        fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_TRAINED_TOKENIZERS[vocab_size]),
+                                       bos_token="<s>", eos_token="</s>")
+        fast.chat_template = CHAT_TEMPLATE
+        fast.save_pretrained(str(folder))
+        return
     calib, _ = split_text(shared_text_path().read_text())
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -42,6 +53,7 @@ def train_tokenizer(folder: Path, vocab_size: int) -> None:
         vocab_size=vocab_size, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator([calib[:200_000]], trainer=trainer)
+    _TRAINED_TOKENIZERS[vocab_size] = tok.to_str()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(folder))

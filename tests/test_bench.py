@@ -57,6 +57,7 @@ def test_variant_cache_values(shape, spec, values):
     assert parse_variant(spec, SHAPES[shape]).cache_values(SHAPES[shape]) == values
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("spec", ["native", "r16-d16", "cut50", "cut75"])
 def test_written_config_caches_what_the_variant_says(tmp_path, shape, spec):
@@ -98,6 +99,7 @@ def test_workloads_and_prompt_counts():
         shape_config("llama9", 4096)
 
 
+@pytest.mark.slow
 def test_word_tokenizer_round_trips_random_prompts(tmp_path):
     """vLLM's random dataset decodes random ids and re-encodes the text: it must get the same
     ids back, at every id up to the largest vocabulary (Qwen2.5's)."""
@@ -265,18 +267,26 @@ def test_server_refuses_a_taken_port_and_free_ports_are_free(tmp_path):
         sock.bind(("127.0.0.1", chosen))  # really free
 
 
-def test_bench_refuses_a_bad_matrix_before_starting_engines(tmp_path):
-    run = _bench("llama2-7b:mha,r16-d300", "--output", str(tmp_path / "out"))
-    assert run.returncode == 2 and "more than the original" in run.stderr
-    run = _bench("llama2-7b:mha", "--workloads", "8K", "--output", str(tmp_path / "out"))
-    assert run.returncode == 2 and "IN/OUT" in run.stderr
-    run = _bench("llama2-7b:mha", "--workloads", "", "--output", str(tmp_path / "out"))
-    assert run.returncode == 2 and "nothing to run" in run.stderr
-    run = _bench("llama2-7b:mha", "--serve-rates", "2", "--serve-prompts", "8", "--serve-seconds", "30",
-                 "--output", str(tmp_path / "out"))
-    assert run.returncode == 2 and "not both" in run.stderr
-    run = _bench("llama2-7b", "--output", str(tmp_path / "out"))
-    assert run.returncode == 2 and "SHAPE:VARIANT" in run.stderr
+def test_bench_refuses_a_bad_matrix_before_starting_engines(tmp_path, capsys):
+    """The CLI's exit code and message for each bad matrix; called in this process (one import of vLLM
+    rather than one per case: the real runs below go through ``python -m``)."""
+    from vllm_mha2mla.tools.cli import main
+
+    def bench(*args):
+        rc = main(["bench", *args])
+        return rc, capsys.readouterr().err
+
+    rc, err = bench("llama2-7b:mha,r16-d300", "--output", str(tmp_path / "out"))
+    assert rc == 2 and "more than the original" in err
+    rc, err = bench("llama2-7b:mha", "--workloads", "8K", "--output", str(tmp_path / "out"))
+    assert rc == 2 and "IN/OUT" in err
+    rc, err = bench("llama2-7b:mha", "--workloads", "", "--output", str(tmp_path / "out"))
+    assert rc == 2 and "nothing to run" in err
+    rc, err = bench("llama2-7b:mha", "--serve-rates", "2", "--serve-prompts", "8", "--serve-seconds", "30",
+                    "--output", str(tmp_path / "out"))
+    assert rc == 2 and "not both" in err
+    rc, err = bench("llama2-7b", "--output", str(tmp_path / "out"))
+    assert rc == 2 and "SHAPE:VARIANT" in err
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
@@ -294,6 +304,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,tool", [(15, "plain"), (2, "plain"), (1, "plain"), (15, "stubborn")],
                          ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGTERM-ignoring-tool"])
 def test_a_signal_to_the_bench_stops_the_tools_it_started(tmp_path, signum, tool):
@@ -331,25 +342,35 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.fixture(scope="module")
+def bench_cache(default_model_cache) -> Path:
+    """One MHA2MLA_CACHE for the module's real runs: the default model (fetched once per session) and the
+    bench's folder, so the r32-d32 conversion both runs use is converted by the first and reused by the
+    second (the bench's own cache; each test still converts when it runs alone)."""
+    return default_model_cache
+
+
 @pytest.mark.vllm
-def test_bench_runs_vllms_tools_on_the_real_model_and_a_conversion(tmp_path):
+def test_bench_runs_vllms_tools_on_the_real_model_and_a_conversion(tmp_path, bench_cache, monkeypatch):
     """``vllm bench throughput`` and ``vllm serve`` + ``vllm bench serve`` through the plugin's
     entry point: the real SmolLM2 (vLLM's CPU attention) against its 192-value conversion (the
     plugin's backend), one row each with the recorded backend, KV capacity in the cache-size
     ratio, and latency percentiles from the serving run. (The context is 2K: vLLM's CPU attention
-    gives the original a smaller share of the same KV memory at very short contexts.)"""
+    gives the original a smaller share of the same KV memory at very short contexts. One prompt per
+    throughput run: a 2K-token bf16 prefill takes about a minute on 2 CPU cores.)"""
     from conversion.default_model import ensure_default_model
 
+    monkeypatch.setenv("MHA2MLA_CACHE", str(bench_cache))
     model = ensure_default_model()
     out = tmp_path / "bench"
-    run = _bench(f"{model}:mha,r32-d32", "--workloads", "2000/16", "--num-prompts", "2", "--serve-rates", "4",
+    run = _bench(f"{model}:mha,r32-d32", "--workloads", "2000/16", "--num-prompts", "1", "--serve-rates", "4",
                  "--serve-prompts", "4", "--serve-workload", "64/8", "--output", str(out))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["variant"]: r for r in summary["rows"]}
     assert set(rows) == {"mha", "r32-d32"}
     for r in rows.values():
-        assert not r.get("error") and r["output_tokens_per_s"] > 0 and r["num_prompts"] == 2
+        assert not r.get("error") and r["output_tokens_per_s"] > 0 and r["num_prompts"] == 1
         assert r["device"].startswith("CPU") and r["vllm_version"] and r["command"].startswith("vllm bench throughput")
     assert (rows["mha"]["attention_backend"], rows["r32-d32"]["attention_backend"]) == ("CPU_ATTN", "CUSTOM")
     assert (rows["mha"]["cache_values"], rows["r32-d32"]["cache_values"]) == (384, 192)
@@ -369,7 +390,7 @@ def test_bench_runs_vllms_tools_on_the_real_model_and_a_conversion(tmp_path):
 
 
 @pytest.mark.vllm
-def test_a_stopped_serving_run_keeps_its_finished_rates_and_stops_the_server(tmp_path):
+def test_a_stopped_serving_run_keeps_its_finished_rates_and_stops_the_server(tmp_path, bench_cache, monkeypatch):
     """SIGTERM (what ``timeout`` sends) while a slow rate is running: the rate measured before it is
     already in summary.json, with its backend and capacity, the bench exits 143, and its
     ``vllm serve`` and engine are gone (the port is free again) rather than left holding the machine."""
@@ -378,6 +399,7 @@ def test_a_stopped_serving_run_keeps_its_finished_rates_and_stops_the_server(tmp
 
     from conversion.default_model import ensure_default_model
 
+    monkeypatch.setenv("MHA2MLA_CACHE", str(bench_cache))
     out = tmp_path / "bench"
     proc = subprocess.Popen([sys.executable, "-m", "vllm_mha2mla.tools.cli", "bench", f"{ensure_default_model()}:r32-d32",
                              "--workloads", "", "--serve-rates", "8,0.02", "--serve-prompts", "4",

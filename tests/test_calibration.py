@@ -1,5 +1,6 @@
 """2-norm calibration statistics."""
 
+import pytest
 import torch
 
 from conversion.calibration import load_or_collect, pair_norms, pair_scores_from_projections
@@ -30,6 +31,7 @@ def test_constructed_scores_rank_the_loud_pairs_first():
     assert 1 in pairs[1].tolist()
 
 
+@pytest.mark.slow
 def test_statistics_are_cached_on_disk(tiny_model_factory, calib_text_file, tmp_path):
     spec = read_source_spec(tiny_model_factory(TinySpec()))
     text = calib_text_file.read_text()

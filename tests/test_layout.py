@@ -137,6 +137,7 @@ def test_tensor_parallel_shards_of_the_query_index_tile_the_full_index():
             assert torch.equal(got, want[rank * n:(rank + 1) * n])
 
 
+@pytest.mark.slow
 def test_constants_are_built_on_cpu_under_another_default_device(tiny_model_factory, tmp_path):
     """vLLM builds models under a device context; the plugin's constants must not follow it."""
     import json

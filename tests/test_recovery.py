@@ -102,6 +102,7 @@ def test_fused_losses_under_bf16_autocast_match_the_plain_ones_and_leave_a_froze
     assert got.dtype == h_s.dtype and not w_s.requires_grad
 
 
+@pytest.mark.slow
 def test_compiled_fused_losses_equal_the_eager_ones():
     """``--compile`` also compiles the per-chunk softmax passes of the fused losses."""
     from conversion.recovery.losses import fused_distillation_loss, fused_next_token_loss
@@ -136,6 +137,7 @@ def test_structure_mask_marks_exactly_the_up_projection_blocks():
     assert not free[:, c:].any()  # identity/padding columns never train
 
 
+@pytest.mark.slow
 def test_structure_guard_keeps_identity_rows_through_training(setup):
     model = load_reference(setup["mla"])
     attn = model.model.layers[0].self_attn
@@ -158,6 +160,7 @@ def test_structure_guard_keeps_identity_rows_through_training(setup):
 
 # ----------------------------------------------------------------------------- local stage
 
+@pytest.mark.slow
 def test_teacher_stream_reproduces_the_model_forward(setup):
     teacher = _teacher(setup)
     ids = _windows(setup, 3)
@@ -171,6 +174,7 @@ def test_teacher_stream_reproduces_the_model_forward(setup):
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_local_stage_lowers_every_layers_held_out_error_below_the_svd_start(setup):
     student, teacher = load_reference(setup["mla"]), _teacher(setup)
     train, held = _windows(setup, 48), _windows(setup, 4, offset=60_000)
@@ -194,6 +198,7 @@ def _user_data(setup, tmp_path):
                               show_progress=False)
 
 
+@pytest.mark.slow
 def test_global_steps_lower_the_held_out_loss(setup, tmp_path):
     train, held = _user_data(setup, tmp_path)
     student, teacher = load_reference(setup["mla"]), _teacher(setup)
@@ -210,6 +215,7 @@ def _flat_params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow
 def test_a_run_stopped_after_step_k_and_resumed_equals_an_uninterrupted_run(setup, tmp_path):
     train, held = _user_data(setup, tmp_path)
     teacher = _teacher(setup)
@@ -243,6 +249,7 @@ def finetuned(setup, tmp_path_factory):
     return dst, report
 
 
+@pytest.mark.slow
 def test_finetune_writes_a_checkpoint_in_the_converted_format(setup, finetuned):
     dst, report = finetuned
     assert report["stage"] == "both"
@@ -286,6 +293,7 @@ def _run_cli(*args):
     return cli_main(["finetune", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_with_a_clear_message_and_write_nothing(setup, tmp_path, capsys, tiny_model_factory):
     dst = tmp_path / "out"
     other = tiny_model_factory(TinySpec(vocab_size=600))
@@ -310,6 +318,7 @@ def test_bad_inputs_exit_with_a_clear_message_and_write_nothing(setup, tmp_path,
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_leaves_no_destination(setup, tmp_path, monkeypatch, capsys):
     import conversion.checkpoint as checkpoint
 
@@ -325,6 +334,7 @@ def test_disk_full_while_saving_leaves_no_destination(setup, tmp_path, monkeypat
     assert not dst.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_latest_checkpoint_and_resume_finishes(setup, tmp_path, monkeypatch, capsys):
     import conversion.recovery.global_stage as gs
 
@@ -356,6 +366,7 @@ def test_ctrl_c_keeps_the_latest_checkpoint_and_resume_finishes(setup, tmp_path,
     assert not os.path.exists(tmp_path / ".out.train")
 
 
+@pytest.mark.slow
 def test_a_diverged_loss_stops_training_with_a_clear_error(setup, tmp_path, monkeypatch, capsys):
     import conversion.recovery.global_stage as gs
 

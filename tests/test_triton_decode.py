@@ -43,6 +43,7 @@ def _paged_problem(latent, rope, heads, block, lens, seed=0):
     return q, cache, table, lens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "latent,rope,heads,block,splits",
     [(96, 24, 6, 16, 1), (448, 64, 20, 16, 4), (512, 512, 3, 16, 3), (7, 3, 3, 4, 2), (120, 8, 40, 32, 8)],
@@ -135,6 +136,7 @@ def test_split_kernel_gives_empty_rows_zero_and_minus_infinity():
     torch.testing.assert_close(out[real].double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch,longest,padding", [(40, 300, 5), (300, 40, 44), (17, 2000, 1)])
 def test_planned_balanced_launch_at_larger_batches(batch, longest, padding):
     """The plan as ``plan_launch`` gives it (balanced, the default smallest chunk), batches past one
@@ -327,6 +329,7 @@ def test_very_wide_rows_fit_shared_memory():
     assert plan_launch(64, 32, 512, 512, 4096, 132).block_n == 64  # the measured 1024-value config keeps its tile
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("latent,rope,fp8,batch", [(512, 64, False, 64), (512, 64, True, 64), (512, 512, False, 64),
                                                   (2048, 512, False, 64), (512, 64, False, 310), (512, 512, False, 212)])
 def test_plans_compile_for_an_h100_within_its_shared_memory(latent, rope, fp8, batch):

@@ -23,11 +23,12 @@ def served(tiny_model_factory, tmp_path_factory):
         yield {"base": server.base_url, "model": model, "proc": server.proc}
 
 
-def _offline_text(model: Path, prompt: str) -> str:
-    result = run_engine_in_subprocess(EngineRequest(model=str(model), prompts=[prompt], max_tokens=16,
+def _offline_texts(model: Path, prompts: list[str]) -> list[str]:
+    """The prompts' greedy texts from one offline engine (one engine start for all of them)."""
+    result = run_engine_in_subprocess(EngineRequest(model=str(model), prompts=prompts, max_tokens=16,
                                                     dtype="float32", enforce_eager=True,
                                                     kv_cache_memory_bytes=32 << 20))
-    return result["outputs"][0]["text"]
+    return [out["text"] for out in result["outputs"]]
 
 
 def test_completions_and_chat_over_http_equal_offline_greedy(served):
@@ -46,8 +47,7 @@ def test_completions_and_chat_over_http_equal_offline_greedy(served):
 
     chat_prompt = AutoTokenizer.from_pretrained(str(model)).apply_chat_template(
         MESSAGES, add_generation_prompt=True, tokenize=False)
-    assert completion == _offline_text(model, PROMPT)
-    assert chat == _offline_text(model, chat_prompt)
+    assert [completion, chat] == _offline_texts(model, [PROMPT, chat_prompt])
     assert len(completion) > 0
 
 
