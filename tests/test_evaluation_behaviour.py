@@ -91,6 +91,7 @@ SIZES = {"triviaqa": 7993 - generative.FEWSHOT, "nq_open": 3610 - generative.FEW
          "commonsense_qa": 1221, "social_iqa": 1954, "copa": 100}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, first_shot, question_end", [
     ("triviaqa", "Question: Which Lloyd Webber musical premiered in the US on 10th December 1993??\nAnswer: Sunset "
                  "Boulevard\n\nQuestion:", "?\nAnswer:"),
@@ -144,6 +145,7 @@ def test_multiple_choice_tasks_parse_and_score_the_label(tok, eval_cache, name, 
         assert tok.decode(first.token_ids[first.start:]) == " the toilet filled with water."
 
 
+@pytest.mark.slow
 def test_lambada_is_the_greedy_last_word(tok, eval_cache):
     prepared = resolve_tasks("lambada")[0].prepare(tok, Settings(cache_dir=eval_cache))
     assert len(prepared.requests) == SIZES["lambada"]

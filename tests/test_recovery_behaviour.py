@@ -89,6 +89,7 @@ def test_chat_prompts_follow_the_mix_are_seeded_and_refuse_held_out_text():
     assert continuation_prompts(docs, 3, seed=1) == continuation_prompts(docs, 3, seed=1)
 
 
+@pytest.mark.slow
 def test_corpus_chat_data_never_shows_held_out_or_evaluation_text(corpus_cache):
     """Training conversations come from the corpus's training side only; the held-out paragraphs
     (perplexity) and the agreement evaluation's prompts never appear in them."""
@@ -147,6 +148,7 @@ def _prompts(k: int, n: int = 8):
     return build_chat_prompts([], docs, n, seed=k, mix={"instruction": 1, "open": 1})[0]
 
 
+@pytest.mark.slow
 def test_onpolicy_stage_lowers_the_reverse_kl_on_held_out_prompts_and_keeps_the_structure(chat_setup, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(chat_setup["mla"]))
     teacher = AutoModelForCausalLM.from_pretrained(str(chat_setup["src"]), dtype=torch.float32).eval()
@@ -176,6 +178,7 @@ def test_onpolicy_stage_lowers_the_reverse_kl_on_held_out_prompts_and_keeps_the_
     assert StructureGuard(student).max_violation() == 0.0
 
 
+@pytest.mark.slow
 def test_onpolicy_and_synthesis_need_an_engine_and_say_so(chat_setup, tmp_path, capsys):
     """`python -m conversion.cli` has no vLLM: sampling stages are refused with the way out."""
     data = tmp_path / "d.txt"
