@@ -21,6 +21,12 @@ from pathlib import Path
 from typing import Any
 
 
+AUTO_DTYPE_ENV = "MHA2MLA_AUTO_DTYPE"
+"""When set (e.g. ``float32``), the dtype of every engine whose request says ``auto``, in this process and the
+processes it starts: how ``mha2mla demo`` puts the recovery's teacher-chat engine (which asks for ``auto``, vLLM's
+choice: the checkpoint's bf16) in float32 on CPUs without native bf16 (:func:`vllm_mha2mla.tools.demo.native_bf16`)."""
+
+
 @dataclass
 class EngineRequest:
     model: str
@@ -59,7 +65,7 @@ class EngineRequest:
 def _engine_kwargs(req: EngineRequest) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         model=req.model,
-        dtype=req.dtype,
+        dtype=(os.environ.get(AUTO_DTYPE_ENV) or "auto") if req.dtype == "auto" else req.dtype,
         kv_cache_dtype=req.kv_cache_dtype,
         max_model_len=req.max_model_len,
         enforce_eager=req.enforce_eager,
@@ -172,6 +178,7 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
         "vllm_version": vllm.__version__,
         "torch_version": torch.__version__,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "dtype": str(vllm_config.model_config.dtype).removeprefix("torch."),  # what "auto" resolved to
         "init_seconds": init_seconds,
         "num_blocks": cache_config.num_gpu_blocks,
         "block_size": cache_config.block_size,
