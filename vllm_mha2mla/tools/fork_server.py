@@ -1,0 +1,178 @@
+"""Fresh engine processes without vLLM's import time: a server process imports vLLM once and forks one child
+per engine (opt-in: ``MHA2MLA_RUNNER_FORK_SERVER=1``; the test suite turns it on).
+
+:func:`vllm_mha2mla.tools.runner.run_engine_in_subprocess` runs every engine in a process of its own, because
+vLLM engines hold global state that two engines must not share. Starting that process costs ~10 s on 2 CPU
+cores before the engine does anything (``from vllm import LLM``), most of a small test engine's time. A child
+forked from a process that has only imported vLLM is just as fresh — no engine, no distributed group, no CUDA
+context has existed in it — and starts at once. The server forks only while CUDA is uninitialised in it, one
+child at a time, and the child runs the runner's ``main`` exactly as ``python -m vllm_mha2mla.tools.runner``
+would, in the caller's working directory and environment. (The server never calls CUDA itself: a driver
+initialised before a fork is unusable in the child.)
+
+Environment variables that code reads when the module is imported (vLLM's logging, OpenMP's thread count)
+must be the same for the server and every child: a request whose environment differs from the server's in
+anything but the variables read later (``MHA2MLA_*``, pytest's ``PYTEST_CURRENT_TEST``) or whose working
+directory differs gets a new server.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+LATE_ENV_PREFIXES = ("MHA2MLA_", "PYTEST_CURRENT_TEST")
+"""Variables read only after the fork (by this project's code, which the server does not import)."""
+
+
+def _early_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith(LATE_ENV_PREFIXES)}
+
+
+class ForkServer:
+    """The parent's handle: one server process, used by one caller at a time."""
+
+    def __init__(self, env: dict[str, str], cwd: str):
+        self.env, self.cwd = _early_env(env), cwd
+        self.proc = subprocess.Popen([sys.executable, "-m", "vllm_mha2mla.tools.fork_server"], env=env, cwd=cwd,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._buffer = b""
+
+    def fits(self, env: dict[str, str], cwd: str) -> bool:
+        return self.proc.poll() is None and self.cwd == cwd and self.env == _early_env(env)
+
+    def _read_line(self, deadline: float | None) -> dict | None:
+        """The server's next reply, or None at its end or past ``deadline``."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], wait)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, argv: list[str], env: dict[str, str], log_file: str, timeout: float) -> int | None:
+        """Runs the runner's ``main(argv)`` in a forked child; its exit code, or None if the server could not
+        (it has died: the caller starts the engine the usual way). Raises TimeoutExpired after ``timeout``
+        seconds (the child is killed)."""
+        job = {"argv": argv, "env": env, "cwd": self.cwd, "log": log_file}
+        try:
+            self.proc.stdin.write((json.dumps(job) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError:
+            return None
+        started = self._read_line(time.monotonic() + 60)
+        if not started or "pid" not in started:
+            self.close()
+            return None
+        done = self._read_line(time.monotonic() + timeout)
+        if done is None:
+            try:
+                os.kill(started["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._read_line(time.monotonic() + 60)  # the server reaps it and reports
+            raise subprocess.TimeoutExpired(argv, timeout)
+        return done["rc"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # the server exits at the end of its input
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+_server: ForkServer | None = None
+_lock = threading.Lock()
+
+
+def run_forked(argv: list[str], env: dict[str, str], log_file: str, timeout: float) -> int | None:
+    """The runner's ``main(argv)`` in a child forked from this process's fork server (started, or replaced when
+    the environment differs, here); None where no server could run it (another thread is using it, or it died)."""
+    global _server
+    if not _lock.acquire(blocking=False):
+        return None
+    try:
+        cwd = os.getcwd()
+        if _server is None or not _server.fits(env, cwd):
+            if _server is not None:
+                _server.close()
+            else:
+                atexit.register(lambda: _server is not None and _server.close())
+            _server = ForkServer(env, cwd)
+        code = _server.run(argv, env, log_file, timeout)
+        if code is None:
+            _server = None
+        return code
+    finally:
+        _lock.release()
+
+
+# ----------------------------------------------------------------------------- the server process
+
+def _child(job: dict) -> None:
+    """In the forked child: the caller's directory, environment and output file, then the runner's main."""
+    code = 1
+    try:
+        log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.chdir(job["cwd"])
+        os.environ.clear()
+        os.environ.update(job["env"])
+        from vllm_mha2mla.tools.runner import main
+
+        code = main(job["argv"])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()  # what a process that returns from its main runs
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve() -> int:
+    """Reads one job per line, forks a child for it, replies ``{"pid": ...}`` and then ``{"rc": ...}``."""
+    import torch
+    from vllm import LLM, SamplingParams  # noqa: F401  (what every engine process imports first)
+
+    for line in sys.stdin:
+        job = json.loads(line)
+        if torch.cuda.is_initialized():
+            return 1  # a forked child could not use CUDA: the caller falls back to a plain process
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(job)
+        print(json.dumps({"pid": pid}), flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve())
