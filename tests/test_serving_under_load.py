@@ -4,7 +4,8 @@ A server that passes the one-request tests can still fail in production: a clien
 may leave its request (and KV blocks) behind, a prompt over the context limit or a broken body may end in a
 500 instead of a 400, and a leak shows only after hundreds of requests. These tests drive one real
 `vllm serve` process on 127.0.0.1 with a mix of all of these and check what every client got, that the
-server is idle and healthy afterwards, that greedy answers did not change and that memory stays flat.
+server is idle and healthy afterwards, that greedy answers did not change and that memory stays flat; and,
+load or not, that its greedy answers over HTTP are an offline engine's and that it stops cleanly.
 
 One server at a time, shared by the module's tests (it takes ~25 s to start on 2 CPU cores, the requests
 themselves are cheap), for each of the two attention backends a converted checkpoint can be served with:
@@ -17,6 +18,8 @@ blocks are reused by later ones).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -546,8 +549,9 @@ def test_memory_flat_over_500_request_soak(served: ServedModel):
 
 
 def test_greedy_output_unchanged_by_load_cancellations_and_errors(served: ServedModel):
-    """Runs last: after the module's load (plus a burst of its own, so it also holds when run alone) the
-    fresh server's greedy answers come back unchanged; a cancelled or refused request left nothing behind."""
+    """Runs after the load tests: after the module's load (plus a burst of its own, so it also holds when run
+    alone) the fresh server's greedy answers come back unchanged; a cancelled or refused request left nothing
+    behind."""
     base_url = served.server.base_url
     assert all(served.greedy_first), f"a greedy probe answered with empty text: {served.greedy_first}"
     if served.backend == "plugin-backend":
@@ -568,3 +572,32 @@ def test_greedy_output_unchanged_by_load_cancellations_and_errors(served: Served
     changed = [f"{probe.path} {json.dumps(probe.body)[:80]}...: before {before!r}, after {now!r}"
                for probe, before, now in zip(served.probes, served.greedy_first, after) if before != now]
     assert not changed, "greedy answers changed after the load:\n" + "\n".join(changed)
+
+
+def test_http_answers_equal_offline_greedy(served: ServedModel, served_checkpoint: Path):
+    """The fresh server's greedy answers (completions and chat) are what an offline engine of the same backend
+    generates for the same prompts (the chat one rendered with the model's chat template)."""
+    from transformers import AutoTokenizer
+
+    from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
+
+    base_url, model = served.server.base_url, served_checkpoint
+    assert requests.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]["id"] == SERVED_NAME
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    prompts = [probe.body["prompt"] if probe.path == COMPLETIONS else
+               tokenizer.apply_chat_template(probe.body["messages"], add_generation_prompt=True, tokenize=False)
+               for probe in served.probes]
+    backend = BACKENDS[served.backend][1] if BACKENDS[served.backend] else None
+    offline = run_engine_in_subprocess(EngineRequest(model=str(model), prompts=prompts, max_tokens=GREEDY_MAX_TOKENS,
+                                                     dtype="float32", enforce_eager=True, attention_backend=backend,
+                                                     kv_cache_memory_bytes=32 << 20))
+    assert [out["text"] for out in offline["outputs"]] == served.greedy_first
+    assert backend is None or "CUSTOM" in offline["attention_backends"]
+
+
+def test_server_stops_cleanly(served: ServedModel):
+    """Runs last: SIGINT to the server's process group ends the server and its engine with exit code 0."""
+    proc = served.server.proc
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 0 or proc.returncode == -signal.SIGINT
