@@ -306,7 +306,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> Path:
                     + ("teacher chats in vLLM, " if opts.synthesize else "") + "layer-wise distillation"
                     + (f" + {opts.finetune_tokens:,} tokens of global training)" if opts.finetune_tokens else ")")):
             recovered = out_dir / "mha2mla-recovered"
-            with _auto_dtype(engine_settings(opts).dtype):  # the teacher-chat engine asks for "auto"
+            with _auto_dtype(engine.dtype):  # the teacher-chat engine asks for "auto"
                 recovery = finetune(converted, recovered, FinetuneOptions(
                     teacher=model, stage="both" if opts.finetune_tokens else "local",
                     data=[calib_file] if calib_file else [], seq_len=opts.ppl_seq_len, evaluate=False,

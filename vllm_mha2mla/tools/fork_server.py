@@ -77,15 +77,25 @@ class ForkServer:
         if not started or "pid" not in started:
             self.close()
             return None
-        done = self._read_line(time.monotonic() + timeout)
+        try:
+            done = self._read_line(time.monotonic() + timeout)
+        except BaseException:  # Ctrl-C while the engine runs: it goes too, and so does this server
+            self._kill(started["pid"])
+            self.close()
+            raise
         if done is None:
-            try:
-                os.kill(started["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._read_line(time.monotonic() + 60)  # the server reaps it and reports
+            self._kill(started["pid"])
+            if self._read_line(time.monotonic() + 60) is None:  # the server reaps it and reports
+                self.close()
             raise subprocess.TimeoutExpired(argv, timeout)
         return done["rc"]
+
+    @staticmethod
+    def _kill(pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -101,6 +111,12 @@ _server: ForkServer | None = None
 _lock = threading.Lock()
 
 
+@atexit.register
+def _close_server() -> None:
+    if _server is not None:
+        _server.close()
+
+
 def run_forked(argv: list[str], env: dict[str, str], log_file: str, timeout: float) -> int | None:
     """The runner's ``main(argv)`` in a child forked from this process's fork server (started, or replaced when
     the environment differs, here); None where no server could run it (another thread is using it, or it died)."""
@@ -110,14 +126,13 @@ def run_forked(argv: list[str], env: dict[str, str], log_file: str, timeout: flo
     try:
         cwd = os.getcwd()
         if _server is None or not _server.fits(env, cwd):
-            if _server is not None:
-                _server.close()
-            else:
-                atexit.register(lambda: _server is not None and _server.close())
+            _close_server()
             _server = ForkServer(env, cwd)
-        code = _server.run(argv, env, log_file, timeout)
-        if code is None:
-            _server = None
+        try:
+            code = _server.run(argv, env, log_file, timeout)
+        finally:
+            if _server.proc.poll() is not None or _server.proc.stdin.closed:
+                _server = None  # it died or was closed: the next call starts another
         return code
     finally:
         _lock.release()
