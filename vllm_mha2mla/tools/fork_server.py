@@ -1,13 +1,14 @@
 """Fresh engine processes without vLLM's import time: a server process imports vLLM once and forks one child
-per engine (opt-in: ``MHA2MLA_RUNNER_FORK_SERVER=1``; the test suite turns it on).
+per engine, which runs a module as ``python -m MODULE ARGS`` would (opt-in for the engine runner:
+``MHA2MLA_RUNNER_FORK_SERVER=1``; the test suite turns it on).
 
 :func:`vllm_mha2mla.tools.runner.run_engine_in_subprocess` runs every engine in a process of its own, because
 vLLM engines hold global state that two engines must not share. Starting that process costs ~10 s on 2 CPU
 cores before the engine does anything (``from vllm import LLM``), most of a small test engine's time. A child
 forked from a process that has only imported vLLM is just as fresh — no engine, no distributed group, no CUDA
 context has existed in it — and starts at once. The server forks only while CUDA is uninitialised in it, one
-child at a time, and the child runs the runner's ``main`` exactly as ``python -m vllm_mha2mla.tools.runner``
-would, in the caller's working directory and environment. (The server never calls CUDA itself: a driver
+child at a time, and the child runs the module as ``python -m`` would, in the caller's working directory and
+environment. (The server never calls CUDA itself: a driver
 initialised before a fork is unusable in the child.)
 
 Environment variables that code reads when the module is imported (vLLM's logging, OpenMP's thread count)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import runpy
 import select
 import signal
 import subprocess
@@ -63,11 +65,11 @@ class ForkServer:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, argv: list[str], env: dict[str, str], log_file: str, timeout: float) -> int | None:
-        """Runs the runner's ``main(argv)`` in a forked child; its exit code, or None if the server could not
-        (it has died: the caller starts the engine the usual way). Raises TimeoutExpired after ``timeout``
-        seconds (the child is killed)."""
-        job = {"argv": argv, "env": env, "cwd": self.cwd, "log": log_file}
+    def run(self, module: str, argv: list[str], env: dict[str, str], log_file: str, timeout: float) -> int | None:
+        """Runs ``python -m module *argv`` in a forked child, its output to ``log_file``; its exit code, or None
+        if the server could not (it has died: the caller starts a plain process). Raises TimeoutExpired after
+        ``timeout`` seconds (the child is killed)."""
+        job = {"module": module, "argv": argv, "env": env, "cwd": self.cwd, "log": log_file}
         try:
             self.proc.stdin.write((json.dumps(job) + "\n").encode())
             self.proc.stdin.flush()
@@ -117,9 +119,10 @@ def _close_server() -> None:
         _server.close()
 
 
-def run_forked(argv: list[str], env: dict[str, str], log_file: str, timeout: float) -> int | None:
-    """The runner's ``main(argv)`` in a child forked from this process's fork server (started, or replaced when
-    the environment differs, here); None where no server could run it (another thread is using it, or it died)."""
+def run_forked(module: str, argv: list[str], env: dict[str, str], log_file: str, timeout: float) -> int | None:
+    """``python -m module *argv`` in a child forked from this process's fork server (started, or replaced when
+    the environment differs, here): its exit code; None where no server could run it (another thread is using
+    it, or it died)."""
     global _server
     if not _lock.acquire(blocking=False):
         return None
@@ -129,7 +132,7 @@ def run_forked(argv: list[str], env: dict[str, str], log_file: str, timeout: flo
             _close_server()
             _server = ForkServer(env, cwd)
         try:
-            code = _server.run(argv, env, log_file, timeout)
+            code = _server.run(module, argv, env, log_file, timeout)
         finally:
             if _server.proc.poll() is not None or _server.proc.stdin.closed:
                 _server = None  # it died or was closed: the next call starts another
@@ -141,7 +144,7 @@ def run_forked(argv: list[str], env: dict[str, str], log_file: str, timeout: flo
 # ----------------------------------------------------------------------------- the server process
 
 def _child(job: dict) -> None:
-    """In the forked child: the caller's directory, environment and output file, then the runner's main."""
+    """In the forked child: the caller's directory, environment and output file, then the module as ``-m``."""
     code = 1
     try:
         log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -154,16 +157,16 @@ def _child(job: dict) -> None:
         os.chdir(job["cwd"])
         os.environ.clear()
         os.environ.update(job["env"])
-        from vllm_mha2mla.tools.runner import main
-
-        code = main(job["argv"])
+        sys.argv = [job["module"], *job["argv"]]
+        runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
+        code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
     except BaseException:
         traceback.print_exc()
     finally:
         try:
-            atexit._run_exitfuncs()  # what a process that returns from its main runs
+            atexit._run_exitfuncs()  # what a process at its end runs
             sys.stdout.flush()
             sys.stderr.flush()
         finally:

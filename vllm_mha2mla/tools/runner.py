@@ -232,7 +232,7 @@ def run_engine_in_subprocess(req: EngineRequest, timeout: float = 1200) -> dict[
             from vllm_mha2mla.tools.fork_server import run_forked
 
             log_file = Path(tmp) / "engine.log"
-            code = run_forked(argv, env, str(log_file), timeout)
+            code = run_forked("vllm_mha2mla.tools.runner", argv, env, str(log_file), timeout)
             output = log_file.read_text(errors="replace") if log_file.is_file() else ""
         if code is None:
             proc = subprocess.run([sys.executable, "-m", "vllm_mha2mla.tools.runner", *argv], env=env,
