@@ -82,7 +82,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-ratio", type=float, default=g.warmup_ratio)
     p.add_argument("--decay-ratio", type=float, default=g.decay_ratio, help="share of steps in the 1-sqrt decay")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (GPU)")
-    p.add_argument("--max-minutes", type=float, help="global stage: stop and save after this long")
+    p.add_argument("--max-minutes", type=float, help="global stage: stop and save after this long (the learning rate decays by then too)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: ~8 per run)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: ~4 per run)")
     p.add_argument("--local-tokens", type=int, default=16384, help="local stage: calibration tokens (default 16384)")

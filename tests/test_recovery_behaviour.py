@@ -217,3 +217,19 @@ def test_local_stage_windows_come_from_the_whole_mixed_dataset():
     assert int((ids == 2).sum()) == 4 * 14 and int((ids == 1).sum()) == 4 * 6  # 70% / 30%, as the data
     with pytest.raises(ConversionError):
         window_ids([{"input_ids": torch.ones(3, dtype=torch.long)}], num_tokens=3, seq_len=5)
+
+
+@pytest.mark.fast
+def test_the_sampling_engines_gpu_share_comes_from_the_environment(monkeypatch):
+    """Several trainings or evaluations on one GPU each give their sampling engine a smaller
+    share; a share that is not a fraction is refused by name."""
+    from vllm_mha2mla.tools import synthesize
+
+    monkeypatch.delenv(synthesize.GPU_MEMORY_ENV, raising=False)
+    assert synthesize.gpu_memory_utilization() == synthesize.DEFAULT_GPU_MEMORY_UTILIZATION
+    monkeypatch.setenv(synthesize.GPU_MEMORY_ENV, "0.15")
+    assert synthesize.gpu_memory_utilization() == 0.15
+    for bad in ("1.5", "half"):
+        monkeypatch.setenv(synthesize.GPU_MEMORY_ENV, bad)
+        with pytest.raises(ValueError, match=synthesize.GPU_MEMORY_ENV):
+            synthesize.gpu_memory_utilization()

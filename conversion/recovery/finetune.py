@@ -431,11 +431,19 @@ def _corpus_documents(opts: FinetuneOptions) -> list[str]:
     return load_default_corpus(opts.cache_dir).train
 
 
-def _chat_prompts(opts: FinetuneOptions, count: int, seed: int) -> tuple[list[ChatPrompt], dict]:
-    """Chat prompts over the training documents; corpus questions only with the default corpus
-    (a user's ``--data`` stays self-contained: instructions and open requests over its text)."""
+def _chat_sources(opts: FinetuneOptions) -> tuple[list, list[str]]:
+    """Training-side questions and documents for chat prompts; corpus questions only with the
+    default corpus (a user's ``--data`` stays self-contained: instructions and open requests over
+    its text). Read once per stage: the corpus's question files are ~40 MB of JSON."""
     questions = [] if opts.data else load_training_questions(opts.cache_dir)
     documents = [d for d in _corpus_documents(opts) if not is_held_out(split_key(d))]
+    return questions, documents
+
+
+def _chat_prompts(opts: FinetuneOptions, count: int, seed: int,
+                  sources: tuple[list, list[str]] | None = None) -> tuple[list[ChatPrompt], dict]:
+    """``count`` chat prompts over the training side (``sources`` from :func:`_chat_sources`)."""
+    questions, documents = sources if sources is not None else _chat_sources(opts)
     prompts, mix = build_chat_prompts(questions, documents, count, seed=seed, mix=opts.chat_mix)
     return prompts, mix.to_dict()
 
@@ -504,9 +512,11 @@ def _run_onpolicy(student, teacher, tokenizer, mla_dir: Path, opts: FinetuneOpti
     onpolicy_dir = work_dir / "onpolicy"
     per_round = opts.onpolicy.prompts_per_round
     mix = {k: v for k, v in opts.chat_mix.items() if k != "multi_turn"} or None  # one answer per prompt
+    sources = _chat_sources(opts)
 
     def prompts_for_round(k: int) -> list[ChatPrompt]:
-        return _chat_prompts(replace(opts, chat_mix=mix), per_round, seed=10_000 + opts.onpolicy.seed * 1000 + k)[0]
+        return _chat_prompts(replace(opts, chat_mix=mix), per_round, seed=10_000 + opts.onpolicy.seed * 1000 + k,
+                             sources=sources)[0]
 
     def save_student(path: Path) -> None:
         save_checkpoint(student, mla_dir, path, True, {}, {"stage": "onpolicy (in progress)"})

@@ -11,6 +11,8 @@ is specific to MHA2MLA is small and lives here:
   ``all``);
 - keeping the MLA structure exact (:class:`StructureGuard`), so vLLM serves the result as is;
 - the paper's schedule: linear warmup, constant, then a 1-sqrt decay (``warmup_stable_decay``);
+  with a time budget (``--max-minutes``) the schedule follows whichever end comes first, the
+  token count or the time, so a run stopped by the clock still decays (:func:`wsd_factor`);
 - evaluation = next-token loss on held-out windows (perplexity), logged as a curve.
 """
 
@@ -137,11 +139,44 @@ def training_flops_per_token(model: nn.Module, seq_len: int, teacher: nn.Module 
     return float(flops)
 
 
+def wsd_factor(progress: float, warmup_ratio: float, decay_ratio: float) -> float:
+    """The learning-rate multiplier of warmup-stable-decay at ``progress`` (0 → 1) of the run:
+    linear warmup over the first ``warmup_ratio``, constant, then a 1-sqrt decay to 0 over the last
+    ``decay_ratio`` (the paper's schedule, as Hugging Face's ``warmup_stable_decay`` has it)."""
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup_ratio > 0 and progress < warmup_ratio:
+        return progress / warmup_ratio
+    decay_start = 1.0 - decay_ratio
+    if decay_ratio <= 0 or progress < decay_start:
+        return 1.0
+    return max(0.0, 1.0 - math.sqrt((progress - decay_start) / decay_ratio))
+
+
+def time_or_steps_schedule(max_steps: int, budget_s: float, warmup_ratio: float, decay_ratio: float,
+                           clock=time.perf_counter):
+    """``step -> multiplier``: :func:`wsd_factor` at the further of two progress measures, steps of
+    ``max_steps`` and seconds of ``budget_s`` since the first call. A time budget usually ends a
+    run long before its token count (which then only caps it); a schedule set by tokens alone would
+    never decay. A closure, not an object: ``LambdaLR`` checkpoints callable objects' attributes,
+    and a resumed run must start its own clock."""
+    start: list[float] = []
+
+    def factor(step: int) -> float:
+        now = clock()
+        if not start:
+            start.append(now)
+        return wsd_factor(max(step / max_steps, (now - start[0]) / budget_s), warmup_ratio, decay_ratio)
+
+    return factor
+
+
 class DistillationTrainer(Trainer):
     """``Trainer`` whose loss is distillation to a frozen teacher and/or causal LM."""
 
-    def __init__(self, *args, teacher: nn.Module | None, loss_kind: str, temperature: float, **kwargs):
+    def __init__(self, *args, teacher: nn.Module | None, loss_kind: str, temperature: float,
+                 time_budget_s: float | None = None, warmup_ratio: float = 0.0, decay_ratio: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.time_budget_s, self.warmup_ratio, self.decay_ratio = time_budget_s, warmup_ratio, decay_ratio
         self.teacher = teacher
         self.loss_kind = loss_kind
         self.temperature = temperature
@@ -155,6 +190,17 @@ class DistillationTrainer(Trainer):
         self.teacher_body = self.teacher.model if self.teacher is not None else None
         if self.teacher is not None and self.args.torch_compile:  # Trainer compiles only the student
             self.teacher_body = torch.compile(self.teacher.model)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Trainer's scheduler, or with a time budget the one that also decays by the clock."""
+        if self.time_budget_s is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            schedule = time_or_steps_schedule(num_training_steps, self.time_budget_s, self.warmup_ratio,
+                                              self.decay_ratio)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, schedule)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids = inputs["input_ids"]
@@ -366,7 +412,8 @@ def run_global_stage(
     trainer = DistillationTrainer(
         model=student, args=args, train_dataset=train_data, eval_dataset=held_out_data,
         teacher=teacher if "kd" in opts.loss else None, loss_kind=opts.loss, temperature=opts.temperature,
-        callbacks=callbacks,
+        callbacks=callbacks, time_budget_s=opts.time_budget_s, warmup_ratio=opts.warmup_ratio,
+        decay_ratio=opts.decay_ratio,
     )
     trainer.add_callback(_FiniteLossCheck(trainer))
     checkpoint = latest_complete_checkpoint(work_dir) if resume else None
