@@ -65,7 +65,8 @@ finetune() {  # SRC DST [args]: bounded; the report comes back either way
 }
 
 PIPE=/root/pipeline
-RECIPE=(--seq-len 2048 --synthesize "${SYNTH_TOKENS:-3000000}" --finetune-tokens 60000000 --lr 2e-4
+RECIPE=(--seq-len 2048 --synthesize "${SYNTH_TOKENS:-2000000}" --synthetic-share "${SYNTH_SHARE:-0.5}"
+        --finetune-tokens 60000000 --lr 2e-4
         --local-steps 100 --local-tokens 32768 --held-out-tokens 65536 --eval-every 100000 --save-every 100000)
 EVAL=(--tasks mc,behaviour,ppl --enforce-eager --gpu-memory-utilization "${EVAL_SHARE:-0.1}")
 
