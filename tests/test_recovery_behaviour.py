@@ -233,3 +233,21 @@ def test_the_sampling_engines_gpu_share_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv(synthesize.GPU_MEMORY_ENV, bad)
         with pytest.raises(ValueError, match=synthesize.GPU_MEMORY_ENV):
             synthesize.gpu_memory_utilization()
+
+
+@pytest.mark.fast
+def test_the_mix_reads_fresh_corpus_and_repeats_the_scarce_teacher_windows():
+    """A run longer than the synthesis: fresh corpus windows for its corpus share, the teacher's
+    repeated to reach theirs; a shorter run: every teacher window and the corpus windows that
+    match them; a corpus too small for its share: all of it."""
+    from conversion.recovery.finetune import mix_sizes
+
+    keep, repeats = mix_sizes(corpus_windows=4000, synthesized_windows=1200, windows_needed=8300, share=0.5)
+    assert (keep, repeats) == (4000, 4)
+    assert abs(1200 * repeats / (keep + 1200 * repeats) - 0.5) < 0.06
+    keep, repeats = mix_sizes(corpus_windows=10_000, synthesized_windows=1200, windows_needed=3000, share=0.5)
+    assert (keep, repeats) == (1500, 2)
+    assert mix_sizes(corpus_windows=10_000, synthesized_windows=377, windows_needed=100, share=0.7) == (162, 1)
+    assert mix_sizes(corpus_windows=50, synthesized_windows=377, windows_needed=2000, share=0.7) == (50, 4)
+    with pytest.raises(ValueError, match="share 1.0"):
+        mix_sizes(10, 10, 10, 1.0)

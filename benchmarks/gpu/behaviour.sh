@@ -65,8 +65,8 @@ finetune() {  # SRC DST [args]: bounded; the report comes back either way
 }
 
 PIPE=/root/pipeline
-RECIPE=(--seq-len 2048 --synthesize "${SYNTH_TOKENS:-2000000}" --synthetic-share "${SYNTH_SHARE:-0.5}"
-        --finetune-tokens 60000000 --lr 2e-4
+RECIPE=(--seq-len 2048 --synthesize "${SYNTH_TOKENS:-2500000}" --synthetic-share "${SYNTH_SHARE:-0.5}"
+        --finetune-tokens "${TOKENS:-16000000}" --lr 2e-4
         --local-steps 100 --local-tokens 32768 --held-out-tokens 65536 --eval-every 100000 --save-every 100000)
 EVAL=(--tasks mc,behaviour,ppl --enforce-eager --gpu-memory-utilization "${EVAL_SHARE:-0.1}")
 
@@ -111,7 +111,7 @@ pipeline() {  # the whole run; every step's log and result lands in $PIPE/out as
     wait
   } &
   {
-    ft r192-global "$mla192" /root/w/r192-global --stage both --batch-size 16 --max-minutes "${GLOBAL_MIN:-4.5}" \
+    ft r192-global "$mla192" /root/w/r192-global --stage both --batch-size 16 --max-minutes "${GLOBAL_MIN:-4}" \
       "${RECIPE[@]}"
     {
       wait_for "$base/results.json" || true

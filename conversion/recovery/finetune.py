@@ -410,18 +410,36 @@ def _training_data(opts: FinetuneOptions, stage: str, tokenizer, world: int, log
     synthesis = _synthesize(opts, tokenizer, log, hooks) if opts.synthesize > 0 else None
     if synthesis is not None:
         corpus_windows = len(train)
+        repeats = 1
         if opts.synthetic_share > 0:
-            keep = min(len(train), round(len(synthesis.windows) * (1 - opts.synthetic_share) / opts.synthetic_share))
-            train = torch.utils.data.Subset(train, range(max(1, keep)))
+            keep, repeats = mix_sizes(corpus_windows, len(synthesis.windows), math.ceil(need / opts.seq_len),
+                                      opts.synthetic_share)
+            train = torch.utils.data.Subset(train, range(keep))
             train.seq_len = opts.seq_len
-        train = _Concat([train, synthesis.windows])
-        synthesis.record["mix"] = {"corpus_windows": len(train) - len(synthesis.windows),
+        train = _Concat([train] + [synthesis.windows] * repeats)
+        synthesized = len(synthesis.windows) * repeats
+        synthesis.record["mix"] = {"corpus_windows": len(train) - synthesized,
                                    "corpus_windows_available": corpus_windows,
-                                   "synthesized_windows": len(synthesis.windows),
-                                   "synthesized_share": round(len(synthesis.windows) / len(train), 3)}
+                                   "synthesized_windows": len(synthesis.windows), "synthesized_repeats": repeats,
+                                   "synthesized_share": round(synthesized / len(train), 3)}
     log(f"data: {name}: {len(train)} training windows of {opts.seq_len} tokens, {len(held)} held-out windows"
         + (f" ({len(synthesis.windows)} of them synthesized)" if synthesis else ""))
     return train, held, synthesis, name
+
+
+def mix_sizes(corpus_windows: int, synthesized_windows: int, windows_needed: int, share: float) -> tuple[int, int]:
+    """(corpus windows kept, times the synthesized windows are repeated) so that ``share`` of the
+    windows the run reads are teacher-written. Synthesis is the scarce part (engine time), the corpus
+    the plentiful one: a run longer than the synthesis reads fresh corpus windows for its corpus
+    share and repeats the teacher's (fewer fresh corpus windows would repeat both); a run shorter
+    than it keeps every teacher window and the corpus windows that match them."""
+    if not 0 < share < 1:
+        raise ValueError(f"synthetic share {share}: expected a fraction between 0 and 1")
+    synthesized_needed = round(windows_needed * share)
+    repeats = max(1, math.ceil(synthesized_needed / max(1, synthesized_windows)))
+    matching = round(synthesized_windows * (1 - share) / share)
+    keep = min(corpus_windows, max(matching, windows_needed - synthesized_needed))
+    return max(1, keep), repeats
 
 
 def _corpus_documents(opts: FinetuneOptions) -> list[str]:
