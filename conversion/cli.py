@@ -97,6 +97,10 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-share", type=float, default=0.7,
                    help="with --synthesize: share of the global stage's windows that are teacher-written (default 0.7; "
                         "0: the whole corpus beside them)")
+    p.add_argument("--free-text-share", type=float, default=0.0,
+                   help="with --synthesize: share of the synthesized tokens that are the teacher's free text, sampled "
+                        "from its start token with no prompt (the genres it was trained on, beyond the corpus; "
+                        "default 0)")
     p.add_argument("--synthesis-max-tokens", type=int, default=256, help="longest teacher answer per turn (default 256)")
     op = OnPolicyOptions()
     p.add_argument("--onpolicy-rounds", type=int, default=op.rounds, help=f"on-policy rounds (default {op.rounds})")
@@ -126,7 +130,8 @@ def _finetune_options(args: argparse.Namespace):
     return FinetuneOptions(
         teacher=args.teacher, stage=args.stage, data=list(args.data), seq_len=args.seq_len,
         held_out_tokens=args.held_out_tokens, local_tokens=args.local_tokens, local_seq_len=args.local_seq_len, synthesize=args.synthesize,
-        synthetic_share=args.synthetic_share, synthesis_max_tokens=args.synthesis_max_tokens,
+        synthetic_share=args.synthetic_share, free_text_share=args.free_text_share,
+        synthesis_max_tokens=args.synthesis_max_tokens,
         work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
         onpolicy=OnPolicyOptions(rounds=args.onpolicy_rounds, prompts_per_round=args.onpolicy_prompts,
                                  max_new_tokens=args.onpolicy_max_tokens, beta=args.onpolicy_beta,

@@ -421,13 +421,14 @@ def test_a_diverged_loss_stops_training_with_a_clear_error(setup, tmp_path, monk
 @pytest.mark.vllm
 def test_synthesis_and_onpolicy_sample_in_vllm_teacher_and_plugin_served_student(setup, tmp_path):
     """--synthesize: the teacher answers chat prompts in vLLM (two turns for follow-ups), in its own chat
-    template; --stage all then samples the student through this project's plugin for the on-policy round."""
+    template, and writes free text from its BOS alone (--free-text-share); --stage all then samples the student
+    through this project's plugin for the on-policy round."""
     from conversion.recovery.onpolicy import OnPolicyOptions
     from vllm_mha2mla.tools.synthesize import vllm_engine_hooks
 
     dst = tmp_path / "out"
-    opts = _finetune_opts(setup, stage="all", synthesize=4096, cache_dir=tmp_path / "cache", evaluate=False,
-                          synthesis_max_tokens=24, local=LocalOptions(steps_per_layer=2),
+    opts = _finetune_opts(setup, stage="all", synthesize=5200, free_text_share=0.2, cache_dir=tmp_path / "cache",
+                          evaluate=False, synthesis_max_tokens=24, local=LocalOptions(steps_per_layer=2),
                           global_=GlobalOptions(tokens=2 * 4 * SEQ, batch_size=4, lr=1e-3, loss="kd"),
                           onpolicy=OnPolicyOptions(rounds=1, prompts_per_round=6, max_new_tokens=16, batch_size=4))
     report = finetune(setup["mla"], dst, opts, log=lambda *_: None, hooks=vllm_engine_hooks())
@@ -436,6 +437,7 @@ def test_synthesis_and_onpolicy_sample_in_vllm_teacher_and_plugin_served_student
     assert set(synthesis["kinds"]) == {"instruction", "open", "multi_turn"}  # --data: no corpus questions
     assert sum(synthesis["kinds"].values()) == 12
     assert 0 < synthesis["mix"]["synthesized_share"] <= 1
+    assert synthesis["free_text"]["samples"] >= 1 and synthesis["free_text"]["tokens"] > 0
     cached = list((tmp_path / "cache" / "tokens").glob("synthesized-*.npy"))
     assert len(cached) == 1 and (dst / "model.safetensors").is_file()
     (row,) = report["onpolicy"]["rounds"]

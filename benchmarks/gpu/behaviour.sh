@@ -66,6 +66,7 @@ finetune() {  # SRC DST [args]: bounded; the report comes back either way
 
 PIPE=/root/pipeline
 RECIPE=(--seq-len 2048 --synthesize "${SYNTH_TOKENS:-2500000}" --synthetic-share "${SYNTH_SHARE:-0.5}"
+        --free-text-share "${FREE_SHARE:-0}"
         --finetune-tokens "${TOKENS:-16000000}" --lr 2e-4
         --local-steps 100 --local-tokens 32768 --held-out-tokens 65536 --eval-every 100000 --save-every 100000)
 EVAL=(--tasks mc,behaviour,ppl --enforce-eager --gpu-memory-utilization "${EVAL_SHARE:-0.1}")
@@ -142,15 +143,16 @@ pipeline() {  # the whole run; every step's log and result lands in $PIPE/out as
   touch $PIPE/done
 }
 
-collect() {  # what the pipeline has finished, into $OUT (eval folders as tarballs)
-  mkdir -p "$OUT"
-  cp $PIPE/out/*.json $PIPE/out/*.png $PIPE/out/steps.log "$OUT/" 2>/dev/null || true
-  for f in $PIPE/out/*.log; do tail -c 20000 "$f" | grep -v -E "it/s\]|s/it\]|req/s\]" > "$OUT/$(basename "$f")"; done
-  for d in $PIPE/out/eval-*/; do [ -f "$d/results.json" ] && tar czf "$OUT/$(basename "$d").tar.gz" -C $PIPE/out \
-    "$(basename "$d")"; done
+collect() {  # what the pipeline has finished, into $OUT as one tarball (a call returns a few files only)
+  shopt -s nullglob
+  mkdir -p "$OUT" /root/collect/pipeline
+  cp $PIPE/out/*.json $PIPE/out/*.png $PIPE/out/steps.log /root/collect/pipeline/ 2>/dev/null || true
+  for f in $PIPE/out/*.log; do tail -c 20000 "$f" | grep -v -E "it/s\]|s/it\]|req/s\]" > "/root/collect/pipeline/$(basename "$f")"; done
+  for d in $PIPE/out/eval-*/; do [ -f "$d/results.json" ] && cp -r "$d" /root/collect/pipeline/; done
+  tar czf "$OUT/pipeline.tar.gz" -C /root/collect pipeline
   cp $PIPE/out/eval-all/results.md "$OUT/" 2>/dev/null || true
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
-  cat $PIPE/out/steps.log 2>/dev/null | tail -30
+  tail -12 $PIPE/out/steps.log 2>/dev/null
 }
 
 case $MODE in

@@ -43,6 +43,8 @@ STAGES = ("local", "global", "both", "onpolicy", "all")
 RUNS_LOCAL, RUNS_GLOBAL, RUNS_ONPOLICY = ("local", "both", "all"), ("global", "both", "all"), ("onpolicy", "all")
 TOKENS_PER_CONVERSATION = 350
 """Rough size of one synthesized conversation (prompt + answer(s)), to turn a token budget into a count."""
+FREE_TEXT_MAX_TOKENS = 512
+"""Longest free-text sample (``--free-text-share``); samples that end sooner stop at the teacher's EOS."""
 WEIGHT_SUFFIXES = (".safetensors",)
 WEIGHT_INDEX = "model.safetensors.index.json"
 
@@ -70,6 +72,10 @@ class FinetuneOptions:
     (the corpus fills the rest); 0 keeps the whole corpus beside them."""
     synthesis_max_tokens: int = 256
     """Longest teacher answer per turn."""
+    free_text_share: float = 0.0
+    """With --synthesize: share of the synthesized tokens that are the teacher's free text, sampled
+    from its start token alone (no prompt, no template): text of whatever genres it was trained on,
+    beyond the corpus and the chats about it."""
     chat_mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
     onpolicy: OnPolicyOptions = field(default_factory=OnPolicyOptions)
     work_dir: Path | None = None
@@ -98,6 +104,8 @@ def resolve_stage(opts: FinetuneOptions) -> str:
         raise ConversionError("--resume continues the global or on-policy stage; --stage local has nothing to resume")
     if not 0 <= opts.synthetic_share < 1:
         raise ConversionError(f"--synthetic-share must be in [0, 1), got {opts.synthetic_share}")
+    if not 0 <= opts.free_text_share <= 1:
+        raise ConversionError(f"--free-text-share must be in [0, 1], got {opts.free_text_share}")
     return stage
 
 
@@ -468,11 +476,17 @@ def _chat_prompts(opts: FinetuneOptions, count: int, seed: int,
 
 def _synthesize(opts: FinetuneOptions, tokenizer, log, hooks: EngineHooks) -> Synthesis:
     """Teacher text sampled in the engine: conversations in the teacher's chat template, or for a
-    base model (no template) continuations of corpus openings; as token windows and sequences."""
-    count = max(1, math.ceil(opts.synthesize / TOKENS_PER_CONVERSATION))
+    base model (no template) continuations of corpus openings, plus ``free_text_share`` of the
+    tokens as free text (:func:`_free_texts`); as token windows, and the conversations or
+    continuations one by one as sequences (the on-policy stage's teacher-written share)."""
+    free_tokens = round(opts.synthesize * opts.free_text_share)
+    count = math.ceil((opts.synthesize - free_tokens) / TOKENS_PER_CONVERSATION)
     seed = opts.global_.seed
     t0 = time.perf_counter()
-    if getattr(tokenizer, "chat_template", None):
+    texts: list[str] = []
+    if count == 0:
+        record: dict = {"kind": "free_text"}
+    elif getattr(tokenizer, "chat_template", None):
         prompts, mix = _chat_prompts(opts, count, seed)
         cache = _synthesis_cache_path(opts, [[p.messages, p.follow_up] for p in prompts])
         if cache.is_file():
@@ -493,14 +507,49 @@ def _synthesize(opts: FinetuneOptions, tokenizer, log, hooks: EngineHooks) -> Sy
         openings = continuation_prompts(_corpus_documents(opts), count, seed)
         texts = hooks.continue_texts(opts.teacher, openings, opts.synthesis_max_tokens, seed)
         record = {"kind": "continuation", "documents": len(texts)}
-    sequences = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    windows = build_token_windows(tokenizer, texts, opts.seq_len, opts.cache_dir, name="synthesized",
+    sequences = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    free = _free_texts(opts, tokenizer, log, hooks, free_tokens, seed) if free_tokens > 0 else []
+    if free:
+        record["free_text"] = {"samples": len(free),
+                               "tokens": sum(len(t) for t in tokenizer(free, add_special_tokens=False)["input_ids"])}
+    windows = build_token_windows(tokenizer, texts + free, opts.seq_len, opts.cache_dir, name="synthesized",
                                   show_progress=opts.show_progress)
-    record.update(tokens=sum(map(len, sequences)), engine=hooks.name, seconds=round(time.perf_counter() - t0, 1))
+    record.update(tokens=sum(map(len, sequences)) + record.get("free_text", {}).get("tokens", 0), engine=hooks.name,
+                  seconds=round(time.perf_counter() - t0, 1))
     return Synthesis(windows, sequences, record)
 
 
-def _synthesis_cache_path(opts: FinetuneOptions, prompts: list) -> Path:
+def free_text_start(tokenizer) -> int:
+    """The token a free-text sample starts from: BOS where the tokenizer has one, else EOS (what
+    separates documents in pretraining, so what the model saw before every document)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ConversionError("--free-text-share: the teacher's tokenizer has neither a BOS nor an EOS token to "
+                              "start free text from")
+    return int(start)
+
+
+def _free_texts(opts: FinetuneOptions, tokenizer, log, hooks: EngineHooks, tokens: int, seed: int) -> list[str]:
+    """About ``tokens`` tokens of the teacher's own text, sampled at temperature 1 from its start
+    token alone: its distribution over documents, with no external data and no prompt to bias it.
+    Cached like the conversations (the engine's seed makes the samples reproducible)."""
+    context = json.loads((Path(opts.teacher) / "config.json").read_text()).get("max_position_embeddings")
+    longest = min(FREE_TEXT_MAX_TOKENS, int(context) - 1) if context else FREE_TEXT_MAX_TOKENS
+    count = max(1, math.ceil(tokens / (longest * 0.75)))  # samples stop early at EOS
+    start = free_text_start(tokenizer)
+    cache = _synthesis_cache_path(opts, {"free_text": count, "start": start, "max_tokens": longest}, kind="free")
+    if cache.is_file():
+        samples = json.loads(cache.read_text())
+        log(f"free teacher text: {len(samples)} samples from the cache ({cache})")
+    else:
+        log(f"sampling {count} free-text documents from the teacher with {hooks.name} ...")
+        samples = hooks.sample_completions(opts.teacher, [[start]] * count, longest, 1.0, seed)
+        _write_atomic(cache, json.dumps(samples))
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in samples]
+    return [t for t in texts if t]
+
+
+def _synthesis_cache_path(opts: FinetuneOptions, prompts, kind: str = "chats") -> Path:
     """Where the teacher's answers to these prompts are kept: sampling is seeded, so a second run
     (a later stage, another call of a GPU lease) reuses them instead of sampling again."""
     teacher = Path(opts.teacher)
@@ -508,7 +557,7 @@ def _synthesis_cache_path(opts: FinetuneOptions, prompts: list) -> Path:
     key = json.dumps({"teacher": (teacher / "config.json").read_text(), "weights": weights, "prompts": prompts,
                       "max_tokens": opts.synthesis_max_tokens, "seed": opts.global_.seed}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return (opts.cache_dir or default_cache_dir()) / "synthesized" / f"chats-{digest}.json"
+    return (opts.cache_dir or default_cache_dir()) / "synthesized" / f"{kind}-{digest}.json"
 
 
 def _write_atomic(path: Path, text: str) -> None:
