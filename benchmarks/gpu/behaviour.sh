@@ -143,12 +143,52 @@ pipeline() {  # the whole run; every step's log and result lands in $PIPE/out as
   touch $PIPE/done
 }
 
+# The ablation (issue 31, item 3): variants of the 192-value recipe at equal tokens, trained one after another (a
+# training run fills the GPU) from one conversion and one cached synthesis, each scored beside the next one's training
+# against the stored evaluation of the original (this folder's `--baseline`: no engine for the original again).
+# `bash benchmarks/gpu/behaviour.sh start-ablation 30`, then `watch` as for the pipeline. LABEL|finetune args:
+VARIANTS=(
+  "chat|--synthesize 2500000"
+  "free30|--synthesize 3571429 --free-text-share 0.3"  # the same 2.5M tokens of chats (cache hit) + 1.07M free text
+  "trainall|--synthesize 2500000 --train all"
+  "lr5e-4|--synthesize 2500000 --lr 5e-4"
+)
+ABLATION_BASE=${ABLATION_BASE:-benchmarks/results/2026-12-07-h100-behaviour-pipeline/eval}
+
+ablation() {
+  mkdir -p $PIPE/out
+  setup
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True MHA2MLA_ENGINE_GPU_MEMORY_UTILIZATION=${ENGINE_SHARE:-0.15}
+  local mla192 runs=() label args
+  mla192=$(bash "$HERE/jobs.sh" convert r192 32 32 | tail -1); note "converted r192"
+  for variant in "${VARIANTS[@]}"; do
+    label=${variant%%|*}; args=${variant#*|}
+    # shellcheck disable=SC2086  # the variant's arguments split on purpose
+    ft "$label" "$mla192" "/root/w/ab-$label" --stage both --seq-len 2048 --batch-size 16 --synthetic-share 0.5 \
+      --finetune-tokens "${TOKENS:-12000000}" --max-minutes "${MAX_MIN:-6}" --lr 2e-4 --local-steps 100 \
+      --local-tokens 32768 --held-out-tokens 65536 --eval-every 100000 --save-every 100000 $args
+    ev "$label" "$label=/root/w/ab-$label" -- --baseline "$ABLATION_BASE" &
+    runs+=(--baseline "$PIPE/out/eval-$label")
+  done
+  wait
+  python3 -m vllm_mha2mla.tools.cli eval --baseline "$ABLATION_BASE" "${runs[@]}" --output "$PIPE/out/eval-all" \
+    "${EVAL[@]}" > "$PIPE/out/eval-all.log" 2>&1 || note "merge failed"
+  note "ablation done"
+  touch $PIPE/done
+}
+
 collect() {  # what the pipeline has finished, into $OUT as one tarball (a call returns a few files only)
   shopt -s nullglob
   mkdir -p "$OUT" /root/collect/pipeline
   cp $PIPE/out/*.json $PIPE/out/*.png $PIPE/out/steps.log /root/collect/pipeline/ 2>/dev/null || true
   for f in $PIPE/out/*.log; do tail -c 20000 "$f" | grep -v -E "it/s\]|s/it\]|req/s\]" > "/root/collect/pipeline/$(basename "$f")"; done
-  for d in $PIPE/out/eval-*/; do [ -f "$d/results.json" ] && cp -r "$d" /root/collect/pipeline/; done
+  for d in $PIPE/out/eval-*/; do  # results and the agreement answers; the other item files stay (tens of MB)
+    [ -f "$d/results.json" ] || continue
+    local dest; dest=/root/collect/pipeline/$(basename "$d"); mkdir -p "$dest"; cp "$d"/results.* "$dest/"
+    for a in "$d"/items/*/agreement.jsonl; do
+      mkdir -p "$dest/items/$(basename "$(dirname "$a")")" && cp "$a" "$dest/items/$(basename "$(dirname "$a")")/"
+    done
+  done
   tar czf "$OUT/pipeline.tar.gz" -C /root/collect pipeline
   cp $PIPE/out/eval-all/results.md "$OUT/" 2>/dev/null || true
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
@@ -158,6 +198,13 @@ collect() {  # what the pipeline has finished, into $OUT as one tarball (a call 
 case $MODE in
   pack) pack ;;
   pipeline) pipeline ;;
+  ablation) ablation ;;
+  start-ablation)  # [SECS]: as start, for the ablation
+    mkdir -p $PIPE/out
+    setup
+    setsid nohup bash "$0" ablation > $PIPE/pipeline.log 2>&1 < /dev/null &
+    sleep "${1:-5}"; collect; tail -20 $PIPE/pipeline.log
+    ;;
   start)  # [SECS]: set up here (its errors in this call's output), then the pipeline detached
     mkdir -p $PIPE/out
     setup
