@@ -34,8 +34,10 @@ from conversion.text_data import split_text
 
 __all__ = [
     "TEXT_SUFFIXES",
+    "ScheduledBatches",
     "TokenWindows",
     "build_token_windows",
+    "collate_windows",
     "default_training_data",
     "is_held_out",
     "pack_documents",
@@ -227,6 +229,74 @@ class TokenWindows(Dataset):
 
     def __repr__(self) -> str:
         return f"TokenWindows({len(self)} x {self.seq_len} tokens, {self.path})"
+
+
+class ScheduledBatches(Dataset):
+    """The micro-batches of a sequence-length schedule, in training order (one item per micro-step).
+
+    ``phases`` (:class:`conversion.recovery.global_stage.Phase`) run one after the other; phase ``p``
+    reads ``datasets[p]`` (windows of its length) in a shuffle seeded by ``seed`` and the phase (the
+    windows are cycled, reshuffled, when the phase needs more than there are), cut into
+    micro-batches of ``phase.batch`` windows: ``{"input_ids", "labels"}`` of shape ``[batch,
+    seq_len]``, every one of them ``tokens_per_micro_batch`` tokens. The order depends on nothing but
+    the arguments, so a resumed run that skips the first k items sees what the uninterrupted run saw.
+    Under ``torchrun`` process r reads items r, r + world, ...; a phase's ``steps * grad_accum *
+    world`` items keep every optimizer step inside one phase.
+    """
+
+    def __init__(self, phases, datasets, grad_accum: int = 1, world: int = 1, seed: int = 0):
+        if len(phases) != len(datasets):
+            raise ValueError(f"{len(phases)} phases but {len(datasets)} datasets")
+        self.phases = list(phases)
+        sizes = {p.batch * p.seq_len for p in self.phases}
+        if len(sizes) != 1:
+            raise ConversionError(f"the schedule's micro-batches differ in tokens ({sorted(sizes)})")
+        self.tokens_per_micro_batch = sizes.pop()
+        self.seq_len = max(p.seq_len for p in self.phases)
+        self._datasets, self._orders, self._starts = [], [], [0]
+        for k, (phase, data) in enumerate(zip(self.phases, datasets)):
+            count = phase.micro_batches(grad_accum, world)
+            if count and (data is None or len(data) == 0):
+                raise ConversionError(f"no training windows of {phase.seq_len} tokens for its phase")
+            if count and data[0]["input_ids"].numel() != phase.seq_len:
+                raise ValueError(f"phase {k}: windows of {data[0]['input_ids'].numel()} tokens, not {phase.seq_len}")
+            need = count * phase.batch
+            epochs = -(-need // len(data)) if need else 0
+            rng = np.random.default_rng([seed, k])
+            order = np.concatenate([rng.permutation(len(data)) for _ in range(epochs)]) if epochs else \
+                np.zeros(0, dtype=np.int64)
+            self._datasets.append(data)
+            self._orders.append(order[:need])
+            self._starts.append(self._starts[-1] + count)
+
+    def phase_of(self, index: int) -> int:
+        """Index of the phase that item ``index`` belongs to."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return int(np.searchsorted(self._starts, index, side="right")) - 1
+
+    def repeats(self, phase: int) -> float:
+        """How many times the phase reads its windows over (1.0: each once)."""
+        return len(self._orders[phase]) / max(1, len(self._datasets[phase]))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        k = self.phase_of(index)
+        batch = self.phases[k].batch
+        j = index - self._starts[k]
+        rows = [self._datasets[k][int(i)]["input_ids"] for i in self._orders[k][j * batch: (j + 1) * batch]]
+        ids = torch.stack(rows)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def collate_windows(items: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Batches ``{"input_ids", "labels"}`` items along the first dimension: single windows
+    (``[seq_len]``) are stacked, whole micro-batches (``[b, seq_len]``, :class:`ScheduledBatches`)
+    concatenated."""
+    return {key: torch.cat([item[key] if item[key].dim() == 2 else item[key][None] for item in items])
+            for key in items[0]}
 
 
 # ----------------------------------------------------------------------------- tokenizing + cache
