@@ -31,7 +31,8 @@ from conversion.recovery.chat_data import (
 )
 from conversion.recovery.corpus import is_held_out, load_default_corpus, split_key
 from conversion.recovery.data import (
-    ScheduledBatches, TokenWindows, build_token_windows, default_training_data, read_documents, split_documents, user_training_data,
+    ScheduledBatches, TokenWindows, build_token_windows, default_training_data, read_documents, split_documents,
+    user_training_data,
 )
 from conversion.recovery.engine_hooks import EngineHooks
 from conversion.recovery.global_stage import GlobalOptions, run_global_stage, world_size

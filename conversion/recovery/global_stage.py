@@ -152,7 +152,8 @@ def parse_seq_len_schedule(text: str) -> list[tuple[int, float]]:
             length, share = part.split(":")
             phases.append((int(length), float(share)))
         except ValueError:
-            raise ConversionError(f"--seq-len-schedule: {part!r} is not LENGTH:SHARE (e.g. 2048:0.6,8192:0.4)") from None
+            raise ConversionError(f"--seq-len-schedule: {part!r} is not LENGTH:SHARE (such as 2048:0.6,8192:0.4)") \
+                from None
     if not phases:
         raise ConversionError("--seq-len-schedule is empty; give LENGTH:SHARE pairs such as 2048:0.6,8192:0.4")
     lengths = [n for n, _ in phases]
