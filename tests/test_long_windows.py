@@ -366,3 +366,35 @@ def test_fill_windows_cut_the_filler_never_the_document():
     assert rows[0, :10].tolist() == Doc.ids and rows[0, 10] == 1 and rows[0, 11:15].tolist() == [5, 6, 7, 8]
     assert rows[0, 15] == 1
     assert np.issubdtype(rows.dtype, np.integer)
+
+
+def test_each_phase_packs_its_own_corpus_block_and_the_synthesis_at_its_length(trained_setup, tmp_path):
+    """With --synthesize, every phase reads the teacher text re-packed at its own length at
+    --synthetic-share of its windows; the long documents open the longest phase only; the phases'
+    corpus blocks are disjoint."""
+    from conversion.recovery import finetune as ft
+
+    tok = AutoTokenizer.from_pretrained(str(trained_setup["mla"]))
+    texts = [f"user: Question {i}?\nassistant: Answer number {i} is a long answer about things." for i in range(300)]
+    synthesis = ft.Synthesis(build_token_windows(tok, texts, 64, tmp_path, name="synthesized", show_progress=False),
+                             [], {}, texts)
+    opts = ft.FinetuneOptions(teacher=trained_setup["src"], data=[trained_setup["data"]], seq_len=64,
+                              seq_len_schedule=[(64, 0.5), (512, 0.5)], long_docs=1024, synthetic_share=0.5,
+                              cache_dir=tmp_path, show_progress=False,
+                              global_=GlobalOptions(tokens=8 * 8 * 64, batch_size=8))
+    batches, record = ft._scheduled_data(opts, tok, 1, synthesis, lambda *_: None)
+    short, long_ = record["phases"]
+    assert (short["steps"], short["windows_per_micro_batch"], long_["steps"], long_["windows_per_micro_batch"]) == \
+        (4, 8, 4, 1)
+    assert short["mix"]["synthesized_share"] >= 0.5 and long_["mix"]["synthesized_share"] >= 0.5
+    assert "long_documents" in long_ and long_["long_documents"]["documents"] == 2 and "long_documents" not in short
+    assert len(batches) == 8 and batches.tokens_per_micro_batch == 512
+    synthesized_at = {n: build_token_windows(tok, texts, n, tmp_path, name="synthesized", show_progress=False)
+                      for n in (64, 512)}
+    for n in (64, 512):
+        rows = {tuple(synthesized_at[n][i]["input_ids"].tolist()) for i in range(len(synthesized_at[n]))}
+        seen = {tuple(row.tolist()) for i in range(len(batches)) for row in batches[i]["input_ids"]
+                if row.numel() == n}
+        assert seen & rows  # the teacher text, packed at this phase's length
+    docs = ft._corpus_documents(opts)
+    assert short["corpus_documents"] + long_["corpus_documents"] <= len(docs)
