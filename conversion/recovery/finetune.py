@@ -84,7 +84,7 @@ class FinetuneOptions:
     window ``seq_len`` tokens."""
     long_docs: int = 0
     """Global stage: tokens of synthesized long documents (``--long-docs``, :mod:`long_docs`), one per
-    window of the schedule's longest length, that many of that phase's windows."""
+    window of the schedule's longest length (``seq_len`` without a schedule), shuffled into that phase."""
     onpolicy: OnPolicyOptions = field(default_factory=OnPolicyOptions)
     work_dir: Path | None = None
     """Trainer checkpoints (default: a hidden folder beside DST)."""
@@ -468,8 +468,8 @@ def _scheduled_data(opts: FinetuneOptions, tokenizer, world: int, synthesis: Syn
     """The global stage's :class:`ScheduledBatches` and what they hold. Each phase packs its own
     block of the training documents (in proportion to its tokens) into windows of its length, with
     the synthesized text at ``--synthetic-share``; phases longer than ``--seq-len`` also pack the
-    corpus's long articles (:func:`load_training_articles`); the longest phase's first windows are
-    ``--long-docs`` tokens of synthesized long documents (:mod:`long_docs`)."""
+    corpus's long articles (:func:`load_training_articles`); ``--long-docs`` tokens of the longest
+    phase's windows (at most all of them) are synthesized long documents (:mod:`long_docs`)."""
     from conversion.recovery.corpus import load_training_articles
     from conversion.recovery.global_stage import plan_schedule
     from conversion.recovery.long_docs import long_document_windows

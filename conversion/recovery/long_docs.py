@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -314,9 +315,12 @@ def long_document_windows(tokenizer, questions: Sequence[Question], documents: S
     rng = random.Random(f"filler-{seed}")
     sample = [documents[rng.randrange(len(documents))] for _ in range(min(256, len(documents)))]
     filler = tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"]
-    _save_atomic(path, fill_windows(docs, length, eos, filler, seed))
     record = {"length": length, **summarize(docs)}
-    record_path.write_text(json.dumps(record))
+    tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")  # ranks of a torchrun build it alike
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, record_path)
+    _save_atomic(path, fill_windows(docs, length, eos, filler, seed))
     return TokenWindows(path), record
 
 
