@@ -76,6 +76,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                    help="global stage: windows of several lengths, each a share of the stage's tokens, in this order "
                         "(e.g. 2048:0.6,8192:0.4); every micro-batch holds --batch-size x --seq-len tokens, so longer "
                         "windows come fewer to a batch (default: every window --seq-len)")
+    p.add_argument("--seq-len-order", choices=["phases", "interleaved"], default="phases",
+                   help="with --seq-len-schedule: phases one after the other (default), or their steps spread evenly "
+                        "over the run (a run cut short by --max-minutes keeps the shares)")
     p.add_argument("--long-docs", type=int, default=0, metavar="N",
                    help="global stage: N tokens of synthesized long documents (training paragraphs filling a window, "
                         "then questions answered from paragraphs at random depths in it), in windows of the "
@@ -141,7 +144,8 @@ def _finetune_options(args: argparse.Namespace):
         synthetic_share=args.synthetic_share, free_text_share=args.free_text_share,
         synthesis_max_tokens=args.synthesis_max_tokens,
         seq_len_schedule=parse_seq_len_schedule(args.seq_len_schedule) if args.seq_len_schedule else None,
-        long_docs=args.long_docs, work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
+        seq_len_order=args.seq_len_order, long_docs=args.long_docs,
+        work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
         onpolicy=OnPolicyOptions(rounds=args.onpolicy_rounds, prompts_per_round=args.onpolicy_prompts,
                                  max_new_tokens=args.onpolicy_max_tokens, beta=args.onpolicy_beta,
                                  lmbda=args.onpolicy_lambda, lr=args.onpolicy_lr, train=args.train, seed=args.seed,

@@ -67,7 +67,7 @@ def test_the_schedule_gives_the_stated_token_shares_with_equal_tokens_per_step()
     opts = GlobalOptions(tokens=40 * 4 * 2 * 64, batch_size=4, grad_accum=2)
     phases = plan_schedule(schedule, opts, seq_len=64, world=2)
     tokens_per_step = opts.tokens_per_step(64, 2)
-    assert [p.steps for p in phases] == [10, 5, 5] and [p.first_step for p in phases] == [0, 10, 15]
+    assert [p.steps for p in phases] == [10, 5, 5]
     assert [p.batch for p in phases] == [4, 2, 1]  # 256 tokens a micro-batch in every phase
     assert {p.batch * p.seq_len for p in phases} == {256}
     assert sum(p.steps for p in phases) * tokens_per_step >= opts.tokens
@@ -102,7 +102,7 @@ class _Rows(torch.utils.data.Dataset):
 
 
 def test_scheduled_batches_follow_the_phases_in_order_with_equal_tokens_and_no_longer_window():
-    phases = [Phase(64, 0.5, 3, 4, 0), Phase(128, 0.25, 2, 2, 3), Phase(256, 0.25, 1, 1, 5)]
+    phases = [Phase(64, 0.5, 3, 4), Phase(128, 0.25, 2, 2), Phase(256, 0.25, 1, 1)]
     data = [_Rows(10, 64, 0), _Rows(3, 128, 10_000), _Rows(50, 256, 20_000)]
     batches = ScheduledBatches(phases, data, grad_accum=2, world=2, seed=5)
     assert len(batches) == (3 + 2 + 1) * 4 and batches.tokens_per_micro_batch == 256
@@ -123,11 +123,41 @@ def test_scheduled_batches_follow_the_phases_in_order_with_equal_tokens_and_no_l
     for i in range(len(batches)):
         item = batches[i]
         assert torch.equal(item["labels"], item["input_ids"]) and item["input_ids"].shape[1] <= 256
+    assert batches.tokens_by_seq_len(4) == {"64": 3 * 1024, "128": 1024, "256": 0}
+    assert [batches.seq_len_at_step(s) for s in range(6)] == [64, 64, 64, 128, 128, 256]
     stacked = collate_windows([data[0][0], data[0][1]])
     assert stacked["input_ids"].shape == (2, 64)
     assert collate_windows([batches[0]])["input_ids"].shape == (4, 64)
     with pytest.raises(ConversionError, match="differ in tokens"):
-        ScheduledBatches([Phase(64, 0.5, 1, 4, 0), Phase(128, 0.5, 1, 1, 1)], data[:2])
+        ScheduledBatches([Phase(64, 0.5, 1, 4), Phase(128, 0.5, 1, 1)], data[:2])
+
+
+def test_interleaved_steps_keep_every_prefix_of_the_run_at_the_shares():
+    """--seq-len-order interleaved: any prefix of the run (one cut short by --max-minutes) holds each
+    length within one step of its share; the micro-batches of a step stay of one length."""
+    from conversion.recovery.data import step_lengths
+
+    steps = [30, 12, 6]
+    plan = step_lengths(steps, "interleaved")
+    assert sorted(plan) == step_lengths(steps, "phases") == [0] * 30 + [1] * 12 + [2] * 6
+    for prefix in range(1, len(plan) + 1):
+        for k, n in enumerate(steps):
+            assert abs(plan[:prefix].count(k) - n * prefix / 48) <= 1, (prefix, k)
+    phases = [Phase(64, 0.5, 3, 4), Phase(128, 0.25, 2, 2), Phase(256, 0.25, 1, 1)]
+    data = [_Rows(10, 64, 0), _Rows(3, 128, 10_000), _Rows(50, 256, 20_000)]
+    mixed = ScheduledBatches(phases, data, grad_accum=2, world=2, seed=5, order="interleaved")
+    plain = ScheduledBatches(phases, data, grad_accum=2, world=2, seed=5)
+    assert [mixed.seq_len_at_step(s) for s in range(6)] != [plain.seq_len_at_step(s) for s in range(6)]
+    by_length = {}
+    for i in range(len(mixed)):
+        ids = mixed[i]["input_ids"]
+        assert ids.shape[1] == mixed.seq_len_at_step(i // 4)
+        by_length.setdefault(ids.shape[1], []).append(ids)
+    for n, rows in by_length.items():  # each length reads the same windows in the same order either way
+        same = [plain[i]["input_ids"] for i in range(len(plain)) if plain[i]["input_ids"].shape[1] == n]
+        assert all(torch.equal(a, b) for a, b in zip(rows, same, strict=True))
+    with pytest.raises(ConversionError, match="order"):
+        step_lengths(steps, "random")
 
 
 def test_windows_of_the_full_context_pack_with_eos_between_documents(tok):
@@ -345,10 +375,12 @@ def test_finetune_with_a_schedule_and_long_documents_reports_tokens_per_length(t
     common = [trained_setup["mla"], dst, "--teacher", trained_setup["src"], "--data", trained_setup["data"],
               "--stage", "global", "--seq-len", 128, "--batch-size", 4, "--finetune-tokens", 4 * 512,
               "--held-out-tokens", 2 * 128]
-    assert _run_cli(*common, "--seq-len-schedule", "128:0.5,512:0.5", "--long-docs", 1024) == 0
+    assert _run_cli(*common, "--seq-len-schedule", "128:0.5,512:0.5", "--long-docs", 1024,
+                    "--seq-len-order", "interleaved") == 0
     report = json.loads((dst / "finetune_report.json").read_text())
     g = report["global"]
     assert g["steps"] == 4 and g["tokens_by_seq_len"] == {"128": 1024, "512": 1024}
+    assert g["schedule_order"] == report["seq_len_schedule"]["order"] == "interleaved"
     phases = report["seq_len_schedule"]["phases"]
     assert [(p["seq_len"], p["steps"], p["windows_per_micro_batch"]) for p in phases] == [(128, 2, 4), (512, 2, 1)]
     long_docs = phases[1]["long_documents"]

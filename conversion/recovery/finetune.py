@@ -82,6 +82,9 @@ class FinetuneOptions:
     """Global stage: ``[(window length, share of the stage's tokens), ...]`` in the order the phases
     run (``--seq-len-schedule``); every micro-batch holds ``batch_size × seq_len`` tokens. None: every
     window ``seq_len`` tokens."""
+    seq_len_order: str = "phases"
+    """``phases``: the schedule's phases one after the other; ``interleaved``: their steps spread evenly
+    over the stage (any prefix of the run, one cut short by ``--max-minutes`` too, holds the shares)."""
     long_docs: int = 0
     """Global stage: tokens of synthesized long documents (``--long-docs``, :mod:`long_docs`), one per
     window of the schedule's longest length (``seq_len`` without a schedule), shuffled into that phase."""
@@ -515,18 +518,19 @@ def _scheduled_data(opts: FinetuneOptions, tokenizer, world: int, synthesis: Syn
             parts.append(corpus)
         datasets.append(_Concat(parts) if len(parts) > 1 else parts[0])
         records.append(record)
-    batches = ScheduledBatches(phases, datasets, g.grad_accum, world, seed=g.seed)
+    batches = ScheduledBatches(phases, datasets, g.grad_accum, world, seed=g.seed, order=opts.seq_len_order)
     for k, record in enumerate(records):
         if phases[k].steps:
             record["repeats"] = round(batches.repeats(k), 3)
-        log(f"schedule: {record['steps']} steps of {record['windows_per_micro_batch']} x {record['seq_len']}-token "
-            f"windows per micro-batch ({record['tokens']:,} tokens"
+        log(f"schedule ({opts.seq_len_order}): {record['steps']} steps of {record['windows_per_micro_batch']} x "
+            f"{record['seq_len']}-token windows per micro-batch ({record['tokens']:,} tokens"
             + (f", {record['long_documents']['documents']} long documents" if "long_documents" in record else "")
             + ")")
-    if g.time_budget_s is not None and len(active) > 1:
-        log("note: --max-minutes may end the run before its later phases; the phases are planned from "
-            "--finetune-tokens, so set it to what the time allows")
-    return batches, {"phases": records, "tokens_per_step": g.tokens_per_step(opts.seq_len, world)}
+    if g.time_budget_s is not None and len(active) > 1 and opts.seq_len_order == "phases":
+        log("note: --max-minutes may end the run before its later phases (they are planned from --finetune-tokens); "
+            "--seq-len-order interleaved keeps the shares in a run cut short")
+    return batches, {"order": opts.seq_len_order, "phases": records,
+                     "tokens_per_step": g.tokens_per_step(opts.seq_len, world)}
 
 
 def mix_sizes(corpus_windows: int, synthesized_windows: int, windows_needed: int, share: float) -> tuple[int, int]:

@@ -17,7 +17,8 @@ is specific to MHA2MLA is small and lives here:
 - a sequence-length schedule (``--seq-len-schedule 2048:0.6,8192:0.4``, :func:`plan_schedule`):
   phases of windows of different lengths, each a set share of the stage's tokens. Every
   micro-batch holds ``--batch-size × --seq-len`` tokens, so a phase of longer windows has fewer
-  of them and every optimizer step sees the same number of tokens. It stays one ``Trainer`` run
+  of them and every optimizer step sees the same number of tokens. The phases run one after the
+  other or, with ``--seq-len-order interleaved``, spread evenly over the run. It stays one ``Trainer`` run
   (one learning-rate schedule, checkpoints and ``--resume`` unchanged): the dataset's items are
   whole micro-batches in training order (:class:`conversion.recovery.data.ScheduledBatches`), read
   sequentially one per micro-step, so a resumed run skips exactly the micro-batches it had seen.
@@ -115,6 +116,8 @@ class GlobalReport:
     """Model FLOPs utilisation of ``train_tokens_per_s`` (GPU runs)."""
     phases: list[dict] = field(default_factory=list)
     """With a sequence-length schedule: each phase's length, share, steps, windows per micro-batch."""
+    schedule_order: str | None = None
+    """With a sequence-length schedule: ``phases`` (one after the other) or ``interleaved``."""
     tokens_by_seq_len: dict[str, int] = field(default_factory=dict)
     """Tokens trained at each window length (with a schedule)."""
     train_tokens_per_s_by_seq_len: dict[str, float] = field(default_factory=dict)
@@ -126,14 +129,13 @@ class GlobalReport:
 
 @dataclass(frozen=True)
 class Phase:
-    """One phase of a sequence-length schedule: ``steps`` optimizer steps from ``first_step`` on
-    windows of ``seq_len`` tokens, ``batch`` of them per micro-batch."""
+    """One phase of a sequence-length schedule: ``steps`` optimizer steps on windows of ``seq_len``
+    tokens, ``batch`` of them per micro-batch (where the steps fall: ``ScheduledBatches.order``)."""
 
     seq_len: int
     share: float
     steps: int
     batch: int
-    first_step: int
 
     def micro_batches(self, grad_accum: int, world: int) -> int:
         """Micro-batches of the phase across all processes (each process reads every world-th)."""
@@ -180,16 +182,7 @@ def plan_schedule(schedule: list[tuple[int, float]], opts: GlobalOptions, seq_le
     steps = [int(r) for r in raw]
     for i in sorted(range(len(raw)), key=lambda i: steps[i] - raw[i])[: max_steps - sum(steps)]:
         steps[i] += 1
-    phases, first = [], 0
-    for (length, share), n in zip(schedule, steps):
-        phases.append(Phase(length, share, n, tokens_per_micro_batch // length, first))
-        first += n
-    return phases
-
-
-def tokens_by_seq_len(phases: list[Phase], steps_done: int, tokens_per_step: int) -> dict[str, int]:
-    """Tokens trained at each window length after ``steps_done`` optimizer steps."""
-    return {str(p.seq_len): max(0, min(p.steps, steps_done - p.first_step)) * tokens_per_step for p in phases}
+    return [Phase(length, share, n, tokens_per_micro_batch // length) for (length, share), n in zip(schedule, steps)]
 
 
 def world_size() -> int:
@@ -501,20 +494,20 @@ def run_global_stage(
     world = world_size()
     phases = getattr(train_data, "phases", None)
     if phases is not None:  # a sequence-length schedule: items are micro-batches of equal tokens
-        tokens_per_step = train_data.tokens_per_micro_batch * opts.grad_accum * world
+        tokens_per_step = train_data.tokens_per_step
         lengths = {p.seq_len: p.steps * tokens_per_step for p in phases}
     else:
         tokens_per_step = opts.tokens_per_step(train_data.seq_len, world)
         lengths = {train_data.seq_len: 1}
     max_steps = max(1, math.ceil(opts.tokens / tokens_per_step))
-    if phases is not None and len(train_data) != max_steps * opts.grad_accum * world:
+    if phases is not None and (len(train_data) != max_steps * opts.grad_accum * world
+                               or train_data.per_step != opts.grad_accum * world):
         raise ConversionError(f"the scheduled data holds {len(train_data)} micro-batches, the run needs "
                               f"{max_steps * opts.grad_accum * world}: plan it with the same options")
     args = build_training_arguments(opts, work_dir, max_steps, use_bf16, scheduled=phases is not None)
     trainable = select_trainable(student, opts.train)
     guard = StructureGuard(student)
-    timer = _StepTimer(None if phases is None else
-                       lambda step: next((p.seq_len for p in reversed(phases) if step >= p.first_step), 0))
+    timer = _StepTimer(None if phases is None else train_data.seq_len_at_step)
     callbacks: list[TrainerCallback] = [_GuardCallback(guard), _Progress(tokens_per_step), timer]
     if opts.stop_after_steps is not None or opts.time_budget_s is not None:
         callbacks.append(_StopEarly(opts.stop_after_steps, opts.time_budget_s))
@@ -557,7 +550,8 @@ def run_global_stage(
     )
     if phases is not None:
         report.phases = [asdict(p) for p in phases]
-        report.tokens_by_seq_len = tokens_by_seq_len(phases, trainer.state.global_step, tokens_per_step)
+        report.schedule_order = train_data.order
+        report.tokens_by_seq_len = train_data.tokens_by_seq_len(trainer.state.global_step)
         report.train_tokens_per_s_by_seq_len = {str(n): round(k * tokens_per_step / sec, 1)
                                                 for n, (k, sec) in sorted(timer.by_length.items()) if sec > 0}
     if torch.cuda.is_available() and (report.train_tokens_per_s or report.tokens_per_s):
