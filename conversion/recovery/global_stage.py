@@ -480,8 +480,10 @@ def run_global_stage(
     opts: GlobalOptions,
     work_dir: Path,
     resume: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> GlobalReport:
-    """Trains ``student`` in place; checkpoints go to ``work_dir`` (resumable).
+    """Trains ``student`` in place; checkpoints go to ``work_dir`` (resumable). ``callbacks``: more
+    Trainer callbacks (measurements, e.g. ``benchmarks/studies/long_window_memory.py``'s peak memory).
 
     ``train_data`` / ``held_out_data``: datasets of ``{"input_ids", "labels"}`` windows, or for
     training :class:`~conversion.recovery.data.ScheduledBatches` (a sequence-length schedule).
@@ -508,13 +510,13 @@ def run_global_stage(
     trainable = select_trainable(student, opts.train)
     guard = StructureGuard(student)
     timer = _StepTimer(None if phases is None else train_data.seq_len_at_step)
-    callbacks: list[TrainerCallback] = [_GuardCallback(guard), _Progress(tokens_per_step), timer]
+    hooks: list[TrainerCallback] = [_GuardCallback(guard), _Progress(tokens_per_step), timer, *(callbacks or [])]
     if opts.stop_after_steps is not None or opts.time_budget_s is not None:
-        callbacks.append(_StopEarly(opts.stop_after_steps, opts.time_budget_s))
+        hooks.append(_StopEarly(opts.stop_after_steps, opts.time_budget_s))
     trainer = DistillationTrainer(
         model=student, args=args, train_dataset=train_data, eval_dataset=held_out_data, data_collator=collate_windows,
         teacher=teacher if "kd" in opts.loss else None, loss_kind=opts.loss, temperature=opts.temperature,
-        callbacks=callbacks, time_budget_s=opts.time_budget_s, warmup_ratio=opts.warmup_ratio,
+        callbacks=hooks, time_budget_s=opts.time_budget_s, warmup_ratio=opts.warmup_ratio,
         decay_ratio=opts.decay_ratio,
     )
     trainer.add_callback(_FiniteLossCheck(trainer))
