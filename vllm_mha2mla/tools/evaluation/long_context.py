@@ -117,10 +117,29 @@ def _fit(encode: Encode, build: Callable[[int], str], unit_tokens: Sequence[int]
     return text
 
 
-def _place(fillers: Sequence[str], needles: Sequence[tuple[float, str]]) -> list[str]:
-    """``fillers`` with each ``(depth, needle)`` before filler ``round(depth * len(fillers))``; needles
-    in the same place keep their order in ``needles``."""
-    slots = sorted((round(depth * len(fillers)), i) for i, (depth, _) in enumerate(needles))
+def token_slot(unit_tokens: Sequence[int], depth: float) -> int:
+    """Where ``depth`` falls among units of these token counts: the unit boundary nearest to ``depth``
+    of their tokens (the number of units before it)."""
+    target, used, best, best_gap = depth * sum(unit_tokens), 0, 0, float("inf")
+    for i in range(len(unit_tokens) + 1):
+        if abs(used - target) < best_gap:
+            best, best_gap = i, abs(used - target)
+        if i < len(unit_tokens):
+            used += unit_tokens[i]
+    return best
+
+
+def _place(fillers: Sequence[str], needles: Sequence[tuple[float, str]],
+           unit_tokens: Sequence[int] | None = None) -> list[str]:
+    """``fillers`` with each ``(depth, needle)`` inserted at its depth: before filler ``round(depth *
+    len(fillers))`` (passkey, niah), or, given the fillers' token counts, at ``depth`` of their tokens
+    (the newer tasks: essay sentences vary in length). Needles in the same place keep their order."""
+    def slot(depth: float) -> int:
+        if unit_tokens is None:
+            return round(depth * len(fillers))
+        return token_slot(unit_tokens[:len(fillers)], depth)
+
+    slots = sorted((slot(depth), i) for i, (depth, _) in enumerate(needles))
     out, at = [], 0
     for slot, i in slots:
         out += [*fillers[at:slot], needles[i][1]]
@@ -188,9 +207,11 @@ Needles = list[tuple[float, str]]
 
 def _essay_items(kind: str, encode: Encode, haystack: Sequence[str], lengths: Sequence[int],
                  depths: Sequence[float], per_cell: int, seed: int, answer_tokens: int,
-                 draw: Callable[[random.Random, float], tuple[Needles, str, dict]]) -> list[Item]:
+                 draw: Callable[[random.Random, float], tuple[Needles, str, dict]], by_tokens: bool = True
+                 ) -> list[Item]:
     """Prompts of needles in the essays: ``draw(rng, depth)`` gives the needles, the question and the
-    item's answer fields; the haystack is a run of sentences from a seeded start."""
+    item's answer fields; the haystack is a run of sentences from a seeded start. Depths are placed by
+    tokens (``by_tokens``) or, as ``niah`` always did, by sentences."""
     sentence_tokens = [len(encode(" " + sentence)) for sentence in haystack]
     avg_tokens = max(1.0, sum(sentence_tokens) / max(1, len(sentence_tokens)))
     items = []
@@ -199,11 +220,13 @@ def _essay_items(kind: str, encode: Encode, haystack: Sequence[str], lengths: Se
         start = rng.randrange(len(haystack))
         want = 2 * int(budget / avg_tokens) + 8
         pool = [haystack[(start + i) % len(haystack)] for i in range(want)]
+        pool_tokens = [sentence_tokens[(start + i) % len(haystack)] for i in range(want)]
 
         def build(n: int) -> str:
-            return f"{NIAH_INTRO}\n{' '.join(_place(pool[:n], needles))}\n{question}"
+            body = _place(pool[:n], needles, pool_tokens if by_tokens else None)
+            return f"{NIAH_INTRO}\n{' '.join(body)}\n{question}"
 
-        text = _fit(encode, build, [sentence_tokens[(start + i) % len(haystack)] for i in range(want)], budget)
+        text = _fit(encode, build, pool_tokens, budget)
         items.append(Item(length, depth, request=Generate(tuple(encode(text)), answer_tokens), fact=needles[0][1],
                           **answer))
     return items
@@ -216,7 +239,8 @@ def niah_items(encode: Encode, haystack: Sequence[str], lengths: Sequence[int], 
         value = _magic_number(rng)
         return [(depth, _needle(key, value))], _niah_question(key), {"answer": value}
 
-    return _essay_items("niah", encode, haystack, lengths, depths, per_cell, seed, ANSWER_TOKENS, draw)
+    return _essay_items("niah", encode, haystack, lengths, depths, per_cell, seed, ANSWER_TOKENS, draw,
+                        by_tokens=False)
 
 
 def niah_multikey_items(encode: Encode, haystack: Sequence[str], lengths: Sequence[int], depths: Sequence[float],

@@ -35,7 +35,7 @@ from typing import Sequence
 
 from conversion.recovery.corpus import HOTPOTQA, SQUAD, is_held_out, split_key
 from vllm_mha2mla.tools.evaluation.generative import normalize_answer
-from vllm_mha2mla.tools.evaluation.long_context import Encode, Item, _cells
+from vllm_mha2mla.tools.evaluation.long_context import Encode, Item, _cells, token_slot
 from vllm_mha2mla.tools.evaluation.requests import Generate
 
 ANSWER_TOKENS = 32
@@ -95,21 +95,15 @@ def _document(i: int, text: str) -> str:
     return f"Document {i}:\n{text}"
 
 
+def unit_text(paragraph: str) -> str:
+    """A distractor as its token count is estimated (a two-digit document number, the separator)."""
+    return _document(10, paragraph) + _SEPARATOR
+
+
 def _prompt(documents: Sequence[str], question: str) -> str:
     context = _SEPARATOR.join(_document(i + 1, d) for i, d in enumerate(documents))
     return (f"{INSTRUCTION}\n\nThe following are given documents.\n\n{context}\n\n{INSTRUCTION}\n\n"
             f"Question: {question} Answer:")
-
-
-def _gold_at(distractor_tokens: Sequence[int], depth: float) -> int:
-    """Where the gold paragraphs go among the distractors: after those that hold ``depth`` of their tokens."""
-    target, used, best, best_gap = depth * sum(distractor_tokens), 0, 0, float("inf")
-    for i in range(len(distractor_tokens) + 1):
-        if abs(used - target) < best_gap:
-            best, best_gap = i, abs(used - target)
-        if i < len(distractor_tokens):
-            used += distractor_tokens[i]
-    return best
 
 
 def _fitting_question(encode: Encode, questions: Sequence[Question], order: Sequence[int], at: int,
@@ -134,7 +128,7 @@ def longqa_items(encode: Encode, questions: Sequence[Question], paragraphs: Sequ
     random.Random(f"longqa-order-{seed}").shuffle(order)
     docs = sorted(dict.fromkeys(p for p in paragraphs if p.strip()))  # independent of the order given
     doc_words = [f" {normalize_answer(d)} " for d in docs]
-    doc_tokens = [len(encode(_document(10, d) + _SEPARATOR)) for d in docs]
+    doc_tokens = [len(encode(unit_text(d))) for d in docs]
     shortest = min(doc_tokens, default=0)
     items = []
     for n, (length, budget, depth, rng) in enumerate(_cells("longqa", lengths, depths, per_cell, seed, ANSWER_TOKENS)):
@@ -156,7 +150,7 @@ def longqa_items(encode: Encode, questions: Sequence[Question], paragraphs: Sequ
                 chosen.append(j)
                 room -= doc_tokens[j]
         while True:
-            at = _gold_at([doc_tokens[j] for j in chosen], depth)
+            at = token_slot([doc_tokens[j] for j in chosen], depth)
             ids = encode(_prompt([docs[j] for j in chosen[:at]] + gold + [docs[j] for j in chosen[at:]], q.question))
             if len(ids) <= budget or not chosen:
                 break

@@ -266,7 +266,12 @@ def _essays(settings: Settings) -> list[str]:
 
 
 def _haystack(settings: Settings) -> list[str]:
-    return long_context.essay_sentences(_corpus(settings.cache_dir).out_of_domain[0])
+    return _essay_sentences(settings.cache_dir)
+
+
+@functools.lru_cache(maxsize=2)
+def _essay_sentences(cache_dir: Path | None) -> list[str]:
+    return long_context.essay_sentences(_corpus(cache_dir).out_of_domain[0])
 
 
 @functools.lru_cache(maxsize=2)
@@ -291,6 +296,12 @@ _LONG_ITEMS: dict[str, Callable[..., list[long_context.Item]]] = {
                                                                                          s.seed),
     "longqa": _longqa_items,
 }
+_LONG_UNITS: dict[str, Callable[[Settings], list[str]]] = {
+    # the filler units whose token counts the builders read: tokenized in one batched call first
+    **dict.fromkeys(("niah", "niah_multikey", "niah_multivalue"),
+                    lambda s: [" " + sentence for sentence in _haystack(s)]),
+    "longqa": lambda s: [longqa.unit_text(d) for d in _corpus(s.cache_dir).held_out],
+}
 _LONG_NOTES = {
     "niah_multikey": [f"{long_context.MULTIKEY_NEEDLES} needles with different keys, one asked for; acc: its value "
                       "in the answer; wrong_needle: another key's value without it"],
@@ -313,7 +324,17 @@ def _lc_prepare(kind: str):
         cells = len(lengths) * len(settings.depths)
         if settings.limit is not None and cells:
             per_cell = max(1, min(per_cell, settings.limit // cells))
-        items = _LONG_ITEMS[kind](tok.encode, settings, lengths, per_cell)
+        tok.warm(_LONG_UNITS[kind](settings) if kind in _LONG_UNITS else [])
+        try:
+            items = _LONG_ITEMS[kind](tok.encode, settings, lengths, per_cell)
+        except ValueError as exc:
+            raise EvaluationError(str(exc)) from exc
+        finally:
+            tok.forget()
+        over = sorted({i.length for i in items if len(i.request.token_ids) + i.request.max_tokens > i.length})
+        if over:
+            raise EvaluationError(f"{kind}: lengths {over} cannot hold the task's instructions, needles, question "
+                                  "and answer; ask for longer --lengths")
 
         def score(results: list[Result]) -> tuple[dict, list[dict]]:
             return long_context.score_items(items, [tok.decode(ids) for ids in results])
