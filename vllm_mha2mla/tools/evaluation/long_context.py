@@ -1,8 +1,9 @@
 """Long-context retrieval: passkey, needle-in-a-haystack and RULER's harder synthetic tasks.
 
 Each item is a prompt of a set length (in the model's own tokens, room left for the answer)
-with a fact hidden at a set depth (0 = first filler unit, 1 = last), then a question; the
-answer is generated greedily and scored from its text.
+with a fact hidden at a set depth (0 = before the first filler unit, 1 = after the last; by
+unit count for ``passkey`` and ``niah``, as they always were, by filler tokens for the newer
+tasks), then a question; the answer is generated greedily and scored from its text.
 
 - ``passkey`` (Mohtashami & Jaggi, "Landmark Attention"): a five-digit key hidden in a
   repeated filler paragraph.
