@@ -70,18 +70,15 @@ def hotpotqa_questions(records: list[dict]) -> list[Question]:
 
 
 def squad_questions(data: dict) -> list[Question]:
-    """Answerable questions of the SQuAD file whose context paragraph is held out."""
-    out = []
-    for article in data["data"]:
-        for paragraph in article["paragraphs"]:
-            context = paragraph["context"].strip()
-            if not context or not _held_out([context]):
-                continue
-            for qa in paragraph["qas"]:
-                answers = tuple(dict.fromkeys(a["text"].strip() for a in qa.get("answers", []) if a["text"].strip()))
-                if answers and not qa.get("is_impossible"):
-                    out.append(Question(qa["question"].strip(), answers, (context,), "squad"))
-    return out
+    """Answerable questions of the SQuAD file whose context paragraph is held out, with every annotated answer."""
+    held = [(context, paragraph["qas"]) for article in data["data"] for paragraph in article["paragraphs"]
+            if (context := paragraph["context"].strip()) and _held_out([context])]
+    return [Question(qa["question"].strip(), answers, (context,), "squad") for context, qas in held for qa in qas
+            if not qa.get("is_impossible") and (answers := _answers(qa))]
+
+
+def _answers(qa: dict) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(text for a in qa.get("answers", []) if (text := a["text"].strip())))
 
 
 def load_questions(folder: Path) -> list[Question]:
