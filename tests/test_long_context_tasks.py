@@ -375,3 +375,72 @@ def test_needle_attention_script_runs_on_a_tiny_pair(tiny_model_factory, tmp_pat
     assert losses == sorted(losses, reverse=True) and len(losses) == 2 * 2 * spec.num_layers * spec.num_heads
     assert (out / "needle_attention.png").stat().st_size > 0
     assert "heads that lose the most attention mass" in capsys.readouterr().out
+
+
+# --- through `mha2mla eval` (engines faked) -------------------------------------------------------
+
+class _Oracle:
+    """Answers like an engine: reads each prompt and names what it hides (``longqa``: the question's gold
+    answer); ``forget_after`` tokens: answers 'no idea' to longer prompts (a model that breaks there)."""
+
+    def __init__(self, tok: Tokenizer, questions, forget_after: int | None = None):
+        self.tok, self.forget_after = tok, forget_after
+        self.gold = {q.question: q.answers[0] for q in questions}
+        self.replicas = [{"device": "cpu", "attention_backends": []}]
+
+    def answer(self, text: str) -> str:
+        if "Find all variables" in text:
+            value = re.search(r"assigned the value (\d+) in", text).group(1)
+            return " " + ", ".join(n for n in re.findall(r"VAR ([A-Z]{5}) = ", text) if _chain_value(text, n) == value)
+        if text.startswith(longqa.INSTRUCTION):
+            return " " + self.gold[text[text.rindex("Question: ") + len("Question: "):-len(" Answer:")]]
+        if "What is the pass key?" in text:
+            return " " + re.search(r"The pass key is (\d+)\.", text).group(1)
+        key = re.search(r"special magic numbers? for ([a-z-]+) mentioned", text).group(1)
+        return " " + ", ".join(re.findall(f"for {key} is: (\\d+)", text))
+
+    def run(self, requests, chunk_size, progress):
+        progress(len(requests))
+        return [tuple(self.tok.encode(" no idea" if self.forget_after and len(r.token_ids) > self.forget_after
+                                      else self.answer(self.tok.decode(r.token_ids)))) for r in requests]
+
+    def close(self):
+        pass
+
+
+def test_eval_long_scores_reports_and_draws_every_long_task(tiny_model_factory, tok, questions, corpus_cache,
+                                                            tmp_path, monkeypatch):
+    """``--tasks long`` through ``evaluate``: a model that reads every prompt right scores 100% on all six
+    tasks, one that fails past 600 tokens 100% at 512 and 0% at 1024; results.md has the new metrics' rows,
+    the item files the facts found, long_context.png a row per task."""
+    import shutil
+
+    from vllm_mha2mla.tools.evaluation import evaluate as ev
+    from vllm_mha2mla.tools.evaluation.evaluate import EvalOptions
+
+    src = tiny_model_factory(TinySpec())  # 1,024 positions
+    for name in ("original", "converted"):
+        shutil.copytree(src, tmp_path / name)
+    monkeypatch.setenv("MHA2MLA_CACHE", str(corpus_cache))
+    monkeypatch.setattr(ev, "start_executor", lambda model, *a, **k: _Oracle(
+        tok, questions, 600 if model.endswith("converted") else None))
+    out = tmp_path / "out"
+    summary = ev.evaluate([f"original={tmp_path / 'original'}", f"converted={tmp_path / 'converted'}"], out,
+                          EvalOptions(tasks="long", lengths=(512, 1024), per_cell=1, dtype="float32"))
+    assert list(summary["tasks"]) == GROUPS["long"]
+    for task in GROUPS["long"]:
+        original = summary["results"]["original"]["tasks"][task]
+        converted = summary["results"]["converted"]["tasks"][task]
+        assert original["acc"] == 1.0 and original["n"] == 2 * len(DEPTHS), task
+        assert converted["acc_by_length"] == {"512": 1.0, "1024": 0.0}, task
+    assert summary["results"]["converted"]["tasks"]["niah_multivalue"]["recall"] == 0.5
+    table = (out / "results.md").read_text()
+    for row in ["| niah_multikey | wrong_needle (%) ↓ | 10 | 0.0 ± 0.0 | 0.0 (+0.0) |",
+                "| niah_multivalue | recall (%) | 10 | 100.0 ± 0.0 | 50.0 (-50.0) |",
+                "| variable_tracking | acc (%) | 10 | 100.0 ± 0.0 | 50.0 (-50.0) |",
+                "| longqa | acc (%) | 10 | 100.0 ± 0.0 | 50.0 (-50.0) |"]:
+        assert row in table, row
+    records = [json.loads(ln) for ln in (out / "items" / "converted" / "niah_multivalue.jsonl").read_text().splitlines()]
+    assert [r["found"] for r in records[-1:]] == [[False] * lc.MULTIVALUE_VALUES]
+    pytest.importorskip("matplotlib")
+    assert (out / "results.png").stat().st_size and (out / "long_context.png").stat().st_size

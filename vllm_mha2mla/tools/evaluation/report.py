@@ -115,7 +115,7 @@ def _plot_heat(summary: dict, path: Path) -> bool:
     if not tasks:
         return False
     fig, axes = plt.subplots(len(tasks), len(models), figsize=(3.2 * len(models) + 1, 2.6 * len(tasks)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")  # titles clear of the row above's ticks
     for r, task in enumerate(tasks):
         for c, m in enumerate(models):
             grid = summary["results"][m]["tasks"][task]["grid"]
