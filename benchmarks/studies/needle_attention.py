@@ -24,7 +24,7 @@ converted, converted − original, layers × heads) into ``--output`` and prints
 the most mass.
 
 Usage: python -m benchmarks.studies.needle_attention ORIGINAL_DIR MLA_DIR [--lengths 1024,4096]
-       [--depths 0.25,0.5,0.75] [--per-cell 2] [--task niah] [--text FILE] [--seed 0] [--top 15]
+       [--depths 0.25,0.5,0.75] [--per-cell 1] [--task niah] [--text FILE] [--seed 0] [--top 15]
        [--dtype float32] [--output DIR]
 Results: benchmarks/README.md lists the folders this script wrote.
 """
@@ -47,6 +47,8 @@ from vllm_mha2mla.tools.evaluation import long_context
 QUERIES = ("last_prompt", "first_answer")
 SPANS = ("needle", "value")
 TASKS = ("niah", "passkey", "niah_multikey", "niah_multivalue", "variable_tracking")
+TOP_KEPT = 100
+"""Rows of ``top_losses`` in the JSON (every row follows from ``mass``)."""
 
 
 # -- attention rows ---------------------------------------------------------------------------------
@@ -210,12 +212,13 @@ def run(original: Path, converted: Path, lengths: Sequence[int], depths: Sequenc
             at = [i for i, p in enumerate(prompts) if p["length"] == length]
             mean = torch.stack([per_prompt[i] for i in at]).mean(0)  # [layers, heads, query, span]
             summary["mass"][name][str(length)] = {
-                q: {s: mean[:, :, qi, si].tolist() for si, s in enumerate(SPANS)} for qi, q in enumerate(QUERIES)}
+                q: {s: mean[:, :, qi, si].round(decimals=5).tolist() for si, s in enumerate(SPANS)}
+                for qi, q in enumerate(QUERIES)}
     for length in lengths:
         at = [p for p in prompts if p["length"] == length]
         summary["uniform"][str(length)] = {s: sum((p["spans"][s][1] - p["spans"][s][0]) / p["tokens"] for p in at)
                                            / len(at) for s in SPANS}
-    summary["top_losses"] = top_losses(summary) if shapes["original"] == shapes["converted"] else []
+    summary["top_losses"] = top_losses(summary, top=TOP_KEPT) if shapes["original"] == shapes["converted"] else []
     return summary
 
 
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("matplotlib is not installed: no plot")
     if summary["top_losses"]:
-        print(f"heads that lose the most attention mass on the needle (of {len(summary['top_losses'])}):")
+        print("heads that lose the most attention mass on the needle:")
         print(loss_table(summary, args.top))
     for name in ("original", "converted"):
         by = [p["models"][name] for p in summary["prompts"]]
