@@ -323,12 +323,32 @@ def test_attention_rows_read_a_hand_made_attention_matrix():
     assert torch.allclose(calls[0][1, 0], torch.tensor([2 / seq, 1 / seq]), atol=1e-5)
 
 
-def test_captured_mass_equals_eager_output_attentions(tiny_model_factory):
+@pytest.mark.parametrize("mask", ["causal", "bool", "float"])
+def test_attention_in_query_chunks_equals_one_call(mask, monkeypatch):
+    from benchmarks.studies import needle_attention
+
+    monkeypatch.setattr(needle_attention, "QUERY_CHUNK", 3)
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 4, 10, 8, generator=g), torch.randn(1, 2, 10, 8, generator=g),
+                         torch.randn(1, 2, 10, 5, generator=g))
+    tril = torch.ones(10, 10, dtype=torch.bool).tril()
+    kw = {"causal": {"is_causal": True}, "bool": {"attn_mask": tril[None, None]},
+          "float": {"attn_mask": torch.zeros(1, 1, 10, 10).masked_fill(~tril, float("-inf"))}}[mask]
+    want = F.scaled_dot_product_attention(query, key, value, enable_gqa=True, **kw)
+    got = needle_attention.chunked_sdpa(F.scaled_dot_product_attention, query, key, value, enable_gqa=True, **kw)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_captured_mass_equals_eager_output_attentions(tiny_model_factory, monkeypatch):
     """On a real (tiny, grouped-query) Llama: the rows captured from its SDPA calls are those of the
-    full attention matrices that eager attention returns."""
+    full attention matrices that eager attention returns, and the model computes what it does
+    without the capture (its attention run in query chunks)."""
     from transformers import AutoModelForCausalLM
 
+    from benchmarks.studies import needle_attention
     from benchmarks.studies.needle_attention import capture
+
+    monkeypatch.setattr(needle_attention, "QUERY_CHUNK", 16)
 
     src = tiny_model_factory(TinySpec())
     ids = torch.randint(2, 500, (1, 40), generator=torch.Generator().manual_seed(0))
@@ -337,7 +357,9 @@ def test_captured_mass_equals_eager_output_attentions(tiny_model_factory):
         full = eager(ids, output_attentions=True).attentions  # per layer [1, heads, 40, 40]
     sdpa = AutoModelForCausalLM.from_pretrained(str(src), attn_implementation="sdpa").eval()
     with torch.no_grad(), capture([39, 20], [(5, 12), (0, 40)]) as calls:
-        sdpa.model(input_ids=ids)
+        hidden = sdpa.model(input_ids=ids).last_hidden_state
+    with torch.no_grad():
+        assert torch.allclose(hidden, sdpa.model(input_ids=ids).last_hidden_state, atol=1e-5)
     assert len(calls) == len(full) == TinySpec().num_layers
     for layer, attn in enumerate(full):
         want = torch.stack([attn[0, :, [39, 20], 5:12].sum(-1), attn[0, :, [39, 20], :].sum(-1)], dim=-1)

@@ -17,7 +17,8 @@ answer's log-probability and whether the answer's first token is the greedy one.
 The attention rows come from the models' own ``scaled_dot_product_attention`` calls: while a
 forward runs, every call is also answered for the two query rows alone (``softmax(q_r·Kᵀ·scale)``
 with the call's mask, grouped-query keys repeated), so an 8K prompt keeps two rows per head in
-memory, never the 8K × 8K matrix that ``output_attentions`` builds. One model is loaded at a time.
+memory, never the 8K × 8K matrix that ``output_attentions`` builds; the calls themselves run over
+1,024 query rows at a time (:data:`QUERY_CHUNK`). One model is loaded at a time.
 
 Writes ``needle_attention.json`` and ``needle_attention.png`` (per query and length: original,
 converted, converted − original, layers × heads) into ``--output`` and prints the heads that lose
@@ -78,18 +79,44 @@ def span_mass(probs: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Te
     return torch.stack([probs[..., start:end].sum(-1) for start, end in spans], dim=-1)
 
 
+QUERY_CHUNK = 1024
+"""Query rows per SDPA call while capturing: a kernel that builds the score matrix (PyTorch's math path,
+which the converted model's unequal key and value widths take on a CPU) then holds ``heads × 1024 × S``
+scores, not ``heads × S × S`` (7.2 GB at 8K for SmolLM2's conversion)."""
+
+
+def chunked_sdpa(sdpa, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """``sdpa(query, key, value, ...)`` over :data:`QUERY_CHUNK` query rows at a time (each row sees
+    the keys it saw before: the causal mask made explicit, a given mask sliced by rows)."""
+    length = query.shape[-2]
+    if length <= QUERY_CHUNK or key.shape[-2] != length or dropout_p:
+        return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                    **kwargs)
+    out = []
+    for a in range(0, length, QUERY_CHUNK):
+        b = min(length, a + QUERY_CHUNK)
+        if attn_mask is not None:
+            mask = attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., a:b, :]
+        elif is_causal:
+            mask = torch.arange(length, device=query.device)[None, :] <= torch.arange(a, b, device=query.device)[:, None]
+        else:
+            mask = None
+        out.append(sdpa(query[..., a:b, :], key, value, attn_mask=mask, scale=scale, **kwargs))
+    return torch.cat(out, dim=-2)
+
+
 @contextlib.contextmanager
 def capture(rows: Sequence[int], spans: Sequence[tuple[int, int]]):
     """While active, each ``F.scaled_dot_product_attention`` call (one per layer in a forward) appends
-    ``[heads, len(rows), len(spans)]``: the mass its query rows put on each span. Yields that list."""
+    ``[heads, len(rows), len(spans)]``: the mass its query rows put on each span, and runs over
+    :data:`QUERY_CHUNK` query rows at a time. Yields that list."""
     original = F.scaled_dot_product_attention
     per_call: list[torch.Tensor] = []
 
     def wrapped(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         probs = attention_rows(query, key, rows, attn_mask, is_causal, scale)
         per_call.append(span_mass(probs, spans)[0].cpu())
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, **kwargs)
+        return chunked_sdpa(original, query, key, value, attn_mask, dropout_p, is_causal, scale, **kwargs)
 
     F.scaled_dot_product_attention = wrapped
     try:
