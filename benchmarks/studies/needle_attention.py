@@ -280,7 +280,7 @@ def plot(summary: dict, path: Path, span: str = "needle") -> None:
 
     panels = [(length, q) for q in QUERIES for length in summary["lengths"]]
     same = summary["shape"]["original"] == summary["shape"]["converted"]
-    fig, axes = plt.subplots(len(panels), 3, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 3, figsize=(11, 3.2 * len(panels)), squeeze=False, layout="constrained")
     for r, (length, q) in enumerate(panels):
         orig = torch.tensor(summary["mass"]["original"][str(length)][q][span])
         conv = torch.tensor(summary["mass"]["converted"][str(length)][q][span])
@@ -299,7 +299,6 @@ def plot(summary: dict, path: Path, span: str = "needle") -> None:
             ax.set_ylabel("layer", fontsize=8)
             fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle(f"attention mass on the {span} ({summary['task']})", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
