@@ -93,7 +93,7 @@ def collect_calibration_stats(
     try:
         for row in tqdm(rows, desc="calibration", unit="seq"):
             captured.clear()
-            model(input_ids=row[None], use_cache=False)
+            model.model(input_ids=row[None], use_cache=False)  # the decoder alone: no logits are needed
             # Projections as RoPE sees them (biases included).
             for i, qk in captured.items():
                 scores[i] += pair_scores_from_projections(qk["q"], qk["k"], g, d)

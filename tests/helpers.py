@@ -92,3 +92,27 @@ def build_tiny_model(folder: Path, spec: TinySpec, seed: int = 0) -> Path:
     model.save_pretrained(str(folder))
     train_tokenizer(folder, spec.vocab_size)
     return folder
+
+
+SHARED_PREFIX_TOKENS = 40
+"""The prefix every prompt of :func:`prompts_sharing_a_prefix` starts with (2 full cache blocks of 16)."""
+
+
+def short_prompts(model_dir: Path) -> list[list[int]]:
+    """8 prompts of 6-34 tokens, each the start of a different held-out line."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    _, held_out = split_text(shared_text_path().read_text())
+    lines = [ln for ln in held_out.splitlines() if len(ln) > 20]
+    return [tok(lines[i * 7], add_special_tokens=False).input_ids[: 6 + 4 * i] for i in range(8)]
+
+
+def prompts_sharing_a_prefix(model_dir: Path) -> list[list[int]]:
+    """5 prompts of 70-122 tokens: a :data:`SHARED_PREFIX_TOKENS`-token shared prefix and their own held-out
+    text after it."""
+    from transformers import AutoTokenizer
+
+    _, held_out = split_text(shared_text_path().read_text())
+    ids = AutoTokenizer.from_pretrained(str(model_dir))(held_out, add_special_tokens=False).input_ids
+    return [ids[:SHARED_PREFIX_TOKENS] + ids[500 + 200 * i : 500 + 200 * i + 30 + 13 * i] for i in range(5)]

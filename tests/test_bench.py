@@ -27,7 +27,7 @@ from vllm_mha2mla.tools.bench.shapes import (
     shape_config,
     weight_bytes,
 )
-from vllm_mha2mla.tools.bench.summary import best_serving_rates, markdown, merge_rows, with_ratios
+from vllm_mha2mla.tools.bench.summary import best_serving_rates, kv_bytes, markdown, merge_rows, with_ratios
 from vllm_mha2mla.tools.bench.vllm_tools import (
     Server,
     attention_backend,
@@ -188,6 +188,10 @@ def test_summary_ratios_merge_and_tables():
     assert by["native", "fp8", "H100"]["expected_capacity"] == pytest.approx(2 * 8192 / 576)  # 1-byte cache
     assert "vs_mha" not in by["native", "fp8", "H100"]  # no MHA run with an fp8 cache to compare with
     assert "vs_mha" not in by["native", "auto", "H200"]  # never across devices
+    f32 = with_ratios([dict(_row("mha", 8192, 400.0, 100_000), dtype="float32"),
+                       dict(_row("native", 576, 5000.0, 1_400_000), dtype="float32")])
+    assert f32[1]["expected_capacity"] == pytest.approx(8192 / 576)  # both caches hold float32 values
+    assert kv_bytes("auto", "float32") == 4 and kv_bytes("auto", None) == 2 and kv_bytes("fp8", "float32") == 1
     again = _row("mha", 8192, 410.0, 100_000)
     merged = merge_rows(rows, [again])
     assert len(merged) == len(rows) and again in merged and rows[0] not in merged
@@ -357,14 +361,15 @@ def test_bench_runs_vllms_tools_on_the_real_model_and_a_conversion(tmp_path, ben
     plugin's backend), one row each with the recorded backend, KV capacity in the cache-size
     ratio, and latency percentiles from the serving run. (The context is 2K: vLLM's CPU attention
     gives the original a smaller share of the same KV memory at very short contexts. One prompt per
-    throughput run: a 2K-token bf16 prefill takes about a minute on 2 CPU cores.)"""
+    throughput run. ``--dtype float32``: on CPUs without native bf16 vLLM emulates bf16 matmuls, and a
+    2K-token bf16 prefill took about a minute on 2 cores; what is checked does not depend on the dtype.)"""
     from conversion.default_model import ensure_default_model
 
     monkeypatch.setenv("MHA2MLA_CACHE", str(bench_cache))
     model = ensure_default_model()
     out = tmp_path / "bench"
     run = _bench(f"{model}:mha,r32-d32", "--workloads", "2000/16", "--num-prompts", "1", "--serve-rates", "4",
-                 "--serve-prompts", "4", "--serve-workload", "64/8", "--output", str(out))
+                 "--serve-prompts", "4", "--serve-workload", "64/8", "--dtype", "float32", "--output", str(out))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["variant"]: r for r in summary["rows"]}
@@ -372,6 +377,7 @@ def test_bench_runs_vllms_tools_on_the_real_model_and_a_conversion(tmp_path, ben
     for r in rows.values():
         assert not r.get("error") and r["output_tokens_per_s"] > 0 and r["num_prompts"] == 1
         assert r["device"].startswith("CPU") and r["vllm_version"] and r["command"].startswith("vllm bench throughput")
+        assert r["dtype"] == "float32" and "--dtype float32" in r["command"]
     assert (rows["mha"]["attention_backend"], rows["r32-d32"]["attention_backend"]) == ("CPU_ATTN", "CUSTOM")
     assert (rows["mha"]["cache_values"], rows["r32-d32"]["cache_values"]) == (384, 192)
     assert rows["r32-d32"]["kv_capacity_tokens"] / rows["mha"]["kv_capacity_tokens"] == pytest.approx(2.0, rel=0.05)
@@ -403,7 +409,7 @@ def test_a_stopped_serving_run_keeps_its_finished_rates_and_stops_the_server(tmp
     out = tmp_path / "bench"
     proc = subprocess.Popen([sys.executable, "-m", "vllm_mha2mla.tools.cli", "bench", f"{ensure_default_model()}:r32-d32",
                              "--workloads", "", "--serve-rates", "8,0.02", "--serve-prompts", "4",
-                             "--serve-workload", "64/8", "--output", str(out)],
+                             "--serve-workload", "64/8", "--dtype", "float32", "--output", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 900

@@ -1,13 +1,14 @@
 """The demo end to end on the real default model (SmolLM2-135M-Instruct from PyPI), short text."""
 
 import json
+import os
 
 import pytest
 from rich.console import Console
 
 from conversion.default_model import ensure_default_model
 from conversion.text_data import shared_text_path
-from vllm_mha2mla.tools.demo import DemoOptions, run_demo
+from vllm_mha2mla.tools.demo import DemoOptions, default_engine_dtype, run_demo
 
 pytestmark = pytest.mark.vllm
 
@@ -30,17 +31,19 @@ def test_default_model_is_the_real_smollm2(default_model):
 def test_demo_pipeline_writes_summary_table_and_chart(tmp_path, default_model):
     text = tmp_path / "short.txt"
     text.write_text(shared_text_path().read_text()[:40_000])
-    # float32, not the demo's bfloat16: on CPUs without bf16 matrix units vLLM's bf16 linears fall back to
-    # emulation (~30 prompt tokens/s for this model on 2 cores), which made the three engines most of the test's
-    # time; the bf16 engine path has its own tests (test_vllm_plugin's bf16 runs, test_bench's real runs). Twice
-    # the KV memory holds the same number of float32 tokens as 64 MiB of bf16 ones.
+    # The demo's own dtype choice: bf16 checkpoints, engines in float32 on CPUs without native bf16 (where vLLM
+    # emulates bf16, ~30 prompt tokens/s for this model on 2 cores) with twice the 64 MiB of KV memory; the bf16
+    # engine path has its own tests (test_vllm_plugin's bf16 runs).
     opts = DemoOptions(out_dir=tmp_path / "demo", text=text, calib_tokens=1024, ppl_tokens=512, ppl_seq_len=256,
-                       max_tokens=8, num_prompts=2, enforce_eager=True, kv_cache_memory_bytes=128 << 20,
-                       dtype="float32", local_tokens=2048, local_steps=2, local_seconds=600,  # budget never binding
+                       max_tokens=8, num_prompts=2, enforce_eager=True, kv_cache_memory_bytes=64 << 20,
+                       local_tokens=2048, local_steps=2, local_seconds=600,  # budget never binding
                        synthesize=1500, synthesis_max_tokens=16)  # a few teacher chats join the local stage
     out = run_demo(opts, console=Console(quiet=True))
     summary = json.loads((out / "summary.json").read_text())
     orig, conv, rec, ratios = summary["original"], summary["converted"], summary["recovered"], summary["ratios"]
+    engine_dtype = default_engine_dtype("bfloat16")
+    assert summary["engine_dtype"] == engine_dtype and {orig["dtype"], conv["dtype"], rec["dtype"]} == {engine_dtype}
+    assert summary["engine_kv_cache_memory_bytes"] == (128 << 20 if engine_dtype == "float32" else 64 << 20)
     assert orig["kv_values_per_token_per_layer"] == 384  # 2 × 3 kv-heads × 64
     assert conv["kv_values_per_token_per_layer"] == rec["kv_values_per_token_per_layer"] == 3 * (32 + 32)
     assert ratios["kv_reduction_pct"] == pytest.approx(50.0)
@@ -66,3 +69,22 @@ def test_agreement_counts_samples_that_start_like_the_reference():
     ref = [[1, 2, 3, 4], [5, 6], []]
     assert agreement(ref, [[1, 2, 3, 9], [5, 6], []], tokens=3) == 2  # an empty reference never counts
     assert agreement(ref, [[1, 2, 9], [5, 6, 7], [1]], tokens=3) == 0  # going on where the reference ended differs
+
+
+def test_engine_dtype_follows_native_bf16_and_reaches_auto_engines(monkeypatch):
+    """float32 engines for bf16 checkpoints where bf16 is emulated, with twice the KV memory (the same tokens);
+    engines that ask for ``auto`` (the recovery's teacher chats) get the demo's choice through the environment."""
+    from vllm_mha2mla.tools import demo
+    from vllm_mha2mla.tools.runner import AUTO_DTYPE_ENV, EngineRequest, _engine_kwargs
+
+    for native, want in ((True, ("bfloat16", 256 << 20)), (False, ("float32", 512 << 20))):
+        monkeypatch.setattr(demo, "native_bf16", lambda: native)
+        assert demo.engine_settings(DemoOptions()) == want
+        assert demo.engine_settings(DemoOptions(dtype="float32"))[0] == "float32"
+    assert demo.engine_settings(DemoOptions(engine_dtype="bfloat16")) == ("bfloat16", 256 << 20)
+    monkeypatch.delenv(AUTO_DTYPE_ENV, raising=False)
+    assert _engine_kwargs(EngineRequest(model="m"))["dtype"] == "auto"
+    with demo._auto_dtype("float32"):
+        assert _engine_kwargs(EngineRequest(model="m"))["dtype"] == "float32"
+        assert _engine_kwargs(EngineRequest(model="m", dtype="bfloat16"))["dtype"] == "bfloat16"
+    assert AUTO_DTYPE_ENV not in os.environ

@@ -15,7 +15,8 @@ from conversion.errors import ConversionError
 from conversion.mla_format.layout import MLALayout, plan_exact_layout
 from conversion.mla_format.spec import MHA2MLASpec
 from conversion.validate import check_checkpoint
-from tests.helpers import TinySpec
+from tests.helpers import TinySpec, short_prompts
+from tests.helpers import prompts_sharing_a_prefix as prompts_sharing_a_prefix_of  # the fixture's name
 
 SPEC = TinySpec(num_heads=4, num_kv_heads=2, head_dim=32, hidden_size=128, num_layers=4)
 OPTIONS = dict(rope_dim=8, strategy="2-norm", svd="aw-joint", d_kv=16, allocate="measured", rank_step=8,
@@ -208,42 +209,52 @@ KV_BYTES = 16 << 20
 @pytest.fixture(scope="module")
 def prompts_sharing_a_prefix(tiny_model_factory):
     """5 prompts of 70–122 tokens sharing a 40-token prefix (2 full cache blocks of 16)."""
-    from transformers import AutoTokenizer
+    return prompts_sharing_a_prefix_of(tiny_model_factory(SPEC))
 
-    from conversion.text_data import shared_text_path, split_text
 
-    _, held_out = split_text(shared_text_path().read_text())
-    ids = AutoTokenizer.from_pretrained(str(tiny_model_factory(SPEC)))(held_out, add_special_tokens=False).input_ids
-    return [ids[:40] + ids[500 + 200 * i: 500 + 200 * i + 30 + 13 * i] for i in range(5)]
+@pytest.fixture(scope="module")
+def per_layer_run(per_layer, tiny_model_factory, prompts_sharing_a_prefix):
+    """One engine (torch.compile on) on the per-layer checkpoint for the two tests below, in 32-token scheduling
+    steps: 8 short prompts first, several whole prompts to a step, then the prompts sharing a prefix, split into
+    chunks that attend to cached context, later ones starting from the cached prefix. 16 tokens each, past the
+    end-of-sequence token (this random model ends some short prompts at once), to compare them all in full."""
+    from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
+
+    prompts = short_prompts(tiny_model_factory(SPEC)) + prompts_sharing_a_prefix
+    return prompts, run_engine_in_subprocess(EngineRequest(
+        model=str(per_layer), prompt_token_ids=prompts, max_tokens=16, ignore_eos=True, dtype="float32",
+        kv_cache_memory_bytes=KV_BYTES, enable_chunked_prefill=True, enable_prefix_caching=True,
+        max_num_batched_tokens=32))
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("scheduling", [
-    {},
-    {"enable_chunked_prefill": True, "enable_prefix_caching": True, "max_num_batched_tokens": 32},
-], ids=["whole-prompts", "chunked-prefill-and-prefix-cache"])
-def test_vllm_serves_each_layer_at_its_own_width(per_layer, prompts_sharing_a_prefix, scheduling):
-    """Greedy tokens equal the reference model's; every layer's paged cache has its own row
-    width (no padding to the widest); the KV capacity is the memory over the summed widths.
-    With 32-token steps, later chunks attend to cached context through each layer's own-width
-    workspace view, and prompts reuse the cached prefix."""
-    from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
-
+def test_vllm_serves_each_layer_at_its_own_width(per_layer, per_layer_run):
+    """Greedy tokens equal the reference model's, for whole prompts batched in one step and for prompts prefilled
+    in chunks; every layer's paged cache has its own row width (no padding to the widest); the KV capacity is the
+    memory over the summed widths."""
     config = json.loads((per_layer / "config.json").read_text())
     rope = config["qk_rope_head_dim"]
     widths = [r + rope for r in config["mha2mla"]["layer_kv_lora_rank"]]
     assert len(set(widths)) > 1, "the allocation should give layers different widths"
-    prompts = prompts_sharing_a_prefix
-    result = run_engine_in_subprocess(EngineRequest(model=str(per_layer), prompt_token_ids=prompts, max_tokens=16,
-                                                    dtype="float32", kv_cache_memory_bytes=KV_BYTES, **scheduling))
+    prompts, result = per_layer_run
     assert "CUSTOM" in result["attention_backends"]
     assert result["kv_cache_widths"] == widths
     assert abs(result["kv_cache_tokens"] * sum(widths) * 4 / KV_BYTES - 1) < 0.05
-    if scheduling:
-        assert max(out["num_cached_tokens"] for out in result["outputs"]) >= 32
     ref = load_reference(per_layer)
+    assert len(result["outputs"]) == len(prompts) == 13
     for prompt, out in zip(prompts, result["outputs"]):
         assert out["token_ids"] == ref.greedy_generate(torch.tensor([prompt]), 16)[0].tolist()
+
+
+@pytest.mark.vllm
+def test_vllm_serves_each_layer_at_its_own_width_in_chunks_from_a_prefix_cache(per_layer_run):
+    """With 32-token steps, later chunks attend to cached context through each layer's own-width workspace view,
+    and prompts reuse the cached prefix (their greedy tokens: the test above)."""
+    prompts, result = per_layer_run
+    assert result["scheduling"] == {"enable_chunked_prefill": True, "max_num_batched_tokens": 32,
+                                    "enable_prefix_caching": True}
+    assert max(out["num_cached_tokens"] for out in result["outputs"][8:]) >= 32
+    assert all(len(p) > 32 for p in prompts[8:])
 
 
 def test_a_vllm_that_merges_widths_is_made_to_keep_them_apart(monkeypatch):

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from conversion import ConvertOptions, convert, load_reference
-from conversion.text_data import shared_text_path, split_text
-from tests.helpers import TinySpec
+from tests.helpers import SHARED_PREFIX_TOKENS, TinySpec, prompts_sharing_a_prefix, short_prompts
 from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
 pytestmark = pytest.mark.vllm
@@ -33,12 +32,7 @@ def models(tiny_model_factory, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(models):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(models["src"]))
-    _, held_out = split_text(shared_text_path().read_text())
-    lines = [ln for ln in held_out.splitlines() if len(ln) > 20]
-    return [tok(lines[i * 7], add_special_tokens=False).input_ids[: 6 + 4 * i] for i in range(8)]
+    return short_prompts(models["src"])
 
 
 def _request(model, prompts, **kw):
@@ -107,8 +101,21 @@ def exact_model(models):
     return dst
 
 
-def test_non_native_shape_is_served_by_the_plugin_backend(exact_model, prompts):
-    result = run_engine_in_subprocess(_request(exact_model, prompts, max_tokens=24, dtype="float32"))
+@pytest.fixture(scope="module")
+def exact_run(exact_model, prompts):
+    """One float32 engine (torch.compile on) on the non-native shape for the two tests below: 32-token scheduling
+    steps, so the short prompts go first, several whole prompts to a step, and the prompts sharing a prefix follow,
+    split into chunks that attend to their cached context, later ones starting from the cached shared prefix. vLLM's
+    CPU platform turns chunked prefill and prefix caching off for MLA; the plugin keeps them for its own backend. A
+    timed rerun of the batch starts from an empty prefix cache: it finds only the prefix its own prompts share,
+    not the whole prompts the first run left cached (which would time decode alone)."""
+    return run_engine_in_subprocess(_request(exact_model, prompts + prompts_sharing_a_prefix(exact_model),
+                                             max_tokens=24, dtype="float32", enable_chunked_prefill=True,
+                                             enable_prefix_caching=True, max_num_batched_tokens=32, timed_repeats=1))
+
+
+def test_non_native_shape_is_served_by_the_plugin_backend(exact_run, exact_model, prompts):
+    result = exact_run
     assert "CUSTOM" in result["attention_backends"]
     ref = load_reference(exact_model)
     for prompt, out in zip(prompts, result["outputs"]):
@@ -117,40 +124,22 @@ def test_non_native_shape_is_served_by_the_plugin_backend(exact_model, prompts):
     assert abs(result["kv_cache_tokens"] * 256 * 4 * SPEC.num_layers / KV_BYTES - 1) < 0.02
 
 
-SHARED_PREFIX_TOKENS = 40
-"""The prefix every prompt of :func:`prompts_sharing_a_prefix` starts with (2 full cache blocks of 16)."""
-
-
-@pytest.fixture(scope="module")
-def prompts_sharing_a_prefix(models):
-    """5 prompts of 70–122 tokens: a :data:`SHARED_PREFIX_TOKENS`-token shared prefix and their
-    own held-out text after it."""
-    from transformers import AutoTokenizer
-
-    _, held_out = split_text(shared_text_path().read_text())
-    ids = AutoTokenizer.from_pretrained(str(models["src"]))(held_out, add_special_tokens=False).input_ids
-    return [ids[:SHARED_PREFIX_TOKENS] + ids[500 + 200 * i : 500 + 200 * i + 30 + 13 * i] for i in range(5)]
-
-
-def test_non_native_shape_with_chunked_prefill_and_prefix_caching(exact_model, prompts_sharing_a_prefix):
-    """32-token scheduling steps split every prompt into chunks that attend to their cached
-    context, and later prompts start from the cached shared prefix: vLLM's CPU platform turns
-    both off for MLA, the plugin keeps them for its own backend, and tokens stay exact. A timed
-    rerun of the batch starts from an empty prefix cache: it finds only the prefix its own prompts
-    share, not the whole prompts the first run left cached (which would time decode alone)."""
-    prompts = prompts_sharing_a_prefix
-    result = run_engine_in_subprocess(_request(exact_model, prompts, max_tokens=16, dtype="float32",
-                                               enable_chunked_prefill=True, enable_prefix_caching=True,
-                                               max_num_batched_tokens=32, timed_repeats=1))
+def test_non_native_shape_with_chunked_prefill_and_prefix_caching(exact_run, exact_model, prompts):
+    """Greedy tokens stay exact for the prompts that were split into chunks and started from the cached prefix."""
+    result = exact_run
+    outputs = result["outputs"][len(prompts):]
+    shared = [out["prompt_token_ids"] for out in outputs]
+    assert len(outputs) == 5 and all(p[:SHARED_PREFIX_TOKENS] == shared[0][:SHARED_PREFIX_TOKENS] for p in shared)
     assert len(result["timed_cached_prompt_tokens"]) == 1 and result["output_tokens_per_s"] > 0
-    assert result["timed_cached_prompt_tokens"][0] <= (len(prompts) - 1) * SHARED_PREFIX_TOKENS
+    assert result["timed_cached_prompt_tokens"][0] <= (len(outputs) - 1) * SHARED_PREFIX_TOKENS
     assert "CUSTOM" in result["attention_backends"]
     assert result["scheduling"] == {"enable_chunked_prefill": True, "max_num_batched_tokens": 32,
                                     "enable_prefix_caching": True}
-    assert max(out["num_cached_tokens"] for out in result["outputs"]) >= 32
+    assert max(out["num_cached_tokens"] for out in outputs) >= 32
     ref = load_reference(exact_model)
-    for prompt, out in zip(prompts, result["outputs"]):
-        assert out["token_ids"] == ref.greedy_generate(torch.tensor([prompt]), 16)[0].tolist()
+    for out in outputs:
+        prompt = out["prompt_token_ids"]
+        assert len(prompt) > 32 and out["token_ids"] == ref.greedy_generate(torch.tensor([prompt]), 24)[0].tolist()
 
 
 def test_plugin_backend_can_be_chosen_explicitly_for_native_shapes(models, prompts):

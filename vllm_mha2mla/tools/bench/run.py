@@ -30,7 +30,7 @@ from vllm_mha2mla.tools.bench.shapes import (
     serve_num_prompts,
     weight_bytes,
 )
-from vllm_mha2mla.tools.bench.summary import KV_BYTES, load_summary, markdown, plot, save_summary
+from vllm_mha2mla.tools.bench.summary import kv_bytes, load_summary, markdown, plot, save_summary
 from vllm_mha2mla.tools.bench.vllm_tools import (
     EngineSettings,
     Server,
@@ -61,6 +61,9 @@ class BenchOptions:
     """``SHAPE:VARIANT,VARIANT,…`` (SHAPE: a named shape or a model folder)."""
     workloads: list[str] = field(default_factory=lambda: list(DEFAULT_WORKLOADS))
     kv_cache_dtypes: list[str] = field(default_factory=lambda: ["auto"])
+    dtype: str = "bfloat16"
+    """The engines' model dtype (``--dtype``), the same for the original and its conversions. float32 on CPUs
+    without native bf16 (no AVX512-BF16 / AMX), where vLLM emulates bf16 matmuls several times slower."""
     num_prompts: int | None = None
     """None: twice the sequences each model's KV cache holds at once (see ``auto_num_prompts``)."""
     gpus: list[str] | None = None
@@ -157,7 +160,8 @@ def _engine(model: Model, machine: Machine, options: BenchOptions, kv_dtype: str
     eager = options.enforce_eager if options.enforce_eager is not None else machine.on_cpu
     return EngineSettings(model.folder.path, model.folder.tokenizer, max_len, model.folder.dummy_weights, kv_dtype,
                           model.variant.attention_backend,
-                          None if machine.on_cpu else options.gpu_memory_utilization, max_num_seqs, eager)
+                          None if machine.on_cpu else options.gpu_memory_utilization, max_num_seqs, eager,
+                          options.dtype)
 
 
 def _env(machine: Machine, options: BenchOptions, gpu: str | None) -> dict[str, str]:
@@ -177,18 +181,19 @@ def _kv_bytes(model: Model, machine: Machine, options: BenchOptions) -> float:
     return max(free * 2**30 - weight_bytes(model.mha_config), 2**30)
 
 
-def _base_row(model: Model, machine: Machine, kv_dtype: str, input_len: int, output_len: int) -> dict:
+def _base_row(model: Model, machine: Machine, options: BenchOptions, kv_dtype: str, input_len: int,
+              output_len: int) -> dict:
     return {"device": machine.device, "vllm_version": machine.vllm_version, "shape": model.shape,
             "variant": model.variant.name, "cache_values": model.variant.cache_values(model.mha_config),
-            "kv_cache_dtype": kv_dtype, "input_len": input_len, "output_len": output_len}
+            "dtype": options.dtype, "kv_cache_dtype": kv_dtype, "input_len": input_len, "output_len": output_len}
 
 
 def run_throughput(model: Model, machine: Machine, options: BenchOptions, kv_dtype: str, workload: tuple[int, int],
                    max_len: int, out: Path, gpu: str | None) -> dict:
     input_len, output_len = workload
-    row = _base_row(model, machine, kv_dtype, input_len, output_len)
+    row = _base_row(model, machine, options, kv_dtype, input_len, output_len)
     layers = model.mha_config["num_hidden_layers"]
-    bytes_per_token = row["cache_values"] * layers * KV_BYTES.get(kv_dtype, 2)
+    bytes_per_token = row["cache_values"] * layers * kv_bytes(kv_dtype, options.dtype)
     prompts = options.num_prompts or auto_num_prompts(_kv_bytes(model, machine, options), bytes_per_token,
                                                       input_len, output_len)
     tag = f"{model.shape}_{model.variant.name.replace('@', '-')}_{kv_dtype}_{input_len}-{output_len}"
@@ -237,7 +242,7 @@ def run_serving(model: Model, machine: Machine, options: BenchOptions, kv_dtype:
     engine = _engine(model, machine, options, kv_dtype, max_len)
     env = _env(machine, options, gpu)
     rows = []
-    base = _base_row(model, machine, kv_dtype, input_len, output_len)
+    base = _base_row(model, machine, options, kv_dtype, input_len, output_len)
     try:
         with Server(serve_command(engine, port), env, out / "logs" / f"serve_{tag}.log", port,
                     options.timeout_s) as server:

@@ -27,6 +27,16 @@ TTFT_LIMIT_MS = 1000.0
 requests' TPOT low and queues the rest, so TPOT alone calls a rate served whose first tokens wait 25 s
 (the MHA original at 4K/512, 8 req/s, ``benchmarks/results/h100-bench-4/``)."""
 KV_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+"""Bytes per cached value of each KV cache dtype; ``auto`` caches in the model dtype (see :func:`kv_bytes`)."""
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
+
+
+def kv_bytes(kv_cache_dtype: str, dtype: str | None = "bfloat16") -> int:
+    """Bytes per cached value: ``auto`` caches in the model dtype (``--dtype``; rows written before the
+    bench had that option ran bfloat16)."""
+    if kv_cache_dtype == "auto":
+        return DTYPE_BYTES.get(dtype or "bfloat16", 2)
+    return KV_BYTES.get(kv_cache_dtype, 2)
 
 
 def _key(row: dict, fields: tuple[str, ...]) -> tuple:
@@ -76,8 +86,9 @@ def with_ratios(rows: list[dict]) -> list[dict]:
         cap_base = base or mha_any_dtype.get(_key(r, ("run", "device", "shape")))
         if cap_base and cap_base.get("kv_capacity_tokens") and r.get("kv_capacity_tokens"):
             r["capacity_vs_mha"] = r["kv_capacity_tokens"] / cap_base["kv_capacity_tokens"]
-            r["expected_capacity"] = (cap_base["cache_values"] * KV_BYTES.get(cap_base["kv_cache_dtype"], 2)) / (
-                r["cache_values"] * KV_BYTES.get(r["kv_cache_dtype"], 2))
+            r["expected_capacity"] = (
+                cap_base["cache_values"] * kv_bytes(cap_base["kv_cache_dtype"], cap_base.get("dtype"))
+                / (r["cache_values"] * kv_bytes(r["kv_cache_dtype"], r.get("dtype"))))
         out.append(r)
     return out
 
