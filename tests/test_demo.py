@@ -29,13 +29,15 @@ def test_default_model_is_the_real_smollm2(default_model):
 
 
 def test_demo_pipeline_writes_summary_table_and_chart(tmp_path, default_model):
+    import torch
+
     text = tmp_path / "short.txt"
     text.write_text(shared_text_path().read_text()[:40_000])
     # The demo's own dtype choice: bf16 checkpoints, engines in float32 on CPUs without native bf16 (where vLLM
     # emulates bf16, ~30 prompt tokens/s for this model on 2 cores) with twice the 64 MiB of KV memory; the bf16
     # engine path has its own tests (test_vllm_plugin's bf16 runs).
     opts = DemoOptions(out_dir=tmp_path / "demo", text=text, calib_tokens=1024, ppl_tokens=512, ppl_seq_len=256,
-                       max_tokens=8, num_prompts=2, enforce_eager=True, kv_cache_memory_bytes=64 << 20,
+                       max_tokens=8, num_prompts=2, kv_cache_memory_bytes=64 << 20,
                        local_tokens=2048, local_steps=2, local_seconds=600,  # budget never binding
                        synthesize=1500, synthesis_max_tokens=16)  # a few teacher chats join the local stage
     out = run_demo(opts, console=Console(quiet=True))
@@ -44,6 +46,7 @@ def test_demo_pipeline_writes_summary_table_and_chart(tmp_path, default_model):
     engine_dtype = default_engine_dtype("bfloat16")
     assert summary["engine_dtype"] == engine_dtype and {orig["dtype"], conv["dtype"], rec["dtype"]} == {engine_dtype}
     assert summary["engine_kv_cache_memory_bytes"] == (128 << 20 if engine_dtype == "float32" else 64 << 20)
+    assert summary["engine_enforce_eager"] == (not torch.cuda.is_available())  # eager on a CPU
     assert orig["kv_values_per_token_per_layer"] == 384  # 2 × 3 kv-heads × 64
     assert conv["kv_values_per_token_per_layer"] == rec["kv_values_per_token_per_layer"] == 3 * (32 + 32)
     assert ratios["kv_reduction_pct"] == pytest.approx(50.0)
@@ -74,14 +77,18 @@ def test_agreement_counts_samples_that_start_like_the_reference():
 def test_engine_dtype_follows_native_bf16_and_reaches_auto_engines(monkeypatch):
     """float32 engines for bf16 checkpoints where bf16 is emulated, with twice the KV memory (the same tokens);
     engines that ask for ``auto`` (the recovery's teacher chats) get the demo's choice through the environment."""
+    import torch
+
     from vllm_mha2mla.tools import demo
     from vllm_mha2mla.tools.runner import AUTO_DTYPE_ENV, EngineRequest, _engine_kwargs
 
     for native, want in ((True, ("bfloat16", 256 << 20)), (False, ("float32", 512 << 20))):
         monkeypatch.setattr(demo, "native_bf16", lambda: native)
-        assert demo.engine_settings(DemoOptions()) == want
-        assert demo.engine_settings(DemoOptions(dtype="float32"))[0] == "float32"
-    assert demo.engine_settings(DemoOptions(engine_dtype="bfloat16")) == ("bfloat16", 256 << 20)
+        assert demo.engine_settings(DemoOptions())[:2] == want
+        assert demo.engine_settings(DemoOptions(dtype="float32")).dtype == "float32"
+    assert demo.engine_settings(DemoOptions(engine_dtype="bfloat16"))[:2] == ("bfloat16", 256 << 20)
+    assert demo.engine_settings(DemoOptions()).enforce_eager == (not torch.cuda.is_available())  # as bench, eval
+    assert not demo.engine_settings(DemoOptions(enforce_eager=False)).enforce_eager
     monkeypatch.delenv(AUTO_DTYPE_ENV, raising=False)
     assert _engine_kwargs(EngineRequest(model="m"))["dtype"] == "auto"
     with demo._auto_dtype("float32"):

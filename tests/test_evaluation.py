@@ -294,32 +294,34 @@ def test_ray_replicas_give_exactly_the_single_engine_scores(single_engine_run, e
 
 
 @pytest.mark.vllm
-def test_a_dead_replica_has_its_work_retried(eval_models, tok):
+def test_a_dead_replica_has_its_work_retried(single_engine_run, eval_models, tmp_path, monkeypatch):
     """A replica killed before the run: every chunk sent to it fails over to the live one, and
-    the scores equal a single engine's."""
+    the scores equal a single engine's (the single-engine run above: no engine of its own)."""
+    import importlib
+
     import ray
 
-    from vllm_mha2mla.tools.evaluation.evaluate import _engine_kwargs
-    from vllm_mha2mla.tools.evaluation.executor import LocalExecutor, RayExecutor
+    from vllm_mha2mla.tools.evaluation.executor import RayExecutor, start_executor
 
     _, mla, _ = eval_models
-    kwargs = _engine_kwargs(_options(), 512)
-    requests = [Score(tuple(tok.encode("To be, or not to be: that is the question" * (1 + i % 3))), 3)
-                for i in range(40)]
-    local = LocalExecutor(str(mla), kwargs)
-    try:
-        want = local.run(requests, 8, lambda n: None)
-    finally:
-        local.close()
-    executor = RayExecutor(str(mla), kwargs, replicas=2)
-    try:
+    out1, _, tasks = single_engine_run
+    started = []
+
+    def start_and_kill_one(*args, **kwargs):
+        executor = start_executor(*args, **kwargs)
         ray.kill(executor.actors[0])
-        got = executor.run(requests, 8, lambda n: None)
-    finally:
-        executor.close()
-    assert executor.alive == 1 and got == want
+        started.append(executor)
+        return executor
+
+    monkeypatch.setattr(importlib.import_module("vllm_mha2mla.tools.evaluation.evaluate"), "start_executor",
+                        start_and_kill_one)
+    evaluate([f"mla={mla}"], tmp_path, _options(tasks=tasks, replicas=2))
+    (executor,) = started
+    assert executor.alive == 1
+    for task in resolve_tasks(tasks):
+        assert _records(tmp_path, "mla", task.name) == _records(out1, "mla", task.name), task.name
     with pytest.raises(EvaluationError, match="needs at least 64 CPUs"):
-        RayExecutor(str(mla), kwargs, replicas=64)
+        RayExecutor(str(mla), {}, replicas=64)
 
 
 @pytest.mark.vllm

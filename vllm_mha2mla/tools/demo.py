@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.console import Console
 from rich.table import Table
@@ -89,7 +90,9 @@ class DemoOptions:
     """The converted checkpoints' dtype, and the engines' where the machine computes it natively."""
     engine_dtype: str | None = None
     """The vLLM engines' dtype; None: :func:`default_engine_dtype` (``dtype``, or float32 on CPUs without bf16)."""
-    enforce_eager: bool = False
+    enforce_eager: bool | None = None
+    """None: eager on a CPU (vLLM's torch.compile of SmolLM2 took ~90 s per engine on 2 cores, several times what
+    the demo's requests take eager), torch.compile + CUDA graphs on a GPU; as ``mha2mla bench`` and ``eval`` do."""
     prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS)
 
 
@@ -122,12 +125,21 @@ def default_engine_dtype(dtype: str) -> str:
     return "float32" if dtype == "bfloat16" and not native_bf16() else dtype
 
 
-def engine_settings(opts: DemoOptions) -> tuple[str, int]:
-    """(dtype, KV-cache bytes) of the demo's vLLM engines. The KV cache follows the engine's dtype, so a float32
-    engine gets twice ``kv_cache_memory_bytes`` (sized in bf16): the same number of tokens, and the capacity
-    ratios, a bf16 engine shows."""
+class EngineChoice(NamedTuple):
+    dtype: str
+    kv_cache_memory_bytes: int
+    enforce_eager: bool
+
+
+def engine_settings(opts: DemoOptions) -> EngineChoice:
+    """How the demo's vLLM engines run. The KV cache follows the engine's dtype, so a float32 engine gets twice
+    ``kv_cache_memory_bytes`` (sized in bf16): the same number of tokens, and the capacity ratios, a bf16 engine
+    shows."""
+    import torch
+
     dtype = opts.engine_dtype or default_engine_dtype(opts.dtype)
-    return dtype, opts.kv_cache_memory_bytes * (2 if dtype == "float32" else 1)
+    eager = opts.enforce_eager if opts.enforce_eager is not None else not torch.cuda.is_available()
+    return EngineChoice(dtype, opts.kv_cache_memory_bytes * (2 if dtype == "float32" else 1), eager)
 
 
 @contextmanager
@@ -178,11 +190,11 @@ def _chat_prompts(tokenizer, prompts) -> list[str]:
 
 
 def _engine(model: Path, opts: DemoOptions, prompts: list[str], scoring: list[list[int]]) -> dict:
-    dtype, kv_bytes = engine_settings(opts)
+    engine = engine_settings(opts)
     return run_engine_in_subprocess(EngineRequest(
-        model=str(model), prompts=prompts, max_tokens=opts.max_tokens, dtype=dtype,
-        kv_cache_memory_bytes=kv_bytes, max_model_len=max(1024, opts.ppl_seq_len + 8),
-        timed_repeats=2, scoring_token_ids=scoring, enforce_eager=opts.enforce_eager,
+        model=str(model), prompts=prompts, max_tokens=opts.max_tokens, dtype=engine.dtype,
+        kv_cache_memory_bytes=engine.kv_cache_memory_bytes, max_model_len=max(1024, opts.ppl_seq_len + 8),
+        timed_repeats=2, scoring_token_ids=scoring, enforce_eager=engine.enforce_eager,
     ))
 
 
@@ -275,8 +287,10 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(model))
         scoring, held_out_name = _held_out_windows(tokenizer, opts, None)
         prompts = _chat_prompts(tokenizer, opts.prompts[: opts.num_prompts])
+        engine = engine_settings(opts)
         console.print(f"model {model}; {len(scoring)} held-out windows of {opts.ppl_seq_len} tokens ({held_out_name}); "
-                      f"{len(prompts)} prompts; vLLM engines in {engine_settings(opts)[0]}")
+                      f"{len(prompts)} prompts; vLLM engines: {engine.dtype}, "
+                      f"{'eager' if engine.enforce_eager else 'compiled'}, {engine.kv_cache_memory_bytes >> 20} MiB KV")
     calib_file = None
     if opts.text is not None:
         calib_file = out_dir / "calibration.txt"
@@ -292,7 +306,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> Path:
                     + ("teacher chats in vLLM, " if opts.synthesize else "") + "layer-wise distillation"
                     + (f" + {opts.finetune_tokens:,} tokens of global training)" if opts.finetune_tokens else ")")):
             recovered = out_dir / "mha2mla-recovered"
-            with _auto_dtype(engine_settings(opts)[0]):  # the teacher-chat engine asks for "auto"
+            with _auto_dtype(engine_settings(opts).dtype):  # the teacher-chat engine asks for "auto"
                 recovery = finetune(converted, recovered, FinetuneOptions(
                     teacher=model, stage="both" if opts.finetune_tokens else "local",
                     data=[calib_file] if calib_file else [], seq_len=opts.ppl_seq_len, evaluate=False,
@@ -323,6 +337,7 @@ def summarise(opts: DemoOptions, model: Path, model_name: str, report: dict, rec
     """The demo's summary: one entry per model run, ratios against the original, samples."""
     layout = MLALayout.from_dict(report["layout"])
     kv = KVAccounting.from_layout(layout, len(report["layer_errors"]))
+    engine = engine_settings(opts)
     reference = [out["token_ids"] for out in runs["original"]["outputs"]]
 
     def side(run: dict, values: int) -> dict:
@@ -345,7 +360,8 @@ def summarise(opts: DemoOptions, model: Path, model_name: str, report: dict, rec
         "vllm_version": runs["original"]["vllm_version"],
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k != "prompts"},
         "layout": report["layout"], "kv_cache_memory_bytes": opts.kv_cache_memory_bytes,
-        "engine_dtype": engine_settings(opts)[0], "engine_kv_cache_memory_bytes": engine_settings(opts)[1],
+        "engine_dtype": engine.dtype, "engine_kv_cache_memory_bytes": engine.kv_cache_memory_bytes,
+        "engine_enforce_eager": engine.enforce_eager,
         "held_out": held_out_name, "perplexity_tokens": sum(len(s) for s in scoring),
         "calibration": report.get("calibration_text"),
     }
