@@ -297,7 +297,12 @@ def test_bench_refuses_a_bad_matrix_before_starting_engines(tmp_path, capsys):
 _TOOL_UNDER_SIGNAL = """
 import sys, threading, time
 from pathlib import Path
+import signal
 from vllm_mha2mla.tools.bench import vllm_tools
+# as a bench started from a terminal: pytest itself may run under nohup or in a background job, which start
+# their children with SIGHUP / SIGINT ignored (and the handler rightly keeps a signal ignored it was started with)
+for sig in (signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_DFL)
 vllm_tools.STOP_GRACE_S = 1.0
 vllm_tools.stop_tools_on_signals()
 out, stubborn = Path(sys.argv[1]), sys.argv[2] == "stubborn"
