@@ -192,7 +192,7 @@ collect() {  # what the pipeline has finished, into $OUT as one tarball (a call 
   shopt -s nullglob
   mkdir -p "$OUT" /root/collect/pipeline
   cp $PIPE/out/*.json $PIPE/out/*.png $PIPE/out/steps.log /root/collect/pipeline/ 2>/dev/null || true
-  for f in $PIPE/out/*.log; do tail -c 20000 "$f" | grep -v -E "it/s\]|s/it\]|req/s\]" > "/root/collect/pipeline/$(basename "$f")"; done
+  for f in $PIPE/out/*.log; do tail -c 20000 "$f" | grep -v -E "it/s\]|s/it\]|req/s\]" > "/root/collect/pipeline/$(basename "$f")" || true; done  # (an empty log: grep fails)
   for d in $PIPE/out/eval-*/; do  # results and the agreement answers; the other item files stay (tens of MB)
     [ -f "$d/results.json" ] || continue
     local dest; dest=/root/collect/pipeline/$(basename "$d"); mkdir -p "$dest"; cp "$d"/results.* "$dest/"
@@ -203,7 +203,7 @@ collect() {  # what the pipeline has finished, into $OUT as one tarball (a call 
   tar czf "$OUT/pipeline.tar.gz" -C /root/collect pipeline
   cp $PIPE/out/eval-all/results.md "$OUT/" 2>/dev/null || true
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
-  tail -12 $PIPE/out/steps.log 2>/dev/null
+  tail -12 $PIPE/out/steps.log 2>/dev/null || true
 }
 
 case $MODE in
