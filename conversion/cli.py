@@ -72,6 +72,17 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, nargs="+", default=[],
                    help="text files, JSONL ({\"text\": ...}) or folders (default: the PyPI English corpus)")
     p.add_argument("--seq-len", type=int, default=1024, help="training window in tokens (default 1024)")
+    p.add_argument("--seq-len-schedule", metavar="LEN:SHARE,...",
+                   help="global stage: windows of several lengths, each a share of the stage's tokens, in this order "
+                        "(e.g. 2048:0.6,8192:0.4); every micro-batch holds --batch-size x --seq-len tokens, so longer "
+                        "windows come fewer to a batch (default: every window --seq-len)")
+    p.add_argument("--seq-len-order", choices=["phases", "interleaved"], default="phases",
+                   help="with --seq-len-schedule: phases one after the other (default), or their steps spread evenly "
+                        "over the run (a run cut short by --max-minutes keeps the shares)")
+    p.add_argument("--long-docs", type=int, default=0, metavar="N",
+                   help="global stage: N tokens of synthesized long documents (training paragraphs filling a window, "
+                        "then questions answered from paragraphs at random depths in it), in windows of the "
+                        "schedule's longest length (default 0)")
     p.add_argument("--finetune-tokens", type=int, default=g.tokens,
                    help=f"global stage: training tokens (default {g.tokens:,})")
     p.add_argument("--loss", choices=LOSSES, default=g.loss, help="kd: distil the teacher's logits; lm: plain LM")
@@ -82,7 +93,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-ratio", type=float, default=g.warmup_ratio)
     p.add_argument("--decay-ratio", type=float, default=g.decay_ratio, help="share of steps in the 1-sqrt decay")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (GPU)")
-    p.add_argument("--max-minutes", type=float, help="global stage: stop and save after this long")
+    p.add_argument("--max-minutes", type=float, help="global stage: stop and save after this long (the learning rate decays by then too)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: ~8 per run)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: ~4 per run)")
     p.add_argument("--local-tokens", type=int, default=16384, help="local stage: calibration tokens (default 16384)")
@@ -97,6 +108,10 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-share", type=float, default=0.7,
                    help="with --synthesize: share of the global stage's windows that are teacher-written (default 0.7; "
                         "0: the whole corpus beside them)")
+    p.add_argument("--free-text-share", type=float, default=0.0,
+                   help="with --synthesize: share of the synthesized tokens that are the teacher's free text, sampled "
+                        "from its start token with no prompt (the genres it was trained on, beyond the corpus; "
+                        "default 0)")
     p.add_argument("--synthesis-max-tokens", type=int, default=256, help="longest teacher answer per turn (default 256)")
     op = OnPolicyOptions()
     p.add_argument("--onpolicy-rounds", type=int, default=op.rounds, help=f"on-policy rounds (default {op.rounds})")
@@ -119,14 +134,17 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
 
 def _finetune_options(args: argparse.Namespace):
     from conversion.recovery.finetune import FinetuneOptions
-    from conversion.recovery.global_stage import GlobalOptions
+    from conversion.recovery.global_stage import GlobalOptions, parse_seq_len_schedule
     from conversion.recovery.local import LocalOptions
     from conversion.recovery.onpolicy import OnPolicyOptions
 
     return FinetuneOptions(
         teacher=args.teacher, stage=args.stage, data=list(args.data), seq_len=args.seq_len,
         held_out_tokens=args.held_out_tokens, local_tokens=args.local_tokens, local_seq_len=args.local_seq_len, synthesize=args.synthesize,
-        synthetic_share=args.synthetic_share, synthesis_max_tokens=args.synthesis_max_tokens,
+        synthetic_share=args.synthetic_share, free_text_share=args.free_text_share,
+        synthesis_max_tokens=args.synthesis_max_tokens,
+        seq_len_schedule=parse_seq_len_schedule(args.seq_len_schedule) if args.seq_len_schedule else None,
+        seq_len_order=args.seq_len_order, long_docs=args.long_docs,
         work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
         onpolicy=OnPolicyOptions(rounds=args.onpolicy_rounds, prompts_per_round=args.onpolicy_prompts,
                                  max_new_tokens=args.onpolicy_max_tokens, beta=args.onpolicy_beta,
@@ -165,6 +183,11 @@ def print_finetune_summary(report: dict) -> None:
                       f"({g['tokens_per_s']:,.0f} tokens/s overall"
                       + (f"; steps alone {steady:,.0f} tokens/s" if steady else "")
                       + (f", MFU {100 * g['mfu']:.1f}%" if g["mfu"] else "") + ")")
+        if g.get("tokens_by_seq_len"):
+            rates = g.get("train_tokens_per_s_by_seq_len", {})
+            console.print("  by window length: " + ", ".join(
+                f"{n}: {t:,} tokens" + (f" ({rates[n]:,.0f} tokens/s)" if n in rates else "")
+                for n, t in g["tokens_by_seq_len"].items()))
     console.print(f"wrote {report['destination']} (finetune_report.json, loss.png)")
 
 

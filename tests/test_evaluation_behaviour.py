@@ -305,6 +305,70 @@ def test_evaluate_scores_later_models_against_the_first(tiny_model_factory, tok,
     assert (out / "results.png").is_file()
 
 
+
+def test_a_baseline_run_is_the_reference_without_running_again(tiny_model_factory, tok, corpus_cache, tmp_path,
+                                                               monkeypatch):
+    """The original scored once; a later run with ``baseline`` scores the recovered model against
+    the stored answers, without starting the original's engine, and shows both in one table;
+    two such runs merge into one table with the shared original once. Mismatched item settings,
+    clashing labels, another reference and a folder without results are refused."""
+    from vllm_mha2mla.tools.evaluation import evaluate as ev
+    from vllm_mha2mla.tools.evaluation.evaluate import EvalOptions
+
+    src = tiny_model_factory(TinySpec())
+    shutil.copytree(src, tmp_path / "original")
+    for name in ("recovered", "converted"):
+        shutil.copytree(src, tmp_path / name)
+    answers = {"original": ["Paris is the capital of France.", "It is 42. Yes."],
+               "recovered": ["Paris is the capital of France.", "You are a helpful assistant."],
+               "converted": ["", ""]}
+    started = []
+
+    def fake_executor(model, *a, **k):
+        started.append(model)
+        return _FakeExecutor(model, tok, answers)
+
+    monkeypatch.setenv("MHA2MLA_CACHE", str(corpus_cache))
+    monkeypatch.setattr(ev, "start_executor", fake_executor)
+    options = EvalOptions(tasks="agreement", limit=6, dtype="float32")
+    ev.evaluate([f"original={tmp_path / 'original'}"], tmp_path / "base", options)
+    summary = ev.evaluate([f"recovered={tmp_path / 'recovered'}"], tmp_path / "new", options, tmp_path / "base")
+    assert started == [str(tmp_path / "original"), str(tmp_path / "recovered")]  # the original ran once
+    assert summary["models"] == ["original", "recovered"]
+    assert summary["tasks"]["agreement"]["reference"] == "original"
+    second = summary["results"]["recovered"]["tasks"]["agreement"]
+    assert second["first_sentence_match"] == 0.5
+    assert summary["results"]["original"]["tasks"]["agreement"]["first_sentence_match"] == 1.0
+    assert (tmp_path / "new" / "items" / "original" / "agreement.jsonl").is_file()
+    assert "| agreement | first_sentence_match (%) | 6 | 100.0 ± 0.0 | 50.0 (-50.0) |" in (
+        tmp_path / "new" / "results.md").read_text()
+    with pytest.raises(EvaluationError, match="limit=6, this run with 5"):
+        ev.evaluate([f"recovered={tmp_path / 'recovered'}"], tmp_path / "x", EvalOptions(
+            tasks="agreement", limit=5, dtype="float32"), tmp_path / "base")
+    with pytest.raises(EvaluationError, match="already has original"):
+        ev.evaluate([f"original={tmp_path / 'recovered'}"], tmp_path / "x", options, tmp_path / "base")
+    with pytest.raises(EvaluationError, match="no results for triviaqa"):
+        ev.evaluate([f"recovered={tmp_path / 'recovered'}"], tmp_path / "x", EvalOptions(
+            tasks="triviaqa", limit=6, dtype="float32"), tmp_path / "base")
+    with pytest.raises(EvaluationError, match="no results.json"):
+        ev.evaluate([f"recovered={tmp_path / 'recovered'}"], tmp_path / "x", options, tmp_path / "recovered")
+
+    ev.evaluate([f"converted={tmp_path / 'converted'}"], tmp_path / "conv", options, tmp_path / "base")
+    merged = ev.evaluate([], tmp_path / "all", options, [tmp_path / "new", tmp_path / "conv"])
+    assert len(started) == 3  # merging starts no engine
+    assert merged["models"] == ["original", "recovered", "converted"]
+    assert merged["results"]["converted"]["tasks"]["agreement"]["non_empty"] == 0.0
+    assert merged["results"]["recovered"]["tasks"]["agreement"]["first_sentence_match"] == 0.5
+    assert sorted(p.name for p in (tmp_path / "all" / "items").iterdir()) == ["converted", "original", "recovered"]
+    ev.evaluate([f"original={tmp_path / 'recovered'}"], tmp_path / "other", options)  # another "original"
+    with pytest.raises(EvaluationError, match="original is another model there"):
+        ev.evaluate([], tmp_path / "x", options, [tmp_path / "new", tmp_path / "other"])
+    ev.evaluate([f"converted={tmp_path / 'converted'}"], tmp_path / "ref2", options)
+    with pytest.raises(EvaluationError, match="its agreement reference is converted"):
+        ev.evaluate([], tmp_path / "x", options, [tmp_path / "new", tmp_path / "ref2"])
+    with pytest.raises(EvaluationError, match="no models to evaluate"):
+        ev.evaluate([], tmp_path / "x", options)
+
 def test_report_formats_the_new_metrics():
     from vllm_mha2mla.tools.evaluation.report import markdown_table
 

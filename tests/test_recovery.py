@@ -211,6 +211,47 @@ def test_global_steps_lower_the_held_out_loss(setup, tmp_path):
     assert report.eval_curve and report.loss_curve and report.tokens_per_s > 0
 
 
+@pytest.mark.fast
+def test_the_schedule_matches_transformers_and_decays_by_the_clock():
+    """``wsd_factor`` is Hugging Face's warmup-stable-decay (1-sqrt) per step; the time-or-steps
+    schedule reaches the decay by the clock when the clock runs out first, by steps otherwise."""
+    from transformers import get_wsd_schedule
+
+    from conversion.recovery.global_stage import time_or_steps_schedule, wsd_factor
+
+    steps, warmup, decay = 100, 10, 20
+    hf = get_wsd_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), warmup, decay,
+                          num_training_steps=steps, decay_type="1-sqrt").lr_lambdas[0]
+    for step in (0, 5, 10, 50, 79, 80, 85, 90, 99, 100):
+        assert wsd_factor(step / steps, warmup / steps, decay / steps) == pytest.approx(hf(step), abs=1e-9), step
+    now = [0.0]
+    schedule = time_or_steps_schedule(1000, 60.0, 0.05, 0.2, clock=lambda: now[0])
+    assert schedule(0) == 0.0
+    now[0] = 30.0  # half the time, 1% of the steps: stable
+    assert schedule(10) == 1.0
+    now[0] = 54.0  # 90% of the time: halfway through the decay
+    assert schedule(11) == pytest.approx(1 - 0.5 ** 0.5)
+    now[0] = 60.0
+    assert schedule(12) == pytest.approx(0.0, abs=1e-9)
+    fast = time_or_steps_schedule(100, 1e9, 0.05, 0.2, clock=lambda: 0.0)  # steps run out first
+    assert fast(90) == pytest.approx(1 - 0.5 ** 0.5) and fast(50) == 1.0
+
+
+@pytest.mark.slow
+def test_a_time_budget_ends_the_run_at_the_end_of_its_decay(setup, tmp_path):
+    """A run whose token count is far beyond its time budget stops on time with its learning rate
+    decayed (the last logged rate well below the peak), not cut at the peak."""
+    train, held = _user_data(setup, tmp_path)
+    student, teacher = load_reference(setup["mla"]), _teacher(setup)
+    opts = GlobalOptions(tokens=10_000 * 2 * SEQ, batch_size=2, lr=1e-3, loss="kd", time_budget_s=6.0,
+                         warmup_ratio=0.1, decay_ratio=0.5, logging_steps=1, eval_every=100_000, save_every=100_000)
+    report = run_global_stage(student, teacher, train, held, opts, tmp_path / "work")
+    assert 2 < report.steps < 10_000
+    rates = [point["lr"] for point in report.loss_curve]
+    assert max(rates) == pytest.approx(1e-3, rel=0.05)
+    assert rates[-1] < 0.8e-3, rates  # in the decay (a step takes ~1 s here: the last 3 s decay)
+
+
 def _flat_params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -382,13 +423,14 @@ def test_a_diverged_loss_stops_training_with_a_clear_error(setup, tmp_path, monk
 @pytest.mark.vllm
 def test_synthesis_and_onpolicy_sample_in_vllm_teacher_and_plugin_served_student(setup, tmp_path):
     """--synthesize: the teacher answers chat prompts in vLLM (two turns for follow-ups), in its own chat
-    template; --stage all then samples the student through this project's plugin for the on-policy round."""
+    template, and writes free text from its BOS alone (--free-text-share); --stage all then samples the student
+    through this project's plugin for the on-policy round."""
     from conversion.recovery.onpolicy import OnPolicyOptions
     from vllm_mha2mla.tools.synthesize import vllm_engine_hooks
 
     dst = tmp_path / "out"
-    opts = _finetune_opts(setup, stage="all", synthesize=4096, cache_dir=tmp_path / "cache", evaluate=False,
-                          synthesis_max_tokens=24, local=LocalOptions(steps_per_layer=2),
+    opts = _finetune_opts(setup, stage="all", synthesize=5200, free_text_share=0.2, cache_dir=tmp_path / "cache",
+                          evaluate=False, synthesis_max_tokens=24, local=LocalOptions(steps_per_layer=2),
                           global_=GlobalOptions(tokens=2 * 4 * SEQ, batch_size=4, lr=1e-3, loss="kd"),
                           onpolicy=OnPolicyOptions(rounds=1, prompts_per_round=6, max_new_tokens=16, batch_size=4))
     report = finetune(setup["mla"], dst, opts, log=lambda *_: None, hooks=vllm_engine_hooks())
@@ -397,6 +439,7 @@ def test_synthesis_and_onpolicy_sample_in_vllm_teacher_and_plugin_served_student
     assert set(synthesis["kinds"]) == {"instruction", "open", "multi_turn"}  # --data: no corpus questions
     assert sum(synthesis["kinds"].values()) == 12
     assert 0 < synthesis["mix"]["synthesized_share"] <= 1
+    assert synthesis["free_text"]["samples"] >= 1 and synthesis["free_text"]["tokens"] > 0
     cached = list((tmp_path / "cache" / "tokens").glob("synthesized-*.npy"))
     assert len(cached) == 1 and (dst / "model.safetensors").is_file()
     (row,) = report["onpolicy"]["rounds"]

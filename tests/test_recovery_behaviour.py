@@ -217,3 +217,80 @@ def test_local_stage_windows_come_from_the_whole_mixed_dataset():
     assert int((ids == 2).sum()) == 4 * 14 and int((ids == 1).sum()) == 4 * 6  # 70% / 30%, as the data
     with pytest.raises(ConversionError):
         window_ids([{"input_ids": torch.ones(3, dtype=torch.long)}], num_tokens=3, seq_len=5)
+
+
+@pytest.mark.fast
+def test_the_sampling_engines_gpu_share_comes_from_the_environment(monkeypatch):
+    """Several trainings or evaluations on one GPU each give their sampling engine a smaller
+    share; a share that is not a fraction is refused by name."""
+    from vllm_mha2mla.tools import synthesize
+
+    monkeypatch.delenv(synthesize.GPU_MEMORY_ENV, raising=False)
+    assert synthesize.gpu_memory_utilization() == synthesize.DEFAULT_GPU_MEMORY_UTILIZATION
+    monkeypatch.setenv(synthesize.GPU_MEMORY_ENV, "0.15")
+    assert synthesize.gpu_memory_utilization() == 0.15
+    for bad in ("1.5", "half"):
+        monkeypatch.setenv(synthesize.GPU_MEMORY_ENV, bad)
+        with pytest.raises(ValueError, match=synthesize.GPU_MEMORY_ENV):
+            synthesize.gpu_memory_utilization()
+
+
+@pytest.mark.fast
+def test_the_mix_reads_fresh_corpus_and_repeats_the_scarce_teacher_windows():
+    """A run longer than the synthesis: fresh corpus windows for its corpus share, the teacher's
+    repeated to reach theirs; a shorter run: every teacher window and the corpus windows that
+    match them; a corpus too small for its share: all of it."""
+    from conversion.recovery.finetune import mix_sizes
+
+    keep, repeats = mix_sizes(corpus_windows=4000, synthesized_windows=1200, windows_needed=8300, share=0.5)
+    assert (keep, repeats) == (4000, 4)
+    assert abs(1200 * repeats / (keep + 1200 * repeats) - 0.5) < 0.06
+    keep, repeats = mix_sizes(corpus_windows=10_000, synthesized_windows=1200, windows_needed=3000, share=0.5)
+    assert (keep, repeats) == (1500, 2)
+    assert mix_sizes(corpus_windows=10_000, synthesized_windows=377, windows_needed=100, share=0.7) == (162, 1)
+    assert mix_sizes(corpus_windows=50, synthesized_windows=377, windows_needed=2000, share=0.7) == (50, 4)
+    with pytest.raises(ValueError, match="share 1.0"):
+        mix_sizes(10, 10, 10, 1.0)
+
+
+def test_free_text_is_sampled_from_the_start_token_alone_cached_and_joins_the_windows(chat_setup, tmp_path):
+    """--free-text-share: that share of --synthesize comes from the teacher sampling at temperature 1
+    from its BOS with no prompt; the samples join the global stage's windows but not the on-policy
+    stage's conversations; a second run reads both caches and starts no engine."""
+    from conversion.recovery import finetune as ft
+
+    calls = {"chats": 0, "free": []}
+
+    def answer_chats(model_dir, conversations, follow_ups, max_tokens, seed):
+        calls["chats"] += 1
+        return [list(c) + [{"role": "assistant", "content": "An answer."}] for c in conversations]
+
+    def sample_completions(model_dir, prompt_ids, max_tokens, temperature, seed):
+        calls["free"].append((prompt_ids, max_tokens, temperature))
+        return [[5 + i % 7, 6, 7, 8, 1] for i in range(len(prompt_ids))]  # ends at EOS (id 1)
+
+    hooks = EngineHooks(answer_chats=answer_chats, continue_texts=None, sample_completions=sample_completions,
+                        name="fake")
+    data = tmp_path / "data.txt"
+    data.write_text("\n\n".join(f"Document {i} talks about subject {i} at some length." for i in range(60)))
+    tok = AutoTokenizer.from_pretrained(str(chat_setup["src"]))
+    opts = ft.FinetuneOptions(teacher=chat_setup["src"], data=[data], seq_len=64, synthesize=3000,
+                              free_text_share=0.4, cache_dir=tmp_path / "cache", show_progress=False)
+    synthesis = ft._synthesize(opts, tok, lambda *_: None, hooks)
+    (prompts, max_tokens, temperature), = calls["free"]
+    assert set(map(tuple, prompts)) == {(tok.bos_token_id,)} and temperature == 1.0
+    assert max_tokens == ft.FREE_TEXT_MAX_TOKENS and len(prompts) == 4  # ceil(1200 / (512 * 0.75))
+    record = synthesis.record
+    assert record["kind"] == "chat" and record["conversations"] == 6  # ceil(1800 / 350)
+    assert record["free_text"]["samples"] == 4 and record["free_text"]["tokens"] > 0
+    assert len(synthesis.sequences) == 6  # conversations only: the on-policy stage's teacher share
+    assert record["tokens"] == sum(map(len, synthesis.sequences)) + record["free_text"]["tokens"]
+    assert sum(1 for _ in (tmp_path / "cache" / "synthesized").glob("free-*.json")) == 1
+
+    def no_engine(*_):
+        raise AssertionError("the second run must read the caches")
+
+    again = ft._synthesize(opts, tok, lambda *_: None, EngineHooks(no_engine, no_engine, no_engine, "none"))
+    assert again.record["free_text"] == record["free_text"] and calls["chats"] == 1
+    with pytest.raises(ConversionError, match="--free-text-share"):
+        ft.resolve_stage(ft.FinetuneOptions(teacher=chat_setup["src"], free_text_share=1.5))

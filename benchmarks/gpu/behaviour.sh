@@ -9,6 +9,16 @@
 #   bash benchmarks/gpu/behaviour.sh onpolicy NAME [finetune args]          # on-policy stage from NAME's global result
 #   bash benchmarks/gpu/behaviour.sh eval OUTNAME [LABEL=PATH ...] [-- eval args]
 # Each job bounds itself with JOB_SECONDS (default 560) and copies its report/results into $OUT as it ends.
+#
+# The whole issue-31 run in one lease, longer than one call may last (10 minutes):
+#   bash benchmarks/gpu/behaviour.sh start        # in the call that carries c5: the pipeline below, detached
+#                                                 # (setsid), so it outlives the call while calls follow
+#   bash benchmarks/gpu/behaviour.sh watch SECS   # each next call, back to back: wait up to SECS, copy what the
+#                                                 # pipeline has finished (reports, eval folders, log) into $OUT
+# The pipeline puts the evaluations beside the training on the one GPU (a 135M model leaves most of it idle):
+# the original is scored first, every later model against it (`mha2mla eval --baseline`), and the runs merge
+# into one table at the end. r192: global stage, then the on-policy stage from its checkpoint (so the global
+# stage alone is scored too: the on-policy ablation); r96 starts once the teacher's chats are in the cache.
 set -euo pipefail
 MODE=${1:?usage: behaviour.sh pack|global|onpolicy|eval ...}
 shift
@@ -54,8 +64,169 @@ finetune() {  # SRC DST [args]: bounded; the report comes back either way
   cp "$dst/loss.png" "$OUT/$(basename "$dst")-loss.png" 2>/dev/null || true
 }
 
+PIPE=/root/pipeline
+RECIPE=(--seq-len 2048 --synthesize "${SYNTH_TOKENS:-2500000}" --synthetic-share "${SYNTH_SHARE:-0.5}"
+        --free-text-share "${FREE_SHARE:-0}"
+        --finetune-tokens "${TOKENS:-16000000}" --lr 2e-4
+        --local-steps 100 --local-tokens 32768 --held-out-tokens 65536 --eval-every 100000 --save-every 100000)
+EVAL=(--tasks mc,behaviour,ppl --enforce-eager --gpu-memory-utilization "${EVAL_SHARE:-0.1}")
+
+note() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a $PIPE/out/steps.log; }
+
+ft() {  # NAME SRC DST [finetune args]: a recovery run, its log and report under $PIPE/out
+  local name=$1 src=$2 dst=$3; shift 3
+  note "$name: finetune start"
+  rm -rf "$dst"
+  python3 -m vllm_mha2mla.tools.cli finetune "$src" "$dst" --teacher "$MODEL" "$@" > "$PIPE/out/$name.log" 2>&1 \
+    || note "$name: finetune exited with $?"
+  cp "$dst/finetune_report.json" "$PIPE/out/$name-finetune_report.json" 2>/dev/null || true
+  cp "$dst/loss.png" "$PIPE/out/$name-loss.png" 2>/dev/null || true
+  note "$name: finetune end"
+}
+
+ev() {  # OUTNAME [LABEL=PATH ...] [-- eval args]: one evaluation under $PIPE/out/eval-OUTNAME, retried once
+  local name=$1; shift
+  local models=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do models+=("$1"); shift; done
+  [ "${1:-}" = "--" ] && shift
+  for attempt in 1 2; do  # an engine start can fail while a neighbour's memory moves (vLLM's memory profile)
+    note "eval $name: start (attempt $attempt)"
+    if python3 -m vllm_mha2mla.tools.cli eval "${models[@]}" --output "$PIPE/out/eval-$name" "${EVAL[@]}" "$@" \
+        > "$PIPE/out/eval-$name.log" 2>&1; then note "eval $name: done"; return 0; fi
+    note "eval $name: failed: $(grep -E "Error|error:" "$PIPE/out/eval-$name.log" | tail -2 | tr '\n' ' ')"
+  done
+}
+
+wait_for() { local end=$(( SECONDS + ${2:-1200} )); while [ ! -e "$1" ]; do (( SECONDS < end )) || return 1; sleep 5; done; }
+
+pipeline() {  # the whole run; every step's log and result lands in $PIPE/out as it ends
+  mkdir -p $PIPE/out
+  setup
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True MHA2MLA_ENGINE_GPU_MEMORY_UTILIZATION=${ENGINE_SHARE:-0.15}
+  local mla192 mla96 base=$PIPE/out/eval-original
+  mla192=$(bash "$HERE/jobs.sh" convert r192 32 32 | tail -1); note "converted r192"
+  mla96=$(bash "$HERE/jobs.sh" convert r96 16 16 | tail -1); note "converted r96"
+  {
+    ev original "original=$MODEL"
+    ev converted "converted=$mla192" -- --baseline "$base" &
+    ev converted96 "converted96=$mla96" -- --baseline "$base"
+    wait
+  } &
+  {
+    ft r192-global "$mla192" /root/w/r192-global --stage both --batch-size 16 --max-minutes "${GLOBAL_MIN:-4}" \
+      "${RECIPE[@]}"
+    {
+      wait_for "$base/results.json" || true
+      ev global192 "global192=/root/w/r192-global" -- --baseline "$base"
+    } &
+    ft r192-ft /root/w/r192-global /root/w/r192-ft --stage onpolicy "${RECIPE[@]}" \
+      --onpolicy-rounds "${ROUNDS:-2}" --onpolicy-prompts 512 --onpolicy-minutes 3
+    wait_for "$base/results.json" || true
+    ev recovered "recovered=/root/w/r192-ft" -- --baseline "$base"
+    wait
+  } &
+  {  # r96 once the teacher's chats are cached (the r192 run wrote them), at half the batch beside it
+    while ! ls $MHA2MLA_CACHE/synthesized/chats-*.json >/dev/null 2>&1; do sleep 5; done
+    sleep 60
+    ft r96-ft "$mla96" /root/w/r96-ft --stage all --batch-size 8 --grad-accum 2 --max-minutes "${GLOBAL96_MIN:-4}" \
+      "${RECIPE[@]}" --onpolicy-rounds 1 --onpolicy-prompts 512 --onpolicy-minutes 1
+    wait_for "$base/results.json" || true
+    ev recovered96 "recovered96=/root/w/r96-ft" -- --baseline "$base"
+  } &
+  wait
+  local runs=(); for d in converted global192 recovered converted96 recovered96; do
+    [ -f "$PIPE/out/eval-$d/results.json" ] && runs+=(--baseline "$PIPE/out/eval-$d"); done
+  if [ ${#runs[@]} -gt 0 ]; then  # one table: every run merged (no engine starts)
+    python3 -m vllm_mha2mla.tools.cli eval "${runs[@]}" --output "$PIPE/out/eval-all" "${EVAL[@]}" \
+      > "$PIPE/out/eval-all.log" 2>&1 || note "merge failed"
+  fi
+  note "pipeline done"
+  touch $PIPE/done
+}
+
+# The ablation (issue 31, item 3): variants of the 192-value recipe at equal GPU time, from one conversion and one
+# cached synthesis, trained side by side on the one GPU (a 135M model's training leaves most of it idle: MFU ~6%
+# alone), so every variant shares the same device for the same minutes; each is scored as it ends, against the
+# stored evaluation of the original (this folder's `--baseline`: no engine for the original again).
+# The first variant synthesizes the teacher's chats; the others start once they are cached.
+# `bash benchmarks/gpu/behaviour.sh start-ablation 30`, then `watch` as for the pipeline. LABEL|finetune args:
+VARIANTS=(
+  "chat|--synthesize 2500000"
+  "free30|--synthesize 3571429 --free-text-share 0.3"  # the same 2.5M tokens of chats (cache hit) + 1.07M free text
+  "trainall|--synthesize 2500000 --train all"
+  "lr5e-4|--synthesize 2500000 --lr 5e-4"
+  "share80|--synthesize 2500000 --synthetic-share 0.8"
+)
+ABLATION_BASE=${ABLATION_BASE:-benchmarks/results/2026-12-07-h100-behaviour-pipeline/eval}
+
+ablation_variant() {  # LABEL MLA ARGS: train (bounded by MAX_MIN of global stage), then evaluate
+  local label=$1 mla=$2 args=$3
+  # shellcheck disable=SC2086  # the variant's arguments split on purpose
+  ft "$label" "$mla" "/root/w/ab-$label" --stage both --seq-len 2048 --batch-size 4 --grad-accum 4 \
+    --synthetic-share 0.5 --finetune-tokens "${TOKENS:-12000000}" --max-minutes "${MAX_MIN:-4}" --lr 2e-4 \
+    --local-steps 100 --local-tokens 32768 --held-out-tokens 65536 --eval-every 100000 --save-every 100000 $args
+  ev "$label" "$label=/root/w/ab-$label" -- --baseline "$ABLATION_BASE"
+}
+
+ablation() {
+  mkdir -p $PIPE/out
+  setup
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True MHA2MLA_ENGINE_GPU_MEMORY_UTILIZATION=${ENGINE_SHARE:-0.15}
+  local mla192 runs=() label args first=1
+  mla192=$(bash "$HERE/jobs.sh" convert r192 32 32 | tail -1); note "converted r192"
+  for variant in "${VARIANTS[@]}"; do
+    label=${variant%%|*}; args=${variant#*|}
+    if (( first )); then first=0; else  # the chats cached by the first variant, then a minute's head start
+      while ! ls $MHA2MLA_CACHE/synthesized/chats-*.json >/dev/null 2>&1; do sleep 5; done
+    fi
+    ablation_variant "$label" "$mla192" "$args" &
+    runs+=(--baseline "$PIPE/out/eval-$label")
+  done
+  wait
+  python3 -m vllm_mha2mla.tools.cli eval --baseline "$ABLATION_BASE" "${runs[@]}" --output "$PIPE/out/eval-all" \
+    "${EVAL[@]}" > "$PIPE/out/eval-all.log" 2>&1 || note "merge failed"
+  note "ablation done"
+  touch $PIPE/done
+}
+
+collect() {  # what the pipeline has finished, into $OUT as one tarball (a call returns a few files only)
+  shopt -s nullglob
+  mkdir -p "$OUT" /root/collect/pipeline
+  cp $PIPE/out/*.json $PIPE/out/*.png $PIPE/out/steps.log /root/collect/pipeline/ 2>/dev/null || true
+  for f in $PIPE/out/*.log; do tail -c 20000 "$f" | grep -v -E "it/s\]|s/it\]|req/s\]" > "/root/collect/pipeline/$(basename "$f")" || true; done  # (an empty log: grep fails)
+  for d in $PIPE/out/eval-*/; do  # results and the agreement answers; the other item files stay (tens of MB)
+    [ -f "$d/results.json" ] || continue
+    local dest; dest=/root/collect/pipeline/$(basename "$d"); mkdir -p "$dest"; cp "$d"/results.* "$dest/"
+    for a in "$d"/items/*/agreement.jsonl; do
+      mkdir -p "$dest/items/$(basename "$(dirname "$a")")" && cp "$a" "$dest/items/$(basename "$(dirname "$a")")/"
+    done
+  done
+  tar czf "$OUT/pipeline.tar.gz" -C /root/collect pipeline
+  cp $PIPE/out/eval-all/results.md "$OUT/" 2>/dev/null || true
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+  tail -12 $PIPE/out/steps.log 2>/dev/null || true
+}
+
 case $MODE in
   pack) pack ;;
+  pipeline) pipeline ;;
+  ablation) ablation ;;
+  start-ablation)  # [SECS]: as start, for the ablation
+    mkdir -p $PIPE/out
+    setup
+    setsid nohup bash "$0" ablation > $PIPE/pipeline.log 2>&1 < /dev/null &
+    sleep "${1:-5}"; collect; tail -20 $PIPE/pipeline.log
+    ;;
+  start)  # [SECS]: set up here (its errors in this call's output), then the pipeline detached
+    mkdir -p $PIPE/out
+    setup
+    setsid nohup bash "$0" pipeline > $PIPE/pipeline.log 2>&1 < /dev/null &
+    sleep "${1:-5}"; collect; tail -20 $PIPE/pipeline.log
+    ;;
+  watch)  # SECS
+    end=$(( SECONDS + ${1:-500} ))
+    while [ ! -f $PIPE/done ] && (( SECONDS < end )); do sleep 10; done
+    collect; tail -5 $PIPE/pipeline.log
+    ;;
   global)  # NAME ROPE DKV [finetune args]
     NAME=$1; ROPE=$2; DKV=$3; shift 3
     setup

@@ -22,7 +22,11 @@ the Apache licence text) and says nothing about the data's licences; the strings
 
 Wikipedia paragraphs (HotpotQA + SQuAD) are the training and held-out text; the essays are
 never trained on and serve only as a second, out-of-domain perplexity text, so a recovery
-run cannot look good merely by fitting Wikipedia's style.
+run cannot look good merely by fitting Wikipedia's style. The only long documents on the
+training side are SQuAD's 35 articles (3k-13k SmolLM2 tokens each, ~200k in all) put back
+together from their training-side paragraphs in article order (:func:`load_training_articles`):
+what long training windows can pack besides the synthesized long documents
+(:mod:`conversion.recovery.long_docs`).
 """
 
 from __future__ import annotations
@@ -172,6 +176,19 @@ def _squad_documents(path: Path) -> list[str]:
             if text:
                 docs[text] = None
     return list(docs)
+
+
+def load_training_articles(cache_dir: Path | None = None) -> list[str]:
+    """SQuAD's articles as long documents: each article's training-side paragraphs (the same
+    documents as in ``Corpus.train``, the held-out ones left out) in the article's order, joined by
+    blank lines. The one source of naturally long training text in the default corpus."""
+    articles = []
+    for article in _load_json(ensure_default_corpus(cache_dir) / SQUAD)["data"]:
+        paragraphs = dict.fromkeys(p["context"].strip() for p in article["paragraphs"])
+        kept = [p for p in paragraphs if p and not is_held_out(split_key(p))]
+        if kept:
+            articles.append("\n\n".join(kept))
+    return articles
 
 
 def load_default_corpus(cache_dir: Path | None = None) -> Corpus:

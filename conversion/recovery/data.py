@@ -34,13 +34,17 @@ from conversion.text_data import split_text
 
 __all__ = [
     "TEXT_SUFFIXES",
+    "SCHEDULE_ORDERS",
+    "ScheduledBatches",
     "TokenWindows",
     "build_token_windows",
+    "collate_windows",
     "default_training_data",
     "is_held_out",
     "pack_documents",
     "read_documents",
     "split_documents",
+    "step_lengths",
     "text_windows",
     "user_training_data",
 ]
@@ -227,6 +231,117 @@ class TokenWindows(Dataset):
 
     def __repr__(self) -> str:
         return f"TokenWindows({len(self)} x {self.seq_len} tokens, {self.path})"
+
+
+SCHEDULE_ORDERS = ("phases", "interleaved")
+
+
+def step_lengths(steps: Sequence[int], order: str = "phases") -> list[int]:
+    """Which phase each optimizer step trains on, given each phase's ``steps``: ``phases`` runs them
+    one after the other; ``interleaved`` spreads them evenly, every step going to the phase furthest
+    behind its share, so that any prefix of the run (one cut short by ``--max-minutes``) holds each
+    phase within one step of its share."""
+    if order not in SCHEDULE_ORDERS:
+        raise ConversionError(f"schedule order must be one of {', '.join(SCHEDULE_ORDERS)}, got {order!r}")
+    if order == "phases":
+        return [k for k, n in enumerate(steps) for _ in range(n)]
+    total, done, plan = sum(steps), [0] * len(steps), []
+    for s in range(total):
+        k = max((k for k in range(len(steps)) if done[k] < steps[k]),
+                key=lambda k: (steps[k] * (s + 1) / total - done[k], -k))
+        done[k] += 1
+        plan.append(k)
+    return plan
+
+
+class ScheduledBatches(Dataset):
+    """The micro-batches of a sequence-length schedule, in training order (one item per micro-step).
+
+    Each of ``phases`` (:class:`conversion.recovery.global_stage.Phase`: ``seq_len``, ``steps``,
+    ``batch``) trains ``steps`` optimizer steps on ``datasets[k]`` (windows of its length), read in a
+    shuffle seeded by ``seed`` and the phase (cycled, reshuffled, when the phase needs more windows
+    than there are) and cut into micro-batches of ``batch`` windows: ``{"input_ids", "labels"}`` of
+    shape ``[batch, seq_len]``, ``tokens_per_micro_batch`` tokens every one. ``order`` places the
+    phases' steps (:func:`step_lengths`). The order depends on nothing but the arguments, so a
+    resumed run that skips the first k items sees what the uninterrupted run saw. Under ``torchrun``
+    process r reads items r, r + world, ...: an optimizer step's ``grad_accum * world`` items are
+    consecutive and of one phase.
+    """
+
+    def __init__(self, phases, datasets, grad_accum: int = 1, world: int = 1, seed: int = 0,
+                 order: str = "phases"):
+        if len(phases) != len(datasets):
+            raise ValueError(f"{len(phases)} phases but {len(datasets)} datasets")
+        self.phases, self.order = list(phases), order
+        sizes = {p.batch * p.seq_len for p in self.phases}
+        if len(sizes) != 1:
+            raise ConversionError(f"the schedule's micro-batches differ in tokens ({sorted(sizes)})")
+        self.tokens_per_micro_batch = sizes.pop()
+        self.per_step = grad_accum * world
+        self.seq_len = max(p.seq_len for p in self.phases)
+        self.steps = step_lengths([p.steps for p in self.phases], order)
+        self._datasets, self._orders = [], []
+        for k, (phase, data) in enumerate(zip(self.phases, datasets)):
+            need = phase.steps * self.per_step * phase.batch
+            if need and (data is None or len(data) == 0):
+                raise ConversionError(f"no training windows of {phase.seq_len} tokens for its phase")
+            if need and data[0]["input_ids"].numel() != phase.seq_len:
+                raise ValueError(f"phase {k}: windows of {data[0]['input_ids'].numel()} tokens, not {phase.seq_len}")
+            rng = np.random.default_rng([seed, k])
+            epochs = -(-need // len(data)) if need else 0
+            order_k = [rng.permutation(len(data)) for _ in range(epochs)]
+            self._datasets.append(data)
+            self._orders.append(np.concatenate(order_k)[:need] if order_k else np.zeros(0, dtype=np.int64))
+        # the phase-local micro-batch of every optimizer step's first item
+        seen = [0] * len(self.phases)
+        self._step_first = []
+        for k in self.steps:
+            self._step_first.append(seen[k])
+            seen[k] += self.per_step
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.tokens_per_micro_batch * self.per_step
+
+    def phase_of(self, index: int) -> int:
+        """Index of the phase that item ``index`` belongs to."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.steps[index // self.per_step]
+
+    def seq_len_at_step(self, step: int) -> int:
+        """Window length of optimizer step ``step`` (0-based)."""
+        return self.phases[self.steps[step]].seq_len
+
+    def tokens_by_seq_len(self, steps_done: int) -> dict[str, int]:
+        """Tokens trained at each window length after the first ``steps_done`` optimizer steps."""
+        out = {str(p.seq_len): 0 for p in self.phases}
+        for k in self.steps[:steps_done]:
+            out[str(self.phases[k].seq_len)] += self.tokens_per_step
+        return out
+
+    def repeats(self, phase: int) -> float:
+        """How many times the phase reads its windows over (1.0: each once)."""
+        return len(self._orders[phase]) / max(1, len(self._datasets[phase]))
+
+    def __len__(self) -> int:
+        return len(self.steps) * self.per_step
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        k = self.phase_of(index)
+        batch = self.phases[k].batch
+        j = self._step_first[index // self.per_step] + index % self.per_step
+        rows = [self._datasets[k][int(i)]["input_ids"] for i in self._orders[k][j * batch: (j + 1) * batch]]
+        ids = torch.stack(rows)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def collate_windows(items: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Batches ``{"input_ids", "labels"}`` items along the first dimension: single windows
+    (``[seq_len]``) are stacked, whole micro-batches (``[b, seq_len]``, :class:`ScheduledBatches`)
+    concatenated."""
+    return {key: torch.cat([item[key] if item[key].dim() == 2 else item[key][None] for item in items])
+            for key in items[0]}
 
 
 # ----------------------------------------------------------------------------- tokenizing + cache

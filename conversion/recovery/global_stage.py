@@ -11,7 +11,17 @@ is specific to MHA2MLA is small and lives here:
   ``all``);
 - keeping the MLA structure exact (:class:`StructureGuard`), so vLLM serves the result as is;
 - the paper's schedule: linear warmup, constant, then a 1-sqrt decay (``warmup_stable_decay``);
-- evaluation = next-token loss on held-out windows (perplexity), logged as a curve.
+  with a time budget (``--max-minutes``) the schedule follows whichever end comes first, the
+  token count or the time, so a run stopped by the clock still decays (:func:`wsd_factor`);
+- evaluation = next-token loss on held-out windows (perplexity), logged as a curve;
+- a sequence-length schedule (``--seq-len-schedule 2048:0.6,8192:0.4``, :func:`plan_schedule`):
+  phases of windows of different lengths, each a set share of the stage's tokens. Every
+  micro-batch holds ``--batch-size × --seq-len`` tokens, so a phase of longer windows has fewer
+  of them and every optimizer step sees the same number of tokens. The phases run one after the
+  other or, with ``--seq-len-order interleaved``, spread evenly over the run. It stays one ``Trainer`` run
+  (one learning-rate schedule, checkpoints and ``--resume`` unchanged): the dataset's items are
+  whole micro-batches in training order (:class:`conversion.recovery.data.ScheduledBatches`), read
+  sequentially one per micro-step, so a resumed run skips exactly the micro-batches it had seen.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +39,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from conversion.errors import ConversionError
+from conversion.recovery.data import collate_windows
 from conversion.recovery.losses import LOSSES, fused_distillation_loss, fused_next_token_loss, next_token_loss
 from conversion.recovery.structure import StructureGuard
 
@@ -103,9 +114,75 @@ class GlobalReport:
     flops_per_token: float = 0.0
     mfu: float | None = None
     """Model FLOPs utilisation of ``train_tokens_per_s`` (GPU runs)."""
+    phases: list[dict] = field(default_factory=list)
+    """With a sequence-length schedule: each phase's length, share, steps, windows per micro-batch."""
+    schedule_order: str | None = None
+    """With a sequence-length schedule: ``phases`` (one after the other) or ``interleaved``."""
+    tokens_by_seq_len: dict[str, int] = field(default_factory=dict)
+    """Tokens trained at each window length (with a schedule)."""
+    train_tokens_per_s_by_seq_len: dict[str, float] = field(default_factory=dict)
+    """``train_tokens_per_s`` of the steps at each window length (with a schedule)."""
 
     def to_dict(self) -> dict:
         return dict(vars(self))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a sequence-length schedule: ``steps`` optimizer steps on windows of ``seq_len``
+    tokens, ``batch`` of them per micro-batch (where the steps fall: ``ScheduledBatches.order``)."""
+
+    seq_len: int
+    share: float
+    steps: int
+    batch: int
+
+    def micro_batches(self, grad_accum: int, world: int) -> int:
+        """Micro-batches of the phase across all processes (each process reads every world-th)."""
+        return self.steps * grad_accum * world
+
+    def windows(self, grad_accum: int, world: int) -> int:
+        return self.micro_batches(grad_accum, world) * self.batch
+
+
+def parse_seq_len_schedule(text: str) -> list[tuple[int, float]]:
+    """``"2048:0.6,8192:0.4"`` -> ``[(2048, 0.6), (8192, 0.4)]``: window lengths with their share of
+    the global stage's tokens, in the order the phases run; shares are positive and sum to 1."""
+    phases: list[tuple[int, float]] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            length, share = part.split(":")
+            phases.append((int(length), float(share)))
+        except ValueError:
+            raise ConversionError(f"--seq-len-schedule: {part!r} is not LENGTH:SHARE (such as 2048:0.6,8192:0.4)") \
+                from None
+    if not phases:
+        raise ConversionError("--seq-len-schedule is empty; give LENGTH:SHARE pairs such as 2048:0.6,8192:0.4")
+    lengths = [n for n, _ in phases]
+    if len(set(lengths)) != len(lengths) or min(lengths) < 2 or min(s for _, s in phases) <= 0:
+        raise ConversionError(f"--seq-len-schedule {text!r}: lengths must be distinct and at least 2, shares positive")
+    if abs(sum(s for _, s in phases) - 1) > 1e-3:
+        raise ConversionError(f"--seq-len-schedule {text!r}: the shares sum to {sum(s for _, s in phases):g}, not 1")
+    return phases
+
+
+def plan_schedule(schedule: list[tuple[int, float]], opts: GlobalOptions, seq_len: int, world: int) -> list[Phase]:
+    """The phases of ``schedule`` for a stage of ``opts.tokens`` tokens: each phase's share of the
+    optimizer steps (largest remainder, so they sum to the stage's steps), and its windows per
+    micro-batch, ``batch_size × seq_len`` tokens over its length (which must divide it)."""
+    tokens_per_micro_batch = opts.batch_size * seq_len
+    for length, _ in schedule:
+        if tokens_per_micro_batch % length:
+            raise ConversionError(
+                f"--seq-len-schedule: a micro-batch holds --batch-size x --seq-len = {tokens_per_micro_batch} tokens, "
+                f"which windows of {length} tokens do not fill exactly; choose lengths that divide it (or raise "
+                "--batch-size)")
+    max_steps = max(1, math.ceil(opts.tokens / opts.tokens_per_step(seq_len, world)))
+    raw = [share * max_steps for _, share in schedule]
+    steps = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: steps[i] - raw[i])[: max_steps - sum(steps)]:
+        steps[i] += 1
+    return [Phase(length, share, n, tokens_per_micro_batch // length) for (length, share), n in zip(schedule, steps)]
 
 
 def world_size() -> int:
@@ -137,11 +214,44 @@ def training_flops_per_token(model: nn.Module, seq_len: int, teacher: nn.Module 
     return float(flops)
 
 
+def wsd_factor(progress: float, warmup_ratio: float, decay_ratio: float) -> float:
+    """The learning-rate multiplier of warmup-stable-decay at ``progress`` (0 → 1) of the run:
+    linear warmup over the first ``warmup_ratio``, constant, then a 1-sqrt decay to 0 over the last
+    ``decay_ratio`` (the paper's schedule, as Hugging Face's ``warmup_stable_decay`` has it)."""
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup_ratio > 0 and progress < warmup_ratio:
+        return progress / warmup_ratio
+    decay_start = 1.0 - decay_ratio
+    if decay_ratio <= 0 or progress < decay_start:
+        return 1.0
+    return max(0.0, 1.0 - math.sqrt((progress - decay_start) / decay_ratio))
+
+
+def time_or_steps_schedule(max_steps: int, budget_s: float, warmup_ratio: float, decay_ratio: float,
+                           clock=time.perf_counter):
+    """``step -> multiplier``: :func:`wsd_factor` at the further of two progress measures, steps of
+    ``max_steps`` and seconds of ``budget_s`` since the first call. A time budget usually ends a
+    run long before its token count (which then only caps it); a schedule set by tokens alone would
+    never decay. A closure, not an object: ``LambdaLR`` checkpoints callable objects' attributes,
+    and a resumed run must start its own clock."""
+    start: list[float] = []
+
+    def factor(step: int) -> float:
+        now = clock()
+        if not start:
+            start.append(now)
+        return wsd_factor(max(step / max_steps, (now - start[0]) / budget_s), warmup_ratio, decay_ratio)
+
+    return factor
+
+
 class DistillationTrainer(Trainer):
     """``Trainer`` whose loss is distillation to a frozen teacher and/or causal LM."""
 
-    def __init__(self, *args, teacher: nn.Module | None, loss_kind: str, temperature: float, **kwargs):
+    def __init__(self, *args, teacher: nn.Module | None, loss_kind: str, temperature: float,
+                 time_budget_s: float | None = None, warmup_ratio: float = 0.0, decay_ratio: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.time_budget_s, self.warmup_ratio, self.decay_ratio = time_budget_s, warmup_ratio, decay_ratio
         self.teacher = teacher
         self.loss_kind = loss_kind
         self.temperature = temperature
@@ -155,6 +265,25 @@ class DistillationTrainer(Trainer):
         self.teacher_body = self.teacher.model if self.teacher is not None else None
         if self.teacher is not None and self.args.torch_compile:  # Trainer compiles only the student
             self.teacher_body = torch.compile(self.teacher.model)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Scheduled micro-batches are read in their own order (they are shuffled within each phase
+        already, and the phases must follow one another)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(dataset, "phases", None) is not None:
+            return torch.utils.data.SequentialSampler(dataset)
+        return super()._get_train_sampler(*([train_dataset] if train_dataset is not None else []))
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Trainer's scheduler, or with a time budget the one that also decays by the clock."""
+        if self.time_budget_s is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            schedule = time_or_steps_schedule(num_training_steps, self.time_budget_s, self.warmup_ratio,
+                                              self.decay_ratio)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, schedule)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids = inputs["input_ids"]
@@ -211,19 +340,26 @@ class _FiniteLossCheck(TrainerCallback):
 
 class _StepTimer(TrainerCallback):
     """Steady-state training time: the intervals between consecutive optimizer steps that held
-    no evaluation or checkpoint save, the first step (compilation, warm-up) left out."""
+    no evaluation or checkpoint save, the first step (compilation, warm-up) left out; also per
+    window length when ``length_of(step)`` says which length a step trained on."""
 
-    def __init__(self):
+    def __init__(self, length_of=None):
         self.last: float | None = None
         self.clean = True
         self.steps = 0
         self.seconds = 0.0
+        self.length_of = length_of
+        self.by_length: dict[int, list[float]] = {}  # length -> [steps, seconds]
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()
         if self.last is not None and self.clean:
             self.steps += 1
             self.seconds += now - self.last
+            if self.length_of is not None:
+                entry = self.by_length.setdefault(self.length_of(state.global_step - 1), [0, 0.0])
+                entry[0] += 1
+                entry[1] += now - self.last
         self.last, self.clean = now, True
 
     def on_evaluate(self, args, state, control, **kwargs):
@@ -295,14 +431,16 @@ def _every(value: int, steps: int, times: int) -> int:
     return value if value > 0 else max(1, math.ceil(steps / times))
 
 
-def build_training_arguments(opts: GlobalOptions, work_dir: Path, max_steps: int, use_bf16: bool) -> TrainingArguments:
+def build_training_arguments(opts: GlobalOptions, work_dir: Path, max_steps: int, use_bf16: bool,
+                             scheduled: bool = False) -> TrainingArguments:
+    """``scheduled``: the training dataset's items are whole micro-batches (one per micro-step)."""
     decay_steps = max(1, int(round(opts.decay_ratio * max_steps)))
     warmup_steps = min(int(round(opts.warmup_ratio * max_steps)), max_steps - decay_steps)
     eval_every = _every(opts.eval_every, max_steps, 8)
     return TrainingArguments(
         output_dir=str(work_dir),
         max_steps=max_steps,
-        per_device_train_batch_size=opts.batch_size,
+        per_device_train_batch_size=1 if scheduled else opts.batch_size,
         per_device_eval_batch_size=opts.batch_size,
         gradient_accumulation_steps=opts.grad_accum,
         learning_rate=opts.lr,
@@ -342,31 +480,44 @@ def run_global_stage(
     opts: GlobalOptions,
     work_dir: Path,
     resume: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> GlobalReport:
-    """Trains ``student`` in place; checkpoints go to ``work_dir`` (resumable).
+    """Trains ``student`` in place; checkpoints go to ``work_dir`` (resumable). ``callbacks``: more
+    Trainer callbacks (measurements, e.g. ``benchmarks/studies/long_window_memory.py``'s peak memory).
 
-    ``train_data`` / ``held_out_data``: datasets of ``{"input_ids", "labels"}`` windows.
+    ``train_data`` / ``held_out_data``: datasets of ``{"input_ids", "labels"}`` windows, or for
+    training :class:`~conversion.recovery.data.ScheduledBatches` (a sequence-length schedule).
     Raises KeyboardInterrupt through (the caller reports the checkpoint to resume from).
     """
     opts.validate()
     if "kd" in opts.loss and teacher is None:
         raise ConversionError(f"--loss {opts.loss} distils from the original model: pass --teacher ORIGINAL_DIR")
     use_bf16 = torch.cuda.is_available() if opts.bf16 is None else opts.bf16
-    seq_len = train_data.seq_len
     world = world_size()
-    tokens_per_step = opts.tokens_per_step(seq_len, world)
+    phases = getattr(train_data, "phases", None)
+    if phases is not None:  # a sequence-length schedule: items are micro-batches of equal tokens
+        tokens_per_step = train_data.tokens_per_step
+        lengths = {p.seq_len: p.steps * tokens_per_step for p in phases}
+    else:
+        tokens_per_step = opts.tokens_per_step(train_data.seq_len, world)
+        lengths = {train_data.seq_len: 1}
     max_steps = max(1, math.ceil(opts.tokens / tokens_per_step))
-    args = build_training_arguments(opts, work_dir, max_steps, use_bf16)
+    if phases is not None and (len(train_data) != max_steps * opts.grad_accum * world
+                               or train_data.per_step != opts.grad_accum * world):
+        raise ConversionError(f"the scheduled data holds {len(train_data)} micro-batches, the run needs "
+                              f"{max_steps * opts.grad_accum * world}: plan it with the same options")
+    args = build_training_arguments(opts, work_dir, max_steps, use_bf16, scheduled=phases is not None)
     trainable = select_trainable(student, opts.train)
     guard = StructureGuard(student)
-    timer = _StepTimer()
-    callbacks: list[TrainerCallback] = [_GuardCallback(guard), _Progress(tokens_per_step), timer]
+    timer = _StepTimer(None if phases is None else train_data.seq_len_at_step)
+    hooks: list[TrainerCallback] = [_GuardCallback(guard), _Progress(tokens_per_step), timer, *(callbacks or [])]
     if opts.stop_after_steps is not None or opts.time_budget_s is not None:
-        callbacks.append(_StopEarly(opts.stop_after_steps, opts.time_budget_s))
+        hooks.append(_StopEarly(opts.stop_after_steps, opts.time_budget_s))
     trainer = DistillationTrainer(
-        model=student, args=args, train_dataset=train_data, eval_dataset=held_out_data,
+        model=student, args=args, train_dataset=train_data, eval_dataset=held_out_data, data_collator=collate_windows,
         teacher=teacher if "kd" in opts.loss else None, loss_kind=opts.loss, temperature=opts.temperature,
-        callbacks=callbacks,
+        callbacks=hooks, time_budget_s=opts.time_budget_s, warmup_ratio=opts.warmup_ratio,
+        decay_ratio=opts.decay_ratio,
     )
     trainer.add_callback(_FiniteLossCheck(trainer))
     checkpoint = latest_complete_checkpoint(work_dir) if resume else None
@@ -396,8 +547,15 @@ def run_global_stage(
         eval_curve=[{"step": h["step"], "tokens": h["step"] * tokens_per_step, "loss": h["eval_loss"],
                      "perplexity": math.exp(h["eval_loss"])} for h in history if "eval_loss" in h],
         trainable_parameters=trainable,
-        flops_per_token=training_flops_per_token(student, seq_len, teacher if "kd" in opts.loss else None),
+        flops_per_token=sum(training_flops_per_token(student, n, teacher if "kd" in opts.loss else None) * w
+                            for n, w in lengths.items()) / max(1, sum(lengths.values())),
     )
+    if phases is not None:
+        report.phases = [asdict(p) for p in phases]
+        report.schedule_order = train_data.order
+        report.tokens_by_seq_len = train_data.tokens_by_seq_len(trainer.state.global_step)
+        report.train_tokens_per_s_by_seq_len = {str(n): round(k * tokens_per_step / sec, 1)
+                                                for n, (k, sec) in sorted(timer.by_length.items()) if sec > 0}
     if torch.cuda.is_available() and (report.train_tokens_per_s or report.tokens_per_s):
         rate = report.train_tokens_per_s or report.tokens_per_s
         report.mfu = report.flops_per_token * rate / (H100_BF16_DENSE_FLOPS * world)

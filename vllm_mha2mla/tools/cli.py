@@ -21,14 +21,18 @@ from vllm_mha2mla.tools.evaluation.tasks import GROUPS, TASKS
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     d = EvalOptions()
-    p.add_argument("models", nargs="+", metavar="MODEL",
+    p.add_argument("models", nargs="*", metavar="MODEL",
                    help="model folders (an MHA original or a converted checkpoint), LABEL=PATH to name one; the "
-                        "first is the reference in the table")
+                        "first is the reference in the table (none: merge the --baseline runs)")
     p.add_argument("--tasks", default=d.tasks,
                    help=f"comma-separated: {', '.join(TASKS)}; groups {', '.join(GROUPS)}; or FILE.jsonl "
                         "({\"context\", \"choices\", \"label\"} per line) / FILE.txt (perplexity) (default all)")
     p.add_argument("--output", type=Path, required=True, help="folder for results.json, results.md, results.png")
     p.add_argument("--limit", type=int, help="items per task (documents for perplexity) for quick runs")
+    p.add_argument("--baseline", type=Path, action="append", default=[],
+                   help="an earlier run's --output folder (repeatable): its models join the table without running "
+                        "again, the first one's first model stays the agreement reference (same tasks, --limit, "
+                        "--seed, … required); with no MODEL the runs are merged into one table")
     p.add_argument("--replicas", type=int,
                    help="run N vLLM engines as Ray actors and shard the requests across them (GPU: one engine "
                         "per GPU × --tensor-parallel-size; CPU: cores and KV memory split); without it, one "
@@ -76,7 +80,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size, ppl_window=args.ppl_window, per_cell=args.per_cell, seed=args.seed,
             enforce_eager=args.enforce_eager, lengths=_lengths(args.lengths),
         )
-        evaluate(args.models, args.output, options)
+        evaluate(args.models, args.output, options, args.baseline)
     except EvaluationError as exc:
         print(f"mha2mla: error: {exc}", file=sys.stderr)
         return 2

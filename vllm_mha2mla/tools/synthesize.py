@@ -11,7 +11,8 @@ code as :class:`conversion.recovery.engine_hooks.EngineHooks` (:func:`vllm_engin
 
 Every engine runs in a fresh process (as :mod:`vllm_mha2mla.tools.runner`), so the training process
 never holds vLLM's global state. On a GPU the engine takes half the card (the training process
-holds the rest) and a wide batch: generation is decode-bound.
+holds the rest) and a wide batch: generation is decode-bound. ``MHA2MLA_ENGINE_GPU_MEMORY_UTILIZATION``
+sets another share, for runs that put several trainings or evaluations on one GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +33,20 @@ TEMPERATURE = 0.8
 TOP_P = 0.95
 MAX_MODEL_LEN = 2048
 CPU_KV_CACHE_BYTES = 1 << 30
+GPU_MEMORY_ENV = "MHA2MLA_ENGINE_GPU_MEMORY_UTILIZATION"
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.45
+
+
+def gpu_memory_utilization() -> float:
+    """The engine's share of the GPU: the environment's, else :data:`DEFAULT_GPU_MEMORY_UTILIZATION`."""
+    raw = os.environ.get(GPU_MEMORY_ENV, "")
+    try:
+        share = float(raw) if raw else DEFAULT_GPU_MEMORY_UTILIZATION
+    except ValueError:
+        raise ValueError(f"{GPU_MEMORY_ENV}={raw!r}: expected a fraction of the GPU's memory, e.g. 0.2") from None
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"{GPU_MEMORY_ENV}={raw!r}: expected a fraction between 0 and 1")
+    return share
 
 
 def _engine_request(model_dir: Path | str, eager: bool, seed: int) -> EngineRequest:
@@ -44,7 +59,7 @@ def _engine_request(model_dir: Path | str, eager: bool, seed: int) -> EngineRequ
     context = min(MAX_MODEL_LEN, int(config.get("max_position_embeddings") or MAX_MODEL_LEN))
     return EngineRequest(
         model=str(model_dir), max_model_len=context, seed=seed, enforce_eager=eager or not gpu,
-        **({"gpu_memory_utilization": 0.45, "max_num_seqs": 512} if gpu
+        **({"gpu_memory_utilization": gpu_memory_utilization(), "max_num_seqs": 512} if gpu
            else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}),
     )
 

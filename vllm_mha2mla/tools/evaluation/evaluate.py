@@ -7,6 +7,12 @@ fails leaves no partial results.
 
 The first model is the reference of the ``agreement`` task: its answers are kept
 (``references``) and every later model's answers are scored against them.
+
+``baseline``: an earlier run's output folder whose models join this run's table without running
+again (its first model stays the reference). An original is scored once and each new checkpoint
+against it later, or several checkpoints in parallel processes on one GPU, each against the same
+stored reference; the settings that define the tasks' items must match, or the numbers would
+not be comparable.
 """
 
 from __future__ import annotations
@@ -168,22 +174,113 @@ def evaluate_model(model: ModelSpec, tasks: list[Task], options: EvalOptions, it
     }
 
 
-def evaluate(model_specs: list[str], output: Path, options: EvalOptions) -> dict:
+ITEM_DEFINING_OPTIONS = ("limit", "max_model_len", "ppl_window", "per_cell", "seed", "lengths")
+"""Options that change which items a task builds or how they are scored: a baseline must share them."""
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """An earlier run's models, results and agreement answers (see the module docstring)."""
+    labels: list[str]
+    results: dict
+    references: dict[str, list[str]]
+    items_dirs: dict[str, Path]
+    """Per label: the ``items`` folder holding its per-item records."""
+
+
+def load_baseline(folder: Path, tasks: list[Task], options: EvalOptions) -> Baseline:
+    """The earlier run in ``folder``, checked against this run's tasks and item-defining options."""
+    path = folder / "results.json"
+    if not path.is_file():
+        raise EvaluationError(f"--baseline {folder}: no results.json there (an `mha2mla eval --output` folder)")
+    try:
+        earlier = json.loads(path.read_text())
+        labels, earlier_options = list(earlier["models"]), earlier["options"]
+        results = {label: earlier["results"][label] for label in labels}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EvaluationError(f"--baseline {path}: not an `mha2mla eval` result ({exc!r})") from None
+    for name in ITEM_DEFINING_OPTIONS:
+        mine, theirs = asdict(options)[name], earlier_options.get(name)
+        if (list(mine) if isinstance(mine, tuple) else mine) != theirs:
+            raise EvaluationError(f"--baseline {folder}: it ran with {name}={theirs!r}, this run with {mine!r}; "
+                                  "the tasks' items would differ")
+    missing = [t.name for t in tasks if any(t.name not in results[label]["tasks"] for label in labels)]
+    if missing:
+        raise EvaluationError(f"--baseline {folder}: no results for {', '.join(missing)} there (it ran "
+                              f"{', '.join(earlier['tasks'])})")
+    references = {}
+    for task in (t for t in tasks if t.kind == "agreement"):
+        records = folder / "items" / labels[0] / f"{task.name}.jsonl"
+        if not records.is_file():
+            raise EvaluationError(f"--baseline {folder}: {records} (the reference's answers) is missing")
+        references[task.name] = [json.loads(line)["answer"] for line in records.read_text().splitlines() if line]
+    return Baseline(labels, results, references, {label: folder / "items" for label in labels})
+
+
+def merge_baselines(folders: list[Path], tasks: list[Task], options: EvalOptions) -> Baseline | None:
+    """Several earlier runs as one: models in order, a model in several of them (same label, same
+    folder: the shared original) once. Their agreement scores are comparable only if they share
+    the reference, so with ``agreement`` asked for every run must have the same first model."""
+    merged: Baseline | None = None
+    for folder in folders:
+        earlier = load_baseline(folder, tasks, options)
+        if merged is None:
+            merged = earlier
+            continue
+        if earlier.references and earlier.labels[0] != merged.labels[0]:
+            raise EvaluationError(f"--baseline {folder}: its agreement reference is {earlier.labels[0]}, the first "
+                                  f"baseline's is {merged.labels[0]}")
+        for label in earlier.labels:
+            if label in merged.results:
+                if merged.results[label]["path"] != earlier.results[label]["path"]:
+                    raise EvaluationError(f"--baseline {folder}: {label} is another model there "
+                                          f"({earlier.results[label]['path']}) than in an earlier baseline")
+                continue
+            merged.labels.append(label)
+            merged.results[label] = earlier.results[label]
+            merged.items_dirs[label] = earlier.items_dirs[label]
+    return merged
+
+
+def evaluate(model_specs: list[str], output: Path, options: EvalOptions,
+             baselines: list[Path] | Path | None = None) -> dict:
     """Runs everything and writes ``output``/results.json, results.md, results.png (+ the
-    long-context heat map and per-item records under ``items/``)."""
-    models = parse_models(model_specs)
+    long-context heat map and per-item records under ``items/``). With ``baselines`` and no new
+    models, it merges earlier runs into one table."""
+    folders = [baselines] if isinstance(baselines, Path) else list(baselines or [])
+    models = parse_models(model_specs) if model_specs else []
+    if not models and not folders:
+        raise EvaluationError("no models to evaluate (give model folders, or --baseline runs to merge)")
     tasks = resolve_tasks(options.tasks)
     if options.limit is not None and options.limit < 1:
         raise EvaluationError("--limit must be at least 1")
+    earlier = merge_baselines(folders, tasks, options)
+    if earlier is not None:
+        clash = sorted(set(earlier.labels) & {m.label for m in models})
+        if clash:
+            raise EvaluationError(f"--baseline already has {', '.join(clash)}: label the new models apart "
+                                  "(LABEL=PATH)")
     output.mkdir(parents=True, exist_ok=True)
     staging = output / ".items.partial"
     memo: dict = {}
-    references: dict[str, list[str]] = {}  # the first model's agreement answers
-    results = {m.label: evaluate_model(m, tasks, options, staging, memo, references) for m in models}
+    references: dict[str, list[str]] = dict(earlier.references) if earlier else {}  # the first model's answers
+    results = {}
+    if earlier is not None:
+        names = {t.name for t in tasks}
+        for label in earlier.labels:
+            kept = dict(earlier.results[label])
+            results[label] = {**kept, "tasks": {k: v for k, v in kept["tasks"].items() if k in names}}
+            for task in names:
+                src = earlier.items_dirs[label] / label / f"{task}.jsonl"
+                if src.is_file():
+                    (staging / label).mkdir(parents=True, exist_ok=True)
+                    (staging / label / src.name).write_bytes(src.read_bytes())
+    results.update({m.label: evaluate_model(m, tasks, options, staging, memo, references) for m in models})
+    labels = (earlier.labels if earlier else []) + [m.label for m in models]
     summary = {
-        "models": [m.label for m in models],
+        "models": labels,
         "tasks": {t.name: {"kind": t.kind, "metrics": list(t.metrics),
-                           **({"reference": models[0].label} if t.kind == "agreement" else {})} for t in tasks},
+                           **({"reference": labels[0]} if t.kind == "agreement" else {})} for t in tasks},
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "results": results,
     }

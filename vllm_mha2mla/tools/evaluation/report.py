@@ -4,7 +4,7 @@ length and depth), each written atomically.
 
 Metrics print as percentages (accuracy, exact match, agreement fractions) except the
 perplexities and ``rouge_l_f1`` (a score in [0, 1], three decimals); ``↓`` marks those where
-lower is better (perplexities, ``echoes_system_prompt``)."""
+lower is better (perplexities, ``echoes_system_prompt``, ``wrong_needle``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 _LOWER_IS_BETTER = {"token_perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity"}
 _UNIT_SCORES = {"rouge_l_f1"}
 """Shown as they are (three decimals), not as percentages."""
-_LOWER_IS_BETTER_PERCENT = {"echoes_system_prompt"}
+_LOWER_IS_BETTER_PERCENT = {"echoes_system_prompt", "wrong_needle"}
 
 
 def _write(path: Path, text: str) -> None:
@@ -115,7 +115,7 @@ def _plot_heat(summary: dict, path: Path) -> bool:
     if not tasks:
         return False
     fig, axes = plt.subplots(len(tasks), len(models), figsize=(3.2 * len(models) + 1, 2.6 * len(tasks)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")  # titles clear of the row above's ticks
     for r, task in enumerate(tasks):
         for c, m in enumerate(models):
             grid = summary["results"][m]["tasks"][task]["grid"]

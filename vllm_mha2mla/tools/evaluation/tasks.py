@@ -3,7 +3,8 @@
 A task turns a tokenizer into requests and scores the results (:class:`Prepared`). Names:
 the multiple-choice suite (``arc_easy`` … ``sciq``, ``mmlu``), perplexity (``wikipedia``: the
 held-out split of the fine-tune's default corpus; ``essays``: Paul Graham's essays, out of
-that domain), long context (``passkey``, ``niah``), behaviour (``triviaqa`` and ``nq_open``:
+that domain), long context (``passkey``, ``niah``, ``niah_multikey``, ``niah_multivalue``,
+``variable_tracking``, ``longqa``), behaviour (``triviaqa`` and ``nq_open``:
 generative exact match; ``lambada``: the greedy last word; ``commonsense_qa``,
 ``social_iqa``, ``copa``: multiple choice; ``agreement``: greedy chat answers compared with
 the first model's), groups (``mc``, ``ppl``, ``long``, ``behaviour``, ``all``), and paths:
@@ -21,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from conversion.recovery.corpus import load_default_corpus
+from conversion.recovery.corpus import ensure_default_corpus, load_default_corpus
 from vllm_mha2mla.tools.evaluation import (
-    EvaluationError, agreement, generative, long_context, multiple_choice, perplexity,
+    EvaluationError, agreement, generative, long_context, longqa, multiple_choice, perplexity,
 )
 from vllm_mha2mla.tools.evaluation.datasets import mmlu_subjects, read_lambada, read_split
 from vllm_mha2mla.tools.evaluation.requests import Generate, Request, Result
@@ -265,7 +266,52 @@ def _essays(settings: Settings) -> list[str]:
 
 
 def _haystack(settings: Settings) -> list[str]:
-    return long_context.essay_sentences(_corpus(settings.cache_dir).out_of_domain[0])
+    return _essay_sentences(settings.cache_dir)
+
+
+@functools.lru_cache(maxsize=2)
+def _essay_sentences(cache_dir: Path | None) -> list[str]:
+    return long_context.essay_sentences(_corpus(cache_dir).out_of_domain[0])
+
+
+@functools.lru_cache(maxsize=2)
+def _longqa_questions(cache_dir: Path | None) -> list[longqa.Question]:
+    return longqa.load_questions(ensure_default_corpus(cache_dir))
+
+
+def _longqa_items(encode, settings: Settings, lengths, per_cell: int) -> list[long_context.Item]:
+    return longqa.longqa_items(encode, _longqa_questions(settings.cache_dir), _corpus(settings.cache_dir).held_out,
+                               lengths, settings.depths, per_cell, settings.seed)
+
+
+_LONG_ITEMS: dict[str, Callable[..., list[long_context.Item]]] = {
+    # (encode, settings, lengths, per_cell) -> items
+    "passkey": lambda enc, s, lengths, k: long_context.passkey_items(enc, lengths, s.depths, k, s.seed),
+    "niah": lambda enc, s, lengths, k: long_context.niah_items(enc, _haystack(s), lengths, s.depths, k, s.seed),
+    "niah_multikey": lambda enc, s, lengths, k: long_context.niah_multikey_items(enc, _haystack(s), lengths,
+                                                                                 s.depths, k, s.seed),
+    "niah_multivalue": lambda enc, s, lengths, k: long_context.niah_multivalue_items(enc, _haystack(s), lengths,
+                                                                                     s.depths, k, s.seed),
+    "variable_tracking": lambda enc, s, lengths, k: long_context.variable_tracking_items(enc, lengths, s.depths, k,
+                                                                                         s.seed),
+    "longqa": _longqa_items,
+}
+_LONG_UNITS: dict[str, Callable[[Settings], list[str]]] = {
+    # the filler units whose token counts the builders read: tokenized in one batched call first
+    **dict.fromkeys(("niah", "niah_multikey", "niah_multivalue"),
+                    lambda s: [" " + sentence for sentence in _haystack(s)]),
+    "longqa": lambda s: [longqa.unit_text(d) for d in _corpus(s.cache_dir).held_out],
+}
+_LONG_NOTES = {
+    "niah_multikey": [f"{long_context.MULTIKEY_NEEDLES} needles with different keys, one asked for; acc: its value "
+                      "in the answer; wrong_needle: another key's value without it"],
+    "niah_multivalue": [f"{long_context.MULTIVALUE_VALUES} values for one key, all asked for; acc: all present; "
+                        "recall: the share present"],
+    "variable_tracking": [f"{long_context.VT_CHAINS} chains of {long_context.VT_HOPS + 1} variables, one asked for; "
+                          "acc: all its variables named; recall: the share named"],
+    "longqa": ["held-out HotpotQA/SQuAD questions (every gold paragraph held out) among held-out distractor "
+               "paragraphs; acc: a SQuAD-normalised gold answer in the answer's first line"],
+}
 
 
 def _lc_prepare(kind: str):
@@ -273,15 +319,22 @@ def _lc_prepare(kind: str):
         lengths = [n for n in settings.lengths if n <= settings.max_model_len]
         notes = [f"lengths {sorted(set(settings.lengths) - set(lengths))} skipped: longer than max_model_len "
                  f"{settings.max_model_len}"] if len(lengths) < len(settings.lengths) else []
+        notes += _LONG_NOTES.get(kind, [])
         per_cell = settings.per_cell
         cells = len(lengths) * len(settings.depths)
         if settings.limit is not None and cells:
             per_cell = max(1, min(per_cell, settings.limit // cells))
-        if kind == "passkey":
-            items = long_context.passkey_items(tok.encode, lengths, settings.depths, per_cell, settings.seed)
-        else:
-            items = long_context.niah_items(tok.encode, _haystack(settings), lengths, settings.depths, per_cell,
-                                            settings.seed)
+        tok.warm(_LONG_UNITS[kind](settings) if kind in _LONG_UNITS else [])
+        try:
+            items = _LONG_ITEMS[kind](tok.encode, settings, lengths, per_cell)
+        except ValueError as exc:
+            raise EvaluationError(str(exc)) from exc
+        finally:
+            tok.forget()
+        over = sorted({i.length for i in items if len(i.request.token_ids) + i.request.max_tokens > i.length})
+        if over:
+            raise EvaluationError(f"{kind}: lengths {over} cannot hold the task's instructions, needles, question "
+                                  "and answer; ask for longer --lengths")
 
         def score(results: list[Result]) -> tuple[dict, list[dict]]:
             return long_context.score_items(items, [tok.decode(ids) for ids in results])
@@ -310,6 +363,10 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("essays", "perplexity", _PPL, _ppl_prepare(_essays)),
     Task("passkey", "long_context", ("acc",), _lc_prepare("passkey")),
     Task("niah", "long_context", ("acc",), _lc_prepare("niah")),
+    Task("niah_multikey", "long_context", ("acc", "wrong_needle"), _lc_prepare("niah_multikey")),
+    Task("niah_multivalue", "long_context", ("acc", "recall"), _lc_prepare("niah_multivalue")),
+    Task("variable_tracking", "long_context", ("acc", "recall"), _lc_prepare("variable_tracking")),
+    Task("longqa", "long_context", ("acc",), _lc_prepare("longqa")),
     Task("triviaqa", "generative", ("exact_match",),
          _qa_prepare("trivia_qa/rc.wikipedia.nocontext/validation", generative.triviaqa)),
     Task("nq_open", "generative", ("exact_match",), _qa_prepare("nq_open/none/validation", generative.nq_open)),
@@ -325,7 +382,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 GROUPS = {
     "mc": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa", "sciq"],
     "ppl": ["wikipedia", "essays"],
-    "long": ["passkey", "niah"],
+    "long": ["passkey", "niah", "niah_multikey", "niah_multivalue", "variable_tracking", "longqa"],
     "behaviour": ["triviaqa", "nq_open", "lambada", "commonsense_qa", "social_iqa", "copa", "agreement"],
 }
 GROUPS["all"] = GROUPS["mc"] + GROUPS["ppl"] + GROUPS["long"]
