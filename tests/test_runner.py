@@ -3,6 +3,9 @@ the benchmarks') and a child forked from the fork server (the test suite's, ``MH
 
 import os
 import subprocess
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +49,39 @@ def test_a_forked_engine_past_its_time_is_killed_and_the_server_goes_on(tmp_path
     assert server.fits({**env, "MHA2MLA_CACHE": str(tmp_path), "PYTEST_CURRENT_TEST": "x"}, os.getcwd())
     assert not server.fits({**env, "VLLM_LOGGING_LEVEL": "DEBUG"}, os.getcwd())
     assert not server.fits(env, str(tmp_path))
+
+
+def test_a_server_killed_mid_run_takes_its_child_along_and_the_caller_falls_back(tmp_path):
+    """A server that dies (or is killed by its caller: slow to start, out of step, interrupted) leaves no
+    forked child running beside the plain process that replaces it: the server's end is the child's death
+    signal."""
+    env = engine_env(EngineRequest(model="x"))  # the engine tests' server, if one is up already
+    pid_file, log = tmp_path / "child.pid", str(tmp_path / "child.log")
+    assert fork_server.run_forked("timeit", ["-n", "1", "-r", "1", "pass"], env, log, 600) == 0
+    server = fork_server._server
+
+    def kill_server_once_the_child_runs():
+        deadline = time.monotonic() + 60
+        while not pid_file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.proc.kill()
+
+    killer = threading.Thread(target=kill_server_once_the_child_runs)
+    killer.start()
+    setup = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid()))"
+    assert fork_server.run_forked("timeit", ["-n", "1", "-r", "1", "-s", setup, "time.sleep(300)"], env, log,
+                                  600) is None
+    killer.join()
+    assert fork_server._server is None
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(child), "the forked child outlived its server"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -15,6 +15,10 @@ Environment variables that code reads when the module is imported (vLLM's loggin
 must be the same for the server and every child: a request whose environment differs from the server's in
 anything but the variables read later (``MHA2MLA_*``, pytest's ``PYTEST_CURRENT_TEST``) or whose working
 directory differs gets a new server.
+
+The caller sends the first job only once the server has finished its imports, and a child is killed when its
+server ends (its parent-death signal): a server given up on (slow to start, out of step, interrupted) is
+killed and leaves no engine running beside the plain process that replaces it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ import threading
 import time
 import traceback
 
+START_TIMEOUT_S = 600.0
+"""How long the server may take to import vLLM (~10 s on 2 idle cores, over 60 s on busy ones) before the
+caller gives up on it and starts a plain process."""
 LATE_ENV_PREFIXES = ("MHA2MLA_", "PYTEST_CURRENT_TEST")
 """Variables read only after the fork (by this project's code, which the server does not import)."""
 
@@ -47,12 +54,13 @@ class ForkServer:
         self.proc = subprocess.Popen([sys.executable, "-m", "vllm_mha2mla.tools.fork_server"], env=env, cwd=cwd,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self._buffer = b""
+        self._eof = self._is_ready = False
 
     def fits(self, env: dict[str, str], cwd: str) -> bool:
         return self.proc.poll() is None and self.cwd == cwd and self.env == _early_env(env)
 
     def _read_line(self, deadline: float | None) -> dict | None:
-        """The server's next reply, or None at its end or past ``deadline``."""
+        """The server's next reply, or None at its end (``_eof``) or past ``deadline``."""
         fd = self.proc.stdout.fileno()
         while b"\n" not in self._buffer:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -60,37 +68,59 @@ class ForkServer:
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
+                self._eof = True
                 return None
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
 
+    def _ready(self) -> bool:
+        """Waits (once) for the server to finish its imports: no job is sent before, so a server given up on
+        here has no child to leave behind."""
+        if not self._is_ready:
+            hello = self._read_line(time.monotonic() + START_TIMEOUT_S)
+            self._is_ready = bool(hello) and "ready" in hello
+        return self._is_ready
+
     def run(self, module: str, argv: list[str], env: dict[str, str], log_file: str, timeout: float) -> int | None:
         """Runs ``python -m module *argv`` in a forked child, its output to ``log_file``; its exit code, or None
-        if the server could not (it has died: the caller starts a plain process). Raises TimeoutExpired after
-        ``timeout`` seconds (the child is killed)."""
+        if the server could not (it did not start or has died: the caller starts a plain process). Raises
+        TimeoutExpired after ``timeout`` seconds of the child's (the child is killed)."""
         job = {"module": module, "argv": argv, "env": env, "cwd": self.cwd, "log": log_file}
+        pid = None
         try:
+            if not self._ready():
+                self.close(kill=True)
+                return None
             self.proc.stdin.write((json.dumps(job) + "\n").encode())
             self.proc.stdin.flush()
-        except OSError:
-            return None
-        started = self._read_line(time.monotonic() + 60)
-        if not started or "pid" not in started:
-            self.close()
-            return None
-        try:
+            started = self._read_line(time.monotonic() + 60)
+            if not started or "pid" not in started:
+                self.close(kill=True)
+                return None
+            pid = started["pid"]
             done = self._read_line(time.monotonic() + timeout)
-        except BaseException:  # Ctrl-C while the engine runs: it goes too, and so does this server
-            self._kill(started["pid"])
-            self.close()
+            if done is None and self.proc.poll() is None and not self._eof:  # past its time
+                self._kill(pid)
+                if self._read_line(time.monotonic() + 60) is None:  # the server reaps it and reports
+                    self.close(kill=True)
+                raise subprocess.TimeoutExpired(argv, timeout)
+            if done is None or "rc" not in done:  # the server died under it (its child went with it)
+                self.close(kill=True)
+                return None
+            return done["rc"]
+        except (OSError, ValueError):  # a broken pipe or a garbled reply: this server is out of step
+            if pid is not None:
+                self._kill(pid)
+            self.close(kill=True)
+            return None
+        except subprocess.TimeoutExpired:
             raise
-        if done is None:
-            self._kill(started["pid"])
-            if self._read_line(time.monotonic() + 60) is None:  # the server reaps it and reports
-                self.close()
-            raise subprocess.TimeoutExpired(argv, timeout)
-        return done["rc"]
+        except BaseException:  # Ctrl-C while waiting: the engine goes too, and so does this server
+            if pid is not None:
+                self._kill(pid)
+            self.close(kill=True)
+            raise
 
     @staticmethod
     def _kill(pid: int) -> None:
@@ -99,14 +129,23 @@ class ForkServer:
         except ProcessLookupError:
             pass
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Ends the server: at the end of its input (it exits once its child, if any, has), or at once with
+        ``kill`` (a child it has forked is killed with it: the child's parent-death signal)."""
+        if not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()  # the server exits at the end of its input
+            except OSError:
+                pass
         if self.proc.poll() is None:
-            self.proc.stdin.close()  # the server exits at the end of its input
+            if kill:
+                self.proc.kill()
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.proc.stdout.close()
 
 
 _server: ForkServer | None = None
@@ -143,10 +182,24 @@ def run_forked(module: str, argv: list[str], env: dict[str, str], log_file: str,
 
 # ----------------------------------------------------------------------------- the server process
 
-def _child(job: dict) -> None:
+def _die_with_server(server_pid: int) -> None:
+    """The child is killed when its server ends (a server killed by its caller leaves no engine behind)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != server_pid:  # the server ended before the line above
+        os._exit(1)
+
+
+def _child(job: dict, server_pid: int, replies: int) -> None:
     """In the forked child: the caller's directory, environment and output file, then the module as ``-m``."""
     code = 1
     try:
+        _die_with_server(server_pid)
+        os.close(replies)  # the caller sees the server's end, not the child's
         log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -174,21 +227,30 @@ def _child(job: dict) -> None:
 
 
 def serve() -> int:
-    """Reads one job per line, forks a child for it, replies ``{"pid": ...}`` and then ``{"rc": ...}``."""
+    """Imports vLLM, replies ``{"ready": ...}``, then reads one job per line, forks a child for it and replies
+    ``{"pid": ...}`` and then ``{"rc": ...}``. The replies go out on a descriptor of their own: whatever the
+    imports print to stdout goes to stderr instead, never into the replies."""
+    replies = os.dup(1)
+    os.dup2(2, 1)
+    out = os.fdopen(replies, "w", buffering=1)
+
     import torch
     from vllm import LLM, SamplingParams  # noqa: F401  (what every engine process imports first)
 
+    print(json.dumps({"ready": os.getpid()}), file=out, flush=True)
     for line in sys.stdin:
         job = json.loads(line)
         if torch.cuda.is_initialized():
             return 1  # a forked child could not use CUDA: the caller falls back to a plain process
         sys.stdout.flush()
+        sys.stderr.flush()
+        server_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _child(job)
-        print(json.dumps({"pid": pid}), flush=True)
+            _child(job, server_pid, replies)
+        print(json.dumps({"pid": pid}), file=out, flush=True)
         _, status = os.waitpid(pid, 0)
-        print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+        print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), file=out, flush=True)
     return 0
 
 
