@@ -105,8 +105,8 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthesize", type=int, default=0, metavar="N",
                    help="add N tokens of teacher text generated with vLLM to the training data (chat conversations "
                         "in the teacher's template; continuations for a model without one)")
-    p.add_argument("--synthetic-share", type=float, default=0.7,
-                   help="with --synthesize: share of the global stage's windows that are teacher-written (default 0.7; "
+    p.add_argument("--synthetic-share", type=float, default=0.5,
+                   help="with --synthesize: share of the global stage's windows that are teacher-written (default 0.5; "
                         "0: the whole corpus beside them)")
     p.add_argument("--free-text-share", type=float, default=0.0,
                    help="with --synthesize: share of the synthesized tokens that are the teacher's free text, sampled "

