@@ -11,8 +11,9 @@ bfloat16.
 
 Formats (``conversion/mla_format/cache_quant.py``): int8 and int4 codes in groups of G columns with a float16
 scale and minimum each; ``row`` = one group a segment (closest to vLLM's ``int4_per_token_head``, which also
-rotates); ``+H`` = the latent Hadamard-rotated first (free at conversion time); ``rope bf16`` = the rotary
-columns kept in bfloat16.
+rotates); ``+H`` = the latent Hadamard-rotated first (free at conversion time); ``rope +H`` = the rotary keys
+Hadamard-mixed (the queries' rotary part mixed alike at run time); ``rope bf16`` / ``rope int8`` = the rotary
+columns kept in bfloat16 / stored in 8 bits.
 
 Usage: python -m benchmarks.studies.cache_quant_quality OUT_DIR [--values 192|96] [--local-seconds S]
        [--held-out-tokens N] [--seq-len L]
@@ -53,6 +54,9 @@ def formats(width: int) -> dict[str, CacheQuant | None]:
         "int4 g64, rope bf16": CacheQuant(4, None, 64),
         "int4 g64 +H, rope bf16": CacheQuant(4, None, 64, hadamard=True),
         "int4 g64 +H, rope int8": CacheQuant(4, 8, 64, hadamard=True),
+        "int4 g64, rope int8": CacheQuant(4, 8, 64),
+        "int4 g64, rope +H": CacheQuant(4, 4, 64, rope_hadamard=True),
+        "int4 g32, rope +H": CacheQuant(4, 4, 32, rope_hadamard=True),
     }
 
 
@@ -80,6 +84,7 @@ def main() -> None:
     ap.add_argument("--local-seconds", type=float, default=150.0, help="layer-wise recovery budget (0: none)")
     ap.add_argument("--held-out-tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--formats", help="semicolon-separated names of the formats to score (default: all); bf16 always")
     args = ap.parse_args()
     src, tokenizer = study_setup(args.out)
     per_head = args.values // 6
@@ -102,7 +107,11 @@ def main() -> None:
     with torch.no_grad():
         reference = [model(b).logits[:, :-1].float().log_softmax(-1) for b in windows.split(8)]
         rows = {}
-        for name, fmt in tqdm(formats(latent).items(), desc="cache formats"):
+        chosen = {n: f for n, f in formats(latent).items()
+                  if f is None or not args.formats or n in args.formats.split(";")}
+        if args.formats and len(chosen) < len(args.formats.split(";")) + 1:
+            raise SystemExit(f"unknown format in --formats; the formats: {', '.join(formats(latent))}")
+        for name, fmt in tqdm(chosen.items(), desc="cache formats"):
             set_cache_quant(model, fmt)
             row = compare(model, windows, reference)
             bytes_model = fmt.row_bytes(latent, rope) if fmt else 2 * (latent + rope)

@@ -46,6 +46,9 @@ class CacheQuant:
     rope_bits: int | None = 4
     group: int = 64
     hadamard: bool = False
+    rope_hadamard: bool = False
+    """The rotary keys Hadamard-mixed before quantising (exact if the queries' rotary part is mixed alike:
+    ``(Hq)·(Hk) = q·k``), so a pair that rotates with a large amplitude shares its range with quiet ones."""
 
     def __post_init__(self) -> None:
         for name, bits in (("latent_bits", self.latent_bits), ("rope_bits", self.rope_bits)):
@@ -136,10 +139,13 @@ def fake_quantize(x: torch.Tensor, bits: int | None, group: int) -> torch.Tensor
 
 def fake_quantize_row(latent: torch.Tensor, rope: torch.Tensor, fmt: CacheQuant) -> tuple[torch.Tensor, torch.Tensor]:
     """One cached row's two segments as a ``fmt`` cache returns them (what the reference model attends over)."""
-    if fmt.hadamard and latent.shape[-1] > 1:
-        h = hadamard(latent.shape[-1], torch.float32).to(latent.device)
-        rotated = fake_quantize((latent.float() @ h), fmt.latent_bits, fmt.group)
-        latent_read = (rotated @ h.T).to(latent.dtype)
-    else:
-        latent_read = fake_quantize(latent, fmt.latent_bits, fmt.group)
-    return latent_read, fake_quantize(rope, fmt.rope_bits, fmt.group)
+    return (_fake_quantize_segment(latent, fmt.latent_bits, fmt.group, fmt.hadamard),
+            _fake_quantize_segment(rope, fmt.rope_bits, fmt.group, fmt.rope_hadamard))
+
+
+def _fake_quantize_segment(x: torch.Tensor, bits: int | None, group: int, rotate: bool) -> torch.Tensor:
+    """One segment stored and read back, Hadamard-rotated into the stored basis and back when ``rotate``."""
+    if not rotate or bits is None or x.shape[-1] < 2:
+        return fake_quantize(x, bits, group)
+    h = hadamard(x.shape[-1], torch.float32).to(x.device)
+    return (fake_quantize(x.float() @ h, bits, group) @ h.T).to(x.dtype)
