@@ -70,12 +70,29 @@ def test_retrieval_prompts_come_from_the_training_side_only(monkeypatch):
 def test_row_mass_matches_a_full_attention_matrix():
     torch.manual_seed(0)
     q, k = torch.randn(1, 6, 40, 8), torch.randn(1, 2, 40, 8)
-    full = torch.nn.functional.scaled_dot_product_attention  # reference: the whole causal matrix
     probs = ((q @ k.repeat_interleave(3, 1).transpose(-1, -2)) * 0.3).masked_fill(
         ~torch.ones(40, 40, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
     want = probs[0, :, [30, 35, 39], 10:14].sum(-1).mean(-1)
-    torch.testing.assert_close(row_span_mass(q, k, [30, 35, 39], (10, 14), 0.3), want)
-    assert full is torch.nn.functional.scaled_dot_product_attention
+    torch.testing.assert_close(row_span_mass(q, k, [30, 35, 39], (10, 14), 0.3), want)  # GQA: heads 0-2 on kv 0
+
+
+def test_captured_mass_equals_eager_output_attentions(tiny_model_factory):
+    """The rows the calibration reads from the model's own SDPA calls = transformers' eager attention weights."""
+    from transformers import AutoModelForCausalLM
+
+    from conversion.retrieval import capture
+
+    src = tiny_model_factory(TinySpec(num_heads=6, num_kv_heads=2, hidden_size=384))
+    ids = torch.randint(0, 512, (1, 70), generator=torch.Generator().manual_seed(4))
+    rows, span = [60, 64, 69], (12, 25)
+    with torch.no_grad(), capture(rows, span) as mass:
+        load_capturing_model(src).model(input_ids=ids, use_cache=False)
+        eager = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, attn_implementation="eager")
+        weights = eager.eval().model(input_ids=ids, output_attentions=True, use_cache=False).attentions
+    assert sorted(mass) == [0, 1]  # the eager model ran inside the capture too, and recorded nothing
+    for layer, w in enumerate(weights):
+        torch.testing.assert_close(mass[layer], w[0, :, rows, span[0]:span[1]].sum(-1).mean(-1), rtol=1e-4,
+                                   atol=1e-5)
 
 
 def build_retrieval_head_model(src, dst):
