@@ -22,9 +22,12 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrieval-heads", type=float, metavar="SHARE",
                    help="--strategy retrieval: share of all kv-heads, highest retrieval score first, that keep "
                         "low-frequency pairs (default 0.1)")
-    p.add_argument("--retrieval-low", type=float, metavar="SHARE",
-                   help="--strategy retrieval: share of a retrieval head's rotary pairs that are its lowest "
-                        "frequencies, the rest by 2-norm score (default 0.5)")
+    p.add_argument("--retrieval-pairs", type=float, metavar="SHARE",
+                   help="--strategy retrieval: share of a retrieval head's rotary pairs taken from --retrieval-band, "
+                        "the rest by 2-norm score (default 0.5)")
+    p.add_argument("--retrieval-band", choices=["low", "high"],
+                   help="--strategy retrieval: the retrieval heads' forced pairs are their lowest frequencies (low, "
+                        "default) or their highest (high)")
     p.add_argument("--retrieval-prompts", type=int, metavar="N",
                    help="--strategy retrieval: calibration prompts the retrieval scores are measured on (default 8)")
     p.add_argument("--retrieval-tokens", type=int, metavar="N",
@@ -236,9 +239,10 @@ def print_report(report: dict) -> None:
     retrieval = report.get("retrieval")
     if retrieval:
         heads = ", ".join(f"L{h['layer']} kv{h['kv_head']} {h['score']:.2f}" for h in retrieval["heads"])
+        band = "lowest" if retrieval["retrieval_band"] == "low" else "highest"
         console.print(f"retrieval heads (top {retrieval['retrieval_heads']:g} of kv-heads by attention mass on a "
-                      f"planted fact, {retrieval['prompts']} prompts; each keeps {retrieval['heads'][0]['low_pairs']} "
-                      f"lowest-frequency pairs): {heads}")
+                      f"planted fact, {retrieval['prompts']} prompts; each keeps its {retrieval['heads'][0]['forced_pairs']} "
+                      f"{band}-frequency pairs): {heads}")
     table = Table(title="KV cache per token per layer")
     for col in ("what", "values", "dtype", "bytes", "reduction"):
         table.add_column(col, justify="right" if col != "what" else "left")
@@ -277,7 +281,8 @@ def run_command(args: argparse.Namespace, engine_hooks=None) -> int:
             from conversion.convert import ConvertOptions, convert
 
             retrieval = {k: v for k, v in (("retrieval_heads", args.retrieval_heads),
-                                           ("retrieval_low", args.retrieval_low),
+                                           ("retrieval_pairs", args.retrieval_pairs),
+                                           ("retrieval_band", args.retrieval_band),
                                            ("retrieval_prompts", args.retrieval_prompts),
                                            ("retrieval_tokens", args.retrieval_tokens)) if v is not None}
             if retrieval and args.strategy != "retrieval":

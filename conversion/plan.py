@@ -26,8 +26,9 @@ from conversion.mla_format.layout import (
 )
 from conversion.mla_format.spec import build_config
 from conversion.retrieval import (
+    DEFAULT_RETRIEVAL_BAND,
     DEFAULT_RETRIEVAL_HEADS,
-    DEFAULT_RETRIEVAL_LOW,
+    DEFAULT_RETRIEVAL_PAIRS,
     DEFAULT_RETRIEVAL_PROMPTS,
     DEFAULT_RETRIEVAL_TOKENS,
     MIN_RETRIEVAL_TOKENS,
@@ -80,9 +81,11 @@ class ConvertOptions:
     retrieval_heads: float = DEFAULT_RETRIEVAL_HEADS
     """``strategy=retrieval``: share of all kv-heads (highest retrieval score first) that keep
     their lowest-frequency pairs."""
-    retrieval_low: float = DEFAULT_RETRIEVAL_LOW
-    """``strategy=retrieval``: share of a retrieval head's kept pairs that are its lowest
-    frequencies; the rest go by 2-norm score."""
+    retrieval_pairs: float = DEFAULT_RETRIEVAL_PAIRS
+    """``strategy=retrieval``: share of a retrieval head's kept pairs forced from ``retrieval_band``;
+    the rest go by 2-norm score."""
+    retrieval_band: str = DEFAULT_RETRIEVAL_BAND
+    """``strategy=retrieval``: ``low`` (the slowest pairs, the default) or ``high`` (the fastest)."""
     retrieval_prompts: int = DEFAULT_RETRIEVAL_PROMPTS
     """``strategy=retrieval``: calibration prompts (a fact buried in training paragraphs, then a
     question about it) on which the retrieval scores are measured."""
@@ -224,7 +227,10 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
 
 def _check_retrieval_options(spec: SourceSpec, options: ConvertOptions) -> None:
     rope.check_share(options.retrieval_heads, "--retrieval-heads")
-    rope.check_share(options.retrieval_low, "--retrieval-low")
+    rope.check_share(options.retrieval_pairs, "--retrieval-pairs")
+    if options.retrieval_band not in rope.RETRIEVAL_BANDS:
+        raise ConversionError(f"unknown --retrieval-band {options.retrieval_band!r}; choose one of "
+                              f"{', '.join(rope.RETRIEVAL_BANDS)}")
     if options.retrieval_prompts < 1:
         raise ConversionError(f"--retrieval-prompts must be at least 1, got {options.retrieval_prompts}")
     if options.retrieval_tokens is not None and \
@@ -351,7 +357,8 @@ def select_rope_pairs(plan: ConversionPlan, stats: CalibrationStats | None) -> l
     if opts.strategy == "retrieval":
         assert stats is not None and stats.retrieval is not None
         mask = rope.retrieval_head_mask(stats.retrieval.head_scores, opts.retrieval_heads)
-        return [rope.select_pairs_retrieval(stats.pair_scores[i], mask[i], r, opts.retrieval_low).tolist()
+        return [rope.select_pairs_retrieval(stats.pair_scores[i], mask[i], r, opts.retrieval_pairs,
+                                            opts.retrieval_band).tolist()
                 for i, r in enumerate(kept)]
     return [[rope.select_pairs_fixed(opts.strategy, r, n, opts.uniform_offset) for _ in range(spec.num_kv_heads)]
             for r in kept]
@@ -366,16 +373,18 @@ def retrieval_tokens(spec: SourceSpec, options: ConvertOptions) -> int:
 
 def retrieval_report(plan: ConversionPlan, stats: CalibrationStats | None) -> dict | None:
     """What ``--strategy retrieval`` chose, for the report: the retrieval heads (layer, kv-head,
-    score), best first, the low-frequency pairs each keeps, and the calibration it measured."""
+    score), best first, how many pairs of its band each keeps, and the calibration it measured."""
     opts = plan.options
     if opts.strategy != "retrieval" or stats is None or stats.retrieval is None:
         return None
     scores = stats.retrieval.head_scores
     mask = rope.retrieval_head_mask(scores, opts.retrieval_heads)
     heads = sorted(((float(scores[i, j]), i, j) for i, j in mask.nonzero().tolist()), reverse=True)
-    return {"retrieval_heads": opts.retrieval_heads, "retrieval_low": opts.retrieval_low,
+    return {"retrieval_heads": opts.retrieval_heads, "retrieval_pairs": opts.retrieval_pairs,
+            "retrieval_band": opts.retrieval_band,
             "heads": [{"layer": i, "kv_head": j, "score": round(s, 5),
-                       "low_pairs": rope.retrieval_low_pairs(plan.layer_layout(i).rope_dim // 2, opts.retrieval_low)}
+                       "forced_pairs": rope.retrieval_forced_pairs(plan.layer_layout(i).rope_dim // 2,
+                                                                   opts.retrieval_pairs)}
                       for s, i, j in heads],
             "head_scores": scores.round(decimals=5).tolist(), **stats.retrieval.summary()}
 

@@ -53,8 +53,10 @@ DEFAULT_RETRIEVAL_TOKENS = 2048
 DEFAULT_RETRIEVAL_HEADS = 0.1
 """Share of all kv-heads (every layer together) that keep low-frequency pairs (the study:
 ``benchmarks/results/2026-12-07-cpu-rope-retrieval``)."""
-DEFAULT_RETRIEVAL_LOW = 0.5
-"""Share of a retrieval head's kept pairs that are its lowest frequencies (the rest by 2-norm)."""
+DEFAULT_RETRIEVAL_PAIRS = 0.5
+"""Share of a retrieval head's kept pairs forced from its band (the rest by 2-norm)."""
+DEFAULT_RETRIEVAL_BAND = "low"
+"""The end of the spectrum a retrieval head's forced pairs come from (``low``: the slowest pairs)."""
 MIN_RETRIEVAL_TOKENS = 128
 """Shorter prompts hold too few paragraphs to bury a fact in."""
 SEED = 0

@@ -169,7 +169,7 @@ def test_retrieval_conversion_round_trips_through_the_checkpoint(retrieval_head_
                                                                  capsys):
     dst = tmp_path / "mla"
     rc = cli_main(["convert", str(retrieval_head_model), str(dst), "--rope-dim", "8", "--d-kv", "16", "--strategy",
-                   "retrieval", "--retrieval-heads", "0.25", "--retrieval-low", "0.5", "--retrieval-prompts", "2",
+                   "retrieval", "--retrieval-heads", "0.25", "--retrieval-pairs", "0.5", "--retrieval-prompts", "2",
                    "--retrieval-tokens", "512", "--calib-text", str(calib_text_file), "--calib-tokens", "2048",
                    "--dtype", "float32", "--layout", "exact"])
     out = capsys.readouterr().out
@@ -179,7 +179,7 @@ def test_retrieval_conversion_round_trips_through_the_checkpoint(retrieval_head_
     pairs = cfg["mha2mla"]["rope_pairs"]
     assert pairs[0][0][2:] == list(LOW_PAIRS) and set(pairs[0][0][:2]) < set(HIGH_PAIRS)
     report = json.loads((dst / "mha2mla_report.json").read_text())
-    assert [(h["layer"], h["kv_head"], h["low_pairs"]) for h in report["retrieval"]["heads"]] == [(0, 0, 2)]
+    assert [(h["layer"], h["kv_head"], h["forced_pairs"]) for h in report["retrieval"]["heads"]] == [(0, 0, 2)]
     assert report["retrieval"]["prompts"] == 2 and report["options"]["retrieval_tokens"] == 512
     ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(0))
     model = load_reference(dst)
@@ -208,7 +208,8 @@ def test_bad_retrieval_options_are_refused(tiny_model_factory, tmp_path, capsys)
     for bad in ("0", "1.5", "-0.2"):
         _refused(capsys, tmp_path, src, [*r, "--retrieval-heads", bad], f"--retrieval-heads {float(bad)} must be a "
                                                                           "share in (0, 1]")
-        _refused(capsys, tmp_path, src, [*r, "--retrieval-low", bad], f"--retrieval-low {float(bad)} must be a share")
+        _refused(capsys, tmp_path, src, [*r, "--retrieval-pairs", bad], f"--retrieval-pairs {float(bad)} must be a "
+                                                                          "share")
     _refused(capsys, tmp_path, src, [*r, "--retrieval-prompts", "0"], "--retrieval-prompts must be at least 1")
     _refused(capsys, tmp_path, src, [*r, "--retrieval-tokens", "4096"], "--retrieval-tokens 4096 must lie in [128, 1024]")
     _refused(capsys, tmp_path, src, ["--strategy", "2-norm", "--retrieval-heads", "0.2"],

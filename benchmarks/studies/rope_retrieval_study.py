@@ -23,7 +23,7 @@ heads and the pairs each strategy kept for them, conversion times) and ``rope_re
 
 Usage: python -m benchmarks.studies.rope_retrieval_study [--out DIR] [--work DIR] [--variants a,b,...]
        [--lengths 1024,2048] [--depths 0.1,0.3,0.5,0.7,0.9] [--per-cell 2] [--tasks niah,passkey]
-       [--ppl-tokens 8192] [--limit N] [--resume] [--fresh]
+       [--ppl-tokens 8192] [--limit N] [--resume] [--fresh] [--threads 2]
 Results: benchmarks/README.md lists the folders this script wrote.
 """
 
@@ -51,12 +51,11 @@ VARIANTS = {
     "low": dict(strategy="low"),
     "uniform": dict(strategy="uniform"),
     "retrieval": dict(strategy="retrieval"),
-    "retrieval low 0.25": dict(strategy="retrieval", retrieval_low=0.25),
-    "retrieval low 1.0": dict(strategy="retrieval", retrieval_low=1.0),
-    "retrieval heads 0.2": dict(strategy="retrieval", retrieval_heads=0.2),
-    "retrieval heads 0.05": dict(strategy="retrieval", retrieval_heads=0.05),
+    "retrieval pairs 1.0": dict(strategy="retrieval", retrieval_pairs=1.0),
+    "retrieval heads 0.2 pairs 1.0": dict(strategy="retrieval", retrieval_heads=0.2, retrieval_pairs=1.0),
+    "retrieval band high": dict(strategy="retrieval", retrieval_band="high"),
 }
-"""Name → the strategy options on top of :data:`BASE` (retrieval's defaults: heads 0.1, low 0.5)."""
+"""Name → the strategy options on top of :data:`BASE` (retrieval's defaults: heads 0.1, pairs 0.5, band low)."""
 TASKS = ("niah", "passkey")
 DEFAULT_OUT = Path("benchmarks/results/2026-12-07-cpu-rope-retrieval")
 
@@ -186,12 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="score only the first N prompts (to time a small batch)")
     ap.add_argument("--resume", action="store_true", help="skip models already in the JSON")
     ap.add_argument("--fresh", action="store_true", help="convert again even where a checkpoint exists")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 where another job holds a core: MKL's "
+                                                          "SVD with 2 threads then ran 250x slower)")
     args = ap.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     src, tok = study_setup(args.out)
+    torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
