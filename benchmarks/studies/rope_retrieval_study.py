@@ -140,15 +140,24 @@ def kept_pairs_of_retrieval_heads(folder: Path, heads: list[dict]) -> dict:
     return {f"L{h['layer']}kv{h['kv_head']}": pairs[h["layer"]][h["kv_head"]] for h in heads}
 
 
+def pairs_changed(folder: Path, reference: Path) -> int:
+    """Kept pairs (summed over layers and kv-heads) of one checkpoint that another does not keep."""
+    mine, theirs = (json.loads((f / "config.json").read_text())["mha2mla"]["rope_pairs"] for f in (folder, reference))
+    return sum(len(set(a) - set(b)) for la, lb in zip(mine, theirs) for a, b in zip(la, lb))
+
+
 def table(results: dict) -> str:
     keys = sorted({k for m in results["models"].values() for k in m.get("retrieval_scores", {})})
-    head = "| model | " + " | ".join(f"{k} log-prob / exact" for k in keys) + " | held-out ppl | convert s |"
-    lines = [head, "|" + "---|" * (len(keys) + 3)]
+    head = "| model | " + " | ".join(f"{k} log-prob / exact" for k in keys) + \
+        " | held-out ppl | pairs ≠ 2-norm | convert s |"
+    lines = [head, "|" + "---|" * (len(keys) + 4)]
     for name, m in results["models"].items():
         cells = [f"{m['retrieval_scores'][k]['logprob']:.2f} / {100 * m['retrieval_scores'][k]['exact']:.0f}%"
                  for k in keys]
         conv = f"{m['convert_seconds']:.0f}" if m.get("convert_seconds") is not None else "–"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['perplexity']:.2f} | {conv} |")
+        changed = m.get("pairs_changed_vs_2norm")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['perplexity']:.2f} | "
+                     f"{'–' if changed is None else changed} | {conv} |")
     return "\n".join(lines)
 
 
@@ -230,10 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     windows = held_out_windows(tok, args.ppl_tokens)
     out_json = args.out / "rope_retrieval.json"
     results = json.loads(out_json.read_text()) if args.resume and out_json.is_file() else {}
+    command = "python -m benchmarks.studies.rope_retrieval_study " + " ".join(argv if argv is not None else sys.argv[1:])
+    if "command" in results:  # a resumed run keeps the first command and commit, and lists its own
+        results.setdefault("resumed", []).append({"command": command, "commit": _commit()})
+    else:
+        results.update(command=command, commit=_commit())
     results.update({
-        "command": "python -m benchmarks.studies.rope_retrieval_study " + " ".join(argv if argv is not None
-                                                                                    else sys.argv[1:]),
-        "commit": _commit(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
                                         f"torch {torch.__version__}",
         "base": BASE, "variants": {n: VARIANTS[n] for n in names}, "lengths": lengths, "depths": depths,
         "tasks": tasks, "prompts": len(items), "held_out_tokens": windows.numel()})
@@ -287,10 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         with fused_attention():
             evaluate(name, model, extra)
         del model
+    two_norm = args.work / "2-norm"
     for name in results["models"]:  # which pairs each strategy kept for the default retrieval heads
         folder = args.work / name.replace(" ", "-")
         if heads and (folder / "config.json").is_file():
             results["models"][name]["pairs_of_retrieval_heads"] = kept_pairs_of_retrieval_heads(folder, heads)
+        if (two_norm / "config.json").is_file() and (folder / "config.json").is_file():
+            results["models"][name]["pairs_changed_vs_2norm"] = pairs_changed(folder, two_norm)
     save()
     print(table(results))
     try:
