@@ -56,8 +56,11 @@ VARIANTS = {
     "retrieval band high": dict(strategy="retrieval", retrieval_band="high"),
     "retrieval pairs 1.0": dict(strategy="retrieval", retrieval_pairs=1.0),
     "retrieval heads 0.2 pairs 1.0": dict(strategy="retrieval", retrieval_heads=0.2, retrieval_pairs=1.0),
+    "2-norm, latent uncut (384 values)": dict(strategy="2-norm", d_kv=96),
 }
-"""Name → the strategy options on top of :data:`BASE` (retrieval's defaults: heads 0.1, pairs 0.5, band low)."""
+"""Name → the options on top of :data:`BASE` (retrieval's defaults: heads 0.1, pairs 0.5, band low). The last is
+not at equal cache: partial RoPE alone (the latent keeps every non-rotary key and value dim, 384 values as the
+original), to tell the loss of the rotary dims from the loss of the latent's cut."""
 TASKS = ("niah", "passkey")
 DEFAULT_TASKS = "niah:2,passkey:1"
 """``task:prompts per (length, depth)``: the 2-norm conversion already answers passkey at 1K and 2K (its
@@ -200,6 +203,10 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _folder_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in name)
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -277,13 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if name in results["models"]:
             continue
-        folder = args.work / name.replace(" ", "-")
+        folder = args.work / _folder_name(name)
         seconds = None
         if args.fresh and folder.exists():
             shutil.rmtree(folder)
         if not (folder / "config.json").is_file():
             t0 = time.perf_counter()
-            convert(src, folder, ConvertOptions(**BASE, **VARIANTS[name]))
+            convert(src, folder, ConvertOptions(**{**BASE, **VARIANTS[name]}))
             seconds = time.perf_counter() - t0
         report = json.loads((folder / "mha2mla_report.json").read_text())
         if "retrieval" in report and name == "retrieval":
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
     two_norm = args.work / "2-norm"
     for name in results["models"]:  # which pairs each strategy kept for the default retrieval heads
-        folder = args.work / name.replace(" ", "-")
+        folder = args.work / _folder_name(name)
         if heads and (folder / "config.json").is_file():
             results["models"][name]["pairs_of_retrieval_heads"] = kept_pairs_of_retrieval_heads(folder, heads)
         if (two_norm / "config.json").is_file() and (folder / "config.json").is_file():
