@@ -56,7 +56,7 @@ VARIANTS = {
     "retrieval band high": dict(strategy="retrieval", retrieval_band="high"),
     "retrieval pairs 1.0": dict(strategy="retrieval", retrieval_pairs=1.0),
     "retrieval heads 0.2 pairs 1.0": dict(strategy="retrieval", retrieval_heads=0.2, retrieval_pairs=1.0),
-    "2-norm, latent uncut (384 values)": dict(strategy="2-norm", d_kv=96),
+    "2-norm latent uncut (384 values)": dict(strategy="2-norm", d_kv=96),
 }
 """Name → the options on top of :data:`BASE` (retrieval's defaults: heads 0.1, pairs 0.5, band low). The last is
 not at equal cache: partial RoPE alone (the latent keeps every non-rotary key and value dim, 384 values as the
