@@ -219,3 +219,18 @@ def test_bad_retrieval_options_are_refused(tiny_model_factory, tmp_path, capsys)
     for f in ("config.json", "model.safetensors"):
         shutil.copy2(src / f, no_tokenizer / f)
     _refused(capsys, tmp_path, no_tokenizer, r, "--strategy retrieval / --svd joint calibrate on text")
+
+
+def test_the_studys_padded_values_leave_attention_unchanged():
+    """rope_retrieval_study pads the converted model's narrower values so SDPA takes the fused CPU kernel."""
+    from benchmarks.studies.rope_retrieval_study import fused_attention, summarise
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 3, 50, 24), torch.randn(1, 3, 50, 24), torch.randn(1, 3, 50, 16)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2)
+    with fused_attention():
+        got = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    records = [{"task": "niah", "length": 1024, "logprob": -2.0, "exact": True, "first": True},
+               {"task": "niah", "length": 1024, "logprob": -4.0, "exact": False, "first": True}]
+    assert summarise(records) == {"niah/1024": {"n": 2, "logprob": -3.0, "exact": 0.5, "first": 1.0}}

@@ -4,8 +4,9 @@ Issue 32 item 2. SmolLM2-135M-Instruct is converted at 192 cached values per tok
 (rope_dim 32, d_kv 32, ``--svd aw-joint``, ``--layout exact``: the GPU runs' conversion,
 ``benchmarks/gpu/jobs.sh convert``; float32 weights here) once per partial-RoPE strategy — 2-norm,
 low, uniform, retrieval (``conversion.retrieval``: the top share of kv-heads by attention mass on a
-planted fact keep their lowest-frequency pairs) and variants of retrieval's two shares — and every
-model, the original too, is scored **without recovery** with the PyTorch reference model on the CPU:
+planted fact keep their lowest-frequency pairs) and variants of its shares and band, plus one
+diagnostic off equal cache (2-norm with the latent uncut: partial RoPE alone) — and every model, the
+original too, is scored **without recovery** with the PyTorch reference model on the CPU:
 
 - ``niah`` and ``passkey`` prompts at each length, from ``mha2mla eval``'s own builders
   (``vllm_mha2mla.tools.evaluation.long_context``: the essays haystack, the repeated filler; text the
@@ -17,8 +18,9 @@ model, the original too, is scored **without recovery** with the PyTorch referen
   so a cost anywhere else shows.
 
 Writes ``rope_retrieval.json`` (settings, every model's scores and per-prompt records, the retrieval
-heads and the pairs each strategy kept for them, conversion times) and ``rope_retrieval.png`` into
-``--out``, and prints the table. Checkpoints go to ``--work`` (reused when present, unless
+heads and the pairs each strategy kept for them, how many kept pairs differ from 2-norm's, conversion
+times) and ``rope_retrieval.png`` into ``--out``, and prints the table. Every model but the original runs
+inside :func:`fused_attention` (same attention, the fused CPU kernel). Checkpoints go to ``--work`` (reused when present, unless
 ``--fresh``); the JSON is rewritten after each model, and ``--resume`` skips models already in it.
 
 Usage: python -m benchmarks.studies.rope_retrieval_study [--out DIR] [--work DIR] [--variants a,b,...]
