@@ -61,6 +61,9 @@ MIN_RETRIEVAL_TOKENS = 128
 """Shorter prompts hold too few paragraphs to bury a fact in."""
 SEED = 0
 ANSWER_DIGITS = 6
+MAX_PARAGRAPHS_READ = 2000
+"""Paragraphs a prompt's haystack may look through (tokenising the whole corpus to fill one prompt
+with short paragraphs would cost more than the calibration)."""
 INTRO = "Read the records below carefully. A question about one of them follows at the end."
 _FIRST = ("Adele", "Bruno", "Carmen", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Keiko", "Lars",
           "Mirela", "Nikhil", "Odile", "Pavel", "Quentin", "Rosa", "Stellan", "Tamsin", "Ulrich", "Vera", "Wendell",
@@ -123,7 +126,7 @@ def build_fact_prompts(encode: Encode, documents: Sequence[str], num_prompts: in
         room = length - len(intro) - len(fact) - len(question) - len(answer)
         hay: list[list[int]] = []
         start, used = rng.randrange(len(docs)), 0
-        for k in range(len(docs)):
+        for k in range(min(len(docs), MAX_PARAGRAPHS_READ)):
             j = (start + k) % len(docs)
             if j not in doc_tokens:
                 doc_tokens[j] = encode(docs[j] + "\n\n")
