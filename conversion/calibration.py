@@ -6,7 +6,8 @@ Two statistics, gathered in one pass with forward hooks on each layer's q/k proj
 - ``input_second_moment [L, D, D]``: E[x xᵀ] of the attention input, for activation-aware
   SVD and for reporting output errors.
 They are cached on disk keyed by the model's files and the text, since a run over a large
-model is the slowest step of conversion.
+model is the slowest step of conversion. ``--strategy retrieval`` adds per-head retrieval scores,
+measured on long prompts of their own (:mod:`conversion.retrieval`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,32 @@ DEFAULT_CALIB_SEQ_LEN = 512
 
 
 @dataclass(frozen=True)
+class RetrievalScores:
+    """``--strategy retrieval``'s statistic (measured by :mod:`conversion.retrieval`):
+    ``head_scores [layers, kv_heads]``, the strategy's input, from ``query_head_scores [layers, heads]``,
+    the attention mass the answer's positions put on a planted fact; and how well the original
+    answers the calibration facts (mean answer log-probability, answers greedy throughout)."""
+
+    head_scores: torch.Tensor
+    query_head_scores: torch.Tensor
+    num_prompts: int
+    prompt_tokens: int
+    answer_logprob: float
+    answers_greedy: int
+
+    def summary(self) -> dict:
+        return {"prompts": self.num_prompts, "prompt_tokens": self.prompt_tokens,
+                "original_answer_logprob": round(self.answer_logprob, 4),
+                "original_answers_greedy": self.answers_greedy}
+
+
+@dataclass(frozen=True)
 class CalibrationStats:
     pair_scores: torch.Tensor
     input_second_moment: torch.Tensor
     num_tokens: int
+    retrieval: RetrievalScores | None = None
+    """Per kv-head retrieval scores (``--strategy retrieval`` only; :mod:`conversion.retrieval`)."""
 
 
 def pair_norms(x: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -16,7 +16,22 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", type=Path, help="local Hugging Face folder (Llama, Mistral or Qwen2)")
     p.add_argument("dst", type=Path, help="output folder (written atomically)")
     p.add_argument("--rope-dim", type=int, required=True, help="rotary dims kept per head (even)")
-    p.add_argument("--strategy", default="2-norm", choices=["high", "low", "uniform", "2-norm"])
+    p.add_argument("--strategy", default="2-norm", choices=["high", "low", "uniform", "2-norm", "retrieval"],
+                   help="which rotary pairs each kv-head keeps: 2-norm scores (default); retrieval: 2-norm, except "
+                        "that the heads which retrieve far-back facts keep their lowest frequencies too")
+    p.add_argument("--retrieval-heads", type=float, metavar="SHARE",
+                   help="--strategy retrieval: share of all kv-heads, highest retrieval score first, that keep "
+                        "low-frequency pairs (default 0.1)")
+    p.add_argument("--retrieval-pairs", type=float, metavar="SHARE",
+                   help="--strategy retrieval: share of a retrieval head's rotary pairs taken from --retrieval-band, "
+                        "the rest by 2-norm score (default 0.5)")
+    p.add_argument("--retrieval-band", choices=["low", "high"],
+                   help="--strategy retrieval: the retrieval heads' forced pairs are their lowest frequencies (low, "
+                        "default) or their highest (high)")
+    p.add_argument("--retrieval-prompts", type=int, metavar="N",
+                   help="--strategy retrieval: calibration prompts the retrieval scores are measured on (default 8)")
+    p.add_argument("--retrieval-tokens", type=int, metavar="N",
+                   help="--strategy retrieval: tokens per calibration prompt (default 2048, or the model's context if shorter)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--d-kv", type=int, help="latent dims per kv-head")
     budget.add_argument("--kv-budget", type=int, choices=list(NATIVE_HEAD_SIZES),
@@ -221,6 +236,13 @@ def print_report(report: dict) -> None:
             kl = allocation["measured_kl"]
             console.print(f"measured KL from the original, all layers at once: {kl['allocated']:.4f} nats/token vs "
                           f"{kl['uniform']:.4f} for uniform layers")
+    retrieval = report.get("retrieval")
+    if retrieval:
+        heads = ", ".join(f"L{h['layer']} kv{h['kv_head']} {h['score']:.2f}" for h in retrieval["heads"])
+        band = "lowest" if retrieval["retrieval_band"] == "low" else "highest"
+        console.print(f"retrieval heads (top {retrieval['retrieval_heads']:g} of kv-heads by attention mass on a "
+                      f"planted fact, {retrieval['prompts']} prompts; each keeps its {retrieval['heads'][0]['forced_pairs']} "
+                      f"{band}-frequency pairs): {heads}")
     table = Table(title="KV cache per token per layer")
     for col in ("what", "values", "dtype", "bytes", "reduction"):
         table.add_column(col, justify="right" if col != "what" else "left")
@@ -258,6 +280,14 @@ def run_command(args: argparse.Namespace, engine_hooks=None) -> int:
         if args.command == "convert":
             from conversion.convert import ConvertOptions, convert
 
+            retrieval = {k: v for k, v in (("retrieval_heads", args.retrieval_heads),
+                                           ("retrieval_pairs", args.retrieval_pairs),
+                                           ("retrieval_band", args.retrieval_band),
+                                           ("retrieval_prompts", args.retrieval_prompts),
+                                           ("retrieval_tokens", args.retrieval_tokens)) if v is not None}
+            if retrieval and args.strategy != "retrieval":
+                given = ", ".join("--" + k.replace("_", "-") for k in retrieval)
+                raise ConversionError(f"{given} goes with --strategy retrieval (not --strategy {args.strategy})")
             report = convert(
                 args.src,
                 args.dst,
@@ -282,6 +312,7 @@ def run_command(args: argparse.Namespace, engine_hooks=None) -> int:
                     layer_latent=args.layer_latent,
                     layer_rope=args.layer_rope,
                     rope_choices=args.rope_choices,
+                    **retrieval,
                 ),
             )
             print_report(report)

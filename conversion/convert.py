@@ -9,13 +9,15 @@ layer (:func:`conversion.layers.write_checkpoint`; the per-layer math is
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from conversion.calibration import load_or_collect
 from conversion.errors import ConversionError
 from conversion.layers import write_checkpoint
-from conversion.plan import ConvertOptions, plan_conversion, select_rope_pairs
-from conversion.recovery.corpus import default_calibration_text
+from conversion.plan import ConvertOptions, plan_conversion, retrieval_tokens, select_rope_pairs
+from conversion.recovery.corpus import default_calibration_text, load_default_corpus
+from conversion.retrieval import load_or_collect_retrieval, text_paragraphs
 from conversion.source import SourceWeights, read_source_spec
 
 CHARS_PER_CALIBRATION_TOKEN = 6
@@ -31,6 +33,15 @@ def calibration_text(options: ConvertOptions) -> str:
     return default_calibration_text(options.calib_tokens * CHARS_PER_CALIBRATION_TOKEN, options.cache_dir)
 
 
+def retrieval_documents(options: ConvertOptions) -> list[str]:
+    """The paragraphs ``--strategy retrieval`` buries its facts in: ``--calib-text``'s (split at
+    blank lines), or, without it, the default corpus's training split (never its held-out split,
+    nor the essays the evaluation's needle prompts are built from)."""
+    if options.calib_text is not None:
+        return text_paragraphs(Path(options.calib_text).read_text(encoding="utf-8", errors="replace"))
+    return load_default_corpus(options.cache_dir).train
+
+
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_progress: bool = True) -> dict:
     """Converts ``src`` into ``dst``; returns the report (also saved as mha2mla_report.json)."""
     spec = read_source_spec(src)
@@ -43,6 +54,11 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, show_prog
     if plan.needs_calibration:
         text = calibration_text(options)
         stats = load_or_collect(spec, text, options.cache_dir, options.calib_tokens, options.calib_seq_len)
+        if options.strategy == "retrieval":
+            retrieval = load_or_collect_retrieval(spec, retrieval_documents(options), options.cache_dir,
+                                                  options.retrieval_prompts, retrieval_tokens(spec, options),
+                                                  show_progress)
+            stats = dataclasses.replace(stats, retrieval=retrieval)
     allocation = None
     if plan.latent_total is not None:
         # inside: it loads the reference model (~6 s), which `import conversion` (the plugin's too) must not

@@ -20,7 +20,7 @@ from conversion.calibration import CalibrationStats
 from conversion.checkpoint import ShardWriter, atomic_output_folder, write_json
 from conversion.lowrank import factorize_kv, relative_output_error, relative_weight_error
 from conversion.mla_format.layout import MLALayout
-from conversion.plan import ConversionPlan, plan_config
+from conversion.plan import ConversionPlan, plan_config, retrieval_report
 from conversion.source import TOKENIZER_FILES, SourceWeights
 
 
@@ -153,5 +153,7 @@ def write_checkpoint(plan: ConversionPlan, weights: SourceWeights, stats: Calibr
         }
         if allocation is not None:
             report["allocation"] = allocation
+        if (retrieval := retrieval_report(plan, stats)) is not None:
+            report["retrieval"] = retrieval
         write_json(tmp / "mha2mla_report.json", report)
     return report

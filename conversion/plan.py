@@ -25,6 +25,14 @@ from conversion.mla_format.layout import (
     plan_native_layout,
 )
 from conversion.mla_format.spec import build_config
+from conversion.retrieval import (
+    DEFAULT_RETRIEVAL_BAND,
+    DEFAULT_RETRIEVAL_HEADS,
+    DEFAULT_RETRIEVAL_PAIRS,
+    DEFAULT_RETRIEVAL_PROMPTS,
+    DEFAULT_RETRIEVAL_TOKENS,
+    MIN_RETRIEVAL_TOKENS,
+)
 from conversion.source import TOKENIZER_VOCAB_FILES, SourceSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,9 +78,25 @@ class ConvertOptions:
     """``allocate=measured``: rotary dims per head each layer may take (``rope_dim`` is the uniform
     operating point the costs are measured around), chosen with the latent widths under the same
     total of cached values."""
+    retrieval_heads: float = DEFAULT_RETRIEVAL_HEADS
+    """``strategy=retrieval``: share of all kv-heads (highest retrieval score first) that keep
+    their lowest-frequency pairs."""
+    retrieval_pairs: float = DEFAULT_RETRIEVAL_PAIRS
+    """``strategy=retrieval``: share of a retrieval head's kept pairs forced from ``retrieval_band``;
+    the rest go by 2-norm score."""
+    retrieval_band: str = DEFAULT_RETRIEVAL_BAND
+    """``strategy=retrieval``: ``low`` (the slowest pairs, the default) or ``high`` (the fastest)."""
+    retrieval_prompts: int = DEFAULT_RETRIEVAL_PROMPTS
+    """``strategy=retrieval``: calibration prompts (a fact buried in training paragraphs, then a
+    question about it) on which the retrieval scores are measured."""
+    retrieval_tokens: int | None = None
+    """``strategy=retrieval``: length of each calibration prompt in tokens (None:
+    ``DEFAULT_RETRIEVAL_TOKENS``, or the model's context where that is shorter)."""
 
 
 LAYOUTS = ("auto", "native", "exact")
+CALIBRATED_STRATEGIES = ("2-norm", "retrieval")
+"""Strategies whose pairs come from calibration statistics (``retrieval`` uses the 2-norm scores too)."""
 ALLOCATIONS = ("uniform", "measured")
 WIDE_FACTOR = 2
 """``allocate=measured`` lets a layer take at most this many times the average latent."""
@@ -113,7 +137,8 @@ class ConversionPlan:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.options.strategy == "2-norm" or self.options.svd == "aw-joint" or self.latent_total is not None
+        return self.options.strategy in CALIBRATED_STRATEGIES or self.options.svd == "aw-joint" \
+            or self.latent_total is not None
 
     def layer_layout(self, layer: int) -> MLALayout:
         return self.layout.for_layer(None if self.layer_latent is None else self.layer_latent[layer],
@@ -134,6 +159,8 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
         raise ConversionError(f"unknown --svd {options.svd!r}; choose one of {', '.join(SVD_METHODS)}")
     if options.strategy == "uniform":
         rope.select_pairs_fixed("uniform", options.rope_dim // 2, d // 2, options.uniform_offset)
+    if options.strategy == "retrieval":
+        _check_retrieval_options(spec, options)
     if options.allocate not in ALLOCATIONS:
         raise ConversionError(f"unknown --allocate {options.allocate!r}; choose one of {', '.join(ALLOCATIONS)}")
     if options.layout not in LAYOUTS:
@@ -198,11 +225,26 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
     return ConversionPlan(spec, layout, options, _check_dtype_and_calibration(spec, options), notes + list(spec.warnings))
 
 
+def _check_retrieval_options(spec: SourceSpec, options: ConvertOptions) -> None:
+    rope.check_share(options.retrieval_heads, "--retrieval-heads")
+    rope.check_share(options.retrieval_pairs, "--retrieval-pairs")
+    if options.retrieval_band not in rope.RETRIEVAL_BANDS:
+        raise ConversionError(f"unknown --retrieval-band {options.retrieval_band!r}; choose one of "
+                              f"{', '.join(rope.RETRIEVAL_BANDS)}")
+    if options.retrieval_prompts < 1:
+        raise ConversionError(f"--retrieval-prompts must be at least 1, got {options.retrieval_prompts}")
+    if options.retrieval_tokens is not None and \
+            not MIN_RETRIEVAL_TOKENS <= options.retrieval_tokens <= spec.max_position_embeddings:
+        raise ConversionError(
+            f"--retrieval-tokens {options.retrieval_tokens} must lie in [{MIN_RETRIEVAL_TOKENS}, "
+            f"{spec.max_position_embeddings}] (long enough to bury a fact in paragraphs, within the model's context)")
+
+
 def _check_dtype_and_calibration(spec: SourceSpec, options: ConvertOptions) -> torch.dtype:
     if options.dtype is not None and options.dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}")
     dtype_name = options.dtype or (spec.torch_dtype if spec.torch_dtype in DTYPES else "float32")
-    if options.strategy == "2-norm" or options.svd == "aw-joint" or options.allocate != "uniform":
+    if options.strategy in CALIBRATED_STRATEGIES or options.svd == "aw-joint" or options.allocate != "uniform":
         if options.calib_text is not None and not Path(options.calib_text).is_file():
             raise ConversionError(f"calibration text {options.calib_text} does not exist")
         if options.calib_text is None and not any((spec.path / f).is_file() for f in TOKENIZER_VOCAB_FILES):
@@ -312,8 +354,39 @@ def select_rope_pairs(plan: ConversionPlan, stats: CalibrationStats | None) -> l
     if opts.strategy == "2-norm":
         assert stats is not None
         return [rope.select_pairs_by_score(stats.pair_scores[i], r).tolist() for i, r in enumerate(kept)]
+    if opts.strategy == "retrieval":
+        assert stats is not None and stats.retrieval is not None
+        mask = rope.retrieval_head_mask(stats.retrieval.head_scores, opts.retrieval_heads)
+        return [rope.select_pairs_retrieval(stats.pair_scores[i], mask[i], r, opts.retrieval_pairs,
+                                            opts.retrieval_band).tolist()
+                for i, r in enumerate(kept)]
     return [[rope.select_pairs_fixed(opts.strategy, r, n, opts.uniform_offset) for _ in range(spec.num_kv_heads)]
             for r in kept]
+
+
+def retrieval_tokens(spec: SourceSpec, options: ConvertOptions) -> int:
+    """Length of the retrieval calibration prompts: as given, else the default within the model's context."""
+    if options.retrieval_tokens is not None:
+        return options.retrieval_tokens
+    return min(DEFAULT_RETRIEVAL_TOKENS, spec.max_position_embeddings)
+
+
+def retrieval_report(plan: ConversionPlan, stats: CalibrationStats | None) -> dict | None:
+    """What ``--strategy retrieval`` chose, for the report: the retrieval heads (layer, kv-head,
+    score), best first, how many pairs of its band each keeps, and the calibration it measured."""
+    opts = plan.options
+    if opts.strategy != "retrieval" or stats is None or stats.retrieval is None:
+        return None
+    scores = stats.retrieval.head_scores
+    mask = rope.retrieval_head_mask(scores, opts.retrieval_heads)
+    heads = sorted(((float(scores[i, j]), i, j) for i, j in mask.nonzero().tolist()), reverse=True)
+    return {"retrieval_heads": opts.retrieval_heads, "retrieval_pairs": opts.retrieval_pairs,
+            "retrieval_band": opts.retrieval_band,
+            "heads": [{"layer": i, "kv_head": j, "score": round(s, 5),
+                       "forced_pairs": rope.retrieval_forced_pairs(plan.layer_layout(i).rope_dim // 2,
+                                                                   opts.retrieval_pairs)}
+                      for s, i, j in heads],
+            "head_scores": scores.round(decimals=5).tolist(), **stats.retrieval.summary()}
 
 
 def plan_config(plan: ConversionPlan, pairs: list[list[list[int]]]) -> dict:

@@ -16,7 +16,7 @@ import torch
 
 from conversion.errors import ConversionError
 
-STRATEGIES = ("high", "low", "uniform", "2-norm")
+STRATEGIES = ("high", "low", "uniform", "2-norm", "retrieval")
 
 
 def rope_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict | None) -> torch.Tensor:
@@ -97,6 +97,70 @@ def select_pairs_by_score(pair_scores: torch.Tensor, num_pairs_kept: int) -> tor
     # Stable descending sort: equal scores keep index order.
     order = torch.sort(pair_scores.to(torch.float64), dim=-1, descending=True, stable=True).indices
     return torch.sort(order[..., :num_pairs_kept], dim=-1).values
+
+
+def check_share(share: float, option: str) -> float:
+    """A share option (``--retrieval-heads``, ``--retrieval-pairs``) must lie in (0, 1]."""
+    if not 0.0 < share <= 1.0:
+        raise ConversionError(f"{option} {share} must be a share in (0, 1] (e.g. 0.1 for a tenth)")
+    return share
+
+
+def retrieval_head_mask(head_scores: torch.Tensor, share: float) -> torch.Tensor:
+    """Retrieval strategy, step 1: the top ``share`` of all kv-heads (every layer together) by
+    retrieval score (``[layers, kv_heads]``), as a bool mask of that shape.
+
+    Retrieval is carried by a few heads in a few layers, so the heads are ranked over the whole
+    model, not per layer. ``round(share · heads)`` heads are chosen, at least one; ties break
+    towards the lower (layer, kv-head) so the choice is deterministic.
+    """
+    check_share(share, "--retrieval-heads")
+    flat = head_scores.to(torch.float64).reshape(-1)
+    count = max(1, min(flat.numel(), round(share * flat.numel())))
+    order = torch.sort(flat, descending=True, stable=True).indices
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask.view(head_scores.shape)
+
+
+RETRIEVAL_BANDS = ("low", "high")
+
+
+def retrieval_forced_pairs(num_pairs_kept: int, share: float) -> int:
+    """How many of a retrieval head's ``r`` kept pairs are forced from its band:
+    ``round(share · r)``, at least one."""
+    check_share(share, "--retrieval-pairs")
+    return max(1, min(num_pairs_kept, round(share * num_pairs_kept)))
+
+
+def select_pairs_retrieval(pair_scores: torch.Tensor, retrieval_mask: torch.Tensor, num_pairs_kept: int,
+                           share: float, band: str = "low") -> torch.Tensor:
+    """Retrieval strategy, step 2, for one layer: ``[kv_heads, head_dim/2]`` 2-norm scores and a
+    ``[kv_heads]`` mask of retrieval heads → ``[kv_heads, r]`` kept pairs (int64, sorted).
+
+    A retrieval head keeps its :func:`retrieval_forced_pairs` lowest-frequency pairs (``band``
+    ``low``: the highest indices, pair 0 rotates fastest; ``high``: the fastest pairs instead) and
+    fills the rest of its ``r`` with the best 2-norm scores among the other pairs; every other head
+    takes exactly :func:`select_pairs_by_score`'s pairs.
+    Why: a head that finds a fact thousands of tokens back matches it on slowly rotating pairs,
+    whose rotation barely changes over the distance (a position-robust content match), while the
+    2-norm score favours pairs that are loud on every token; outside the rotary block a pair is
+    squeezed through the shared low-rank latent, which the retrieval match does not survive.
+    """
+    n = pair_scores.shape[-1]
+    if not 1 <= num_pairs_kept <= n:
+        raise ConversionError(f"cannot keep {num_pairs_kept} of {n} rotary pairs")
+    if retrieval_mask.shape != pair_scores.shape[:-1]:
+        raise ConversionError(f"retrieval mask of shape {tuple(retrieval_mask.shape)} does not match the pair "
+                              f"scores' kv-heads {tuple(pair_scores.shape[:-1])}")
+    if band not in RETRIEVAL_BANDS:
+        raise ConversionError(f"unknown --retrieval-band {band!r}; choose one of {', '.join(RETRIEVAL_BANDS)}")
+    forced = retrieval_forced_pairs(num_pairs_kept, share)
+    band_pairs = slice(n - forced, n) if band == "low" else slice(0, forced)
+    scores = pair_scores.to(torch.float64).clone()
+    # Forced pairs outrank every score; among themselves they keep index order (stable sort).
+    scores[retrieval_mask.to(torch.bool), band_pairs] = float("inf")
+    return select_pairs_by_score(scores, num_pairs_kept)
 
 
 def rope_dim_permutation(pairs: Sequence[int], head_dim: int) -> list[int]:
