@@ -188,12 +188,15 @@ ablation() {
   touch $PIPE/done
 }
 
-# Issue 32 on one lease: long-context retrieval through conversion and recovery. 192-value conversions with the 2-norm
-# and the retrieval-aware rotary choice (RETRIEVAL_STRATEGY; skipped if this checkout's converter lacks it); three
+# Issue 32 on one lease: long-context retrieval through conversion and recovery. Two 192-value conversions: uniform
+# 2-norm, and the same cache with the latent moved to the layers whose heads retrieve (WIDE_LATENT: layers 14-23 at
+# 144, the rest at 72; benchmarks/results/2026-12-07-cpu-retrieval-layer-widths: better passkey log-probs before
+# recovery, perplexity worse; the rotary choice alone changed nothing, 2026-12-07-cpu-rope-retrieval). Three
 # recoveries side by side for the same minutes: the behaviour recipe alone (`behaviour192`), plus full-context windows
-# and long documents (`long192`), and that from the retrieval-aware conversion (`longretr192`). Every model is scored
-# on `--tasks long` at 1K-8K against the original's run of the same items, the recovered ones also on
+# and long documents (`long192`), and that from the wide-retrieval-layers conversion (`longwide192`). Every model is
+# scored on `--tasks long` at 1K-8K against the original's run of the same items, the recovered ones also on
 # mc,behaviour,ppl against the stored original. `bash benchmarks/gpu/behaviour.sh start-long 60`, then `watch`.
+WIDE_LATENT=${WIDE_LATENT:-72,72,72,72,72,72,72,72,72,72,72,72,72,72,144,144,144,144,144,144,144,144,144,144,72,72,72,72,72,72}
 LONG_EVAL=(--tasks long --lengths "${LONG_LENGTHS:-1024,2048,4096,8192}" --max-model-len 8192 --per-cell "${PER_CELL:-5}")
 LONG_RECIPE=(--seq-len-schedule 2048:0.6,8192:0.4 --seq-len-order interleaved --long-docs "${LONG_DOCS:-2000000}")
 
@@ -212,24 +215,25 @@ long_pipeline() {
   mkdir -p $PIPE/out
   setup
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True MHA2MLA_ENGINE_GPU_MEMORY_UTILIZATION=${ENGINE_SHARE:-0.15}
-  local mla192 retr="" long_runs=() runs=()
-  mla192=$(bash "$HERE/jobs.sh" convert r192 32 32 | tail -1); note "converted r192 (2-norm)"
-  if retr=$(bash "$HERE/jobs.sh" convert r192retr 32 32 "${RETRIEVAL_STRATEGY:-retrieval}" | tail -1) \
-      && [ -f "$retr/config.json" ]; then note "converted r192 (${RETRIEVAL_STRATEGY:-retrieval})"
-  else note "no ${RETRIEVAL_STRATEGY:-retrieval} conversion: $(tail -2 /root/w/r192retr-convert.log | tr '\n' ' ')"; retr=""; fi
+  local mla192 wide=/root/w/mla-r32-wide long_runs=() runs=()
+  mla192=$(bash "$HERE/jobs.sh" convert r192 32 32 | tail -1); note "converted r192 (uniform)"
+  if [ -f "$wide/config.json" ] || python3 -m conversion.cli convert "$MODEL" "$wide" --rope-dim 32 \
+      --layer-latent "$WIDE_LATENT" --strategy 2-norm --svd aw-joint --layout exact --calib-tokens 16384 \
+      > /root/w/wide-convert.log 2>&1; then note "converted r192 (wide retrieval layers)"
+  else note "no wide conversion: $(tail -2 /root/w/wide-convert.log | tr '\n' ' ')"; wide=""; fi
   {
     ev long-original "original=$MODEL" -- "${LONG_EVAL[@]}"
     ev long-converted "converted=$mla192" -- "${LONG_EVAL[@]}" --baseline "$PIPE/out/eval-long-original" &
-    [ -z "$retr" ] || ev long-convertedretr "convertedretr=$retr" -- "${LONG_EVAL[@]}" \
+    [ -z "$wide" ] || ev long-convertedwide "convertedwide=$wide" -- "${LONG_EVAL[@]}" \
       --baseline "$PIPE/out/eval-long-original"
     wait
   } &
   long_variant behaviour192 "$mla192" &
   while ! ls $MHA2MLA_CACHE/synthesized/chats-*.json >/dev/null 2>&1; do sleep 5; done
   long_variant long192 "$mla192" "${LONG_RECIPE[@]}" &
-  [ -z "$retr" ] || long_variant longretr192 "$retr" "${LONG_RECIPE[@]}" &
+  [ -z "$wide" ] || long_variant longwide192 "$wide" "${LONG_RECIPE[@]}" &
   wait
-  for label in converted convertedretr behaviour192 long192 longretr192; do
+  for label in converted convertedwide behaviour192 long192 longwide192; do
     [ -f "$PIPE/out/eval-long-$label/results.json" ] && long_runs+=(--baseline "$PIPE/out/eval-long-$label")
     [ -f "$PIPE/out/eval-$label/results.json" ] && runs+=(--baseline "$PIPE/out/eval-$label")
   done

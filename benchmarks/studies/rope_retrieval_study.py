@@ -59,6 +59,16 @@ VARIANTS = {
     "retrieval pairs 1.0": dict(strategy="retrieval", retrieval_pairs=1.0),
     "retrieval heads 0.2 pairs 1.0": dict(strategy="retrieval", retrieval_heads=0.2, retrieval_pairs=1.0),
     "2-norm latent uncut (384 values)": dict(strategy="2-norm", d_kv=96),
+    # Equal cache, the latent moved to the layers whose heads retrieve (the needle study's layers 14-23): the
+    # uncut diagnostic says the latent's cut, not the rotary choice, is what loses the needle.
+    "2-norm layers 14-23 latent 192 others 48": dict(strategy="2-norm", d_kv=None,
+                                                       layer_latent=[48] * 14 + [192] * 10 + [48] * 6),
+    "2-norm layers 14-23 latent 144 others 72": dict(strategy="2-norm", d_kv=None,
+                                                       layer_latent=[72] * 14 + [144] * 10 + [72] * 6),
+    # The four layers holding the calibration's top retrieval heads (17, 18, 21, 23) uncut (288), the rest 66:
+    # 2,868 latent values in all, under the 2,880 of uniform 96.
+    "2-norm layers 17 18 21 23 uncut others 66": dict(
+        strategy="2-norm", d_kv=None, layer_latent=[288 if i in (17, 18, 21, 23) else 66 for i in range(30)]),
 }
 """Name → the options on top of :data:`BASE` (retrieval's defaults: heads 0.1, pairs 0.5, band low). The last is
 not at equal cache: partial RoPE alone (the latent keeps every non-rotary key and value dim, 384 values as the
