@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from conversion.calibration import RetrievalScores, default_cache_dir
 from conversion.errors import ConversionError
 from conversion.source import SourceSpec
+from conversion.text_data import token_slot
 
 DEFAULT_RETRIEVAL_PROMPTS = 8
 DEFAULT_RETRIEVAL_TOKENS = 2048
@@ -139,24 +140,13 @@ def build_fact_prompts(encode: Encode, documents: Sequence[str], num_prompts: in
         if not hay:
             raise ConversionError(f"--retrieval-tokens {length} leaves no room for a single calibration paragraph")
         depth = (i + rng.random()) / num_prompts
-        at = _nearest_boundary([len(p) for p in hay], depth)
+        at = token_slot([len(p) for p in hay], depth)
         before = [t for p in hay[:at] for t in p]
         after = [t for p in hay[at:] for t in p]
         ids = intro + before + fact + after + question
         span = (len(intro) + len(before), len(intro) + len(before) + len(fact))
         prompts.append(FactPrompt(tuple(ids), tuple(answer), span, len(before) / max(1, used)))
     return prompts
-
-
-def _nearest_boundary(lengths: Sequence[int], depth: float) -> int:
-    """The paragraph boundary (number of paragraphs before it) nearest ``depth`` of the tokens."""
-    target, used, best, gap = depth * sum(lengths), 0, 0, float("inf")
-    for i in range(len(lengths) + 1):
-        if abs(used - target) < gap:
-            best, gap = i, abs(used - target)
-        if i < len(lengths):
-            used += lengths[i]
-    return best
 
 
 def text_paragraphs(text: str) -> list[str]:

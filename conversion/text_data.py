@@ -7,6 +7,7 @@ root); a missing file is a clear error, never a download.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from conversion.errors import ConversionError
@@ -34,3 +35,16 @@ def split_text(text: str, held_out_fraction: float = HELD_OUT_FRACTION) -> tuple
     newline = text.rfind("\n", 0, cut)
     cut = newline + 1 if newline > 0 else cut
     return text[:cut], text[cut:]
+
+
+def token_slot(unit_tokens: Sequence[int], depth: float) -> int:
+    """Where ``depth`` falls among units (paragraphs, sentences) of these token counts: the unit boundary
+    nearest to ``depth`` of their tokens (the number of units before it). Shared by the evaluation's
+    long-context prompts and the retrieval calibration's, so a fact "at 30% depth" means the same in both."""
+    target, used, best, best_gap = depth * sum(unit_tokens), 0, 0, float("inf")
+    for i in range(len(unit_tokens) + 1):
+        if abs(used - target) < best_gap:
+            best, best_gap = i, abs(used - target)
+        if i < len(unit_tokens):
+            used += unit_tokens[i]
+    return best

@@ -40,6 +40,7 @@ import string
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from conversion.text_data import token_slot
 from vllm_mha2mla.tools.evaluation.generative import normalize_answer
 from vllm_mha2mla.tools.evaluation.multiple_choice import mean_stderr
 from vllm_mha2mla.tools.evaluation.requests import Generate
@@ -116,18 +117,6 @@ def _fit(encode: Encode, build: Callable[[int], str], unit_tokens: Sequence[int]
             break
         n, text = n + 1, longer
     return text
-
-
-def token_slot(unit_tokens: Sequence[int], depth: float) -> int:
-    """Where ``depth`` falls among units of these token counts: the unit boundary nearest to ``depth``
-    of their tokens (the number of units before it)."""
-    target, used, best, best_gap = depth * sum(unit_tokens), 0, 0, float("inf")
-    for i in range(len(unit_tokens) + 1):
-        if abs(used - target) < best_gap:
-            best, best_gap = i, abs(used - target)
-        if i < len(unit_tokens):
-            used += unit_tokens[i]
-    return best
 
 
 def _place(fillers: Sequence[str], needles: Sequence[tuple[float, str]],
