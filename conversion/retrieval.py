@@ -155,19 +155,39 @@ def text_paragraphs(text: str) -> list[str]:
 
 
 # -- attention rows -------------------------------------------------------------------------------
+def attention_rows(query: torch.Tensor, key: torch.Tensor, rows: Sequence[int], attn_mask: torch.Tensor | None = None,
+                   is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Softmax attention weights ``[B, H, len(rows), S]`` of the query rows ``rows`` alone, as
+    ``F.scaled_dot_product_attention(query, key, ..., attn_mask, is_causal, scale)`` weighs the keys
+    (``query`` ``[B, Hq, L, E]``, ``key`` ``[B, Hk, S, E]``, Hk dividing Hq: grouped keys repeated)."""
+    heads, kv_heads = query.shape[-3], key.shape[-3]
+    if heads != kv_heads:
+        key = key.repeat_interleave(heads // kv_heads, dim=-3)
+    index = torch.tensor(list(rows), device=query.device)
+    q = query.index_select(-2, index).float()
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = q @ key.float().transpose(-1, -2) * scale
+    if attn_mask is not None:
+        mask = attn_mask if attn_mask.shape[-2] == 1 else attn_mask.index_select(-2, index)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    elif is_causal:  # top-left aligned, as SDPA's is_causal
+        keep = torch.arange(key.shape[-2], device=query.device)[None, :] <= index[:, None]
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores.softmax(-1)
+
+
+def span_mass(probs: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``[..., len(spans)]``: the weight each row of ``probs`` (``[..., S]``) puts on each ``[start, end)``."""
+    return torch.stack([probs[..., start:end].sum(-1) for start, end in spans], dim=-1)
+
+
 def row_span_mass(query: torch.Tensor, key: torch.Tensor, rows: Sequence[int], span: tuple[int, int],
                   scale: float) -> torch.Tensor:
     """``[heads]``: the causal softmax weight that the query rows ``rows`` put on keys ``[start, end)``,
     averaged over the rows. ``query`` ``[1, heads, L, d]``, ``key`` ``[1, kv_heads, L, d]`` (rotated;
     a kv-head serves ``heads / kv_heads`` consecutive query heads, as Llama's ``repeat_kv``)."""
-    heads, kv_heads = query.shape[1], key.shape[1]
-    index = torch.tensor(list(rows))
-    q = query[0].index_select(-2, index).float()  # [heads, R, d]
-    k = key[0].float().repeat_interleave(heads // kv_heads, dim=0)  # [heads, L, d]
-    scores = q @ k.transpose(-1, -2) * scale
-    causal = torch.arange(k.shape[-2])[None, :] <= index[:, None]
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-    return probs[..., span[0]:span[1]].sum(-1).mean(-1)
+    probs = attention_rows(query, key, rows, is_causal=True, scale=scale)
+    return span_mass(probs, [span])[0, ..., 0].mean(-1)
 
 
 _ATTENTION_NAME = "mha2mla_retrieval_rows"

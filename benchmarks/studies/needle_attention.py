@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -43,6 +42,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from conversion.retrieval import attention_rows, span_mass
 from vllm_mha2mla.tools.evaluation import long_context
 
 QUERIES = ("last_prompt", "first_answer")
@@ -52,31 +52,7 @@ TOP_KEPT = 100
 """Rows of ``top_losses`` in the JSON (every row follows from ``mass``)."""
 
 
-# -- attention rows ---------------------------------------------------------------------------------
-def attention_rows(query: torch.Tensor, key: torch.Tensor, rows: Sequence[int], attn_mask: torch.Tensor | None = None,
-                   is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
-    """Softmax attention weights ``[B, H, len(rows), S]`` of the query rows ``rows`` alone, as
-    ``F.scaled_dot_product_attention(query, key, ..., attn_mask, is_causal, scale)`` weighs the keys
-    (``query`` ``[B, Hq, L, E]``, ``key`` ``[B, Hk, S, E]``, Hk dividing Hq: grouped keys repeated)."""
-    heads, kv_heads = query.shape[-3], key.shape[-3]
-    if heads != kv_heads:
-        key = key.repeat_interleave(heads // kv_heads, dim=-3)
-    index = torch.tensor(list(rows), device=query.device)
-    q = query.index_select(-2, index).float()
-    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
-    scores = q @ key.float().transpose(-1, -2) * scale
-    if attn_mask is not None:
-        mask = attn_mask if attn_mask.shape[-2] == 1 else attn_mask.index_select(-2, index)
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    elif is_causal:  # top-left aligned, as SDPA's is_causal
-        keep = torch.arange(key.shape[-2], device=query.device)[None, :] <= index[:, None]
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return scores.softmax(-1)
-
-
-def span_mass(probs: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """``[..., len(spans)]``: the weight each row of ``probs`` (``[..., S]``) puts on each ``[start, end)``."""
-    return torch.stack([probs[..., start:end].sum(-1) for start, end in spans], dim=-1)
+# -- attention rows: conversion.retrieval.attention_rows / span_mass (the retrieval calibration reads them too)
 
 
 QUERY_CHUNK = 1024

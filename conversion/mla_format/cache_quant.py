@@ -85,11 +85,10 @@ def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     padded = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], groups * group - n)], dim=-1)
     g = padded.unflatten(-1, (groups, group))
     minimum = g.amin(-1).to(torch.float16)
-    maximum = g.amax(-1)
-    scale = ((maximum - minimum.float()) / (2**bits - 1)).to(torch.float16)
-    safe = torch.where(scale.float() > 0, scale.float(), torch.ones_like(scale.float()))
-    codes = torch.round((g - minimum.float()[..., None]) / safe[..., None]).clamp_(0, 2**bits - 1)
-    codes = torch.where(scale.float()[..., None] > 0, codes, torch.zeros_like(codes))
+    scale = ((g.amax(-1) - minimum.float()) / (2**bits - 1)).to(torch.float16)
+    step = scale.float()[..., None]  # what the codes are read back with
+    codes = torch.round((g - minimum.float()[..., None]) / step.clamp_min(torch.finfo(torch.float32).tiny))
+    codes = torch.where(step > 0, codes.clamp_(0, 2**bits - 1), torch.zeros_like(codes))
     return codes.flatten(-2)[..., :n].to(torch.uint8), scale, minimum
 
 
