@@ -176,7 +176,9 @@ ablation() {
   for variant in "${VARIANTS[@]}"; do
     label=${variant%%|*}; args=${variant#*|}
     if (( first )); then first=0; else  # the chats cached by the first variant, then a minute's head start
-      while ! ls $MHA2MLA_CACHE/synthesized/chats-*.json >/dev/null 2>&1; do sleep 5; done
+      local pid=$! waited=0  # (not past the first's end, nor 10 minutes)
+      while ! ls $MHA2MLA_CACHE/synthesized/chats-*.json >/dev/null 2>&1 && kill -0 "$pid" 2>/dev/null \
+          && (( waited < 600 )); do sleep 5; waited=$(( waited + 5 )); done
     fi
     ablation_variant "$label" "$mla192" "$args" &
     runs+=(--baseline "$PIPE/out/eval-$label")
@@ -196,6 +198,7 @@ ablation() {
 # and long documents (`long192`), and that from the wide-retrieval-layers conversion (`longwide192`). Every model is
 # scored on `--tasks long` at 1K-8K against the original's run of the same items, the recovered ones also on
 # mc,behaviour,ppl against the stored original. `bash benchmarks/gpu/behaviour.sh start-long 60`, then `watch`.
+# LONG_VARIANTS picks the recoveries (default "behaviour192 long192 longwide192"), MAX_MIN their minutes each.
 WIDE_LATENT=${WIDE_LATENT:-72,72,72,72,72,72,72,72,72,72,72,72,72,72,144,144,144,144,144,144,144,144,144,144,72,72,72,72,72,72}
 LONG_EVAL=(--tasks long --lengths "${LONG_LENGTHS:-1024,2048,4096,8192}" --max-model-len 8192 --per-cell "${PER_CELL:-5}")
 LONG_RECIPE=(--seq-len-schedule 2048:0.6,8192:0.4 --seq-len-order interleaved --long-docs "${LONG_DOCS:-2000000}")
@@ -228,10 +231,21 @@ long_pipeline() {
       --baseline "$PIPE/out/eval-long-original"
     wait
   } &
-  long_variant behaviour192 "$mla192" &
-  while ! ls $MHA2MLA_CACHE/synthesized/chats-*.json >/dev/null 2>&1; do sleep 5; done
-  long_variant long192 "$mla192" "${LONG_RECIPE[@]}" &
-  [ -z "$wide" ] || long_variant longwide192 "$wide" "${LONG_RECIPE[@]}" &
+  local first=1 variant
+  for variant in ${LONG_VARIANTS:-behaviour192 long192 longwide192}; do  # the first synthesizes, the rest reuse it
+    case $variant in
+      behaviour192) long_variant behaviour192 "$mla192" & ;;
+      long192) long_variant long192 "$mla192" "${LONG_RECIPE[@]}" & ;;
+      longwide192) [ -z "$wide" ] || long_variant longwide192 "$wide" "${LONG_RECIPE[@]}" & ;;
+      *) note "unknown LONG_VARIANTS entry $variant" ;;
+    esac
+    if (( first )); then
+      local pid=$! waited=0  # (not past the first's end, nor 10 minutes)
+      while ! ls $MHA2MLA_CACHE/synthesized/chats-*.json >/dev/null 2>&1 && kill -0 "$pid" 2>/dev/null \
+          && (( waited < 600 )); do sleep 5; waited=$(( waited + 5 )); done
+      first=0
+    fi
+  done
   wait
   for label in converted convertedwide behaviour192 long192 longwide192; do
     [ -f "$PIPE/out/eval-long-$label/results.json" ] && long_runs+=(--baseline "$PIPE/out/eval-long-$label")
@@ -253,7 +267,7 @@ collect() {  # what the pipeline has finished, into $OUT as one tarball (a call 
   for f in $PIPE/out/*.log; do tail -c 20000 "$f" | grep -v -E "it/s\]|s/it\]|req/s\]" > "/root/collect/pipeline/$(basename "$f")" || true; done  # (an empty log: grep fails)
   for d in $PIPE/out/eval-*/; do  # results and the agreement answers; the other item files stay (tens of MB)
     [ -f "$d/results.json" ] || continue
-    local dest; dest=/root/collect/pipeline/$(basename "$d"); mkdir -p "$dest"; cp "$d"/results.* "$dest/"
+    local dest; dest=/root/collect/pipeline/$(basename "$d"); mkdir -p "$dest"; cp "$d"/results.* "$dest/"; cp "$d"/long_context.png "$dest/" 2>/dev/null || true
     for a in "$d"/items/*/agreement.jsonl; do
       mkdir -p "$dest/items/$(basename "$(dirname "$a")")" && cp "$a" "$dest/items/$(basename "$(dirname "$a")")/"
     done

@@ -88,7 +88,7 @@ class Item:
     distractors: tuple[str, ...] = ()
     """Values that answer another key (niah_multikey): naming one without the asked one is ``wrong_needle``."""
     normalise: bool = False
-    """Match as SQuAD-normalised words in the answer's first line (longqa), not as raw substrings."""
+    """Match as SQuAD-normalised whole words anywhere in the answer (longqa), not as raw substrings."""
 
     @property
     def facts(self) -> tuple[tuple[str, ...], ...]:
@@ -294,16 +294,15 @@ def variable_tracking_items(encode: Encode, lengths: Sequence[int], depths: Sequ
     return items
 
 
-def _first_line(text: str) -> str:
-    return text.strip().split("\n", 1)[0]
-
-
 def found(item: Item, output: str) -> list[bool]:
     """Which of the item's facts the output holds: raw substrings (the values, RULER's rule), or for
-    ``normalise`` items whole SQuAD-normalised words in the output's first non-empty line."""
+    ``normalise`` items whole SQuAD-normalised words anywhere in the (≤ 32-token) answer — RULER's
+    ``string_match_part`` reads the whole answer too; a chat model opens with "The answer is:" and a line
+    break, so a first-line rule scored the original 0. Copying a distractor cannot score: none holds a gold
+    answer's words."""
     if not item.normalise:
         return [any(form in output for form in forms) for forms in item.facts]
-    text = f" {normalize_answer(_first_line(output))} "
+    text = f" {normalize_answer(output)} "
     return [any(f" {normalize_answer(form)} " in text if normalize_answer(form) else form in output
                 for form in forms) for forms in item.facts]
 

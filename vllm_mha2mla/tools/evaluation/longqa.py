@@ -4,10 +4,13 @@ Each prompt holds one question's gold paragraphs among distractor paragraphs, fi
 stated length in the model's tokens, the gold paragraphs together at the stated depth (by
 tokens: the distractors before them hold ``depth`` of the distractor tokens), in RULER's base
 template ("Answer the question based on the given documents. …", documents numbered
-``Document i:``, then ``Question: … Answer:``). The greedy answer (at most
+``Document i:``, then ``Question: … Answer:``); for a chat model that text is the user's turn in the model's
+own chat template (``template``), as RULER's per-model templates do for instruct models: SmolLM2-135M-Instruct
+given the bare base template answers with its end-of-turn token at once (4 of 5 prompts empty at 1K, so the
+original scored 0 at every length and the task measured nothing). The greedy answer (at most
 :data:`ANSWER_TOKENS` tokens) is correct when a gold answer, SQuAD-normalised
 (:func:`~vllm_mha2mla.tools.evaluation.generative.normalize_answer`), appears as whole words in
-its normalised first line (RULER's ``string_match_part`` on normalised text).
+the normalised answer (RULER's ``string_match_part`` on normalised text).
 
 Only the default corpus's held-out side is used, since recovery trains on the rest
 (:mod:`conversion.recovery.corpus`: a paragraph is held out iff ``is_held_out(split_key(p))``;
@@ -31,7 +34,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from conversion.recovery.corpus import HOTPOTQA, SQUAD, is_held_out, split_key
 from vllm_mha2mla.tools.evaluation.generative import normalize_answer
@@ -103,22 +106,33 @@ def _prompt(documents: Sequence[str], question: str) -> str:
             f"Question: {question} Answer:")
 
 
+Template = Callable[[str], str]
+"""The prompt text as the model reads it (a chat model: the text as the user's turn in its chat template)."""
+
+
+def base_template(text: str) -> str:
+    """RULER's base-model form: the text as it is."""
+    return text
+
+
 def _fitting_question(encode: Encode, questions: Sequence[Question], order: Sequence[int], at: int,
-                      budget: int) -> tuple[Question, int]:
+                      budget: int, template: Template) -> tuple[Question, int]:
     """The ``at``-th question of ``order`` whose gold paragraphs alone fit ``budget`` (the next one that
     does where a short length leaves no room), with that bare prompt's token count."""
     for step in range(len(order)):
         q = questions[order[(at + step) % len(order)]]
-        bare = len(encode(_prompt(q.gold, q.question)))
+        bare = len(encode(template(_prompt(q.gold, q.question))))
         if bare <= budget:
             return q, bare
     raise ValueError(f"longqa: no question's gold paragraphs fit a {budget}-token prompt")
 
 
 def longqa_items(encode: Encode, questions: Sequence[Question], paragraphs: Sequence[str], lengths: Sequence[int],
-                 depths: Sequence[float], per_cell: int, seed: int = 0) -> list[Item]:
+                 depths: Sequence[float], per_cell: int, seed: int = 0,
+                 template: Template = base_template) -> list[Item]:
     """Prompts of ``questions`` (held-out ones: :func:`load_questions`) with distractors drawn from
-    ``paragraphs`` (the corpus's held-out documents), ``per_cell`` per (length, depth)."""
+    ``paragraphs`` (the corpus's held-out documents), ``per_cell`` per (length, depth), each rendered by
+    ``template`` (the chat template's overhead counts against the length)."""
     if not questions:
         raise ValueError("longqa: no questions")
     order = list(range(len(questions)))
@@ -130,7 +144,7 @@ def longqa_items(encode: Encode, questions: Sequence[Question], paragraphs: Sequ
     items = []
     for n, (length, budget, depth, rng) in enumerate(_cells("longqa", lengths, depths, per_cell, seed, ANSWER_TOKENS)):
         di, k = (n // per_cell) % len(depths), n % per_cell
-        q, bare = _fitting_question(encode, questions, order, di * per_cell + k, budget)
+        q, bare = _fitting_question(encode, questions, order, di * per_cell + k, budget, template)
         gold_keys = {split_key(g) for g in q.gold}
         words = [f" {normalize_answer(a)} " for a in q.answers if normalize_answer(a)]
         gold = list(q.gold)
@@ -148,7 +162,8 @@ def longqa_items(encode: Encode, questions: Sequence[Question], paragraphs: Sequ
                 room -= doc_tokens[j]
         while True:
             at = token_slot([doc_tokens[j] for j in chosen], depth)
-            ids = encode(_prompt([docs[j] for j in chosen[:at]] + gold + [docs[j] for j in chosen[at:]], q.question))
+            ids = encode(template(_prompt([docs[j] for j in chosen[:at]] + gold + [docs[j] for j in chosen[at:]],
+                                          q.question)))
             if len(ids) <= budget or not chosen:
                 break
             chosen.pop()

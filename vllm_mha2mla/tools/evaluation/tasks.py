@@ -279,21 +279,25 @@ def _longqa_questions(cache_dir: Path | None) -> list[longqa.Question]:
     return longqa.load_questions(ensure_default_corpus(cache_dir))
 
 
-def _longqa_items(encode, settings: Settings, lengths, per_cell: int) -> list[long_context.Item]:
-    return longqa.longqa_items(encode, _longqa_questions(settings.cache_dir), _corpus(settings.cache_dir).held_out,
-                               lengths, settings.depths, per_cell, settings.seed)
+def _longqa_items(tok: Tokenizer, settings: Settings, lengths, per_cell: int) -> list[long_context.Item]:
+    """A chat model reads the question in its chat template (see :mod:`.longqa`), a base model RULER's text."""
+    template = (lambda text: agreement.render(tok.hf, [{"role": "user", "content": text}])) \
+        if agreement.has_chat_template(tok.hf) else longqa.base_template
+    return longqa.longqa_items(tok.encode, _longqa_questions(settings.cache_dir), _corpus(settings.cache_dir).held_out,
+                               lengths, settings.depths, per_cell, settings.seed, template)
 
 
 _LONG_ITEMS: dict[str, Callable[..., list[long_context.Item]]] = {
-    # (encode, settings, lengths, per_cell) -> items
-    "passkey": lambda enc, s, lengths, k: long_context.passkey_items(enc, lengths, s.depths, k, s.seed),
-    "niah": lambda enc, s, lengths, k: long_context.niah_items(enc, _haystack(s), lengths, s.depths, k, s.seed),
-    "niah_multikey": lambda enc, s, lengths, k: long_context.niah_multikey_items(enc, _haystack(s), lengths,
+    # (tokenizer, settings, lengths, per_cell) -> items
+    "passkey": lambda tok, s, lengths, k: long_context.passkey_items(tok.encode, lengths, s.depths, k, s.seed),
+    "niah": lambda tok, s, lengths, k: long_context.niah_items(tok.encode, _haystack(s), lengths, s.depths, k,
+                                                               s.seed),
+    "niah_multikey": lambda tok, s, lengths, k: long_context.niah_multikey_items(tok.encode, _haystack(s), lengths,
                                                                                  s.depths, k, s.seed),
-    "niah_multivalue": lambda enc, s, lengths, k: long_context.niah_multivalue_items(enc, _haystack(s), lengths,
-                                                                                     s.depths, k, s.seed),
-    "variable_tracking": lambda enc, s, lengths, k: long_context.variable_tracking_items(enc, lengths, s.depths, k,
-                                                                                         s.seed),
+    "niah_multivalue": lambda tok, s, lengths, k: long_context.niah_multivalue_items(tok.encode, _haystack(s),
+                                                                                     lengths, s.depths, k, s.seed),
+    "variable_tracking": lambda tok, s, lengths, k: long_context.variable_tracking_items(tok.encode, lengths,
+                                                                                         s.depths, k, s.seed),
     "longqa": _longqa_items,
 }
 _LONG_UNITS: dict[str, Callable[[Settings], list[str]]] = {
@@ -310,7 +314,7 @@ _LONG_NOTES = {
     "variable_tracking": [f"{long_context.VT_CHAINS} chains of {long_context.VT_HOPS + 1} variables, one asked for; "
                           "acc: all its variables named; recall: the share named"],
     "longqa": ["held-out HotpotQA/SQuAD questions (every gold paragraph held out) among held-out distractor "
-               "paragraphs; acc: a SQuAD-normalised gold answer in the answer's first line"],
+               "paragraphs; acc: a SQuAD-normalised gold answer in the answer"],
 }
 
 
@@ -320,13 +324,16 @@ def _lc_prepare(kind: str):
         notes = [f"lengths {sorted(set(settings.lengths) - set(lengths))} skipped: longer than max_model_len "
                  f"{settings.max_model_len}"] if len(lengths) < len(settings.lengths) else []
         notes += _LONG_NOTES.get(kind, [])
+        if kind == "longqa":
+            notes.append("prompt: " + ("the user's turn in the model's chat template"
+                                       if agreement.has_chat_template(tok.hf) else "RULER's base template"))
         per_cell = settings.per_cell
         cells = len(lengths) * len(settings.depths)
         if settings.limit is not None and cells:
             per_cell = max(1, min(per_cell, settings.limit // cells))
         tok.warm(_LONG_UNITS[kind](settings) if kind in _LONG_UNITS else [])
         try:
-            items = _LONG_ITEMS[kind](tok.encode, settings, lengths, per_cell)
+            items = _LONG_ITEMS[kind](tok, settings, lengths, per_cell)
         except ValueError as exc:
             raise EvaluationError(str(exc)) from exc
         finally:
