@@ -6,5 +6,7 @@
 - :mod:`~conversion.mla_format.layout`: :class:`~conversion.mla_format.layout.MLALayout`, the
   mapping of MHA2MLA attention onto vLLM's MLA tensors, and vLLM's native sizes;
 - :mod:`~conversion.mla_format.inputs`: :func:`~conversion.mla_format.inputs.mla_inputs`, the
-  input projections the vLLM plugin's model and the Hugging Face reference model share.
+  input projections the vLLM plugin's model and the Hugging Face reference model share;
+- :mod:`~conversion.mla_format.cache_quant` and :mod:`~conversion.mla_format.cache_rows`: a low-bit latent
+  cache's math (groups, codes, scales) and its row bytes, what the reference model and the plugin's cache share.
 """

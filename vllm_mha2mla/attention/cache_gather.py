@@ -32,14 +32,21 @@ def gather_cache_rows(
     """
     if num_tokens == 0:
         return
+    rows = context_rows(src_cache, block_table, cu_seq_lens, token_to_seq, num_tokens, seq_starts)
+    if kv_cache_dtype.startswith("fp8"):
+        rows = rows.float() * scale.float()
+    dst[:num_tokens] = rows.to(dst.dtype)
+
+
+def context_rows(src_cache: torch.Tensor, block_table: torch.Tensor, cu_seq_lens: torch.Tensor,
+                 token_to_seq: torch.Tensor, num_tokens: int, seq_starts: torch.Tensor | None = None) -> torch.Tensor:
+    """The cached rows ``[num_tokens, row]`` of the context tokens, as stored (see :func:`gather_cache_rows`
+    for the indexing); a low-bit cache's reader decodes them after."""
     block_size = src_cache.shape[1]
-    tokens = torch.arange(num_tokens, device=dst.device)
+    tokens = torch.arange(num_tokens, device=src_cache.device)
     seq = token_to_seq[:num_tokens].long()
     pos = tokens - cu_seq_lens.long()[seq]
     if seq_starts is not None:
         pos = pos + seq_starts.long()[seq]
     blocks = block_table.long()[seq, pos // block_size]
-    rows = src_cache[blocks, pos % block_size]
-    if kv_cache_dtype.startswith("fp8"):
-        rows = rows.float() * scale.float()
-    dst[:num_tokens] = rows.to(dst.dtype)
+    return src_cache[blocks, pos % block_size]

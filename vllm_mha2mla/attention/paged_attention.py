@@ -9,6 +9,8 @@ dense attention, used by the plugin's backend wherever vLLM's kernels refuse the
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -29,11 +31,14 @@ def paged_latent_decode(
     scale: float,
     kv_lora_rank: int,
     chunk_tokens: int = 4096,
+    read_rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One query token per request: ``q`` ``[B, H, D]`` → ``[B, H, kv_lora_rank]``.
 
     Softmax in float32 (or the inputs' wider dtype). Requests are processed in groups so the gathered rows stay below
-    ``chunk_tokens`` × batch-group rows at a time.
+    ``chunk_tokens`` × batch-group rows at a time. ``read_rows`` turns gathered cache rows into ``[..., D]`` values
+    (a low-bit cache's bytes: :func:`vllm_mha2mla.attention.quantized_cache.row_reader`); only the rows a group
+    reads are decoded, never the whole cache.
     """
     batch = q.shape[0]
     compute = torch.promote_types(q.dtype, torch.float32)
@@ -46,7 +51,8 @@ def paged_latent_decode(
         while end < batch and int(lens[order[end]]) * (end + 1 - start) <= chunk_tokens * 8:
             end += 1
         idx = order[start:end]
-        rows = gather_paged_rows(kv_cache, block_table[idx], lens[idx]).to(compute)  # [b, L, D]
+        rows = gather_paged_rows(kv_cache, block_table[idx], lens[idx])
+        rows = (rows if read_rows is None else read_rows(rows)).to(compute)  # [b, L, D]
         qf = q[idx].to(compute)
         scores = torch.einsum("bhd,bld->bhl", qf, rows) * scale
         valid = torch.arange(rows.shape[1], device=q.device)[None, :] < lens[idx][:, None]
