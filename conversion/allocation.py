@@ -159,3 +159,45 @@ def choose_options(costs: Sequence[dict[tuple[int, int], float]], total_values: 
 def kept_energy(energies: Sequence[Sequence[float]], ranks: Sequence[int]) -> float:
     """Sum over layers of the energy the ranks keep (higher is better)."""
     return float(sum(sum(e[:r]) for e, r in zip(energies, ranks)))
+
+
+BAND_SHARE = 1 / 3
+"""``--allocate retrieval-band``: the share of the layers that form the wide band."""
+BAND_FACTOR = 1.5
+"""``--allocate retrieval-band``: the band's latent against the average (the others take what is left)."""
+BAND_ALIGN = 8
+"""Band widths are multiples of this (what the Triton decode kernel's column blocks align to)."""
+
+
+def retrieval_band(layer_scores: Sequence[float], total: int, share: float = BAND_SHARE,
+                   factor: float = BAND_FACTOR, align: int = BAND_ALIGN,
+                   max_rank: int | None = None) -> tuple[list[int], tuple[int, int]]:
+    """Latent widths with a contiguous band of ``round(share × layers)`` layers at ``factor`` × the average
+    latent and the rest at what is left of ``total`` (both rounded down to ``align``), and the band as
+    ``(first, last)``: the window of layers whose retrieval scores sum highest.
+
+    Why a contiguous band, not the top-scoring layers: retrieval in a Llama-family model runs through a
+    stretch of middle-to-late layers, and widening only the layers of the top retrieval heads (at the same
+    cache) was worse than widening the whole stretch on every measure
+    (``benchmarks/results/2026-12-07-cpu-retrieval-layer-widths``); recovered at 8K, the 14–23 band of
+    SmolLM2-135M (1.5× / 0.75×) kept the passkey to 2K (``2026-12-07-h100-long-context``). On SmolLM2 this
+    window of its retrieval scores is exactly layers 14–23."""
+    layers = len(layer_scores)
+    if layers < 2:
+        raise ConversionError("a retrieval band needs at least two layers")
+    if not 0 < share < 1 or factor <= 1:
+        raise ConversionError(f"a retrieval band takes a share in (0, 1) of the layers and a factor above 1, "
+                              f"not {share} and {factor}")
+    k = min(layers - 1, max(1, round(share * layers)))
+    average = total / layers
+    wide = int(factor * average) // align * align
+    if max_rank is not None:
+        wide = min(wide, max_rank // align * align)
+    narrow = (total - k * wide) // (layers - k) // align * align
+    if narrow < align or wide <= narrow:
+        raise ConversionError(f"a latent budget of {total} over {layers} layers is too small for a retrieval band "
+                              f"({k} layers at {wide}, the rest at {narrow}): raise --d-kv")
+    sums = [sum(layer_scores[i:i + k]) for i in range(layers - k + 1)]
+    first = max(range(len(sums)), key=lambda i: (sums[i], -i))
+    widths = [wide if first <= i < first + k else narrow for i in range(layers)]
+    return widths, (first, first + k - 1)

@@ -29,9 +29,11 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
                    help="--strategy retrieval: the retrieval heads' forced pairs are their lowest frequencies (low, "
                         "default) or their highest (high)")
     p.add_argument("--retrieval-prompts", type=int, metavar="N",
-                   help="--strategy retrieval: calibration prompts the retrieval scores are measured on (default 8)")
+                   help="--strategy retrieval / --allocate retrieval-band: calibration prompts the retrieval scores are "
+                        "measured on (default 8)")
     p.add_argument("--retrieval-tokens", type=int, metavar="N",
-                   help="--strategy retrieval: tokens per calibration prompt (default 2048, or the model's context if shorter)")
+                   help="--strategy retrieval / --allocate retrieval-band: tokens per calibration prompt (default 2048, "
+                        "or the model's context if shorter)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--d-kv", type=int, help="latent dims per kv-head")
     budget.add_argument("--kv-budget", type=int, choices=list(NATIVE_HEAD_SIZES),
@@ -45,9 +47,12 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rope-choices", type=lambda v: [int(x) for x in v.split(",")], metavar="R1,R2,...",
                    help="with --allocate measured: rotary dims per head a layer may take, chosen per layer with its "
                         "latent width under the same total (--rope-dim is the uniform point costs are measured at)")
-    p.add_argument("--allocate", default="uniform", choices=["uniform", "measured"],
+    p.add_argument("--allocate", default="uniform", choices=["uniform", "measured", "retrieval-band"],
                    help="uniform: every layer the same latent; measured: per-layer latents (same total) where a "
-                        "measured cost of truncating each layer says they matter most (--d-kv is then the average)")
+                        "measured cost of truncating each layer says they matter most (--d-kv is then the average); "
+                        "retrieval-band: a third of the layers, the contiguous band whose heads carry the most "
+                        "retrieval mass (--retrieval-prompts/--retrieval-tokens calibration), at 1.5x the average "
+                        "latent, the rest at what is left (for long-context retrieval after recovery at 8K)")
     p.add_argument("--rank-step", type=int, default=16, help="per-layer latents are multiples of this (default 16)")
     p.add_argument("--sensitivity-tokens", type=int, default=2048,
                    help="--allocate measured: calibration tokens the costs are measured on (default 2048)")
@@ -228,7 +233,13 @@ def print_report(report: dict) -> None:
         f"qk_nope={lay['qk_nope_head_dim']} v={lay['v_head_dim']} ({rope_dims}, "
         f"{latent}); vLLM-native shape: {report['native_vllm_shape']}"
     )
-    if allocation:
+    if allocation and allocation["method"] == "retrieval-band":
+        first, last = allocation["band"]
+        console.print(f"allocation (retrieval-band): layers {first}-{last} at latent "
+                      f"{allocation['layer_latent'][first]}, the others at "
+                      f"{min(allocation['layer_latent'])} ({allocation['allocated_total']} of "
+                      f"{allocation['latent_total']} latent dims)")
+    elif allocation:
         kl = allocation["predicted_kl"]
         console.print(f"allocation ({allocation['method']}, {allocation['seconds']:.0f} s): summed truncation cost "
                       f"{kl['allocated']:.4f} nats/token vs {kl['uniform']:.4f} for uniform layers")
@@ -285,8 +296,10 @@ def run_command(args: argparse.Namespace, engine_hooks=None) -> int:
                                            ("retrieval_band", args.retrieval_band),
                                            ("retrieval_prompts", args.retrieval_prompts),
                                            ("retrieval_tokens", args.retrieval_tokens)) if v is not None}
-            if retrieval and args.strategy != "retrieval":
-                given = ", ".join("--" + k.replace("_", "-") for k in retrieval)
+            calibration = ("retrieval_prompts", "retrieval_tokens")  # the band's calibration reads these two
+            misplaced = [k for k in retrieval if args.allocate != "retrieval-band" or k not in calibration]
+            if misplaced and args.strategy != "retrieval":
+                given = ", ".join("--" + k.replace("_", "-") for k in misplaced)
                 raise ConversionError(f"{given} goes with --strategy retrieval (not --strategy {args.strategy})")
             report = convert(
                 args.src,

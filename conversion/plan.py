@@ -97,7 +97,7 @@ class ConvertOptions:
 LAYOUTS = ("auto", "native", "exact")
 CALIBRATED_STRATEGIES = ("2-norm", "retrieval")
 """Strategies whose pairs come from calibration statistics (``retrieval`` uses the 2-norm scores too)."""
-ALLOCATIONS = ("uniform", "measured")
+ALLOCATIONS = ("uniform", "measured", "retrieval-band")
 WIDE_FACTOR = 2
 """``allocate=measured`` lets a layer take at most this many times the average latent."""
 NATIVE_PER_LAYER = "per-layer latent widths are written with exact sizes; drop --layout native"
@@ -159,7 +159,7 @@ def plan_conversion(spec: SourceSpec, options: ConvertOptions) -> ConversionPlan
         raise ConversionError(f"unknown --svd {options.svd!r}; choose one of {', '.join(SVD_METHODS)}")
     if options.strategy == "uniform":
         rope.select_pairs_fixed("uniform", options.rope_dim // 2, d // 2, options.uniform_offset)
-    if options.strategy == "retrieval":
+    if options.strategy == "retrieval" or options.allocate == "retrieval-band":
         _check_retrieval_options(spec, options)
     if options.allocate not in ALLOCATIONS:
         raise ConversionError(f"unknown --allocate {options.allocate!r}; choose one of {', '.join(ALLOCATIONS)}")
@@ -314,8 +314,11 @@ def _plan_allocation(spec: SourceSpec, options: ConvertOptions) -> ConversionPla
     g, layers = spec.num_kv_heads, spec.num_layers
     step, rope_total = options.rank_step, g * options.rope_dim
     if options.kv_budget is not None or (options.d_kv is None) == (options.kv_budget_total is None):
-        raise ConversionError("--allocate measured takes its budget from exactly one of --d-kv (the average per "
-                              "kv-head) and --kv-budget-total (values per token summed over layers)")
+        raise ConversionError(f"--allocate {options.allocate} takes its budget from exactly one of --d-kv (the "
+                              "average per kv-head) and --kv-budget-total (values per token summed over layers)")
+    if options.allocate == "retrieval-band" and (options.rope_choices or options.allocation_passes != 1):
+        raise ConversionError("--rope-choices and --allocation-passes measure costs: they go with --allocate measured, "
+                              "not retrieval-band")
     if options.layout == "native":
         raise ConversionError(NATIVE_PER_LAYER)
     if step < 1:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conversion import ConvertOptions, convert, load_reference
+from conversion.allocation import retrieval_band
 from conversion.calibration import load_or_collect
+from conversion.errors import ConversionError
 from conversion.cli import main as cli_main
 from conversion.retrieval import (
     build_fact_prompts,
@@ -234,3 +236,57 @@ def test_the_studys_padded_values_leave_attention_unchanged():
     records = [{"task": "niah", "length": 1024, "logprob": -2.0, "exact": True, "first": True},
                {"task": "niah", "length": 1024, "logprob": -4.0, "exact": False, "first": True}]
     assert summarise(records) == {"niah/1024": {"n": 2, "logprob": -3.0, "exact": 0.5, "first": 1.0}}
+
+
+# --- --allocate retrieval-band ---------------------------------------------------------------------
+
+def test_the_band_is_the_window_of_highest_retrieval_scores_at_equal_cache():
+    scores = [0.01, 0.2, 0.0, 0.0, 0.3, 0.4, 0.0, 0.5, 0.1, 0.0, 0.0, 0.05]  # 12 layers: a band of 4
+    widths, band = retrieval_band(scores, total=12 * 96)
+    assert band == (4, 7)  # 0.3 + 0.4 + 0 + 0.5 beats every other window of four
+    assert widths == [72] * 4 + [144] * 4 + [72] * 4 and sum(widths) == 12 * 96
+    # SmolLM2-135M's measured retrieval scores (per layer, the best kv-head): the band is layers 14-23
+    smollm2 = [0.01, 0.007, 0.009, 0.003, 0.004, 0.005, 0.04, 0.194, 0.091, 0.006, 0.007, 0.006, 0.011, 0.017,
+               0.237, 0.082, 0.009, 0.259, 0.464, 0.047, 0.508, 0.324, 0.127, 0.295, 0.042, 0.009, 0.038, 0.007,
+               0.027, 0.011]
+    widths, band = retrieval_band(smollm2, total=30 * 96)
+    assert band == (14, 23) and widths == [72] * 14 + [144] * 10 + [72] * 6
+
+
+def test_band_widths_stay_aligned_under_the_budget_and_the_rank_cap():
+    widths, band = retrieval_band([0.0] * 9 + [1.0] * 3 + [0.0] * 8, total=20 * 50)
+    assert band == (5, 11)  # windows 5-11 ... 9-15 tie (all hold layers 9-11): the earliest
+    assert all(w % 8 == 0 for w in widths) and sum(widths) <= 20 * 50
+    assert widths[9] == 72 and widths[0] == (1000 - 7 * 72) // 13 // 8 * 8
+    capped, _ = retrieval_band([1.0] * 3 + [0.0] * 6, total=9 * 96, max_rank=120)
+    assert max(capped) == 120 and sum(capped) <= 9 * 96
+    with pytest.raises(ConversionError, match="too small for a retrieval band"):
+        retrieval_band([1.0, 0.0, 0.0], total=3 * 8)
+    with pytest.raises(ConversionError, match="share in \\(0, 1\\)"):
+        retrieval_band([1.0, 0.0, 0.0], total=300, share=1.0)
+
+
+@pytest.mark.slow
+def test_retrieval_band_conversion_widens_the_retrieval_head_layer(tiny_model_factory, retrieval_head_model,
+                                                                   calib_text_file, tmp_path, capsys):
+    """On the model whose layer 0 carries the retrieval head, the band (one of two layers) is layer 0 at 1.5x
+    the average latent, layer 1 at what is left; the report says so and the checkpoint loads."""
+    dst = tmp_path / "band"
+    rc = cli_main(["convert", str(retrieval_head_model), str(dst), "--rope-dim", "8", "--d-kv", "16", "--allocate",
+                   "retrieval-band", "--retrieval-prompts", "2", "--retrieval-tokens", "512", "--calib-text",
+                   str(calib_text_file), "--calib-tokens", "2048", "--dtype", "float32", "--layout", "exact"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "allocation (retrieval-band): layers 0-0" in out
+    report = json.loads((dst / "mha2mla_report.json").read_text())
+    allocation = report["allocation"]
+    assert allocation["band"] == [0, 0] and allocation["layer_latent"] == [48, 16]  # 2 kv-heads x 16 = 32 average
+    assert allocation["layer_retrieval_scores"][0] > allocation["layer_retrieval_scores"][1]
+    with torch.no_grad():
+        logits = load_reference(dst)(torch.randint(0, 512, (1, 24))).logits
+    assert torch.isfinite(logits).all()
+    _refused(capsys, tmp_path, tiny_model_factory(TinySpec()), ["--allocate", "retrieval-band",
+                                                                "--allocation-passes", "2"],
+             "go with --allocate measured, not retrieval-band")
+    _refused(capsys, tmp_path, tiny_model_factory(TinySpec()), ["--allocate", "retrieval-band",
+                                                                "--retrieval-heads", "0.2"],
+             "--retrieval-heads goes with --strategy retrieval")

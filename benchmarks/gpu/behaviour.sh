@@ -199,7 +199,10 @@ ablation() {
 # scored on `--tasks long` at 1K-8K against the original's run of the same items, the recovered ones also on
 # mc,behaviour,ppl against the stored original. `bash benchmarks/gpu/behaviour.sh start-long 60`, then `watch`.
 # LONG_VARIANTS picks the recoveries (default "behaviour192 long192 longwide192"), MAX_MIN their minutes each.
-WIDE_LATENT=${WIDE_LATENT:-72,72,72,72,72,72,72,72,72,72,72,72,72,72,144,144,144,144,144,144,144,144,144,144,72,72,72,72,72,72}
+# The wide conversion: `--allocate retrieval-band` (layers 14-23 at 144, the rest at 72 for SmolLM2: the allocation of
+# 2026-12-07-h100-long-context, found from the retrieval calibration); WIDE_LATENT=R1,R2,... gives widths outright.
+WIDE_WIDTHS=(--d-kv 32 --allocate retrieval-band)
+[ -z "${WIDE_LATENT:-}" ] || WIDE_WIDTHS=(--layer-latent "$WIDE_LATENT")
 LONG_EVAL=(--tasks long --lengths "${LONG_LENGTHS:-1024,2048,4096,8192}" --max-model-len 8192 --per-cell "${PER_CELL:-5}")
 LONG_RECIPE=(--seq-len-schedule 2048:0.6,8192:0.4 --seq-len-order interleaved --long-docs "${LONG_DOCS:-2000000}")
 
@@ -221,7 +224,7 @@ long_pipeline() {
   local mla192 wide=/root/w/mla-r32-wide long_runs=() runs=()
   mla192=$(bash "$HERE/jobs.sh" convert r192 32 32 | tail -1); note "converted r192 (uniform)"
   if [ -f "$wide/config.json" ] || python3 -m conversion.cli convert "$MODEL" "$wide" --rope-dim 32 \
-      --layer-latent "$WIDE_LATENT" --strategy 2-norm --svd aw-joint --layout exact --calib-tokens 16384 \
+      "${WIDE_WIDTHS[@]}" --strategy 2-norm --svd aw-joint --layout exact --calib-tokens 16384 \
       > /root/w/wide-convert.log 2>&1; then note "converted r192 (wide retrieval layers)"
   else note "no wide conversion: $(tail -2 /root/w/wide-convert.log | tr '\n' ' ')"; wide=""; fi
   {
