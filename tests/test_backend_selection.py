@@ -28,3 +28,52 @@ def test_without_a_plugin_backend_other_shapes_are_refused_with_the_fix(monkeypa
     monkeypatch.setattr(plugin_model, "plugin_backend_class_path", lambda: None)
     with pytest.raises(ValueError, match=r"--kv-budget 576"):
         plugin_model.select_attention_backend(plan_exact_layout(9, 3, 64, 8, 32), _config())
+
+
+def _cached(dtype, backend=None):
+    config = _config(backend)
+    config.cache_config = SimpleNamespace(cache_dtype=dtype)
+    return config
+
+
+def test_the_4bit_cache_is_served_by_the_plugin_backend_with_its_row_layout():
+    """--kv-cache-dtype int4_per_token_head means the plugin's grouped format for an MLA latent: int4 latent in
+    groups of 64, int8 rotary keys; the split sits at the SVD latent wherever it falls in vLLM's row."""
+    from conversion.mla_format.cache_quant import CacheQuant
+    from vllm_mha2mla.backend_selection import cache_row_layout
+
+    exact = plan_exact_layout(9, 3, 64, 8, 32)  # latent 96 + rope 24
+    chosen = plugin_model.select_attention_backend(exact, _cached("int4_per_token_head"))
+    assert chosen.get_name() == "CUSTOM" and "int4_per_token_head" in chosen.supported_kv_cache_dtypes
+    row = cache_row_layout(exact, "int4_per_token_head")
+    assert (row.fmt, row.latent, row.rope) == (CacheQuant(4, 8, 64), 96, 24)
+    assert row.row_bytes == 48 + 2 * 4 + 24 + 4  # 96 int4 codes + 2 groups, 24 int8 codes + 1 group
+    native = plan_native_layout(8, 8, 64, 16, 56, 576)  # rotary keys overflow into kv_c, then padding
+    row = cache_row_layout(native, "int4_per_token_head")
+    assert (row.latent, row.latent + row.rope) == (native.latent_width, 576)
+    assert cache_row_layout(exact, "auto") is None and cache_row_layout(exact, "fp8") is None
+
+
+def test_cache_dtypes_a_backend_cannot_serve_are_refused_naming_dtype_shape_and_fix(monkeypatch):
+    native = plan_native_layout(8, 8, 64, 16, 56, 576)
+    exact = plan_exact_layout(9, 3, 64, 8, 32)
+    # vLLM's own MLA kernels (a native shape, no --attention-backend) have no grouped 4-bit latent cache
+    with pytest.raises(ValueError, match=r"int4_per_token_head.*576-value cache row.*native.*--attention-backend CUSTOM"):
+        plugin_model.select_attention_backend(native, _cached("int4_per_token_head"))
+    # ... which the plugin's backend serves for the same shape when asked
+    chosen = plugin_model.select_attention_backend(native, _cached("int4_per_token_head", SimpleNamespace(name="CUSTOM")))
+    assert chosen.get_name() == "CUSTOM"
+    # a dtype the plugin's CPU backend does not list is refused, not stored as something else
+    with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8: .*120-value cache row.*exact.*serves auto, float16, "
+                                         r"bfloat16, int4_per_token_head"):
+        plugin_model.select_attention_backend(exact, _cached("fp8"))
+    # the GPU backend (vLLM 0.26, Triton) has no 4-bit kernel yet: refused with what would work
+    from vllm_mha2mla import backend_selection
+
+    monkeypatch.setattr(plugin_model, "plugin_backend_class_path", lambda: backend_selection.GPU_BACKEND_PATH)
+    monkeypatch.setattr(backend_selection, "plugin_backend_class_path", lambda: backend_selection.GPU_BACKEND_PATH)
+    with pytest.raises(ValueError, match=r"int4_per_token_head: the plugin's MHA2MLATritonBackend .*120-value.*"
+                                         r"no GPU kernel yet.*serve on CPU, or use --kv-cache-dtype auto or fp8"):
+        plugin_model.select_attention_backend(exact, _cached("int4_per_token_head"))
+    with pytest.raises(ValueError, match=r"native.*no GPU kernel yet"):
+        plugin_model.select_attention_backend(native, _cached("int4_per_token_head"))

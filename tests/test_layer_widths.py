@@ -550,3 +550,32 @@ def test_bad_rope_choices_are_refused(tiny_model_factory, tmp_path, capsys, extr
                "--rank-step", "8", *extra])
     assert rc == 2 and message in capsys.readouterr().err
     assert not dst.exists()
+
+
+@pytest.mark.vllm
+def test_vllm_serves_a_4bit_cache_at_each_layers_own_row_bytes(tiny_model_factory, tmp_path, prompts_sharing_a_prefix):
+    """--kv-cache-dtype int4_per_token_head on per-layer widths 16/48/32/32 (rotary 16): each layer's page holds
+    rows of its own bytes (int4 latent in groups of 64 + int8 rotary keys: 32/48/40/40), capacity is the memory
+    over their sum, and greedy tokens (whole, chunked and prefix-cached prompts) equal the float64 reference with
+    the same format (float64: see tests/test_vllm_plugin.py's int4_reference)."""
+    from conversion.mla_format.cache_quant import CacheQuant
+    from conversion.mla_format.cache_rows import RowLayout
+    from conversion.reference_model import set_cache_quant
+    from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
+
+    latents = [16, 48, 32, 32]
+    dst = tmp_path / "mla"
+    convert(tiny_model_factory(SPEC), dst, ConvertOptions(rope_dim=8, strategy="2-norm", layer_latent=latents,
+                                                          dtype="float32"), show_progress=False)
+    prompts = short_prompts(tiny_model_factory(SPEC)) + prompts_sharing_a_prefix
+    result = run_engine_in_subprocess(EngineRequest(
+        model=str(dst), prompt_token_ids=prompts, max_tokens=16, ignore_eos=True, dtype="float32",
+        kv_cache_dtype="int4_per_token_head", kv_cache_memory_bytes=KV_BYTES, enable_chunked_prefill=True,
+        enable_prefix_caching=True, max_num_batched_tokens=32))
+    row_bytes = [RowLayout(CacheQuant(4, 8, 64), latent, 16).row_bytes for latent in latents]
+    assert result["kv_cache_widths"] == row_bytes == [32, 48, 40, 40]
+    assert abs(result["kv_cache_tokens"] * sum(row_bytes) / KV_BYTES - 1) < 0.02
+    assert max(out["num_cached_tokens"] for out in result["outputs"][8:]) >= 32
+    ref = set_cache_quant(load_reference(dst, dtype=torch.float64), CacheQuant(4, 8, 64))
+    for prompt, out in zip(prompts, result["outputs"]):
+        assert out["token_ids"] == ref.greedy_generate(torch.tensor([prompt]), 16)[0].tolist()

@@ -127,3 +127,43 @@ def test_prefill_context_gather_follows_vllms_indexing():
     plain = torch.empty(sum(counts), layout.row_bytes, dtype=torch.uint8)
     gather_cache_rows(cache, plain, table, cu, token_to_seq, sum(counts), "auto", torch.ones(()), starts)
     torch.testing.assert_close(got, qc.row_reader(layout)(plain))
+
+
+def test_vllms_cpu_context_gather_decodes_a_low_bit_cache():
+    """The plugin's CPU backend hands vLLM's context path a LowBitCache; vLLM's CPU gather (patched, same keyword
+    call as mla_attention's) then fills the workspace with the decoded rows, and still copies a plain cache."""
+    from vllm import _custom_ops as ops
+
+    from vllm_mha2mla.patches import read_low_bit_context_on_cpu
+
+    read_low_bit_context_on_cpu()
+    read_low_bit_context_on_cpu()  # idempotent
+    layout = RowLayout(CacheQuant(4, 8, 64), 96, 32)
+    lens = [20, 9]
+    cache, table, _ = _paged(layout, lens)
+    starts, counts = torch.tensor([4, 0]), [16, 9]
+    cu = torch.tensor([0, 16, 25])
+    workspace = torch.zeros(32, 128)
+    ops.gather_mla_context_cache_cpu(src_cache=qc.LowBitCache(cache, layout), dst=workspace[:25], block_table=table,
+                                     starts=starts, cu_seq_lens=cu)
+    token_to_seq = torch.cat([torch.full((n,), b) for b, n in enumerate(counts)])
+    want = qc.gather_context(cache, table, cu, token_to_seq, 25, layout, torch.float32, starts)
+    torch.testing.assert_close(workspace[:25], want, rtol=0, atol=0)
+    assert bool((workspace[25:] == 0).all())
+    plain = torch.zeros(25, layout.row_bytes, dtype=torch.uint8)
+    ops.gather_mla_context_cache_cpu(src_cache=cache, dst=plain, block_table=table, starts=starts, cu_seq_lens=cu)
+    torch.testing.assert_close(qc.row_reader(layout)(plain), want)
+
+
+def test_a_prefill_reads_its_own_tokens_as_the_cache_returns_them():
+    """as_cached splits vLLM's [kv_c | k_pe] row at the SVD latent (a native row's kv_c also holds rotary keys):
+    the reference model's set_cache_quant values, in the row's order and dtype."""
+    fmt = CacheQuant(4, 8, 64)
+    c, r = _segments(7, 100, 40)
+    row = torch.cat([c, r], dim=-1).float()
+    layout = RowLayout(fmt, 100, 40)
+    kv_c, k_pe = row[:, :120], row[:, 120:].unsqueeze(1)  # kv_lora_rank 120: 20 rotary columns overflow into it
+    got_c, got_pe = qc.as_cached(kv_c, k_pe, layout)
+    want = torch.cat(fake_quantize_row(row[:, :100], row[:, 100:], fmt), dim=-1)
+    assert got_c.dtype == torch.float32 and got_pe.shape == k_pe.shape
+    torch.testing.assert_close(torch.cat([got_c, got_pe[:, 0]], dim=-1), want, rtol=0, atol=0)

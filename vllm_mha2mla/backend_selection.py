@@ -3,17 +3,33 @@
 vLLM's own MLA kernels serve the native shapes (:data:`NATIVE_HEAD_SIZES`; CPU: 576 only); the
 plugin's any-shape backend (``vllm_mha2mla.attention``) serves every other shape, per-layer
 widths, and whatever the user selects with ``--attention-backend CUSTOM``.
+
+Cache dtypes: :data:`LOW_BIT_CACHE_FORMATS` gives vLLM's ``--kv-cache-dtype`` names the plugin's
+grouped low-bit meaning for MLA latents; :func:`check_cache_dtype` refuses, at model construction,
+a cache dtype the chosen backend cannot serve for the checkpoint's shape on this platform.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from conversion.mla_format.layout import CPU_NATIVE_HEAD_SIZES, NATIVE_HEAD_SIZES
+from conversion.mla_format.cache_quant import CacheQuant
+from conversion.mla_format.cache_rows import RowLayout
+from conversion.mla_format.layout import CPU_NATIVE_HEAD_SIZES, NATIVE_HEAD_SIZES, MLALayout
 from conversion.mla_format.spec import MHA2MLASpec
 from vllm_mha2mla import compat
 from vllm_mha2mla.attention.backend_name import BACKEND_NAME
 
+LOW_BIT_CACHE_FORMATS: dict[str, CacheQuant] = {
+    "int4_per_token_head": CacheQuant(latent_bits=4, rope_bits=8, group=64),
+}
+"""vLLM ``--kv-cache-dtype`` names the plugin's backends serve as a grouped low-bit latent row (issue 33).
+vLLM's own ``int4_per_token_head`` is one scale a row for non-MLA backends; for an MHA2MLA latent the plugin
+stores the SVD latent in int4 groups of 64 columns (float16 scale and minimum each) and the rotary keys in int8
+(the format ``benchmarks/results/2026-12-07-cpu-cache-quant`` chose; :mod:`conversion.mla_format.cache_rows`)."""
+
+CPU_BACKEND_PATH = "vllm_mha2mla.attention.cpu_backend.MHA2MLACPUBackend"
+GPU_BACKEND_PATH = "vllm_mha2mla.attention.gpu_backend.MHA2MLATritonBackend"
 PREFILL_BACKEND_PATH = "vllm_mha2mla.attention.prefill.MHA2MLAPrefillBackend"
 CPU_PREFILL_BACKEND_PATH = "vllm_mha2mla.attention.prefill.MHA2MLACPUPrefillBackend"
 
@@ -30,9 +46,9 @@ def plugin_backend_class_path() -> str | None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        return "vllm_mha2mla.attention.cpu_backend.MHA2MLACPUBackend"
+        return CPU_BACKEND_PATH
     if current_platform.is_cuda():
-        return "vllm_mha2mla.attention.gpu_backend.MHA2MLATritonBackend"
+        return GPU_BACKEND_PATH
     return None
 
 
@@ -125,3 +141,47 @@ def load_class(dotted: str) -> type:
     """The class a dotted ``module.Class`` path names."""
     module, _, name = dotted.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def requested_cache_dtype(vllm_config) -> str:
+    """The ``--kv-cache-dtype`` the engine runs with (``auto`` when none is set)."""
+    return getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", None) or "auto"
+
+
+def cache_row_layout(layout: MLALayout, kv_cache_dtype: str) -> RowLayout | None:
+    """The byte layout of one layer's cache row under a low-bit ``kv_cache_dtype`` (None: not a plugin format).
+    The latent segment is the SVD latent (``latent_width`` columns); everything after it in vLLM's
+    ``[kv_c | k_pe]`` row — rotary keys overflowing into ``kv_c``, padding, ``k_pe`` — is the rotary segment, the
+    split the reference model's ``set_cache_quant`` quantises."""
+    fmt = LOW_BIT_CACHE_FORMATS.get(kv_cache_dtype)
+    if fmt is None:
+        return None
+    row = layout.kv_lora_rank + layout.qk_rope_head_dim
+    return RowLayout(fmt, layout.latent_width, row - layout.latent_width)
+
+
+def check_cache_dtype(layout: MLALayout, backend: type | None, vllm_config) -> None:
+    """Refuses a ``--kv-cache-dtype`` that ``backend`` (None: vLLM's own MLA kernels) cannot serve for this
+    checkpoint's shape on this platform, naming the dtype, the shape and what would work: never a silent
+    fallback to another cache format."""
+    dtype = requested_cache_dtype(vllm_config)
+    shape = (f"{layout.cache_values}-value cache row (kv_lora_rank {layout.kv_lora_rank} + qk_rope_head_dim "
+             f"{layout.qk_rope_head_dim}, {'native' if layout.is_native else 'exact'} layout)")
+    low_bit = dtype in LOW_BIT_CACHE_FORMATS
+    if backend is None:
+        if low_bit:
+            fix = ("add --attention-backend CUSTOM: the plugin's CPU backend serves it for any shape"
+                   if plugin_backend_class_path() == CPU_BACKEND_PATH else _NO_LOW_BIT_KERNEL_FIX)
+            raise ValueError(f"--kv-cache-dtype {dtype}: this checkpoint's {shape} is served by vLLM's own MLA "
+                             f"kernels, which have no grouped low-bit latent cache; {fix}")
+        return
+    supported = list(getattr(backend, "supported_kv_cache_dtypes", ["auto"]))
+    if dtype in supported:
+        return
+    fix = _NO_LOW_BIT_KERNEL_FIX if low_bit else f"use --kv-cache-dtype {' or '.join(supported)}"
+    raise ValueError(f"--kv-cache-dtype {dtype}: the plugin's {backend.__name__} (serving this checkpoint's {shape}) "
+                     f"does not serve it; it serves {', '.join(supported)}. {fix[0].upper()}{fix[1:]}")
+
+
+_NO_LOW_BIT_KERNEL_FIX = ("the 4-bit latent cache runs on the plugin's CPU backend only so far (no GPU kernel yet, "
+                          "issue 33): serve on CPU, or use --kv-cache-dtype auto or fp8 here")

@@ -8,6 +8,8 @@ inside the probes: the plugin hook imports this module in every vLLM process, ea
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
@@ -78,3 +80,16 @@ def context_workspace(builder) -> torch.Tensor | None:
 def dcp_world_size(builder) -> int:
     """Decode-context-parallel ranks of vLLM's MLA metadata builder (1 where this vLLM has no DCP)."""
     return getattr(builder, "dcp_world_size", 1)
+
+
+def spec_with_row_bytes(spec, row_bytes: int):
+    """``spec`` (an MLA layer's KV cache spec) with each token's row stored as ``row_bytes`` opaque bytes, uint8:
+    vLLM 0.32's ``AttentionSpec.state_content_bytes``, which its own packed MLA formats (``fp8_ds_mla``) set the
+    same way; the page size, the capacity and the allocated ``[blocks, block_size, row_bytes]`` view follow it.
+    Raises where this vLLM's specs have no such field (0.26 sizes pages from ``head_size`` and the dtype)."""
+    if "state_content_bytes" not in {f.name for f in dataclasses.fields(spec)}:
+        import vllm
+
+        raise NotImplementedError(f"vLLM {vllm.__version__}'s KV cache specs cannot size a page by its row bytes "
+                                  "(no AttentionSpec.state_content_bytes): a low-bit latent cache needs vLLM 0.32")
+    return dataclasses.replace(spec, state_content_bytes=row_bytes, dtype=torch.uint8)

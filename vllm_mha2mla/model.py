@@ -44,6 +44,8 @@ from conversion.mla_format.layout import MLALayout
 from conversion.mla_format.spec import MHA2MLASpec
 from conversion.validate import check_checkpoint
 from vllm_mha2mla.backend_selection import (
+    cache_row_layout,
+    check_cache_dtype,
     load_class,
     native_cache_sizes,
     plugin_backend_class_path,
@@ -62,9 +64,11 @@ def select_attention_backend(layout: MLALayout, vllm_config: VllmConfig, per_lay
 
     The plugin's backend serves any shape; it is used when vLLM's kernels on this platform
     refuse the shape, when the user asks for it with ``--attention-backend CUSTOM``, and for
-    every layer of a checkpoint whose layers have different latent widths.
+    every layer of a checkpoint whose layers have different latent widths. A ``--kv-cache-dtype``
+    the chosen kernels cannot serve for this shape is refused here (:func:`check_cache_dtype`).
     """
     if not plugin_backend_wanted(layout, vllm_config, per_layer):
+        check_cache_dtype(layout, None, vllm_config)
         return None
     path = plugin_backend_class_path()
     if path is None:
@@ -75,7 +79,9 @@ def select_attention_backend(layout: MLALayout, vllm_config: VllmConfig, per_lay
             f"{native_cache_sizes()}) and this plugin has no backend for on this platform. "
             f"Convert it again with `mha2mla convert ... --kv-budget {native_cache_sizes()[0]}`."
         )
-    return load_class(path)
+    backend = load_class(path)
+    check_cache_dtype(layout, backend, vllm_config)
+    return backend
 
 
 def default_device() -> torch.device:
@@ -129,7 +135,10 @@ class MHA2MLAAttention(nn.Module):
         for name, tensor in zip(("inv_freq_q", "inv_freq_k", "q_index", "kv_index"), constants):
             self.register_buffer(name, tensor.to(device), persistent=False)
         backend = select_attention_backend(lay, vllm_config, spec.per_layer)
-        prefill = plugin_prefill_kwargs(vllm_config) if backend is not None else {}
+        extra = plugin_prefill_kwargs(vllm_config) if backend is not None else {}
+        row_layout = cache_row_layout(lay, cache_config.cache_dtype) if backend is not None else None
+        if row_layout is not None:  # a low-bit cache: MLAAttention hands the row layout to the plugin's impl
+            extra["cache_row_layout"] = row_layout
         self.mla_attn = MLAAttention(
             num_heads=self.num_local_heads,
             scale=spec.softmax_scale,
@@ -143,7 +152,7 @@ class MHA2MLAAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
             attn_backend=backend,
-            **prefill,
+            **extra,
         )
         chosen = getattr(self.mla_attn, "attn_backend", None)
         logger.info_once(BACKEND_LOG, chosen.get_name() if chosen is not None else "unknown", lay.cache_values)

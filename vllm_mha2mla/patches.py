@@ -3,9 +3,12 @@
 - :func:`extend_cache_gather_to_any_width`: vLLM's chunked-context cache gather for any row width;
 - :func:`keep_layer_widths_apart`: a KV cache spec per layer width, where vLLM would merge them;
 - :func:`keep_chunked_prefill_on_cpu`: chunked prefill and prefix caching kept on for checkpoints
-  the plugin's CPU backend serves.
+  the plugin's CPU backend serves;
+- :func:`size_low_bit_cache_pages` / :func:`read_low_bit_context_on_cpu`: a low-bit latent cache's pages sized
+  by its rows' true bytes, and vLLM's CPU context gather decoding its rows.
 
-The plugin hook (:func:`vllm_mha2mla.register`) applies the last two in every vLLM process.
+The plugin hook (:func:`vllm_mha2mla.register`) applies ``keep_layer_widths_apart`` and
+``keep_chunked_prefill_on_cpu`` in every vLLM process; the backends apply the others when they need them.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 from conversion.mla_format.layout import NATIVE_HEAD_SIZES
 from vllm_mha2mla.attention.cache_gather import gather_cache_rows
 from vllm_mha2mla.backend_selection import served_by_plugin_backend
-from vllm_mha2mla.compat import merge_refuses_different_widths, per_layer_kv_cache_supported
+from vllm_mha2mla.compat import merge_refuses_different_widths, per_layer_kv_cache_supported, spec_with_row_bytes
 
 VLLM_GATHER_WIDTHS = (min(NATIVE_HEAD_SIZES), max(NATIVE_HEAD_SIZES))
 """Row widths vLLM's ``gather_and_maybe_dequant_cache`` CUDA kernel is compiled for (320 and 576)."""
@@ -109,3 +112,51 @@ def keep_chunked_prefill_on_cpu() -> None:
 
     check_and_update_config.mha2mla_keeps_chunked_prefill = True  # type: ignore[attr-defined]
     platform_cls.check_and_update_config = staticmethod(check_and_update_config)
+
+
+def size_low_bit_cache_pages() -> None:
+    """Makes vLLM's MLA layer give a layer whose impl stores low-bit rows (``impl.row_layout``, a
+    :class:`~conversion.mla_format.cache_rows.RowLayout`) a KV cache spec of that row's bytes, uint8.
+
+    vLLM 0.32's ``MLAAttention.get_kv_cache_spec`` sets ``state_content_bytes`` only for its own packed formats
+    (``fp8_ds_mla`` 656, ``nvfp4_ds_mla`` 352), and its MLA backends' ``customize_spec`` sizes
+    ``int4_per_token_head`` as one int4 row with two float32 scales; this follows the ds_mla precedent with the
+    plugin's row bytes, per layer (per-layer latent widths have rows of their own size), so the page size, the
+    KV capacity and the allocated ``[blocks, block_size, row_bytes]`` view are the true ones. Other layers keep
+    vLLM's spec. Idempotent."""
+    from vllm.model_executor.layers.attention.mla_attention import MLAAttention
+
+    original = MLAAttention.get_kv_cache_spec
+    if getattr(original, "mha2mla_row_bytes", False):
+        return
+
+    def get_kv_cache_spec(self, vllm_config):
+        spec = original(self, vllm_config)
+        layout = getattr(getattr(self, "impl", None), "row_layout", None)
+        return spec if layout is None or spec is None else spec_with_row_bytes(spec, layout.row_bytes)
+
+    get_kv_cache_spec.mha2mla_row_bytes = True  # type: ignore[attr-defined]
+    MLAAttention.get_kv_cache_spec = get_kv_cache_spec  # type: ignore[method-assign]
+
+
+def read_low_bit_context_on_cpu() -> None:
+    """Routes ``vllm._custom_ops.gather_mla_context_cache_cpu`` (vLLM's CPU chunked-context gather, called by
+    the MLA prefill for context already in the cache: chunked prefill, prefix-cache hits) to
+    :meth:`~vllm_mha2mla.attention.quantized_cache.LowBitCache.gather` when its source is a
+    :class:`LowBitCache`, which the plugin's CPU backend passes for a low-bit cache: the workspace gets the
+    decoded rows. Any other source keeps vLLM's copy. Idempotent; the same keyword signature in vLLM 0.32."""
+    from vllm import _custom_ops as ops
+
+    from vllm_mha2mla.attention.quantized_cache import LowBitCache
+
+    original = ops.gather_mla_context_cache_cpu
+    if getattr(original, "mha2mla_low_bit", False):
+        return
+
+    def gather_mla_context_cache_cpu(*, src_cache, dst, block_table, starts, cu_seq_lens):
+        if isinstance(src_cache, LowBitCache):
+            return src_cache.gather(dst, block_table, cu_seq_lens, starts)
+        return original(src_cache=src_cache, dst=dst, block_table=block_table, starts=starts, cu_seq_lens=cu_seq_lens)
+
+    gather_mla_context_cache_cpu.mha2mla_low_bit = True  # type: ignore[attr-defined]
+    ops.gather_mla_context_cache_cpu = gather_mla_context_cache_cpu

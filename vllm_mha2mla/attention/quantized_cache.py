@@ -10,6 +10,7 @@ width); a fused kernel (dequantising in registers) is tested against them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -45,9 +46,12 @@ def row_reader(layout: RowLayout) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                 scale: float, layout: RowLayout) -> torch.Tensor:
-    """Absorbed MLA decode over a low-bit cache: ``q`` ``[B, H, latent + rope]`` → ``[B, H, latent]``."""
-    return paged_latent_decode(q, kv_cache, block_table, seq_lens, scale, layout.latent, read_rows=row_reader(layout))
+                 scale: float, layout: RowLayout, kv_lora_rank: int | None = None) -> torch.Tensor:
+    """Absorbed MLA decode over a low-bit cache: ``q`` ``[B, H, latent + rope]`` → ``[B, H, kv_lora_rank]``, the
+    values being a row's first ``kv_lora_rank`` columns (default ``layout.latent``; a native-layout row's ``kv_c``
+    also holds rotary keys and padding after the latent, which the absorbed value projection reads too)."""
+    values = layout.latent if kv_lora_rank is None else kv_lora_rank
+    return paged_latent_decode(q, kv_cache, block_table, seq_lens, scale, values, read_rows=row_reader(layout))
 
 
 def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, cu_seq_lens: torch.Tensor,
@@ -57,3 +61,34 @@ def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, cu_seq_len
     context in the cache (chunked prefill, a prefix-cache hit)."""
     rows = context_rows(kv_cache, block_table, cu_seq_lens, token_to_seq, num_tokens, seq_starts)
     return row_reader(layout)(rows).to(dtype)
+
+
+def as_cached(kv_c: torch.Tensor, k_pe: torch.Tensor, layout: RowLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens' ``kv_c`` ``[T, kv_lora_rank]`` and ``k_pe`` ``[T, ..., rope]`` as the cache returns them (stored and
+    read back, in their dtype), split at the layout's latent wherever that falls in vLLM's ``[kv_c | k_pe]`` row:
+    what a prefill attends over for its own tokens, so that a token reads the same values whether its row comes
+    from this chunk or from the cache (chunked prefill, prefix caching), as in the reference model."""
+    rank = kv_c.shape[-1]
+    row = torch.cat([kv_c, k_pe.reshape(k_pe.shape[0], -1)], dim=-1)
+    values = row_reader(layout)(encode_rows(row[:, :layout.latent], row[:, layout.latent:], layout)).to(row.dtype)
+    return values[:, :rank], values[:, rank:].reshape(k_pe.shape)
+
+
+@dataclass(frozen=True)
+class LowBitCache:
+    """A paged low-bit cache (uint8 ``[blocks, block_size, row_bytes]``) with the layout of its rows: what the
+    plugin hands vLLM's prefill-context path in place of the cache tensor, so the gather it calls decodes rows
+    (:func:`vllm_mha2mla.patches.read_low_bit_context_on_cpu`) instead of copying bytes."""
+
+    rows: torch.Tensor
+    layout: RowLayout
+
+    def gather(self, dst: torch.Tensor, block_table: torch.Tensor, cu_seq_lens: torch.Tensor,
+               seq_starts: torch.Tensor | None = None) -> None:
+        """``dst[:n]`` = the decoded rows of the ``n = cu_seq_lens[-1]`` context tokens of the requests
+        ``block_table`` lists (request ``b``'s tokens from position ``seq_starts[b]``)."""
+        lens = cu_seq_lens[1:] - cu_seq_lens[:-1]
+        n = int(cu_seq_lens[-1])
+        token_to_seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens.long())
+        dst[:n] = gather_context(self.rows, block_table, cu_seq_lens, token_to_seq, n, self.layout, dst.dtype,
+                                 seq_starts)
