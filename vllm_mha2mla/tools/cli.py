@@ -101,7 +101,9 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                    help="comma-separated IN/OUT token counts, K suffix allowed; '' for serving runs only "
                         "(default %(default)s)")
-    p.add_argument("--kv-cache-dtype", default="auto", help="comma-separated KV cache dtypes: auto, fp8 (default auto)")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="comma-separated KV cache dtypes: auto, fp8, int4_per_token_head (the plugin's 4-bit latent, "
+                        "CPU backend; its rows report their true bytes) (default auto)")
     p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"],
                    help="the engines' model dtype, the same for every variant (default %(default)s; float32 on CPUs "
                         "without native bf16, where bf16 is emulated and several times slower)")

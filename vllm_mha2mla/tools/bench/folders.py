@@ -18,9 +18,10 @@ from pathlib import Path
 
 from conversion.convert import ConvertOptions, convert
 from conversion.mla_format.layout import DEFAULT_NATIVE_HEAD_SIZE, plan_exact_layout, plan_native_layout
-from conversion.mla_format.spec import build_config
+from conversion.mla_format.spec import MHA2MLASpec, build_config
 from conversion.rope import select_pairs_fixed
 from conversion.source import read_source_spec
+from vllm_mha2mla.backend_selection import cache_row_layout
 from vllm_mha2mla.tools.bench.shapes import SHAPES, BenchError, Variant, shape_config
 
 @dataclass(frozen=True)
@@ -119,3 +120,15 @@ def prepare_variant(original: ModelFolder, shape_label: str, variant: Variant, w
                                  layout=variant.layout, overwrite=True)
         convert(original.path, folder, options, show_progress=False)
     return ModelFolder(folder, False, json.loads((folder / "config.json").read_text()), folder)
+
+
+def low_bit_row_bytes(config: dict, kv_cache_dtype: str) -> float | None:
+    """Bytes a converted model's low-bit cache row takes per token per layer, scales and minima included (the
+    mean over layers of per-layer widths), as the plugin's backend sizes its pages; None for an original or a
+    cache dtype that is not one of the plugin's low-bit formats (its bytes are values × bytes per value)."""
+    if "mha2mla" not in config:
+        return None
+    spec = MHA2MLASpec.from_config(config)
+    layers = config["num_hidden_layers"]
+    rows = [cache_row_layout(spec.layer_layout(i), kv_cache_dtype) for i in range(layers)]
+    return None if rows[0] is None else sum(r.row_bytes for r in rows) / layers

@@ -30,7 +30,8 @@ from vllm_mha2mla.tools.bench.shapes import (
     serve_num_prompts,
     weight_bytes,
 )
-from vllm_mha2mla.tools.bench.summary import kv_bytes, load_summary, markdown, plot, save_summary
+from vllm_mha2mla.tools.bench.folders import low_bit_row_bytes
+from vllm_mha2mla.tools.bench.summary import load_summary, markdown, plot, row_bytes, save_summary
 from vllm_mha2mla.tools.bench.vllm_tools import (
     EngineSettings,
     Server,
@@ -183,9 +184,13 @@ def _kv_bytes(model: Model, machine: Machine, options: BenchOptions) -> float:
 
 def _base_row(model: Model, machine: Machine, options: BenchOptions, kv_dtype: str, input_len: int,
               output_len: int) -> dict:
-    return {"device": machine.device, "vllm_version": machine.vllm_version, "shape": model.shape,
-            "variant": model.variant.name, "cache_values": model.variant.cache_values(model.mha_config),
-            "dtype": options.dtype, "kv_cache_dtype": kv_dtype, "input_len": input_len, "output_len": output_len}
+    row = {"device": machine.device, "vllm_version": machine.vllm_version, "shape": model.shape,
+           "variant": model.variant.name, "cache_values": model.variant.cache_values(model.mha_config),
+           "dtype": options.dtype, "kv_cache_dtype": kv_dtype, "input_len": input_len, "output_len": output_len}
+    low_bit = low_bit_row_bytes(model.folder.config, kv_dtype)
+    if low_bit is not None:
+        row["kv_bytes_per_token_layer"] = low_bit
+    return row
 
 
 def run_throughput(model: Model, machine: Machine, options: BenchOptions, kv_dtype: str, workload: tuple[int, int],
@@ -193,7 +198,7 @@ def run_throughput(model: Model, machine: Machine, options: BenchOptions, kv_dty
     input_len, output_len = workload
     row = _base_row(model, machine, options, kv_dtype, input_len, output_len)
     layers = model.mha_config["num_hidden_layers"]
-    bytes_per_token = row["cache_values"] * layers * kv_bytes(kv_dtype, options.dtype)
+    bytes_per_token = row_bytes(row) * layers
     prompts = options.num_prompts or auto_num_prompts(_kv_bytes(model, machine, options), bytes_per_token,
                                                       input_len, output_len)
     tag = f"{model.shape}_{model.variant.name.replace('@', '-')}_{kv_dtype}_{input_len}-{output_len}"

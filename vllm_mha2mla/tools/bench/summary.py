@@ -39,6 +39,13 @@ def kv_bytes(kv_cache_dtype: str, dtype: str | None = "bfloat16") -> int:
     return KV_BYTES.get(kv_cache_dtype, 2)
 
 
+def row_bytes(r: dict) -> float:
+    """Cache bytes per token per layer of a row: the measured layout's true bytes where the bench recorded them
+    (``kv_bytes_per_token_layer``: a low-bit row's codes, scales and minima), else values × bytes per value."""
+    recorded = r.get("kv_bytes_per_token_layer")
+    return recorded if recorded else r["cache_values"] * kv_bytes(r["kv_cache_dtype"], r.get("dtype"))
+
+
 def _key(row: dict, fields: tuple[str, ...]) -> tuple:
     return tuple(row.get(f) for f in fields)
 
@@ -86,9 +93,7 @@ def with_ratios(rows: list[dict]) -> list[dict]:
         cap_base = base or mha_any_dtype.get(_key(r, ("run", "device", "shape")))
         if cap_base and cap_base.get("kv_capacity_tokens") and r.get("kv_capacity_tokens"):
             r["capacity_vs_mha"] = r["kv_capacity_tokens"] / cap_base["kv_capacity_tokens"]
-            r["expected_capacity"] = (
-                cap_base["cache_values"] * kv_bytes(cap_base["kv_cache_dtype"], cap_base.get("dtype"))
-                / (r["cache_values"] * kv_bytes(r["kv_cache_dtype"], r.get("dtype"))))
+            r["expected_capacity"] = row_bytes(cap_base) / row_bytes(r)
         out.append(r)
     return out
 
@@ -134,24 +139,24 @@ def markdown(summary: dict) -> str:
         return f"| {r.get('run') or ''} " if with_run else ""
 
     head, rule = ("| run ", "|---") if with_run else ("", "")
-    lines = [head + "| device | shape | workload (in/out) | variant | cache values | KV dtype | "
+    lines = [head + "| device | shape | workload (in/out) | variant | cache values | KV dtype | bytes/token/layer | "
              "attention | prompts | output tok/s | × MHA | decode-phase tok/s (running) | × MHA | KV capacity (tokens) | "
              "capacity × MHA (expected) |",
-             rule + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             rule + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cap = (f"{r['capacity_vs_mha']:.2f} ({r['expected_capacity']:.2f})" if "capacity_vs_mha" in r else "–")
         decode = (f"{r['decode_tokens_per_s']:,.0f} ({r['decode_running']})" if r.get("decode_tokens_per_s")
                   else "–")
         lines.append(run_cell(r) +
                      f"| {r['device']} | {r['shape']} | {_workload(r)} | {r['variant']} | {r['cache_values']} | "
-                     f"{r['kv_cache_dtype']} | {r['attention_backend']} | {r['num_prompts']} | "
+                     f"{r['kv_cache_dtype']} | {_fmt(row_bytes(r), 'g')} | {r['attention_backend']} | {r['num_prompts']} | "
                      f"{_fmt(r['output_tokens_per_s'])} | {_fmt(r.get('vs_mha'), '.2f')} | {decode} | "
                      f"{_fmt(r.get('decode_vs_mha'), '.2f')} | {_fmt(r.get('kv_capacity_tokens'))} | {cap} |")
     failed = [r for r in summary["rows"] if r.get("error")]
     for r in failed:
         lines.append(run_cell(r) +
                      f"| {r['device']} | {r['shape']} | {_workload(r)} | {r['variant']} | {r.get('cache_values')} | "
-                     f"{r['kv_cache_dtype']} | – | – | failed: {r['error'].splitlines()[0][:80]} | | | | | | |")
+                     f"{r['kv_cache_dtype']} | – | – | – | failed: {r['error'].splitlines()[0][:80]} | | | | | | |")
     serving = [r for r in summary["serving"] if not r.get("error")]
     if serving:
         best = best_serving_rates(serving)
