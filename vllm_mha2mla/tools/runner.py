@@ -22,7 +22,7 @@ from typing import Any
 
 
 FORK_SERVER_ENV = "MHA2MLA_RUNNER_FORK_SERVER"
-"""``1``: :func:`run_engine_in_subprocess` forks each engine process from a server process that has imported vLLM
+"""``1``: :func:`run_engine_in_subprocess` (and the recovery's teacher chats) forks each engine process from a server process that has imported vLLM
 already (:mod:`vllm_mha2mla.tools.fork_server`; ~10 s less per engine on 2 CPU cores). The test suite sets it."""
 AUTO_DTYPE_ENV = "MHA2MLA_AUTO_DTYPE"
 """When set (e.g. ``float32``), the dtype of every engine whose request says ``auto``, in this process and the
@@ -222,26 +222,31 @@ def run_engine_in_subprocess(req: EngineRequest, timeout: float = 1200) -> dict[
 
     Raises RuntimeError with the child's last output lines if it fails.
     """
-    env = engine_env(req)
     with tempfile.TemporaryDirectory() as tmp:
         request_file, result_file = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request_file.write_text(json.dumps(asdict(req)))
-        argv = [str(request_file), str(result_file)]
-        code = None
-        if os.environ.get(FORK_SERVER_ENV) == "1":
-            from vllm_mha2mla.tools.fork_server import run_forked
-
-            log_file = Path(tmp) / "engine.log"
-            code = run_forked("vllm_mha2mla.tools.runner", argv, env, str(log_file), timeout)
-            output = log_file.read_text(errors="replace") if log_file.is_file() else ""
-        if code is None:
-            proc = subprocess.run([sys.executable, "-m", "vllm_mha2mla.tools.runner", *argv], env=env,
-                                  capture_output=True, text=True, timeout=timeout)
-            code, output = proc.returncode, proc.stdout + proc.stderr
+        code, output = run_module_in_subprocess("vllm_mha2mla.tools.runner", [str(request_file), str(result_file)],
+                                                engine_env(req), timeout)
         if code != 0 or not result_file.is_file():
             tail = "\n".join(output.splitlines()[-40:])
             raise RuntimeError(f"vLLM engine for {req.model} failed (exit {code}):\n{tail}")
         return json.loads(result_file.read_text())
+
+
+def run_module_in_subprocess(module: str, argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """``python -m module *argv`` in a fresh process, as an engine process is started: forked from the fork server
+    where :data:`FORK_SERVER_ENV` is ``1`` (a plain process if the server cannot run it); (exit code, output)."""
+    if os.environ.get(FORK_SERVER_ENV) == "1":
+        from vllm_mha2mla.tools.fork_server import run_forked
+
+        with tempfile.TemporaryDirectory() as tmp:
+            log_file = Path(tmp) / "engine.log"
+            code = run_forked(module, argv, env, str(log_file), timeout)
+            if code is not None:
+                return code, log_file.read_text(errors="replace") if log_file.is_file() else ""
+    proc = subprocess.run([sys.executable, "-m", module, *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 def main(argv: list[str] | None = None) -> int:

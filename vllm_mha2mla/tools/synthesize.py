@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -27,7 +26,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from conversion.recovery.engine_hooks import EngineHooks
-from vllm_mha2mla.tools.runner import EngineRequest, _engine_kwargs, run_engine_in_subprocess
+from vllm_mha2mla.tools.runner import (
+    EngineRequest,
+    _engine_kwargs,
+    engine_env,
+    run_engine_in_subprocess,
+    run_module_in_subprocess,
+)
 
 TEMPERATURE = 0.8
 TOP_P = 0.95
@@ -82,16 +87,17 @@ def answer_chats(model_dir: Path, conversations: Sequence[list[dict]], follow_up
     request = {"engine": asdict(_engine_request(model_dir, eager=False, seed=seed)),
                "conversations": list(conversations), "follow_ups": list(follow_ups),
                "max_tokens": max_tokens, "seed": seed}
-    env = dict(os.environ)
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    engine = EngineRequest(**request["engine"])
     with tempfile.TemporaryDirectory() as tmp:
         req_file, res_file = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req_file.write_text(json.dumps(request))
-        proc = subprocess.run([sys.executable, "-m", "vllm_mha2mla.tools.synthesize", str(req_file), str(res_file)],
-                              env=env, capture_output=True, text=True, timeout=7200)
-        if proc.returncode != 0 or not res_file.is_file():
-            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-            raise RuntimeError(f"vLLM engine for {model_dir} failed (exit {proc.returncode}):\n{tail}")
+        # the runner's environment for the same engine, so that a fork server forking the runner's engines
+        # (MHA2MLA_RUNNER_FORK_SERVER=1, the test suite) forks this one too instead of starting another
+        code, output = run_module_in_subprocess("vllm_mha2mla.tools.synthesize", [str(req_file), str(res_file)],
+                                                engine_env(engine), timeout=7200)
+        if code != 0 or not res_file.is_file():
+            tail = "\n".join(output.splitlines()[-30:])
+            raise RuntimeError(f"vLLM engine for {model_dir} failed (exit {code}):\n{tail}")
         return json.loads(res_file.read_text())
 
 
