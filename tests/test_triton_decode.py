@@ -21,6 +21,10 @@ import torch  # noqa: E402
 
 from vllm_mha2mla.attention.paged_attention import gather_paged_rows, paged_latent_decode  # noqa: E402
 from vllm_mha2mla.attention.triton_decode import latent_blocks, mla_paged_decode, plan_launch  # noqa: E402
+from vllm_mha2mla.attention.triton_low_bit_decode import low_bit_paged_decode, plan_low_bit_launch  # noqa: E402
+from vllm_mha2mla.attention.quantized_cache import paged_decode, write_rows  # noqa: E402
+from conversion.mla_format.cache_quant import CacheQuant  # noqa: E402
+from conversion.mla_format.cache_rows import RowLayout, decode_rows  # noqa: E402
 
 del os.environ["TRITON_INTERPRET"]  # not for the engines other tests start
 
@@ -351,3 +355,95 @@ def test_plans_compile_for_an_h100_within_its_shared_memory(latent, rope, fp8, b
     assert row["num_programs"] > 0 or batch == 64, row  # 212 and 310 requests: the balanced kernel
     assert 0 < row["shared_bytes"] <= 227 * 1024, row
     assert row["mma_versions"], row  # the products compiled to tensor-core instructions
+
+
+# The low-bit cache (issue 33): the kernel reads RowLayout bytes, the reference decodes them in PyTorch.
+
+def _low_bit_problem(fmt, latent, rope, heads, block, lens, seed=0):
+    """Random rows written through the plugin's write path (every slot of a shuffled block table), queries in
+    float32: (q, uint8 cache, block table, lengths, layout)."""
+    g = torch.Generator().manual_seed(seed)
+    layout = RowLayout(fmt, latent, rope)
+    lens = torch.tensor(lens, dtype=torch.int32)
+    per_req = (int(lens.max()) + block - 1) // block
+    num_blocks = len(lens) * per_req + 3
+    cache = torch.zeros(num_blocks, block, layout.row_bytes, dtype=torch.uint8)
+    scales = torch.linspace(2.0, 0.1, latent)  # an SVD latent's columns fall in scale
+    kv_c = torch.randn(num_blocks * block, latent, generator=g) * scales
+    k_pe = torch.randn(num_blocks * block, rope, generator=g)
+    write_rows(kv_c, k_pe, cache, torch.arange(num_blocks * block), layout)
+    table = torch.randperm(num_blocks, generator=g)[: len(lens) * per_req].view(len(lens), per_req).to(torch.int32)
+    return torch.randn(len(lens), heads, latent + rope, generator=g), cache, table, lens, layout
+
+
+def _low_bit_reference(q, cache, table, lens, scale, layout, values=None):
+    """Output (quantized_cache.paged_decode) and log-sum-exp over the decoded rows, in float64."""
+    out = paged_decode(q.double(), cache, table, lens, scale, layout, values)
+    rows = torch.cat(decode_rows(gather_paged_rows(cache, table, lens), layout, torch.float64), dim=-1)
+    scores = torch.einsum("bhd,bld->bhl", q.double(), rows) * scale
+    valid = torch.arange(rows.shape[1])[None, :] < lens[:, None]
+    return out, scores.masked_fill(~valid[:, None, :], float("-inf")).logsumexp(-1)
+
+
+@pytest.mark.parametrize(
+    "fmt,latent,rope,heads,block,splits,blocks",
+    [
+        (CacheQuant(4, 8, 64), 128, 128, 9, 16, 2, None),  # the engine's format on the tests' checkpoint shape
+        (CacheQuant(4, None, 32), 96, 24, 6, 16, 1, None),  # rotary keys kept in bfloat16
+        (CacheQuant(8, 4, 64), 640, 64, 3, 16, 3, (512, 128)),  # int8 latent in two blocks, int4 rotary keys
+        (CacheQuant(4, 4, 64, hadamard=True, rope_hadamard=True), 112, 32, 5, 16, 2, (64, 32, 16)),  # rotated
+        (CacheQuant(4, 8, 16), 7, 3, 3, 4, 2, None),  # odd widths: a padded code byte, short groups
+    ],
+)
+def test_low_bit_kernel_equals_the_reference_decode(fmt, latent, rope, heads, block, splits, blocks):
+    """Codes, nibbles, group scales and minima, the raw or rotated segments and the split merge: output and lse
+    equal the PyTorch decode of the same bytes (float32 products, hence 1e-4)."""
+    q, cache, table, lens, layout = _low_bit_problem(fmt, latent, rope, heads, block, [1, 5, 33, 17, 64])
+    plan = replace(plan_low_bit_launch(len(lens), heads, layout, 64, num_sms=8), num_splits=splits)
+    if blocks is not None:
+        plan = replace(plan, latent_blocks=blocks)
+    out, lse = low_bit_paged_decode(q, cache, table, lens, 0.3, layout, 64, launch=plan)
+    want, want_lse = _low_bit_reference(q, cache, table, lens, 0.3, layout)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-4, atol=1e-4)
+
+
+def test_low_bit_kernel_with_fewer_values_than_the_latent_and_empty_rows():
+    """Values are the latent's first ``kv_lora_rank`` columns; a row of length 0 (CUDA-graph padding, its block
+    table pointing nowhere) gives 0 and -inf; the plan's own launch (no overrides)."""
+    q, cache, table, lens, layout = _low_bit_problem(CacheQuant(4, 8, 64), 128, 64, 4, 16, [7, 1, 30])
+    lens[1] = 0
+    table[1] = 10**6
+    out, lse = low_bit_paged_decode(q, cache, table, lens, 0.2, layout, 30, kv_lora_rank=100)
+    assert out.shape == (3, 4, 100) and (out[1] == 0).all() and (lse[1] == float("-inf")).all()
+    real = lens > 0
+    want, want_lse = _low_bit_reference(q[real], cache, table[real], lens[real], 0.2, layout, 100)
+    torch.testing.assert_close(out[real].double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse[real].double(), want_lse, rtol=1e-4, atol=1e-4)
+
+
+def test_low_bit_kernel_refuses_what_it_cannot_read():
+    q, cache, table, lens, layout = _low_bit_problem(CacheQuant(4, 8, 64), 64, 16, 2, 16, [4])
+    with pytest.raises(ValueError, match=r"uint8 \[pages, page_size, 56\], not torch.float32"):
+        low_bit_paged_decode(q, cache.float(), table, lens, 0.5, layout, 4)
+    with pytest.raises(ValueError, match="queries of 81 columns do not match rows of 64 \\+ 16"):
+        low_bit_paged_decode(torch.cat([q, q[..., :1]], -1), cache, table, lens, 0.5, layout, 4)
+    with pytest.raises(ValueError, match="first 65 columns of the row, which has a latent segment of 64"):
+        low_bit_paged_decode(q, cache, table, lens, 0.5, layout, 4, kv_lora_rank=65)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("latent,rope,fmt", [(512, 64, "4,8,64"), (2048, 512, "4,0,64")])
+def test_low_bit_plans_compile_for_an_h100_within_its_shared_memory(latent, rope, fmt):
+    """The low-bit kernel compiles for sm_90 (the interpreter accepts code the compiler refuses) with tensor-core
+    products, within an H100's shared memory, for the native row with int8 rotary keys and the paper's widest row
+    with bf16 ones."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.kernels.compile_sm90", str(latent), str(rope),
+                           "--low-bit", fmt], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(done.stdout.strip().splitlines()[-1])
+    bits, rope_bits, group = (int(x) for x in fmt.split(","))
+    assert row["row_bytes"] == RowLayout(CacheQuant(bits, rope_bits or None, group), latent, rope).row_bytes
+    assert 0 < row["shared_bytes"] <= 227 * 1024 and row["mma_versions"], row

@@ -15,6 +15,7 @@ wheel of the GPU's version unpacked onto ``PYTHONPATH`` compiles as the GPU's do
 Usage: python -m benchmarks.kernels.compile_sm90 LATENT ROPE [--heads 32] [--batch 64] [--context 8704] [--fp8]
                                                  [--tile H,N,WARPS,STAGES ...] [--programs P]
          (no --tile: the launch plan_launch picks for an H100; each --tile replaces its tile sizes)
+         (--low-bit BITS,ROPE_BITS,GROUP: the low-bit cache kernel over rows of that format, e.g. 4,8,64)
          (--programs P: the balanced kernel, P programs per head group sharing the batch's tokens)
        python -m benchmarks.kernels.compile_sm90 --against DEVICE_FP8_TILES.json [--json-out OUT.json]
          (a record of the former ``gpu_layer_widths.py fp8-tiles`` mode: batch 16, context 1024, fp8, 32 heads)
@@ -37,7 +38,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vllm_mha2mla.attention import triton_decode
+from conversion.mla_format.cache_quant import CacheQuant
+from conversion.mla_format.cache_rows import RowLayout
 from vllm_mha2mla.attention.triton_decode import DecodeLaunch, plan_launch, split_kernel_constants
+from vllm_mha2mla.attention.triton_low_bit_decode import (_low_bit_decode_split_kernel, plan_low_bit_launch,
+                                                          segment_constants)
 
 H100_SMS = 132
 PAGE = 16  # vLLM's block size for the plugin's backend
@@ -132,6 +137,30 @@ def compile_launch(plan: DecodeLaunch, latent: int, rope: int, heads: int, conte
     else:
         runtime = _runtime_arguments(latent, rope, heads, context, plan.num_splits, fp8)
         kernel_fn = triton_decode._mla_decode_split_kernel
+    return _compile(kernel_fn, runtime, constants, plan)
+
+
+def compile_low_bit_launch(plan: DecodeLaunch, layout: RowLayout, heads: int, context: int) -> dict:
+    """Compile the low-bit kernel (``triton_low_bit_decode``) for one launch over ``layout``'s rows."""
+    constants = split_kernel_constants(plan, layout.latent, layout.rope, PAGE, False, False)
+    for name in ("SCALED_CACHE", "FP16_OPERANDS"):
+        del constants[name]
+    constants |= segment_constants(layout)
+    width, row = layout.latent + layout.rope, layout.row_bytes
+    runtime = {
+        "Q": ("*bf16", None), "stride_qb": ("i32", heads * width), "stride_qh": ("i32", width),
+        "KVBytes": ("*u8", None), "KVHalf": ("*fp16", None), "KVRaw": ("*bf16", None),
+        "stride_kv_page": ("i32", PAGE * row), "stride_kv_tok": ("i32", row),
+        "BlockTable": ("*i32", None), "stride_bt": ("i32", -(-context // PAGE)), "SeqLens": ("*i32", None),
+        "Partial": ("*fp32", None), "stride_pb": ("i32", heads * plan.num_splits * (layout.latent + 1)),
+        "stride_ph": ("i32", plan.num_splits * (layout.latent + 1)), "stride_ps": ("i32", layout.latent + 1),
+        "sm_scale": ("fp32", None), "num_heads": ("i32", heads), "num_splits": ("i32", plan.num_splits),
+    }
+    return _compile(_low_bit_decode_split_kernel, runtime, constants, plan)
+
+
+def _compile(kernel_fn, runtime: dict, constants: dict, plan: DecodeLaunch) -> dict:
+    """Compile ``kernel_fn`` for sm_90 with these run-time arguments (Triton type, value) and constants."""
     signature = {name: kind for name, (kind, _) in runtime.items()} | {name: "constexpr" for name in constants}
     names = list(signature)
     aligned = [name for name, (kind, value) in runtime.items()
@@ -186,6 +215,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--fp8", action="store_true", help="an e4m3 cache (float16 products)")
     parser.add_argument("--tile", action="append", default=[], metavar="H,N,WARPS,STAGES",
                         help="heads per program, cached rows per tile, warps, pipeline stages (repeatable)")
+    parser.add_argument("--low-bit", metavar="BITS,ROPE_BITS,GROUP",
+                        help="the low-bit cache kernel over rows of this format (ROPE_BITS 0: bf16 rotary keys), "
+                             "e.g. 4,8,64")
     parser.add_argument("--programs", type=int, default=0,
                         help="compile the balanced kernel with this many programs per head group (0: the plan's)")
     args = parser.parse_args(argv)
@@ -196,7 +228,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return rows
     if args.latent is None or args.rope is None:
         parser.error("LATENT and ROPE are required (or --against)")
-    plan = plan_launch(args.batch, args.heads, args.latent, args.rope, args.context, H100_SMS, fp8_cache=args.fp8)
+    layout = None
+    if args.low_bit:
+        bits, rope_bits, group = (int(x) for x in args.low_bit.split(","))
+        layout = RowLayout(CacheQuant(bits, rope_bits or None, group), args.latent, args.rope)
+        plan = plan_low_bit_launch(args.batch, args.heads, layout, args.context, H100_SMS)
+    else:
+        plan = plan_launch(args.batch, args.heads, args.latent, args.rope, args.context, H100_SMS,
+                           fp8_cache=args.fp8)
     if args.programs:
         plan = replace(plan, num_programs=args.programs)
     launches = [plan]
@@ -211,7 +250,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = {"latent_blocks": list(launch.latent_blocks), "block_r": launch.block_r, "block_h": launch.block_h,
                "block_n": launch.block_n, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
                "num_programs": launch.num_programs, "is_plan": launch == plan, "triton": triton.__version__}
-        row.update(compile_launch(launch, args.latent, args.rope, args.heads, args.context, args.fp8, args.batch))
+        if layout is not None:
+            row.update(compile_low_bit_launch(launch, layout, args.heads, args.context), row_bytes=layout.row_bytes)
+        else:
+            row.update(compile_launch(launch, args.latent, args.rope, args.heads, args.context, args.fp8, args.batch))
         rows.append(row)
         print(f"{'plan ' if row['is_plan'] else 'tile '}h{launch.block_h} n{launch.block_n} w{launch.num_warps} "
               f"s{launch.num_stages} {list(launch.latent_blocks)}+{launch.block_r}: shared {row['shared_bytes']} B, "

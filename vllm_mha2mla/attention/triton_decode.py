@@ -313,6 +313,18 @@ def _query_blocks(Q, stride_qb, stride_qh, b, heads, head_ok, offs_0, offs_1, of
 
 
 @triton.jit
+def _softmax_fold(scores, pos_ok, m_i, l_i):
+    """One tile's scaled scores ``[heads, rows]`` folded into the online softmax: the tile's unnormalised
+    probabilities (rows past ``pos_ok`` 0), the factor the accumulators are rescaled by, the new running max and
+    sum."""
+    scores = tl.where(pos_ok[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(scores - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _attend_rows(q_0, q_1, q_2, q_r, KV, stride_kv_page, stride_kv_tok, table_row, lo, hi, qk_scale,
                  offs_0, offs_1, offs_2, offs_r, ok_0, ok_1, ok_2, ok_r,
                  NUM_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
@@ -337,18 +349,13 @@ def _attend_rows(q_0, q_1, q_2, q_r, KV, stride_kv_page, stride_kv_tok, table_ro
         if NUM_BLOCKS > 2:
             kv_2 = _load_rows(row, offs_2, pos_ok[:, None] & ok_2, q_2)
             scores += tl.dot(q_2, tl.trans(kv_2))
-        scores = tl.where(pos_ok[None, :], scores * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _softmax_fold(scores * qk_scale, pos_ok, m_i, l_i)
         p = p.to(kv_0.dtype)
         acc_0 = acc_0 * alpha[:, None] + tl.dot(p, kv_0)
         if NUM_BLOCKS > 1:
             acc_1 = acc_1 * alpha[:, None] + tl.dot(p, kv_1)
         if NUM_BLOCKS > 2:
             acc_2 = acc_2 * alpha[:, None] + tl.dot(p, kv_2)
-        m_i = m_new
     return acc_0, acc_1, acc_2, m_i, l_i
 
 
