@@ -271,6 +271,26 @@ def test_server_refuses_a_taken_port_and_free_ports_are_free(tmp_path):
         sock.bind(("127.0.0.1", chosen))  # really free
 
 
+def test_a_port_whose_closed_connections_linger_is_free():
+    """A stopped server's side of its closed connections stays in TIME_WAIT for a minute; the port is free for the
+    next server all the same (it binds with SO_REUSEADDR, as uvicorn did for the stopped one), so ``port_in_use``
+    must not wait that minute out (it did: up to 50 s of the real runs' fixture)."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = listener.accept()
+        conn.close()  # the server closes first: its end of the connection goes to TIME_WAIT
+        client.recv(1)
+        client.close()
+    assert not port_in_use(port)
+    with socket.socket() as plain:  # what a bind without SO_REUSEADDR meets (the check's old way)
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+
+
 def test_bench_refuses_a_bad_matrix_before_starting_engines(tmp_path, capsys):
     """The CLI's exit code and message for each bad matrix; called in this process (one import of vLLM
     rather than one per case: the real runs below go through ``python -m``)."""

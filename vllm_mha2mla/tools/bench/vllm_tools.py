@@ -273,8 +273,11 @@ def free_port() -> int:
 
 
 def port_in_use(port: int) -> bool:
-    """Whether something holds ``port`` on the loopback interface (binding it fails)."""
+    """Whether something holds ``port`` on the loopback interface (binding it fails). With ``SO_REUSEADDR``, as
+    ``vllm serve`` (uvicorn) binds: connections a stopped server closed linger in TIME_WAIT for a minute, which
+    would fail a plain bind although a new server can take the port at once; a listener still fails it."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
