@@ -213,34 +213,35 @@ def prompts_sharing_a_prefix(tiny_model_factory):
 
 
 @pytest.fixture(scope="module")
-def per_layer_run(per_layer, tiny_model_factory, prompts_sharing_a_prefix):
-    """One engine (torch.compile on) on the per-layer checkpoint for the two tests below, in 32-token scheduling
-    steps: 8 short prompts first, several whole prompts to a step, then the prompts sharing a prefix, split into
-    chunks that attend to cached context, later ones starting from the cached prefix. 16 tokens each, past the
-    end-of-sequence token (this random model ends some short prompts at once), to compare them all in full."""
+def per_layer_run(per_layer_rope, tiny_model_factory, prompts_sharing_a_prefix):
+    """One engine (torch.compile on) for the three tests below, on the checkpoint whose layers differ in both
+    latent width and rotary dims (:func:`per_layer_rope`), in 32-token scheduling steps: 8 short prompts first,
+    several whole prompts to a step, then the prompts sharing a prefix, split into chunks that attend to cached
+    context, later ones starting from the cached prefix. 16 tokens each, past the end-of-sequence token (this
+    random model ends some short prompts at once), to compare them all in full."""
     from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
 
     prompts = short_prompts(tiny_model_factory(SPEC)) + prompts_sharing_a_prefix
     return prompts, run_engine_in_subprocess(EngineRequest(
-        model=str(per_layer), prompt_token_ids=prompts, max_tokens=16, ignore_eos=True, dtype="float32",
+        model=str(per_layer_rope), prompt_token_ids=prompts, max_tokens=16, ignore_eos=True, dtype="float32",
         kv_cache_memory_bytes=KV_BYTES, enable_chunked_prefill=True, enable_prefix_caching=True,
         max_num_batched_tokens=32))
 
 
 @pytest.mark.vllm
-def test_vllm_serves_each_layer_at_its_own_width(per_layer, per_layer_run):
+def test_vllm_serves_each_layer_at_its_own_width(per_layer_rope, per_layer_run):
     """Greedy tokens equal the reference model's, for whole prompts batched in one step and for prompts prefilled
-    in chunks; every layer's paged cache has its own row width (no padding to the widest); the KV capacity is the
-    memory over the summed widths."""
-    config = json.loads((per_layer / "config.json").read_text())
-    rope = config["qk_rope_head_dim"]
-    widths = [r + rope for r in config["mha2mla"]["layer_kv_lora_rank"]]
-    assert len(set(widths)) > 1, "the allocation should give layers different widths"
+    in chunks; every layer's paged cache has its own row width, latent + rotary (no padding to the widest); the KV
+    capacity is the memory over the summed widths."""
+    config = json.loads((per_layer_rope / "config.json").read_text())
+    section = config["mha2mla"]
+    widths = [w + 2 * r for w, r in zip(section["layer_kv_lora_rank"], section["layer_rope_dim"])]
+    assert len(set(widths)) > 1, "the layers should have different widths"
     prompts, result = per_layer_run
     assert "CUSTOM" in result["attention_backends"]
     assert result["kv_cache_widths"] == widths
     assert abs(result["kv_cache_tokens"] * sum(widths) * 4 / KV_BYTES - 1) < 0.05
-    ref = load_reference(per_layer)
+    ref = load_reference(per_layer_rope)
     assert len(result["outputs"]) == len(prompts) == 13
     for prompt, out in zip(prompts, result["outputs"]):
         assert out["token_ids"] == ref.greedy_generate(torch.tensor([prompt]), 16)[0].tolist()
@@ -435,24 +436,13 @@ def test_per_layer_rope_is_refused_when_inconsistent(per_layer_rope, tiny_model_
 
 
 @pytest.mark.vllm
-def test_vllm_serves_per_layer_rotary_dims(per_layer_rope, prompts_sharing_a_prefix):
-    """Layers of different rotary and latent widths: greedy tokens equal the reference model's under
-    chunked prefill with a prefix cache (each layer's prefill attends over its own rope columns),
-    every layer's cache row is its own latent + rotary width."""
-    from vllm_mha2mla.tools.runner import EngineRequest, run_engine_in_subprocess
-
-    widths = [w + 2 * r for w, r in zip(LATENTS, ROPES)]
-    prompts = prompts_sharing_a_prefix
-    result = run_engine_in_subprocess(EngineRequest(
-        model=str(per_layer_rope), prompt_token_ids=prompts, max_tokens=16, dtype="float32",
-        kv_cache_memory_bytes=KV_BYTES, enable_chunked_prefill=True, enable_prefix_caching=True,
-        max_num_batched_tokens=32))
-    assert "CUSTOM" in result["attention_backends"]
-    assert result["kv_cache_widths"] == widths
-    assert abs(result["kv_cache_tokens"] * sum(widths) * 4 / KV_BYTES - 1) < 0.05
-    ref = load_reference(per_layer_rope)
-    for prompt, out in zip(prompts, result["outputs"]):
-        assert out["token_ids"] == ref.greedy_generate(torch.tensor([prompt]), 16)[0].tolist()
+def test_vllm_serves_per_layer_rotary_dims(per_layer_run):
+    """Layers of different rotary and latent widths (:data:`LATENTS`, :data:`ROPES`): every layer's cache row is
+    its own latent + rotary width, and each layer's chunked prefill attends over its own rope columns (greedy
+    tokens equal to the reference's, whole and chunked: the tests above, on the same engine)."""
+    _, result = per_layer_run
+    assert result["kv_cache_widths"] == [w + 2 * r for w, r in zip(LATENTS, ROPES)]
+    assert len(set(ROPES)) > 1 and len(set(LATENTS)) > 1
 
 
 @pytest.fixture(scope="module")
