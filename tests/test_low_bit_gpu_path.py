@@ -1,0 +1,184 @@
+"""The 4-bit latent cache's GPU path (issue 33, vLLM 0.26), checked without a GPU.
+
+- The Triton cache write (``triton_low_bit_write``) in Triton's CPU interpreter: its bytes are
+  :func:`~conversion.mla_format.cache_rows.encode_rows`' (the PyTorch write's) for float32 and bfloat16 rows, ties
+  rounded half to even, padding slots untouched, no host synchronisation (what a captured CUDA graph needs).
+- The page sizing on vLLM 0.26's KV cache spec (``compat.spec_with_row_bytes``), on a stand-in shaped like it.
+- vLLM's CUDA context gather routed to the low-bit decode (``patches.extend_cache_gather_to_any_width``) and the
+  per-layer view of the context workspace (``metadata.layer_context_width``).
+
+The engine on a GPU is ``benchmarks/end_to_end/gpu_anyshape.py int4``; the interpreter checks indexing, masks and
+arithmetic exactly but not the GPU's division and conversion instructions (the kernel asks for the correctly
+rounded ones: ``tl.math.div_rn``, bfloat16 rounding in integer arithmetic).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # kernels defined now become interpreted kernels
+
+import dataclasses  # noqa: E402
+import enum  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from conversion.mla_format.cache_quant import CacheQuant  # noqa: E402
+from conversion.mla_format.cache_rows import RowLayout, encode_rows  # noqa: E402
+from vllm_mha2mla.attention import quantized_cache as qc  # noqa: E402
+from vllm_mha2mla.attention.triton_low_bit_write import write_low_bit_rows  # noqa: E402
+
+del os.environ["TRITON_INTERPRET"]  # not for the engines other tests start
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    """Triton checks the setting again at launch."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _rows(tokens, width, seed=0, dtype=torch.float32):
+    """Rows shaped like an SVD latent (column scales falling), one outlier column."""
+    g = torch.Generator().manual_seed(seed)
+    row = torch.randn(tokens, width, generator=g) * torch.linspace(2.5, 0.1, width)
+    row[:, width // 3] *= 6
+    return row.to(dtype)
+
+
+def _write_and_compare(layout, row, rank, slots, pages=6, page=4, seed=1):
+    """Writes ``row`` (vLLM's ``[kv_c (rank) | k_pe]``) with the kernel into a cache of random bytes at ``slots``;
+    asserts the written rows are encode_rows' bytes and every other row is as it was."""
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randint(0, 256, (pages, page, layout.row_bytes), generator=g, dtype=torch.uint8)
+    before = cache.clone()
+    kv_c, k_pe = row[:, :rank], row[:, rank:].unsqueeze(1)  # k_pe [T, 1, rope], as vLLM hands it
+    write_low_bit_rows(kv_c, k_pe, cache, slots, layout)
+    n = slots.numel()
+    want = encode_rows(row[:n, :layout.latent], row[:n, layout.latent:], layout)
+    flat, old = cache.view(-1, layout.row_bytes), before.view(-1, layout.row_bytes)
+    live = slots >= 0
+    assert torch.equal(flat[slots[live]], want[live])
+    untouched = torch.ones(flat.shape[0], dtype=torch.bool)
+    untouched[slots[live]] = False
+    assert torch.equal(flat[untouched], old[untouched])
+
+
+@pytest.mark.parametrize(
+    "fmt,latent,rope,rank",
+    [
+        (CacheQuant(4, 8, 64), 128, 128, 128),  # the engine's format on the tests' checkpoint shape
+        (CacheQuant(4, 8, 64), 512, 64, 512),  # DeepSeek's row: 356 bytes
+        (CacheQuant(4, None, 32), 96, 24, 96),  # rotary keys kept in bfloat16
+        (CacheQuant(8, 4, 16), 7, 3, 7),  # odd widths: short groups, a padded code byte, a zero high nibble
+        (CacheQuant(8, 8, 6), 40, 9, 40),  # int8 in groups of an odd size
+        (CacheQuant(4, 8, 64), 100, 476, 150),  # a native row: 50 rotary columns ride in kv_c after the latent
+        (CacheQuant(4, 4, 64), 33, 0, 33),  # no rotary segment
+    ],
+)
+def test_write_kernel_bytes_equal_the_pytorch_write(fmt, latent, rope, rank):
+    """float32 rows: codes, nibbles, float16 scales and minima, raw segments and padding bytes are encode_rows'
+    bytes, for any split of vLLM's [kv_c | k_pe] row; padding slots (-1) and unused slots keep their bytes."""
+    layout = RowLayout(fmt, latent, rope)
+    slots = torch.tensor([3, -1, 0, 23, 7, -1, 9, 2, 12, 17])
+    _write_and_compare(layout, _rows(len(slots), latent + rope), rank, slots)
+
+
+def test_write_kernel_keeps_a_float16_raw_segment():
+    layout = RowLayout(CacheQuant(4, None, 64), 64, 20, dtype=torch.float16)
+    _write_and_compare(layout, _rows(5, 84, seed=3), 64, torch.tensor([4, 1, -1, 0, 8]))
+
+
+def test_write_kernel_rounds_ties_half_to_even_and_handles_degenerate_groups():
+    """Values exactly halfway between two codes (torch.round: half to even), a constant group (scale 0: codes 0),
+    a minimum that float16 rounds above the group's smallest values (negative quotients: code 0), int8 ties too."""
+    fmt = CacheQuant(4, 8, 16)
+    ties = torch.tensor([0.0, 15.0] + [k + 0.5 for k in range(14)])  # scale 1: k + 0.5 is a tie
+    doubled = torch.tensor([0.0, 30.0, 1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0, 17.0, 19.0, 21.0, 23.0, 25.0,
+                            27.0])  # scale 2: odd values are ties
+    constant = torch.full((16,), 0.3)
+    above = torch.tensor([1.0006, 1.0007] + [1.0 + 0.01 * k for k in range(1, 15)])  # float16(1.0006) = 1.00098
+    latent = torch.cat([ties, doubled, constant, above])
+    rope = torch.cat([torch.tensor([0.0, 255.0]), torch.arange(14) + 0.5])  # int8, scale 1: ties
+    row = torch.stack([torch.cat([latent, rope]), torch.cat([-latent, -rope])])
+    layout = RowLayout(fmt, 64, 16)
+    _write_and_compare(layout, row, 64, torch.tensor([5, 2]))
+    codes = encode_rows(row[:1, :64], row[:1, 64:], layout)[0, :8]  # the first group's packed codes
+    low, high = (codes & 15).tolist(), (codes >> 4).tolist()
+    assert low[1:4] == [0, 2, 4] and high[1:4] == [2, 4, 6]  # 0.5 → 0, 1.5 → 2, 2.5 → 2, 3.5 → 4, 4.5 → 4, ...
+
+
+def test_write_kernel_takes_the_engines_rows():
+    """vLLM's inputs: bfloat16, kv_c a strided view of a wider projection output, k_pe [T, 1, rope], and more
+    tokens than slots (a CUDA-graph batch padded past the slot mapping)."""
+    layout = RowLayout(CacheQuant(4, 8, 64), 96, 32)
+    wide = _rows(9, 200, seed=5, dtype=torch.bfloat16)
+    kv_c = wide[:, 10:106]  # stride 200
+    k_pe = _rows(9, 32, seed=6, dtype=torch.bfloat16).unsqueeze(1)
+    slots = torch.tensor([6, 0, -1, 13, 2, 9])
+    cache = torch.zeros(4, 4, layout.row_bytes, dtype=torch.uint8)
+    write_low_bit_rows(kv_c, k_pe, cache, slots, layout)
+    live = slots >= 0
+    want = encode_rows(kv_c[:6][live], k_pe[:6, 0][live], layout)
+    assert torch.equal(cache.view(-1, layout.row_bytes)[slots[live]], want)
+    # and those bytes decode as the PyTorch write's
+    ref = torch.zeros_like(cache)
+    qc.write_rows(kv_c[:6], k_pe[:6], ref, slots, layout)
+    assert torch.equal(cache, ref)
+
+
+def test_write_kernel_asks_the_host_nothing(monkeypatch):
+    """No value goes back to the host (a CUDA graph cannot capture that): reading a tensor's value raises here."""
+    layout = RowLayout(CacheQuant(4, 8, 64), 64, 16)
+    row = _rows(4, 80)
+    cache = torch.zeros(2, 4, layout.row_bytes, dtype=torch.uint8)
+    slots = torch.tensor([1, -1, 6, 3])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host synchronisation")
+
+    for name in ("item", "__bool__", "tolist", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    write_low_bit_rows(row[:, :64], row[:, 64:], cache, slots, layout)
+    monkeypatch.undo()
+    live = slots >= 0
+    assert torch.equal(cache.view(-1, layout.row_bytes)[slots[live]], encode_rows(row[live, :64], row[live, 64:],
+                                                                                  layout))
+
+
+def test_write_kernel_refuses_what_it_does_not_write():
+    row = _rows(2, 80)
+    slots = torch.tensor([0, 1])
+    rotated = RowLayout(CacheQuant(4, 8, 64, hadamard=True), 64, 16)
+    with pytest.raises(ValueError, match="Hadamard-rotated"):
+        write_low_bit_rows(row[:, :64], row[:, 64:], torch.zeros(1, 4, rotated.row_bytes, dtype=torch.uint8),
+                           slots, rotated)
+    odd = RowLayout(CacheQuant(4, 8, 5), 64, 16)
+    with pytest.raises(ValueError, match="groups of 5 columns"):
+        write_low_bit_rows(row[:, :64], row[:, 64:], torch.zeros(1, 4, odd.row_bytes, dtype=torch.uint8), slots, odd)
+    layout = RowLayout(CacheQuant(4, 8, 64), 64, 16)
+    with pytest.raises(ValueError, match=r"uint8 \[pages, page_size, 56\]"):
+        write_low_bit_rows(row[:, :64], row[:, 64:], torch.zeros(1, 4, 56), slots, layout)
+    with pytest.raises(ValueError, match="do not fit a layout of 64 \\+ 16"):
+        write_low_bit_rows(row[:, :64], row[:, 65:], torch.zeros(1, 4, 56, dtype=torch.uint8), slots, layout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("latent,rope,fmt", [(512, 64, "4,8,64"), (2048, 512, "4,0,64")])
+def test_write_kernel_compiles_for_an_h100_with_correctly_rounded_arithmetic(latent, rope, fmt):
+    """The write compiles for sm_90 (the interpreter accepts code the compiler refuses) without spills, with
+    ``div.rn`` divisions only (Triton's ``/`` is ``div.full``, not correctly rounded: the codes and scales would
+    differ from torch's in the last bit now and then) and no fused multiply-adds; the interpreter cannot check
+    which instructions a GPU runs, this can."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.kernels.compile_sm90", str(latent), str(rope),
+                           "--low-bit", fmt, "--write"], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["div_rn_f32"] > 0 and row["div_inexact_f32"] == 0 and row["fma_f32"] == 0, row
+    assert row["cvt_rn_f16"] > 0 and row["spill_store_bytes"] in (0, None), row
