@@ -182,3 +182,86 @@ def test_write_kernel_compiles_for_an_h100_with_correctly_rounded_arithmetic(lat
     (row,) = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["div_rn_f32"] > 0 and row["div_inexact_f32"] == 0 and row["fma_f32"] == 0, row
     assert row["cvt_rn_f16"] > 0 and row["spill_store_bytes"] in (0, None), row
+
+
+# -- vLLM 0.26's KV cache spec ----------------------------------------------------------------------------------
+class KVQuantMode(enum.IntEnum):
+    """vLLM 0.26's ``KVQuantMode`` (vllm/v1/kv_cache_interface.py 33-58), the members the spec reads."""
+
+    NONE = 0
+    FP8_PER_TENSOR = 1
+    INT4_PER_TOKEN_HEAD = 4
+
+    @property
+    def is_per_token_head(self) -> bool:
+        return self is KVQuantMode.INT4_PER_TOKEN_HEAD
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MLASpec026:
+    """A stand-in with vLLM 0.26's ``MLAAttentionSpec`` fields and page arithmetic (kv_cache_interface.py:
+    ``AttentionSpec`` 176-217 — ``page_size_bytes`` adds two float32 scales per token and head for a per-token-head
+    mode, ``unpadded_page_size_bytes`` 184-194 —, ``FullAttentionSpec.head_size_v`` 237/254-256,
+    ``MLAAttentionSpec.real_page_size_bytes`` 397-416 — one head of ``head_size`` values, halved for
+    ``int4_per_token_head``); no ``state_content_bytes``. The model runner views a layer's bytes as
+    ``get_kv_cache_shape(blocks, block_size, 1, head_size)`` = ``(blocks, block_size, head_size)`` in ``dtype``
+    (mla_attention.py 1301-1308, gpu_model_runner.py 7359-7365, attn_utils.py 249-251)."""
+
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    dtype: torch.dtype
+    kv_quant_mode: KVQuantMode = KVQuantMode.NONE
+    page_size_padded: int | None = None
+    head_size_v: int | None = None
+    cache_dtype_str: str | None = None
+
+    def __post_init__(self):
+        if self.head_size_v is None:
+            object.__setattr__(self, "head_size_v", self.head_size)
+
+    @property
+    def page_size_bytes(self) -> int:
+        head = self.head_size // 2 if self.kv_quant_mode == KVQuantMode.INT4_PER_TOKEN_HEAD else self.head_size
+        page = self.block_size * self.num_kv_heads * head * torch.empty((), dtype=self.dtype).element_size()
+        if self.kv_quant_mode.is_per_token_head:
+            page += 2 * self.block_size * self.num_kv_heads * 4
+        return page
+
+    def kv_cache_shape(self, blocks: int) -> tuple[int, int, int]:
+        return (blocks, self.block_size, self.head_size)
+
+
+def test_a_vllm_026_spec_is_sized_by_the_rows_bytes():
+    """vLLM 0.26's own sizing of ``int4_per_token_head`` for an MLA layer is one int4 row of head_size values plus
+    two float32 scales per token (and a (blocks, block_size, head_size) uint8 view that does not fit it); the
+    plugin's spec is a row of row_bytes uint8 bytes, no quantisation mode, the view exactly the pages."""
+    from vllm_mha2mla.compat import head_size_counts_bytes, spec_with_row_bytes
+
+    layout = RowLayout(CacheQuant(4, 8, 64), 96, 24)  # the exact 120-value row: 84 bytes
+    theirs = MLASpec026(block_size=16, num_kv_heads=1, head_size=120, dtype=torch.uint8,
+                        kv_quant_mode=KVQuantMode.INT4_PER_TOKEN_HEAD, cache_dtype_str="int4_per_token_head")
+    assert theirs.page_size_bytes == 16 * 60 + 16 * 8
+    ours = spec_with_row_bytes(theirs, layout.row_bytes)
+    assert (ours.head_size, ours.head_size_v, ours.dtype, ours.kv_quant_mode) == (84, 84, torch.uint8,
+                                                                                  KVQuantMode.NONE)
+    assert ours.cache_dtype_str == "int4_per_token_head" and ours.block_size == 16
+    assert ours.page_size_bytes == 16 * layout.row_bytes
+    assert torch.empty(ours.kv_cache_shape(10), dtype=ours.dtype).nbytes == 10 * ours.page_size_bytes
+    assert head_size_counts_bytes(ours) and not head_size_counts_bytes(theirs)
+    assert not head_size_counts_bytes(MLASpec026(block_size=16, num_kv_heads=1, head_size=120, dtype=torch.bfloat16))
+    # layers whose rows have the same bytes get equal specs (they may share a KV cache group), others do not
+    assert spec_with_row_bytes(theirs, 84) == spec_with_row_bytes(dataclasses.replace(theirs, head_size=121), 84)
+    assert spec_with_row_bytes(theirs, 84) != spec_with_row_bytes(theirs, 86)
+
+
+def test_the_installed_vllms_spec_keeps_counting_values():
+    """vLLM 0.32 (this machine) has ``state_content_bytes``: head_size stays the row's values."""
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    from vllm_mha2mla.compat import head_size_counts_bytes, spec_with_row_bytes
+
+    spec = spec_with_row_bytes(MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=120, dtype=torch.float32),
+                               84)
+    assert (spec.head_size, spec.state_content_bytes, spec.dtype) == (120, 84, torch.uint8)
+    assert spec.page_size_bytes == 16 * 84 and not head_size_counts_bytes(spec)
