@@ -265,3 +265,77 @@ def test_the_installed_vllms_spec_keeps_counting_values():
                                84)
     assert (spec.head_size, spec.state_content_bytes, spec.dtype) == (120, 84, torch.uint8)
     assert spec.page_size_bytes == 16 * 84 and not head_size_counts_bytes(spec)
+
+
+# -- the prefill's context on a GPU -----------------------------------------------------------------------------
+def _paged(layout, lens, block=4, seed=0):
+    """Rows written through the PyTorch write into a paged cache, each request its own shuffled blocks."""
+    g = torch.Generator().manual_seed(seed)
+    per_req = [(n + block - 1) // block for n in lens]
+    cache = torch.zeros(sum(per_req) + 2, block, layout.row_bytes, dtype=torch.uint8)
+    order = torch.randperm(cache.shape[0], generator=g)
+    table = torch.full((len(lens), max(per_req)), 10**6, dtype=torch.int32)
+    used = 0
+    for b, (n, blocks) in enumerate(zip(lens, per_req)):
+        table[b, :blocks] = order[used:used + blocks].to(torch.int32)
+        used += blocks
+        row = _rows(n, layout.latent + layout.rope, seed=10 + b)
+        pos = torch.arange(n)
+        slots = table[b, pos // block].long() * block + pos % block
+        qc.write_rows(row[:, :layout.latent], row[:, layout.latent:], cache, slots, layout)
+    return cache, table
+
+
+def test_vllms_cuda_context_gather_decodes_a_low_bit_cache(monkeypatch):
+    """The GPU backend hands vLLM's context path a LowBitCache; ``gather_and_maybe_dequant_cache`` (patched, the
+    keyword call of vLLM 0.26's ``_compute_prefill_context``) fills the workspace with the decoded rows in its
+    dtype, with no host sync; a plain cache of a non-native width takes the PyTorch copy, a native one vLLM's op."""
+    from vllm import _custom_ops as ops
+
+    from vllm_mha2mla.patches import extend_cache_gather_to_any_width
+
+    calls = []
+    monkeypatch.setattr(ops, "gather_and_maybe_dequant_cache", lambda *args: calls.append(args))  # vLLM's kernel
+    extend_cache_gather_to_any_width()
+    extend_cache_gather_to_any_width()  # idempotent
+    layout = RowLayout(CacheQuant(4, 8, 64), 96, 32)
+    cache, table = _paged(layout, [20, 9])
+    starts, counts = torch.tensor([4, 0]), [16, 9]
+    cu = torch.tensor([0, 16, 25])
+    token_to_seq = torch.cat([torch.full((n,), b) for b, n in enumerate(counts)])
+    workspace = torch.zeros(32, 128, dtype=torch.bfloat16)
+    ops.gather_and_maybe_dequant_cache(src_cache=qc.LowBitCache(cache, layout), dst=workspace, block_table=table,
+                                       cu_seq_lens=cu, token_to_seq=token_to_seq, num_tokens=25,
+                                       kv_cache_dtype="int4_per_token_head", scale=torch.ones(()), seq_starts=starts)
+    want = qc.gather_context(cache, table, cu, token_to_seq, 25, layout, torch.bfloat16, starts)
+    assert torch.equal(workspace[:25], want) and bool((workspace[25:] == 0).all())
+    plain = torch.zeros(25, layout.row_bytes, dtype=torch.uint8)
+    ops.gather_and_maybe_dequant_cache(cache, plain, table, cu, token_to_seq, 25, "auto", torch.ones(()), starts)
+    torch.testing.assert_close(qc.row_reader(layout)(plain).to(torch.bfloat16), want, rtol=0, atol=0)
+    native = torch.zeros(25, 576)
+    ops.gather_and_maybe_dequant_cache(cache, native, table, cu, token_to_seq, 25, "auto", torch.ones(()), starts)
+    assert len(calls) == 1 and calls[0][1] is native
+
+
+def test_a_layer_reads_its_context_at_its_own_width():
+    """Per-layer widths on vLLM 0.26 with a low-bit cache: a builder may serve layers of several widths (their
+    specs count bytes), so each layer views the shared workspace at its width while its prefill runs."""
+    from vllm_mha2mla.attention.metadata import layer_context_width
+
+    workspace = torch.arange(8 * 12, dtype=torch.float32).view(8, 12)
+    context = SimpleNamespace(workspace=workspace)
+    metadata = SimpleNamespace(prefill=SimpleNamespace(chunked_context=context))
+    with layer_context_width(metadata, 9):
+        assert context.workspace.shape == (8, 9) and context.workspace.data_ptr() == workspace.data_ptr()
+        assert torch.equal(context.workspace.reshape(-1), workspace.reshape(-1)[:72])
+    assert context.workspace is workspace
+    with pytest.raises(RuntimeError), layer_context_width(metadata, 6):
+        raise RuntimeError("a failing prefill")
+    assert context.workspace is workspace
+    with layer_context_width(metadata, 12):
+        assert context.workspace is workspace
+    for no_context in (SimpleNamespace(prefill=None), SimpleNamespace(prefill=SimpleNamespace(chunked_context=None))):
+        with layer_context_width(no_context, 9):
+            pass
+    with pytest.raises(ValueError, match="cannot hold rows of 13 values"), layer_context_width(metadata, 13):
+        pass
