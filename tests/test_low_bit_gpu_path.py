@@ -339,3 +339,83 @@ def test_a_layer_reads_its_context_at_its_own_width():
             pass
     with pytest.raises(ValueError, match="cannot hold rows of 13 values"), layer_context_width(metadata, 13):
         pass
+
+
+# -- the GPU backend's impl, its low-bit methods on CPU tensors -------------------------------------------------
+def _impl(layout, rank, rope, **more):
+    """An ``MHA2MLATritonImpl`` without its ``__init__`` (which asks CUDA for the device): the attributes the low-bit
+    methods read."""
+    from vllm_mha2mla.attention.gpu_backend import MHA2MLATritonImpl
+
+    impl = object.__new__(MHA2MLATritonImpl)
+    impl.__dict__.update(row_layout=layout, kv_lora_rank=rank, qk_rope_head_dim=rope, scale=0.3, _max_model_len=64,
+                         _num_sms=8, _shared_memory=None, **more)
+    return impl
+
+
+def test_the_gpu_impl_writes_and_decodes_low_bit_rows(monkeypatch):
+    """do_kv_cache_update: the Triton write at the slot mapping (padding skipped), whatever dtype name vLLM passes;
+    forward_mqa: the low-bit Triton decode of the cache vLLM hands over viewed as fp8, equal to the PyTorch decode
+    of the same bytes, with its log-sum-exp."""
+    layout = RowLayout(CacheQuant(4, 8, 64), 96, 32)
+    impl = _impl(layout, 96, 32)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    row = _rows(12, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 4, layout.row_bytes, dtype=torch.uint8)
+    slots = torch.tensor([5, 0, 1, 2, 3, 4, 13, 14, -1, 6, 7, 12])
+    impl.do_kv_cache_update(row[:, :96], row[:, 96:].unsqueeze(1), cache, slots, "int4_per_token_head", None)
+    live = slots >= 0
+    assert torch.equal(cache.view(-1, layout.row_bytes)[slots[live]], encode_rows(row[live, :96], row[live, 96:], layout))
+    table = torch.tensor([[1, 0], [3, 2]], dtype=torch.int32)
+    lens = torch.tensor([7, 3], dtype=torch.int32)
+    metadata = SimpleNamespace(max_seq_len=7, decode=SimpleNamespace(block_table=table, seq_lens=lens))
+    q = _rows(2 * 3, 128, seed=4).view(2, 3, 128)
+    out, lse = impl.forward_mqa((q[..., :96], q[..., 96:]), cache.view(torch.float8_e4m3fn), metadata, None)
+    want = qc.paged_decode(q.double(), cache, table, lens, 0.3, layout)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    assert lse.shape == (2, 3)
+
+
+def test_the_gpu_impl_prefills_over_its_tokens_as_cached_and_a_low_bit_context(monkeypatch):
+    """forward_mha hands vLLM's prefill its own tokens as the cache returns them, the cache as a LowBitCache (which
+    vLLM's gather decodes) and the context workspace at the layer's width; a layer without a low-bit cache keeps
+    vLLM's arguments."""
+    from vllm.model_executor.layers.attention.mla_attention import MLACommonImpl
+
+    seen = {}
+
+    def forward_mha(self, q, kv_c, k_pe, cache, attn_metadata, k_scale, output, output_scale=None):
+        seen.update(kv_c=kv_c, k_pe=k_pe, cache=cache, width=attn_metadata.prefill.chunked_context.workspace.shape)
+
+    monkeypatch.setattr(MLACommonImpl, "forward_mha", forward_mha)
+    layout = RowLayout(CacheQuant(4, 8, 64), 96, 32)
+    impl = _impl(layout, 96, 32)
+    row = _rows(5, 128)
+    kv_c, k_pe = row[:, :96], row[:, 96:].unsqueeze(1)
+    cache = torch.zeros(2, 4, layout.row_bytes, dtype=torch.uint8)
+    workspace = torch.zeros(16, 200)
+    metadata = SimpleNamespace(prefill=SimpleNamespace(chunked_context=SimpleNamespace(workspace=workspace)))
+    impl.forward_mha(None, kv_c, k_pe, cache.view(torch.float8_e4m3fn), metadata, None, None)
+    want_c, want_pe = qc.as_cached(kv_c, k_pe, layout)
+    assert torch.equal(seen["kv_c"], want_c) and torch.equal(seen["k_pe"], want_pe)
+    assert isinstance(seen["cache"], qc.LowBitCache) and seen["cache"].rows.dtype == torch.uint8
+    assert seen["width"] == (16, 128) and metadata.prefill.chunked_context.workspace is workspace
+    impl.row_layout = None
+    impl.forward_mha(None, kv_c, k_pe, cache, metadata, None, None)
+    assert seen["kv_c"] is kv_c and seen["cache"] is cache and seen["width"] == (16, 200)
+
+
+def test_the_gpu_impl_refuses_rows_it_cannot_read_when_built(monkeypatch):
+    """A layer whose values would span the rotary segment, or a format the write kernel refuses, fails at model
+    construction; a readable one sizes its pages by the row's bytes."""
+    from vllm_mha2mla.attention import gpu_backend
+
+    sized = []
+    monkeypatch.setattr(gpu_backend, "size_low_bit_cache_pages", lambda: sized.append(True))
+    _impl(RowLayout(CacheQuant(4, 8, 64), 96, 32), 96, 32)._init_low_bit()
+    assert sized == [True]
+    with pytest.raises(ValueError, match="96 latent \\+ 32 rotary columns: the GPU kernels read the values "
+                                         "\\(kv_lora_rank 112\\)"):
+        _impl(RowLayout(CacheQuant(4, 8, 64), 96, 32), 112, 16)._init_low_bit()
+    with pytest.raises(ValueError, match="Hadamard-rotated"):
+        _impl(RowLayout(CacheQuant(4, 8, 64, hadamard=True), 96, 32), 96, 32)._init_low_bit()
