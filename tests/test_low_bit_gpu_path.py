@@ -412,8 +412,9 @@ def test_the_gpu_impl_refuses_rows_it_cannot_read_when_built(monkeypatch):
 
     sized = []
     monkeypatch.setattr(gpu_backend, "size_low_bit_cache_pages", lambda: sized.append(True))
-    _impl(RowLayout(CacheQuant(4, 8, 64), 96, 32), 96, 32)._init_low_bit()
-    assert sized == [True]
+    impl = _impl(RowLayout(CacheQuant(4, 8, 64), 96, 32), 96, 32, kv_cache_dtype="int4_per_token_head")
+    impl._init_low_bit()
+    assert sized == [True] and impl.decode_kernel_name == "triton_low_bit(int4_per_token_head, 92 B/row)"
     with pytest.raises(ValueError, match="96 latent \\+ 32 rotary columns: the GPU kernels read the values "
                                          "\\(kv_lora_rank 112\\)"):
         _impl(RowLayout(CacheQuant(4, 8, 64), 96, 32), 112, 16)._init_low_bit()

@@ -90,6 +90,7 @@ class MHA2MLATritonImpl(MLACommonImpl):
                              "only (backend_selection.low_bit_values_refusal)")
         check_writable(layout)
         size_low_bit_cache_pages()  # the layer's KV cache spec: this row's bytes
+        self.decode_kernel_name = f"triton_low_bit({self.kv_cache_dtype}, {layout.row_bytes} B/row)"  # the runner's
 
     def _compact_prefill_keys(self, vllm_config) -> HeadCompaction | None:
         """This layer's prefill key geometry where keys are built compact: MHA2MLA checkpoints only
