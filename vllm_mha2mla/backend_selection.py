@@ -160,28 +160,59 @@ def cache_row_layout(layout: MLALayout, kv_cache_dtype: str) -> RowLayout | None
     return RowLayout(fmt, layout.latent_width, row - layout.latent_width)
 
 
+def low_bit_values_refusal(layout: MLALayout) -> str | None:
+    """Why a kernel that reads a low-bit row's values from its latent segment only (the plugin's GPU kernels,
+    :mod:`~vllm_mha2mla.attention.triton_low_bit_decode`) cannot serve this layer (None: it can). The absorbed
+    value projection reads vLLM's whole ``kv_c`` (``kv_lora_rank`` columns); a native layout's ``kv_c`` also holds
+    rotary keys that overflow the ``k_pe`` slot, and padding, after the latent, which a low-bit row stores in its
+    rotary segment. (The CPU backend's PyTorch decode reads values across both segments.)"""
+    if layout.kv_lora_rank == layout.latent_width:
+        return None
+    return (f"its kv_c holds {layout.kv_lora_rank - layout.latent_width} columns of rotary keys or padding after the "
+            f"{layout.latent_width}-column latent, and the GPU kernels read a low-bit row's values from its latent "
+            "segment only")
+
+
 def check_cache_dtype(layout: MLALayout, backend: type | None, vllm_config) -> None:
     """Refuses a ``--kv-cache-dtype`` that ``backend`` (None: vLLM's own MLA kernels) cannot serve for this
     checkpoint's shape on this platform, naming the dtype, the shape and what would work: never a silent
-    fallback to another cache format."""
+    fallback to another cache format. A backend whose ``low_bit_values_from_latent`` is set (the GPU backend)
+    serves the low-bit formats only where the row's values are its latent segment (:func:`low_bit_values_refusal`)."""
     dtype = requested_cache_dtype(vllm_config)
     shape = (f"{layout.cache_values}-value cache row (kv_lora_rank {layout.kv_lora_rank} + qk_rope_head_dim "
              f"{layout.qk_rope_head_dim}, {'native' if layout.is_native else 'exact'} layout)")
     low_bit = dtype in LOW_BIT_CACHE_FORMATS
     if backend is None:
         if low_bit:
-            fix = ("add --attention-backend CUSTOM: the plugin's CPU backend serves it for any shape"
-                   if plugin_backend_class_path() == CPU_BACKEND_PATH else _NO_LOW_BIT_KERNEL_FIX)
             raise ValueError(f"--kv-cache-dtype {dtype}: this checkpoint's {shape} is served by vLLM's own MLA "
-                             f"kernels, which have no grouped low-bit latent cache; {fix}")
+                             f"kernels, which have no grouped low-bit latent cache; {_low_bit_fix(layout)}")
         return
     supported = list(getattr(backend, "supported_kv_cache_dtypes", ["auto"]))
     if dtype in supported:
-        return
+        why = low_bit_values_refusal(layout) if low_bit and getattr(backend, "low_bit_values_from_latent", False) \
+            else None
+        if why is None:
+            return
+        raise ValueError(f"--kv-cache-dtype {dtype}: the plugin's {backend.__name__} cannot serve this checkpoint's "
+                         f"{shape}: {why}. {_LOW_BIT_EXACT_FIX[0].upper()}{_LOW_BIT_EXACT_FIX[1:]}")
     fix = _NO_LOW_BIT_KERNEL_FIX if low_bit else f"use --kv-cache-dtype {' or '.join(supported)}"
     raise ValueError(f"--kv-cache-dtype {dtype}: the plugin's {backend.__name__} (serving this checkpoint's {shape}) "
                      f"does not serve it; it serves {', '.join(supported)}. {fix[0].upper()}{fix[1:]}")
 
 
-_NO_LOW_BIT_KERNEL_FIX = ("the 4-bit latent cache runs on the plugin's CPU backend only so far (no GPU kernel yet, "
-                          "issue 33): serve on CPU, or use --kv-cache-dtype auto or fp8 here")
+def _low_bit_fix(layout: MLALayout) -> str:
+    """What serves a low-bit cache for a shape vLLM's own kernels took: the plugin's backend on this platform."""
+    path = plugin_backend_class_path()
+    if path == CPU_BACKEND_PATH:
+        return "add --attention-backend CUSTOM: the plugin's CPU backend serves it for any shape"
+    if path == GPU_BACKEND_PATH:
+        if low_bit_values_refusal(layout) is None:
+            return "add --attention-backend CUSTOM: the plugin's GPU backend serves it for this shape"
+        return f"the plugin's GPU backend cannot either ({low_bit_values_refusal(layout)}): {_LOW_BIT_EXACT_FIX}"
+    return _NO_LOW_BIT_KERNEL_FIX
+
+
+_LOW_BIT_EXACT_FIX = ("convert the checkpoint with --layout exact (the GPU backend serves exact layouts), serve this "
+                      "one on CPU with --attention-backend CUSTOM, or use --kv-cache-dtype auto or fp8 here")
+_NO_LOW_BIT_KERNEL_FIX = ("the 4-bit latent cache runs on the plugin's CPU and CUDA backends only (issue 33): serve "
+                          "there, or use --kv-cache-dtype auto or fp8 here")

@@ -83,13 +83,45 @@ def dcp_world_size(builder) -> int:
 
 
 def spec_with_row_bytes(spec, row_bytes: int):
-    """``spec`` (an MLA layer's KV cache spec) with each token's row stored as ``row_bytes`` opaque bytes, uint8:
-    vLLM 0.32's ``AttentionSpec.state_content_bytes``, which its own packed MLA formats (``fp8_ds_mla``) set the
-    same way; the page size, the capacity and the allocated ``[blocks, block_size, row_bytes]`` view follow it.
-    Raises where this vLLM's specs have no such field (0.26 sizes pages from ``head_size`` and the dtype)."""
-    if "state_content_bytes" not in {f.name for f in dataclasses.fields(spec)}:
+    """``spec`` (an MLA layer's KV cache spec) with each token's row stored as ``row_bytes`` opaque bytes, uint8, so
+    that the page size, the KV capacity and the allocated ``[blocks, block_size, row_bytes]`` view are the true ones.
+
+    vLLM 0.32: ``AttentionSpec.state_content_bytes``, which its own packed MLA formats (``fp8_ds_mla``) set the same
+    way; ``head_size`` keeps counting values.
+
+    vLLM 0.26 has no such field: its page is ``block_size × num_kv_heads × head_size × dtype size``
+    (``AttentionSpec.real_page_size_bytes`` / ``MLAAttentionSpec.real_page_size_bytes``, vllm/v1/kv_cache_interface.py
+    lines 203-218 and 397-416), ``int4_per_token_head`` halves ``head_size`` there and adds two float32 scales per
+    token (``unpadded_page_size_bytes``, lines 184-194, through ``kv_quant_mode``); the model runner shapes the
+    tensor with the backend's ``get_kv_cache_shape(blocks, block_size, num_kv_heads, spec.head_size,
+    cache_dtype_str)`` — ``(blocks, block_size, head_size)`` for MLA (mla_attention.py 1301-1308) — in
+    ``spec.dtype``, passing ``"auto"`` as the cache dtype where ``kv_quant_mode`` is ``NONE``
+    (gpu_model_runner.py 7349-7364; attn_utils.py 200-253 views the raw bytes). So the row's bytes become the head
+    size, in uint8, with no quantisation mode (no per-token scales budgeted, no halving): ``head_size`` then counts
+    bytes (:func:`head_size_counts_bytes`), which MLA specs only use for the page size, the shape and merging
+    (``MLAAttentionSpec.merge``, the plugin's :func:`~vllm_mha2mla.patches.keep_layer_widths_apart`: layers whose
+    rows have the same bytes may share a spec, their caches are alike). The context workspace, which needs the
+    row's values, is sized from the model (``model_config.get_head_size()``), not the spec."""
+    names = {f.name for f in dataclasses.fields(spec)}
+    if "state_content_bytes" in names:
+        return dataclasses.replace(spec, state_content_bytes=row_bytes, dtype=torch.uint8)
+    if "head_size" not in names or getattr(spec, "num_kv_heads", 1) != 1:
         import vllm
 
-        raise NotImplementedError(f"vLLM {vllm.__version__}'s KV cache specs cannot size a page by its row bytes "
-                                  "(no AttentionSpec.state_content_bytes): a low-bit latent cache needs vLLM 0.32")
-    return dataclasses.replace(spec, state_content_bytes=row_bytes, dtype=torch.uint8)
+        raise NotImplementedError(f"vLLM {vllm.__version__}'s {type(spec).__name__} cannot size a page by its row "
+                                  "bytes (neither AttentionSpec.state_content_bytes nor one MLA head of head_size)")
+    changes: dict = {"head_size": row_bytes, "dtype": torch.uint8}
+    if "head_size_v" in names:
+        changes["head_size_v"] = row_bytes
+    if "kv_quant_mode" in names:
+        changes["kv_quant_mode"] = type(spec.kv_quant_mode)(0)  # KVQuantMode.NONE
+    return dataclasses.replace(spec, **changes)
+
+
+def head_size_counts_bytes(spec) -> bool:
+    """Whether ``spec.head_size`` counts a low-bit row's bytes (:func:`spec_with_row_bytes` on a vLLM without
+    ``state_content_bytes``) rather than the row's values: a uint8 spec with no quantisation mode (vLLM's own uint8
+    cache formats, ``int4_per_token_head`` and ``fp8_ds_mla``, carry theirs)."""
+    names = {f.name for f in dataclasses.fields(spec)}
+    return ("state_content_bytes" not in names and getattr(spec, "dtype", None) == torch.uint8
+            and int(getattr(spec, "kv_quant_mode", 0)) == 0)

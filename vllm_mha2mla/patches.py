@@ -1,6 +1,7 @@
 """What the plugin changes in vLLM at run time (idempotent monkeypatches, each behind a feature test).
 
-- :func:`extend_cache_gather_to_any_width`: vLLM's chunked-context cache gather for any row width;
+- :func:`extend_cache_gather_to_any_width`: vLLM's chunked-context cache gather (CUDA) for any row width and for
+  a low-bit cache's rows;
 - :func:`keep_layer_widths_apart`: a KV cache spec per layer width, where vLLM would merge them;
 - :func:`keep_chunked_prefill_on_cpu`: chunked prefill and prefix caching kept on for checkpoints
   the plugin's CPU backend serves;
@@ -24,9 +25,17 @@ VLLM_GATHER_WIDTHS = (min(NATIVE_HEAD_SIZES), max(NATIVE_HEAD_SIZES))
 
 def extend_cache_gather_to_any_width() -> None:
     """Routes ``vllm._custom_ops.gather_and_maybe_dequant_cache`` (called by vLLM's MLA
-    chunked-context prefill) to :func:`gather_cache_rows` for row widths its kernel lacks;
-    native widths keep vLLM's kernel. Idempotent; same signature in 0.26 and 0.32."""
+    chunked-context prefill) to :func:`gather_cache_rows` for row widths its kernel lacks, and to
+    :meth:`~vllm_mha2mla.attention.quantized_cache.LowBitCache.gather_tokens` when its source is a
+    :class:`LowBitCache` (the plugin's GPU backend passes one for a low-bit cache, as its CPU backend does to
+    :func:`read_low_bit_context_on_cpu`: the workspace gets the decoded rows, in the model's dtype); native
+    widths keep vLLM's kernel. vLLM 0.26 calls it with keywords from ``MLACommonBaseImpl._compute_prefill_context``
+    (and its DCP variant, for quantized caches; mla_attention.py 2185-2195, 2317-2328); one wrapper for both
+    routes, so the order the backends apply patches in does not matter. Idempotent; same signature in 0.26 and
+    0.32."""
     from vllm import _custom_ops as ops
+
+    from vllm_mha2mla.attention.quantized_cache import LowBitCache
 
     original = ops.gather_and_maybe_dequant_cache
     if getattr(original, "mha2mla_any_width", False):
@@ -34,6 +43,8 @@ def extend_cache_gather_to_any_width() -> None:
 
     def gather_and_maybe_dequant_cache(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens,
                                        kv_cache_dtype, scale, seq_starts=None):
+        if isinstance(src_cache, LowBitCache):
+            return src_cache.gather_tokens(dst, block_table, cu_seq_lens, token_to_seq, num_tokens, seq_starts)
         fn = original if dst.shape[-1] in VLLM_GATHER_WIDTHS else gather_cache_rows
         return fn(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens, kv_cache_dtype, scale,
                   seq_starts)

@@ -14,11 +14,26 @@ prefill, prefix caching, fp8 cache), and how fast against vLLM's kernels and the
               throughput suite; these modes came before it.)
   smollm2:    the demo's real model (third argument: the SmolLM2-135M-Instruct Q4_1 GGUF file),
               converted as the demo does, teacher-forced against the float32 reference on held-out text.
+  int4:       the 4-bit latent cache on the GPU backend (issue 33: ``--kv-cache-dtype int4_per_token_head``, the
+              plugin's CacheQuant(4, 8, 64) rows; Triton write and decode, CUDA graphs and torch.compile on): a
+              small non-native exact checkpoint (random weights, 4 layers, 12 heads of 64, 288-value rows) served
+              in bf16 on short prompts and on chunked prefill + prefix caching (shared 200-token prefix,
+              128-token steps), its greedy tokens compared with the float64 reference under
+              ``set_cache_quant(..., CacheQuant(4, 8, 64))`` (exact agreement and teacher-forced margins, beside a
+              bf16 ``auto`` engine against the plain reference), and its KV capacity against that engine's at the
+              same KV memory (expected: bf16 row bytes / ``RowLayout.row_bytes``).
 
 The kernels alone (decode/prefill correctness, decode timings against FlashMLA and Triton MLA) are
 ``benchmarks.kernels.anyshape_kernels``.
 
 Usage (GPU): python -m benchmarks.end_to_end.gpu_anyshape MODE OUT.json [GGUF]
+  The int4 check on the lent GPU machine (vLLM 0.26, torch 2.11; repository root, as benchmarks/results/
+  h100-anyshape/README.md): build the bundle here with ../shared/device/build-vllm-gpu-bundle.sh, carry its parts
+  (.gpu-bundle/p0 ... one call each), then in one call
+    source /root/gpu-env.sh && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . && \
+    PYTHONPATH=/tmp/site:$PYTHONPATH python3 -m benchmarks.end_to_end.gpu_anyshape int4 $OUT/int4.json
+  (five small engines and two float64 references: minutes on one H100; it prints and saves "checks",
+  "all_ok": true = pass; a failed engine's error is kept in its run and its checks are false).
 Results: benchmarks/README.md lists the folders this script wrote.
 """
 
@@ -32,7 +47,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (PARITY_CASES, cli_args, held_out_prompts, llama_config, mla_config_for, random_prompts,
-                               save_random_llama, score_runs, write_config_only)
+                               save_random_llama, score_runs, teacher_forced, write_config_only)
 from conversion import ConvertOptions, convert, load_reference
 from conversion.default_model import _dequantize_to_folder
 from conversion.text_data import shared_text_path, split_text
@@ -146,6 +161,120 @@ def smollm2(out_file: Path, gguf: Path) -> dict:
     return results
 
 
+# -- the 4-bit latent cache ----------------------------------------------------------------------------
+INT4 = "int4_per_token_head"
+
+
+def _greedy_agreement(reference, prompts: list[list[int]], outputs: list[dict], max_tokens: int) -> dict:
+    """How many of each engine sequence's greedy tokens equal the reference's own greedy continuation (up to the
+    first difference: after it the two continue from different text)."""
+    agree, equal = [], 0
+    for prompt, out in zip(prompts, outputs):
+        want = reference.greedy_generate(torch.tensor([prompt], device="cuda"), max_tokens)[0].tolist()
+        got = out["token_ids"]
+        n = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        agree.append(n)
+        equal += int(got == want[:len(got)])
+    return {"sequences_equal": equal, "sequences": len(prompts), "tokens_before_first_difference": agree}
+
+
+def int4_cache(out_file: Path) -> dict:
+    """The ``int4`` mode (module docstring). Checks: the layers decode through the low-bit Triton kernel with the
+    row's bytes, the cache tensors are uint8 rows of ``RowLayout.row_bytes``, chunked prefill and prefix caching
+    ran (cached tokens), each int4 run's teacher-forced margin and prompt log-prob error against the quantized
+    reference are within what the bf16 ``auto`` engine shows against the plain one (2x + 0.02, as ``_judge``), and
+    the capacity ratio is the row bytes' ratio within 3%. Greedy agreement is reported, not judged: bf16 engines
+    flip near-tied tokens of a random-weight model (the CPU engine in float32 equals the float64 reference token
+    for token: tests/test_vllm_plugin.py)."""
+    from conversion.mla_format.cache_quant import CacheQuant
+    from conversion.mla_format.layout import MLALayout
+    from conversion.reference_model import set_cache_quant
+    from vllm_mha2mla.backend_selection import cache_row_layout
+
+    tmp = Path(tempfile.mkdtemp())
+    cfg, _, _ = PARITY_CASES["mha_d64"]  # hidden 768, 12 heads of 64 (MHA), 4 layers, vocab 4096
+    src = save_random_llama(tmp / "src", cfg)
+    mla = tmp / "mla_exact"
+    convert(src, mla, ConvertOptions(rope_dim=8, strategy="uniform", d_kv=16, dtype="bfloat16", layout="exact"),
+            show_progress=False)
+    layout = MLALayout.from_dict(json.loads((mla / "config.json").read_text())["mha2mla"]["layout"])
+    row = cache_row_layout(layout, INT4)
+    bf16_row_bytes = 2 * layout.cache_values
+    short = random_prompts(8, 4096)
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(3, 4096, (200,), generator=g).tolist()
+    long_prompts = [shared + torch.randint(3, 4096, (150 + 60 * i,), generator=g).tolist() for i in range(6)]
+    common = dict(model=str(mla), max_tokens=24, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=1024,
+                  gpu_memory_utilization=0.5, kv_cache_memory_bytes=256 << 20)
+    plain_short = dict(prompt_token_ids=short, prompt_logprobs=True)
+    chunked = dict(prompt_token_ids=long_prompts, enable_prefix_caching=True, enable_chunked_prefill=True,
+                   max_num_batched_tokens=128)
+    variants = {"bf16_auto": plain_short, "int4": {**plain_short, "kv_cache_dtype": INT4},
+                "bf16_auto_chunked_prefix_cached": chunked, "int4_chunked_prefix_cached": {**chunked,
+                                                                                             "kv_cache_dtype": INT4},
+                "int4_eager": {**plain_short, "kv_cache_dtype": INT4, "enforce_eager": True}}
+    runs: dict = {}
+    for key, extra in variants.items():
+        t0 = time.time()
+        try:
+            runs[key] = run_engine_in_subprocess(EngineRequest(**common, **extra))
+            runs[key]["wall_seconds"] = time.time() - t0
+        except RuntimeError as exc:
+            runs[key] = {"error": str(exc)[-2500:]}
+            print(key, runs[key]["error"], flush=True)
+    plain = load_reference(mla, dtype=torch.float64).cuda()
+    quant = set_cache_quant(load_reference(mla, dtype=torch.float64).cuda(), CacheQuant(4, 8, 64))
+    scored: dict = {}
+    for key, run in runs.items():
+        if "error" in run:
+            scored[key] = run
+            continue
+        prompts = [o["prompt_token_ids"] for o in run["outputs"]]
+        entry = {"backends": run["attention_backends"], "kv_cache_tokens": run["kv_cache_tokens"],
+                 "kv_cache_widths": run["kv_cache_widths"], "scheduling": run["scheduling"],
+                 "cached_tokens": sum(o["num_cached_tokens"] or 0 for o in run["outputs"]),
+                 "wall_seconds": run.get("wall_seconds")}
+        refs = {"quantized": quant, "plain": plain} if "int4" in key else {"plain": plain}
+        for name, ref in refs.items():
+            entry[f"vs_{name}_reference"] = {**teacher_forced(ref, prompts, run["outputs"], "cuda"),
+                                             **_greedy_agreement(ref, prompts, run["outputs"], 24)}
+        scored[key] = entry
+    checks: dict = {}
+    ok = {k: v for k, v in scored.items() if "error" not in v}
+    decode_name = f"decode:triton_low_bit({INT4}, {row.row_bytes} B/row)"
+    for key in ("int4", "int4_chunked_prefix_cached", "int4_eager"):
+        if key not in ok:
+            checks[f"{key}_ran"] = False
+            continue
+        run, base = ok[key], ok.get(key.replace("int4", "bf16_auto").replace("_eager", ""))
+        checks[f"{key}_low_bit_kernels"] = decode_name in run["backends"] and "CUSTOM" in run["backends"]
+        checks[f"{key}_row_bytes"] = run["kv_cache_widths"] == [row.row_bytes] * cfg["num_hidden_layers"]
+        if base is not None:
+            mine, theirs = run["vs_quantized_reference"], base["vs_plain_reference"]
+            checks[f"{key}_margin"] = mine["max_margin"] <= 2 * theirs["max_margin"] + 0.02
+            if mine["max_prompt_logprob_error"] is not None and theirs["max_prompt_logprob_error"] is not None:
+                checks[f"{key}_prompt_logprobs"] = (mine["max_prompt_logprob_error"]
+                                                    <= 2 * theirs["max_prompt_logprob_error"] + 0.02)
+    if "int4_chunked_prefix_cached" in ok:
+        checks["int4_chunked_prefix_cached_hit_the_cache"] = ok["int4_chunked_prefix_cached"]["cached_tokens"] >= 128
+    capacity = None
+    if "int4" in ok and "bf16_auto" in ok:
+        capacity = {"int4_tokens": ok["int4"]["kv_cache_tokens"], "bf16_tokens": ok["bf16_auto"]["kv_cache_tokens"],
+                    "measured_ratio": ok["int4"]["kv_cache_tokens"] / ok["bf16_auto"]["kv_cache_tokens"],
+                    "expected_ratio": bf16_row_bytes / row.row_bytes, "bf16_row_bytes": bf16_row_bytes,
+                    "int4_row_bytes": row.row_bytes}
+        checks["capacity_follows_row_bytes"] = abs(capacity["measured_ratio"] / capacity["expected_ratio"] - 1) < 0.03
+    results = {"device": torch.cuda.get_device_name(0), "layout": layout.to_dict(),
+               "row": {"latent": row.latent, "rope": row.rope, "row_bytes": row.row_bytes, "format": str(row.fmt)},
+               "runs": scored, "capacity": capacity, "checks": checks, "all_ok": bool(checks) and all(checks.values())}
+    _save(out_file, results)
+    print(json.dumps({"checks": checks, "capacity": capacity,
+                      "greedy": {k: v.get("vs_quantized_reference", v.get("vs_plain_reference", v)).get(
+                          "tokens_before_first_difference") if "error" not in v else v["error"][-300:]
+                          for k, v in scored.items()}}, indent=1), flush=True)
+    return results
+
+
 # -- throughput ------------------------------------------------------------------------------------
 def throughput(out_file: Path, which: str = "576", num_prompts: int = 256, prompt_len: int = 1024,
                out_len: int = 256) -> dict:
@@ -207,6 +336,8 @@ if __name__ == "__main__":
         smollm2(out, Path(cli_args(__doc__, min_args=3)[2]))
     elif mode == "parity":
         parity(out)
+    elif mode == "int4":
+        int4_cache(out)
     else:
         raise SystemExit(f"unknown mode {mode!r} (kernel, kerneltimings, kernelcheck: "
                          f"benchmarks.kernels.anyshape_kernels)\n{__doc__}")

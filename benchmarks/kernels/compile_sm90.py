@@ -16,6 +16,8 @@ Usage: python -m benchmarks.kernels.compile_sm90 LATENT ROPE [--heads 32] [--bat
                                                  [--tile H,N,WARPS,STAGES ...] [--programs P]
          (no --tile: the launch plan_launch picks for an H100; each --tile replaces its tile sizes)
          (--low-bit BITS,ROPE_BITS,GROUP: the low-bit cache kernel over rows of that format, e.g. 4,8,64)
+         (--low-bit ... --write: the low-bit cache write kernel instead, with the division and rounding
+          instructions it compiled to)
          (--programs P: the balanced kernel, P programs per head group sharing the batch's tokens)
        python -m benchmarks.kernels.compile_sm90 --against DEVICE_FP8_TILES.json [--json-out OUT.json]
          (a record of the former ``gpu_layer_widths.py fp8-tiles`` mode: batch 16, context 1024, fp8, 32 heads)
@@ -43,6 +45,7 @@ from conversion.mla_format.cache_rows import RowLayout
 from vllm_mha2mla.attention.triton_decode import DecodeLaunch, plan_launch, split_kernel_constants
 from vllm_mha2mla.attention.triton_low_bit_decode import (_low_bit_decode_split_kernel, plan_low_bit_launch,
                                                           segment_constants)
+from vllm_mha2mla.attention.triton_low_bit_write import _low_bit_write_kernel, write_constants
 
 H100_SMS = 132
 PAGE = 16  # vLLM's block size for the plugin's backend
@@ -159,6 +162,33 @@ def compile_low_bit_launch(plan: DecodeLaunch, layout: RowLayout, heads: int, co
     return _compile(_low_bit_decode_split_kernel, runtime, constants, plan)
 
 
+def compile_low_bit_write(layout: RowLayout) -> dict:
+    """Compile the low-bit cache write (``triton_low_bit_write``) over ``layout``'s rows from bf16 ``[kv_c | k_pe]``
+    with the launch options it runs with; reports its registers and which float32 divisions, float16 conversions
+    and fused multiply-adds the PTX holds (its bytes equal the PyTorch write's only with correctly rounded
+    divisions: ``div.rn``, no ``div.full`` / ``div.approx``)."""
+    runtime = {"KVC": ("*bf16", None), "stride_c": ("i32", None), "KPE": ("*bf16", None), "stride_p": ("i32", None),
+               "Slots": ("*i64", None), "CacheBytes": ("*u8", None), "CacheHalf": ("*fp16", None),
+               "CacheRaw": ("*i16", None), "stride_page": ("i32", PAGE * layout.row_bytes),
+               "stride_tok": ("i32", layout.row_bytes)}
+    constants = write_constants(layout, PAGE, layout.latent)
+    kinds = {name: kind for name, (kind, _) in runtime.items()} | {name: "constexpr" for name in constants}
+    signature = {name: kinds[name] for name in _low_bit_write_kernel.arg_names}
+    names = list(signature)
+    aligned = [name for name, (kind, value) in runtime.items()
+               if kind.startswith("*") or (value is not None and value % 16 == 0)]
+    source = ASTSource(_low_bit_write_kernel, signature,
+                       constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 1, "enable_fp_fusion": False})
+    ptx = kernel.asm["ptx"]
+    return {"shared_bytes": kernel.metadata.shared, "div_rn_f32": len(re.findall(r"div\.rn\.f32", ptx)),
+            "div_inexact_f32": len(re.findall(r"div\.(?:full|approx)(?:\.ftz)?\.f32", ptx)),
+            "cvt_rn_f16": len(re.findall(r"cvt\.rn\.f16\.f32", ptx)), "fma_f32": len(re.findall(r"fma\.\w+\.f32", ptx)),
+            **_ptxas_report(ptx)}
+
+
 def _compile(kernel_fn, runtime: dict, constants: dict, plan: DecodeLaunch) -> dict:
     """Compile ``kernel_fn`` for sm_90 with these run-time arguments (Triton type, value) and constants."""
     signature = {name: kind for name, (kind, _) in runtime.items()} | {name: "constexpr" for name in constants}
@@ -218,6 +248,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--low-bit", metavar="BITS,ROPE_BITS,GROUP",
                         help="the low-bit cache kernel over rows of this format (ROPE_BITS 0: bf16 rotary keys), "
                              "e.g. 4,8,64")
+    parser.add_argument("--write", action="store_true",
+                        help="with --low-bit: compile the cache write kernel (one row shape, no launch plan)")
     parser.add_argument("--programs", type=int, default=0,
                         help="compile the balanced kernel with this many programs per head group (0: the plan's)")
     args = parser.parse_args(argv)
@@ -232,7 +264,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.low_bit:
         bits, rope_bits, group = (int(x) for x in args.low_bit.split(","))
         layout = RowLayout(CacheQuant(bits, rope_bits or None, group), args.latent, args.rope)
+        if args.write:
+            rows = [{"latent": args.latent, "rope": args.rope, "format": args.low_bit, "row_bytes": layout.row_bytes,
+                     "triton": triton.__version__, **compile_low_bit_write(layout)}]
+            print(json.dumps(rows))
+            if args.json_out:
+                args.json_out.write_text(json.dumps(rows, indent=1))
+            return rows
         plan = plan_low_bit_launch(args.batch, args.heads, layout, args.context, H100_SMS)
+    elif args.write:
+        parser.error("--write compiles the low-bit write kernel: give --low-bit BITS,ROPE_BITS,GROUP")
     else:
         plan = plan_launch(args.batch, args.heads, args.latent, args.rope, args.context, H100_SMS,
                            fp8_cache=args.fp8)

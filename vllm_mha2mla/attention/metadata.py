@@ -8,6 +8,7 @@ sequence lengths, prefill chunking, the prefill backend) is reused as is.
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,7 +18,7 @@ from vllm.v1.attention.backend import AttentionCGSupport
 
 from vllm_mha2mla.attention.backend_name import BACKEND_NAME
 from vllm_mha2mla.backend_selection import mha2mla_spec
-from vllm_mha2mla.compat import context_workspace, dcp_world_size
+from vllm_mha2mla.compat import context_workspace, dcp_world_size, head_size_counts_bytes
 
 
 class AnyShapeBackend:
@@ -57,6 +58,24 @@ def layer_width_view(workspace: torch.Tensor, width: int) -> torch.Tensor:
     return workspace.view(-1)[: rows * width].view(rows, width)
 
 
+@contextmanager
+def layer_context_width(attn_metadata, width: int):
+    """Within the block, the chunked-context workspace of ``attn_metadata``'s prefill (if any) is a view of
+    ``width`` values a row over the same memory (:func:`layer_width_view`), then the workspace it was: for a layer
+    whose builder may serve layers of other widths (a low-bit cache on vLLM 0.26, :class:`MHA2MLAMetadataBuilder`).
+    Layers run one after another, so one layer's view never meets another's."""
+    context = getattr(getattr(attn_metadata, "prefill", None), "chunked_context", None)
+    if context is None or context.workspace.shape[-1] == width:
+        yield
+        return
+    workspace = context.workspace
+    context.workspace = layer_width_view(workspace, width)
+    try:
+        yield
+    finally:
+        context.workspace = workspace
+
+
 class MHA2MLAMetadataBuilder(MLACommonMetadataBuilder):
     """vLLM's MLA metadata builder, producing :class:`MHA2MLAMetadata`.
 
@@ -65,6 +84,12 @@ class MHA2MLAMetadataBuilder(MLACommonMetadataBuilder):
     layers' row width (vLLM 0.26 sizes it by ``config.kv_lora_rank``, the widest; 0.32 by its
     first layer), and one buffer serves them all: layers run one after another, so builders
     share the widest workspace through views instead of holding one each.
+
+    A low-bit cache's spec on vLLM 0.26 counts bytes in ``head_size``
+    (:func:`~vllm_mha2mla.compat.spec_with_row_bytes`), and layers of different widths whose rows
+    have the same bytes share a spec, hence a builder: there the builder keeps the widest
+    workspace and each layer views it at its own width while it reads its context
+    (:func:`layer_context_width`).
     """
 
     _context_workspaces: ClassVar[weakref.WeakValueDictionary] = weakref.WeakValueDictionary()
@@ -85,6 +110,8 @@ class MHA2MLAMetadataBuilder(MLACommonMetadataBuilder):
             raise ValueError(f"vLLM grouped MHA2MLA layers of different widths under {type(kv_cache_spec).__name__}, "
                              "which names no single width; this vLLM cannot serve per-layer latent widths")
         widest = spec.layout.kv_lora_rank + spec.layout.qk_rope_head_dim
+        if head_size_counts_bytes(kv_cache_spec):
+            width = widest  # a low-bit row's bytes: each layer views the workspace at its width
         key = (str(workspace.device), workspace.dtype, workspace.shape[0], widest)
         shared = self._context_workspaces.get(key)
         if shared is None:

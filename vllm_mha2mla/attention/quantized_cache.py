@@ -78,7 +78,8 @@ def as_cached(kv_c: torch.Tensor, k_pe: torch.Tensor, layout: RowLayout) -> tupl
 class LowBitCache:
     """A paged low-bit cache (uint8 ``[blocks, block_size, row_bytes]``) with the layout of its rows: what the
     plugin hands vLLM's prefill-context path in place of the cache tensor, so the gather it calls decodes rows
-    (:func:`vllm_mha2mla.patches.read_low_bit_context_on_cpu`) instead of copying bytes."""
+    (CPU: :func:`vllm_mha2mla.patches.read_low_bit_context_on_cpu`, GPU:
+    :func:`vllm_mha2mla.patches.extend_cache_gather_to_any_width`) instead of copying bytes."""
 
     rows: torch.Tensor
     layout: RowLayout
@@ -92,3 +93,13 @@ class LowBitCache:
         token_to_seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens.long())
         dst[:n] = gather_context(self.rows, block_table, cu_seq_lens, token_to_seq, n, self.layout, dst.dtype,
                                  seq_starts)
+
+    def gather_tokens(self, dst: torch.Tensor, block_table: torch.Tensor, cu_seq_lens: torch.Tensor,
+                      token_to_seq: torch.Tensor, num_tokens: int, seq_starts: torch.Tensor | None = None) -> None:
+        """``dst[:num_tokens]`` = the decoded rows of the context tokens, token ``t`` of request ``token_to_seq[t]``
+        (the arguments of vLLM's CUDA gather ``gather_and_maybe_dequant_cache``, which the plugin routes here on a
+        GPU: :func:`vllm_mha2mla.patches.extend_cache_gather_to_any_width`); no host synchronisation."""
+        if num_tokens == 0:
+            return
+        dst[:num_tokens] = gather_context(self.rows, block_table, cu_seq_lens, token_to_seq, num_tokens, self.layout,
+                                          dst.dtype, seq_starts)
