@@ -23,7 +23,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 RUNS = ("h200x4-bench", "h100-bench", "h100-bench-2", "h100-bench-3", "h100-bench-4", "h100-bench-5",
         "h100-bench-6", "h100-bench-7", "h100-bench-8", "h100-bench-9", "h100-bench-10", "h100-bench-11",
-        "h100-bench-12", "h100-bench-13", "h100-bench-14", "h100-bench-15")
+        "h100-bench-12", "h100-bench-13", "h100-bench-14", "h100-bench-15", "2026-12-08-cpu-int4-cache")
 """The bench run folders, oldest first (a folder's README says what ran in it and how; benchmarks/README.md
 says which rows of each are current)."""
 
