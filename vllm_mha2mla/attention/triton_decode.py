@@ -371,6 +371,15 @@ def _store_blocks(rows, acc_0, acc_1, acc_2, scale, row_ok, offs_0, offs_1, offs
 
 
 @triton.jit
+def _split_range(SeqLens, b, split, num_splits):
+    """Request ``b``'s tokens ``[start, end)`` that split ``split`` of ``num_splits`` reads (empty past the end)."""
+    seq_len = tl.load(SeqLens + b)
+    split_len = tl.cdiv(seq_len, num_splits)
+    start = split * split_len
+    return start, tl.minimum(start + split_len, seq_len)
+
+
+@triton.jit
 def _mla_decode_split_kernel(
     Q, stride_qb, stride_qh,
     KV, stride_kv_page, stride_kv_tok,
@@ -400,10 +409,7 @@ def _mla_decode_split_kernel(
     q_0, q_1, q_2, q_r = _query_blocks(Q, stride_qb, stride_qh, b, heads, head_ok, offs_0, offs_1, offs_2, offs_r,
                                        ok_0, ok_1, ok_2, ok_r, NUM_BLOCKS, FP16_OPERANDS)
 
-    seq_len = tl.load(SeqLens + b)
-    split_len = tl.cdiv(seq_len, num_splits)
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    start, end = _split_range(SeqLens, b, split, num_splits)
     k_scale = 1.0
     if SCALED_CACHE:
         k_scale = tl.load(KScale)

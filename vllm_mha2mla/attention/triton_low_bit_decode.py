@@ -26,7 +26,7 @@ from conversion.mla_format.cache_quant import hadamard
 from conversion.mla_format.cache_rows import RowLayout, Segment
 from vllm_mha2mla.attention.triton_decode import (
     SHARED_MEMORY_BUDGET, DecodeLaunch, _mla_decode_merge_kernel, _merge_warps, _query_blocks, _row_columns,
-    _softmax_fold, _store_blocks, device_shared_memory, plan_launch, split_kernel_constants,
+    _softmax_fold, _split_range, _store_blocks, device_shared_memory, plan_launch, split_kernel_constants,
 )
 
 
@@ -83,10 +83,7 @@ def _low_bit_decode_split_kernel(
                                        ok_0, ok_1, ok_2, ok_r, NUM_BLOCKS, False)
     offs_rope = offs_r - LATENT  # columns within the rotary segment
 
-    seq_len = tl.load(SeqLens + b)
-    split_len = tl.cdiv(seq_len, num_splits)
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    start, end = _split_range(SeqLens, b, split, num_splits)
     table_row = BlockTable + b * stride_bt
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
