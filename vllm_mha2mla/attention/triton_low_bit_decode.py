@@ -18,6 +18,8 @@ interpreter); speed is measured on the GPU by ``benchmarks.kernels.low_bit_decod
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
@@ -25,29 +27,50 @@ import triton.language as tl
 from conversion.mla_format.cache_quant import hadamard
 from conversion.mla_format.cache_rows import RowLayout, Segment
 from vllm_mha2mla.attention.triton_decode import (
-    SHARED_MEMORY_BUDGET, DecodeLaunch, _mla_decode_merge_kernel, _merge_warps, _query_blocks, _row_columns,
-    _softmax_fold, _split_range, _store_blocks, device_shared_memory, plan_launch, split_kernel_constants,
+    SHARED_MEMORY_BUDGET, SHARED_MEMORY_MARGIN, DecodeLaunch, _mla_decode_merge_kernel, _merge_warps, _query_blocks, _row_columns,
+    _softmax_fold, _split_range, _store_blocks, device_shared_memory, plan_launch, shared_memory_bytes,
+    split_kernel_constants,
 )
 
 
 @triton.jit
-def _dequantize_tile(row_bytes, row_meta, row_raw, offs, ok, BITS: tl.constexpr, GROUPS: tl.constexpr,
-                     GROUP: tl.constexpr, like):
-    """One tile of a segment's columns ``offs`` (relative to the segment) for rows whose segment starts at
-    ``row_bytes`` (uint8 pointers ``[BLOCK_N, 1]``), whose scales start at ``row_meta`` (float16 pointers) and whose
-    raw values start at ``row_raw`` (the 2-byte float's pointers, ``BITS`` 0), in ``like``'s dtype."""
+def _dequantize_tile(row_bytes, row_meta, row_raw, pos_ok, BASE: tl.constexpr, WIDTH: tl.constexpr,
+                     LIMIT: tl.constexpr, BITS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, like):
+    """Columns ``[BASE, BASE + WIDTH)`` of a segment (those at ``LIMIT`` or past it, and rows not in ``pos_ok``,
+    read as 0) for rows whose segment starts at ``row_bytes`` (uint8 pointers ``[BLOCK_N, 1]``), whose scales start
+    at ``row_meta`` (float16 pointers) and whose raw values start at ``row_raw`` (the 2-byte float's pointers,
+    ``BITS`` 0), in ``like``'s dtype.
+
+    Registers are what bounds this kernel (the float32 accumulators of every head), so a tile is formed with as
+    little as possible beside it: int4 codes are loaded a byte per two columns and split into nibbles in registers
+    (``tl.join`` interleaves them back into column order: the even column in the low nibble), and where the tile
+    holds whole groups each group's scale and minimum are loaded once and broadcast over its columns, rather than
+    loaded per column."""
+    columns = BASE + tl.arange(0, WIDTH)
+    ok = pos_ok[:, None] & (columns[None, :] < LIMIT)
     if BITS == 0:
-        values = tl.load(row_raw + offs[None, :], mask=ok, other=0.0).to(tl.float32)
+        values = tl.load(row_raw + columns[None, :], mask=ok, other=0.0).to(tl.float32)
     else:
-        if BITS == 4:  # two codes a byte, the even column in the low nibble
-            packed = tl.load(row_bytes + (offs // 2)[None, :], mask=ok, other=0).to(tl.int32)
-            codes = (packed >> ((offs % 2) * 4)[None, :]) & 15
+        if BITS == 4:
+            pairs = BASE // 2 + tl.arange(0, WIDTH // 2)
+            packed = tl.load(row_bytes + pairs[None, :], mask=pos_ok[:, None] & (2 * pairs[None, :] < LIMIT),
+                             other=0).to(tl.int32)
+            codes = tl.join(packed & 15, packed >> 4).reshape(packed.shape[0], WIDTH)
         else:
-            codes = tl.load(row_bytes + offs[None, :], mask=ok, other=0).to(tl.int32)
-        group = (offs // GROUP)[None, :]
-        scale = tl.load(row_meta + group, mask=ok, other=0.0).to(tl.float32)
-        minimum = tl.load(row_meta + GROUPS + group, mask=ok, other=0.0).to(tl.float32)
-        values = codes.to(tl.float32) * scale + minimum
+            codes = tl.load(row_bytes + columns[None, :], mask=ok, other=0).to(tl.int32)
+        if WIDTH % GROUP == 0 and BASE % GROUP == 0:  # whole groups: one scale and minimum each
+            groups = BASE // GROUP + tl.arange(0, WIDTH // GROUP)
+            group_ok = pos_ok[:, None] & (groups[None, :] < GROUPS)
+            scale = tl.load(row_meta + groups[None, :], mask=group_ok, other=0.0).to(tl.float32)
+            minimum = tl.load(row_meta + GROUPS + groups[None, :], mask=group_ok, other=0.0).to(tl.float32)
+            grouped = codes.reshape(codes.shape[0], WIDTH // GROUP, GROUP).to(tl.float32)
+            values = (grouped * scale[:, :, None] + minimum[:, :, None]).reshape(codes.shape[0], WIDTH)
+        else:  # a tile narrower than a group, or one that starts inside one: per column
+            group = (columns // GROUP)[None, :]
+            scale = tl.load(row_meta + group, mask=ok, other=0.0).to(tl.float32)
+            minimum = tl.load(row_meta + GROUPS + group, mask=ok, other=0.0).to(tl.float32)
+            values = codes.to(tl.float32) * scale + minimum
+        values = tl.where(ok, values, 0.0)
     return values.to(like.dtype)
 
 
@@ -81,7 +104,6 @@ def _low_bit_decode_split_kernel(
     offs_0, offs_1, offs_2, offs_r, ok_0, ok_1, ok_2, ok_r = _row_columns(LATENT, ROPE, C0, C1, C2, BLOCK_R)
     q_0, q_1, q_2, q_r = _query_blocks(Q, stride_qb, stride_qh, b, heads, head_ok, offs_0, offs_1, offs_2, offs_r,
                                        ok_0, ok_1, ok_2, ok_r, NUM_BLOCKS, False)
-    offs_rope = offs_r - LATENT  # columns within the rotary segment
 
     start, end = _split_range(SeqLens, b, split, num_splits)
     table_row = BlockTable + b * stride_bt
@@ -102,17 +124,17 @@ def _low_bit_decode_split_kernel(
         rope_bytes = KVBytes + row + ROPE_OFFSET
         rope_meta = KVHalf + (row + ROPE_META) // 2
         rope_raw = KVRaw + (row + ROPE_OFFSET) // 2
-        kv_0 = _dequantize_tile(latent_bytes, latent_meta, latent_raw, offs_0, pos_ok[:, None] & ok_0,
+        kv_0 = _dequantize_tile(latent_bytes, latent_meta, latent_raw, pos_ok, 0, C0, LATENT,
                                 LATENT_BITS, LATENT_GROUPS, GROUP, q_0)
-        kv_r = _dequantize_tile(rope_bytes, rope_meta, rope_raw, offs_rope, pos_ok[:, None] & ok_r,
+        kv_r = _dequantize_tile(rope_bytes, rope_meta, rope_raw, pos_ok, 0, BLOCK_R, ROPE,
                                 ROPE_BITS, ROPE_GROUPS, GROUP, q_r)
         scores = tl.dot(q_0, tl.trans(kv_0)) + tl.dot(q_r, tl.trans(kv_r))
         if NUM_BLOCKS > 1:
-            kv_1 = _dequantize_tile(latent_bytes, latent_meta, latent_raw, offs_1, pos_ok[:, None] & ok_1,
+            kv_1 = _dequantize_tile(latent_bytes, latent_meta, latent_raw, pos_ok, C0, C1, LATENT,
                                     LATENT_BITS, LATENT_GROUPS, GROUP, q_1)
             scores += tl.dot(q_1, tl.trans(kv_1))
         if NUM_BLOCKS > 2:
-            kv_2 = _dequantize_tile(latent_bytes, latent_meta, latent_raw, offs_2, pos_ok[:, None] & ok_2,
+            kv_2 = _dequantize_tile(latent_bytes, latent_meta, latent_raw, pos_ok, C0 + C1, C2, LATENT,
                                     LATENT_BITS, LATENT_GROUPS, GROUP, q_2)
             scores += tl.dot(q_2, tl.trans(kv_2))
         p, alpha, m_i, l_i = _softmax_fold(scores * sm_scale, pos_ok, m_i, l_i)
@@ -143,12 +165,27 @@ def segment_constants(layout: RowLayout) -> dict:
                 ROPE_META=rope.offset + rope.code_bytes, ROPE_GROUPS=max(1, rope.groups))
 
 
+LOW_BIT_SHARED_FACTOR = 1.55
+"""Shared memory the low-bit kernel asks for, over :func:`shared_memory_bytes`' estimate of the bf16 kernel's tiles:
+the dequantised tiles pass through shared memory on their way into the dots' operand layouts. Compiled for sm_90
+(``compile_sm90 --low-bit 4,8,64``, Triton 3.9): 1.05x (2,048 + 512, 16 x 16 tiles) to 1.52x (512 + 512 and
+256 + 256, 32 heads x 64 rows); 512 + 512 asked for 299,008 bytes at 64 rows, more than an H100's 232,448."""
+
+
 def plan_low_bit_launch(batch: int, num_heads: int, layout: RowLayout, max_seq_len: int, num_sms: int,
                         shared_memory: int = SHARED_MEMORY_BUDGET) -> DecodeLaunch:
     """The split kernel's plan with the fp8 cache's tiles (a tile converted in registers before the dots, as an
-    fp8 one is); fixed splits per request (the balanced scheduling is not wired for low-bit rows yet)."""
-    return plan_launch(batch, num_heads, layout.latent, layout.rope, max_seq_len, num_sms, shared_memory,
+    fp8 one is), with fewer rows a tile where the dequantised tiles would not fit the GPU's shared memory
+    (:data:`LOW_BIT_SHARED_FACTOR`); fixed splits per request (the balanced scheduling is not wired for low-bit
+    rows yet). Not yet timed on a GPU: ``benchmarks.kernels.low_bit_decode``."""
+    plan = plan_launch(batch, num_heads, layout.latent, layout.rope, max_seq_len, num_sms, shared_memory,
                        fp8_cache=True, balanced=False)
+    limit = shared_memory + SHARED_MEMORY_MARGIN  # the GPU's own per-block limit: the factor covers the scratch
+    block_n = plan.block_n
+    while block_n > 16 and LOW_BIT_SHARED_FACTOR * shared_memory_bytes(plan.block_h, block_n, plan.block_c,
+                                                                       plan.block_r) > limit:
+        block_n //= 2
+    return replace(plan, block_n=block_n)
 
 
 def _rotation(seg: Segment, device: torch.device) -> torch.Tensor | None:
