@@ -3,8 +3,8 @@
 Stages (each timed, with progress): prepare the model (the embedded default is
 SmolLM2-135M-Instruct) and the default English corpus; convert (2-norm partial RoPE +
 activation-aware joint SVD, calibrated on the corpus's training split); recover (the local
-stage: layer-wise attention distillation, a few minutes on a laptop CPU; ``--finetune-tokens``
-adds a short global stage); then run the original, the converted and the recovered model in
+stage: layer-wise attention distillation, then a short global stage, ``--finetune-tokens``: end-to-end
+distillation, ~8 minutes on 2 CPU cores together, on corpus text and teacher-written chats); then run the original, the converted and the recovered model in
 vLLM, one engine each under the same KV-cache memory, and measure: cached values/bytes per
 token per layer, KV capacity in tokens, perplexity on the corpus's held-out split (never seen
 by calibration or training), greedy chat samples and output tokens/s. Writes
@@ -75,7 +75,11 @@ class DemoOptions:
     """Optional time cap of the local stage. Off by default: a cap that binds makes the recovered model,
     and its chat answers, depend on how busy the machine is (a capped 40-step stage got 3-14 steps a
     layer alone, fewer on shared cores, where chat answers dropped to 0 of 8)."""
-    finetune_tokens: int = 0
+    finetune_tokens: int = 40_000
+    """Tokens of a global stage (end-to-end distillation of the attention weights on the same mix) after the local
+    stage: ~6.5 min on 2 cores (~105 tokens/s, float32). Measured (benchmarks/results/2026-12-08-cpu-demo-global/):
+    held-out perplexity 35.3 → 26.8 (65% → 85% of the conversion's gap closed) and 1 answer in 8 caught in a
+    repetition loop instead of 4; the whole demo ~10 minutes instead of ~4. 0: the local stage only."""
     synthesize: int = 12_000
     """Tokens of teacher-written chat conversations (sampled in vLLM, ~35 conversations, ~1.5 min on 2
     cores) that join the corpus in the local stage's windows: the GPU recipe's data at CPU scale, so the
@@ -456,7 +460,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-steps", type=int, default=8, help="Adam steps per layer of the local stage (default 8)")
     p.add_argument("--local-seconds", type=float, default=None,
                    help="optional time cap of the local stage (off: results then do not depend on machine load)")
-    p.add_argument("--finetune-tokens", type=int, default=0, help="add a global stage of N tokens (KD, attention)")
+    p.add_argument("--finetune-tokens", type=int, default=DemoOptions.finetune_tokens,
+                   help=f"tokens of the global stage after the local one (KD, attention; default "
+                        f"{DemoOptions.finetune_tokens:,}; 0: the local stage only)")
     p.add_argument("--synthesize", type=int, default=DemoOptions.synthesize,
                    help=f"tokens of teacher chat conversations sampled in vLLM for the recovery (default "
                         f"{DemoOptions.synthesize:,}; 0: corpus only)")
