@@ -39,7 +39,8 @@ def test_demo_pipeline_writes_summary_table_and_chart(tmp_path, default_model):
     opts = DemoOptions(out_dir=tmp_path / "demo", text=text, calib_tokens=1024, ppl_tokens=512, ppl_seq_len=256,
                        max_tokens=8, num_prompts=2, kv_cache_memory_bytes=64 << 20,
                        local_tokens=2048, local_steps=2, local_seconds=600,  # budget never binding
-                       synthesize=1500, synthesis_max_tokens=16)  # a few teacher chats join the local stage
+                       synthesize=1500, synthesis_max_tokens=16,  # a few teacher chats join the local stage
+                       finetune_tokens=0)  # the global stage (default 40K tokens, ~6.5 min here): test_recovery's
     out = run_demo(opts, console=Console(quiet=True))
     summary = json.loads((out / "summary.json").read_text())
     orig, conv, rec, ratios = summary["original"], summary["converted"], summary["recovered"], summary["ratios"]
