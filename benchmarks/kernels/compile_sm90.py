@@ -44,7 +44,7 @@ from conversion.mla_format.cache_quant import CacheQuant
 from conversion.mla_format.cache_rows import RowLayout
 from vllm_mha2mla.attention.triton_decode import DecodeLaunch, plan_launch, split_kernel_constants
 from vllm_mha2mla.attention.triton_low_bit_decode import (_low_bit_decode_split_kernel, plan_low_bit_launch,
-                                                          segment_constants)
+                                                          low_bit_decode_constants)
 from vllm_mha2mla.attention.triton_low_bit_write import _low_bit_write_kernel, write_constants
 
 H100_SMS = 132
@@ -145,10 +145,7 @@ def compile_launch(plan: DecodeLaunch, latent: int, rope: int, heads: int, conte
 
 def compile_low_bit_launch(plan: DecodeLaunch, layout: RowLayout, heads: int, context: int) -> dict:
     """Compile the low-bit kernel (``triton_low_bit_decode``) for one launch over ``layout``'s rows."""
-    constants = split_kernel_constants(plan, layout.latent, layout.rope, PAGE, False, False)
-    for name in ("SCALED_CACHE", "FP16_OPERANDS"):
-        del constants[name]
-    constants |= segment_constants(layout)
+    constants = low_bit_decode_constants(plan, layout, PAGE)
     width, row = layout.latent + layout.rope, layout.row_bytes
     runtime = {
         "Q": ("*bf16", None), "stride_qb": ("i32", heads * width), "stride_qh": ("i32", width),

@@ -91,8 +91,7 @@ class LowBitCache:
         lens = cu_seq_lens[1:] - cu_seq_lens[:-1]
         n = int(cu_seq_lens[-1])
         token_to_seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens.long())
-        dst[:n] = gather_context(self.rows, block_table, cu_seq_lens, token_to_seq, n, self.layout, dst.dtype,
-                                 seq_starts)
+        self.gather_tokens(dst, block_table, cu_seq_lens, token_to_seq, n, seq_starts)
 
     def gather_tokens(self, dst: torch.Tensor, block_table: torch.Tensor, cu_seq_lens: torch.Tensor,
                       token_to_seq: torch.Tensor, num_tokens: int, seq_starts: torch.Tensor | None = None) -> None:

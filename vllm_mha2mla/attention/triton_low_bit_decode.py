@@ -165,6 +165,15 @@ def segment_constants(layout: RowLayout) -> dict:
                 ROPE_META=rope.offset + rope.code_bytes, ROPE_GROUPS=max(1, rope.groups))
 
 
+def low_bit_decode_constants(plan: DecodeLaunch, layout: RowLayout, page: int) -> dict:
+    """The low-bit split kernel's compile-time arguments for a launch: the bf16 split kernel's tiles and latent
+    blocks (no cache scale, no float16 operands) and the row's bytes (:func:`segment_constants`); what
+    :func:`low_bit_paged_decode` passes and what a compile without a GPU reproduces (``compile_sm90 --low-bit``)."""
+    constants = split_kernel_constants(plan, layout.latent, layout.rope, page, False, False)
+    del constants["SCALED_CACHE"], constants["FP16_OPERANDS"]
+    return constants | segment_constants(layout)
+
+
 LOW_BIT_SHARED_FACTOR = 1.55
 """Shared memory the low-bit kernel asks for, over :func:`shared_memory_bytes`' estimate of the bf16 kernel's tiles:
 the dequantised tiles pass through shared memory on their way into the dots' operand layouts. Compiled for sm_90
@@ -241,9 +250,6 @@ def low_bit_paged_decode(
     q = q.contiguous()
 
     partial = torch.empty(batch, num_heads, plan.num_splits, layout.latent + 1, dtype=torch.float32, device=q.device)
-    constants = split_kernel_constants(plan, layout.latent, layout.rope, kv_cache.shape[1], False, False)
-    for name in ("SCALED_CACHE", "FP16_OPERANDS"):
-        del constants[name]
     _low_bit_decode_split_kernel[plan.grid(batch, num_heads)](
         q, q.stride(0), q.stride(1),
         kv_cache, kv_cache.view(torch.float16), kv_cache.view(layout.dtype), kv_cache.stride(0), kv_cache.stride(1),
@@ -253,7 +259,7 @@ def low_bit_paged_decode(
         scale,
         num_heads,
         plan.num_splits,
-        **constants, **segment_constants(layout),
+        **low_bit_decode_constants(plan, layout, kv_cache.shape[1]),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     merged_dtype = torch.float32 if turn_latent is not None else q.dtype

@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from conversion.mla_format.cache_rows import RowLayout, Segment
+from conversion.mla_format.cache_rows import RowLayout
+from vllm_mha2mla.attention.triton_low_bit_decode import segment_constants
 
 RAW_BLOCK = 128
 """Columns a raw (2-byte float) segment is copied in per step."""
@@ -185,19 +186,14 @@ def check_writable(layout: RowLayout) -> None:
 
 
 def write_constants(layout: RowLayout, page_size: int, rank: int) -> dict:
-    """The kernel's compile-time description of a row (``rank``: vLLM's ``kv_c`` width, where ``k_pe`` starts)."""
+    """The kernel's compile-time description of a row (``rank``: vLLM's ``kv_c`` width, where ``k_pe`` starts): the
+    row's bytes as the decode kernel reads them (:func:`~vllm_mha2mla.attention.triton_low_bit_decode.segment_constants`;
+    a raw segment's scale offset and group count are never read), each segment's code bytes (their even padding is
+    written), and the tiles."""
     latent, rope = layout.segments
-
-    def describe(seg: Segment, prefix: str) -> dict:
-        quantised = seg.bits is not None
-        return {f"{prefix}_BITS": seg.bits if quantised else 0,
-                f"{prefix}_META": seg.offset + seg.code_bytes if quantised else 0,
-                f"{prefix}_GROUPS": seg.groups if quantised else 0,
-                f"{prefix}_CODE_BYTES": seg.code_bytes if quantised else 0}
-
-    return dict(RANK=rank, PAGE=page_size, GROUP=layout.fmt.group, BLOCK_G=max(2, triton.next_power_of_2(layout.fmt.group)),
-                RAW_COLS=RAW_BLOCK, RAW_BF16=layout.dtype == torch.bfloat16, LATENT=layout.latent, **describe(latent, "LATENT"), ROPE=layout.rope,
-                ROPE_OFFSET=rope.offset, **describe(rope, "ROPE"))
+    return dict(segment_constants(layout), LATENT_CODE_BYTES=latent.code_bytes, ROPE_CODE_BYTES=rope.code_bytes,
+                RANK=rank, PAGE=page_size, BLOCK_G=max(2, triton.next_power_of_2(layout.fmt.group)),
+                RAW_COLS=RAW_BLOCK, RAW_BF16=layout.dtype == torch.bfloat16, LATENT=layout.latent, ROPE=layout.rope)
 
 
 def write_low_bit_rows(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
