@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -27,13 +29,44 @@ from vllm_mha2mla.tools.bench.folders import mla_config_for, write_config_only
 from vllm_mha2mla.tools.bench.shapes import llama_config
 
 __all__ = [
-    "DECODE_SCALE", "PAGE", "PARITY_CASES", "cli_args", "decode_call", "held_out_prompts", "held_out_windows",
-    "llama_config", "mla_config_for", "paged_inputs", "random_prompts", "save_random_llama", "score_runs",
-    "study_setup", "teacher_forced", "window_perplexity", "write_config_only",
+    "DECODE_SCALE", "PAGE", "PARITY_CASES", "cli_args", "decode_call", "eval_results_with_original",
+    "held_out_prompts", "held_out_windows", "llama_config", "mla_config_for", "paged_inputs", "random_prompts",
+    "save_random_llama", "score_runs", "study_setup", "targets_parser", "teacher_forced", "window_perplexity",
+    "write_config_only", "write_targets",
 ]
 
 
 # -- command lines ----------------------------------------------------------------------------------
+def targets_parser(prog: str, doc: str, results_help: str) -> argparse.ArgumentParser:
+    """The command line of a targets study (``studies.behaviour_targets``, ``studies.long_context_targets``): one
+    ``mha2mla eval`` results.json, the original's label, the recovery reports' folder, where the tables go."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help=results_help)
+    parser.add_argument("--original", default="original", help="the original's label")
+    parser.add_argument("--reports", type=Path, help="folder of LABEL-finetune_report.json files")
+    parser.add_argument("--output", type=Path, help="where targets.json/.md go (default: beside RESULTS)")
+    return parser
+
+
+def eval_results_with_original(path: Path, original: str) -> dict:
+    """``results`` of an ``mha2mla eval`` results.json, which must hold a model labelled ``original``."""
+    if not path.is_file():
+        raise SystemExit(f"no results file at {path}")
+    results = json.loads(path.read_text())["results"]
+    if original not in results:
+        raise SystemExit(f"{path} has no model labelled {original!r} (labels: {sorted(results)})")
+    return results
+
+
+def write_targets(output: Path, payload: dict, table: str) -> None:
+    """A targets study's ``targets.json`` and ``targets.md`` (the table, also printed) in ``output``."""
+    print(table)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "targets.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (output / "targets.md").write_text(table)
+    print(f"wrote {output / 'targets.json'} and targets.md")
+
+
 def cli_args(doc: str, min_args: int = 1, argv: list[str] | None = None) -> list[str]:
     """The script's arguments (``sys.argv[1:]``): with ``-h``/``--help`` print ``doc`` and exit 0,
     with fewer than ``min_args`` exit with ``doc`` as the message (status 1)."""

@@ -16,9 +16,9 @@ eight numbers, and reading them off by hand is where mistakes come from.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
+
+from benchmarks.common import eval_results_with_original, targets_parser, write_targets
 
 MC_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa", "sciq")
 """The 8 zero-shot multiple-choice tasks of the issue's target (accuracy, not length-normalised)."""
@@ -88,19 +88,11 @@ def markdown(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.behaviour_targets",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="an `mha2mla eval` results.json holding the original")
-    parser.add_argument("--original", default="original", help="the original's label")
+    parser = targets_parser("python -m benchmarks.studies.behaviour_targets", __doc__,
+                            "an `mha2mla eval` results.json holding the original")
     parser.add_argument("--converted", default="converted", help="the unrecovered conversion's label (if present)")
-    parser.add_argument("--reports", type=Path, help="folder of LABEL-finetune_report.json files")
-    parser.add_argument("--output", type=Path, help="where targets.json/.md go (default: beside RESULTS)")
     args = parser.parse_args(argv)
-    if not args.results.is_file():
-        raise SystemExit(f"no results file at {args.results}")
-    results = json.loads(args.results.read_text())["results"]
-    if args.original not in results:
-        raise SystemExit(f"{args.results} has no model labelled {args.original!r} (labels: {sorted(results)})")
+    results = eval_results_with_original(args.results, args.original)
     original = results[args.original]["tasks"]
     converted = results[args.converted]["tasks"] if args.converted in results else None
     rows = {}
@@ -111,13 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         report = args.reports / f"{label}-finetune_report.json" if args.reports else None
         if report is not None and report.is_file():
             rows[label]["train_tokens"] = global_tokens(json.loads(report.read_text()))
-    table = markdown(rows)
-    print(table)
-    output = args.output or args.results.parent
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "targets.json").write_text(json.dumps({"original_mc_mean": mc_mean(original), "models": rows}, indent=1))
-    (output / "targets.md").write_text(table)
-    print(f"wrote {output / 'targets.json'} and targets.md")
+    write_targets(args.output or args.results.parent, {"original_mc_mean": mc_mean(original), "models": rows},
+                  markdown(rows))
 
 
 if __name__ == "__main__":

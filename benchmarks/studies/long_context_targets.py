@@ -17,9 +17,9 @@ hand from the grid is where mistakes come from.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
+
+from benchmarks.common import eval_results_with_original, targets_parser, write_targets
 
 TARGETS: dict[str, dict[int, float]] = {
     "passkey": {1024: 5.0, 2048: 5.0, 4096: 5.0, 8192: 10.0},
@@ -103,18 +103,10 @@ def markdown(models: dict[str, dict[str, dict[int, dict]]], original_label: str)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.long_context_targets",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="an `mha2mla eval --tasks long` results.json holding the original")
-    parser.add_argument("--original", default="original", help="the original's label")
-    parser.add_argument("--reports", type=Path, help="folder of LABEL-finetune_report.json files")
-    parser.add_argument("--output", type=Path, help="where targets.json/.md go (default: beside RESULTS)")
+    parser = targets_parser("python -m benchmarks.studies.long_context_targets", __doc__,
+                            "an `mha2mla eval --tasks long` results.json holding the original")
     args = parser.parse_args(argv)
-    if not args.results.is_file():
-        raise SystemExit(f"no results file at {args.results}")
-    results = json.loads(args.results.read_text())["results"]
-    if args.original not in results:
-        raise SystemExit(f"{args.results} has no model labelled {args.original!r} (labels: {sorted(results)})")
+    results = eval_results_with_original(args.results, args.original)
     original = results[args.original]["tasks"]
     models = {label: gap_rows(entry["tasks"], original) for label, entry in results.items() if label != args.original}
     table = markdown(models, args.original)
@@ -125,21 +117,16 @@ def main(argv: list[str] | None = None) -> None:
             if report.is_file():
                 tokens[label] = tokens_by_length(json.loads(report.read_text()))
         if tokens:
-            table += "\n**training tokens by window length** (global stage)\n\n| model | " \
-                + " | ".join(["tokens"]) + " |\n|---|---|\n" + "\n".join(
+            table += "\n**training tokens by window length** (global stage)\n\n| model | tokens |\n|---|---|\n" \
+                + "\n".join(
                     f"| {label} | " + ", ".join(f"{t / 1e6:.2f}M at {n}" for n, t in sorted(by.items())) + " |"
                     for label, by in tokens.items()) + "\n"
-    print(table)
-    output = args.output or args.results.parent
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "targets.json").write_text(json.dumps(
-        {"targets": {t: {str(n): g for n, g in by.items()} for t, by in TARGETS.items()},
-         "models": {label: {t: {str(n): c for n, c in by.items()} for t, by in rows.items()}
-                    for label, rows in models.items()},
-         "train_tokens_by_seq_len": {label: {str(n): t for n, t in by.items()} for label, by in tokens.items()}},
-        indent=1) + "\n")
-    (output / "targets.md").write_text(table)
-    print(f"wrote {output / 'targets.json'} and targets.md")
+    write_targets(args.output or args.results.parent, {
+        "targets": {t: {str(n): g for n, g in by.items()} for t, by in TARGETS.items()},
+        "models": {label: {t: {str(n): c for n, c in by.items()} for t, by in rows.items()}
+                   for label, rows in models.items()},
+        "train_tokens_by_seq_len": {label: {str(n): t for n, t in by.items()} for label, by in tokens.items()}},
+        table)
 
 
 if __name__ == "__main__":
