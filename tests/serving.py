@@ -52,12 +52,13 @@ def convert_served_checkpoint(tiny_model_factory, folder: Path) -> Path:
     return folder
 
 
-def serve_command(model: Path, port: int, max_model_len: int, extra_args: Sequence[str]) -> list[str]:
+def serve_command(model: Path, port: int, max_model_len: int, extra_args: Sequence[str],
+                  kv_cache_bytes: int = 32 << 20) -> list[str]:
     """The `vllm serve` command line: float32, eager (no compile time on CPU), a small KV cache."""
     vllm_cli = Path(sys.executable).parent / "vllm"  # the command users run
     return [str(vllm_cli), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
             "--dtype", "float32", "--max-model-len", str(max_model_len), "--enforce-eager",
-            "--kv-cache-memory-bytes", str(32 << 20), "--served-model-name", SERVED_NAME, *extra_args]
+            "--kv-cache-memory-bytes", str(kv_cache_bytes), "--served-model-name", SERVED_NAME, *extra_args]
 
 
 def wait_until_healthy(server: Server, timeout_s: float) -> None:
@@ -94,7 +95,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 @contextmanager
 def running_server(model: Path, log_path: Path, max_model_len: int = 512, extra_args: Sequence[str] = (),
-                   extra_env: Mapping[str, str] | None = None) -> Iterator[Server]:
+                   extra_env: Mapping[str, str] | None = None, kv_cache_bytes: int = 32 << 20) -> Iterator[Server]:
     """Runs `vllm serve MODEL` on a free loopback port for the duration of the block.
 
     ``extra_env`` is added to this process's environment for the server (and the processes it starts).
@@ -102,7 +103,7 @@ def running_server(model: Path, log_path: Path, max_model_len: int = 512, extra_
     port = free_port()
     env = {**os.environ, **(extra_env or {})}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(serve_command(model, port, max_model_len, extra_args), stdout=log,
+        proc = subprocess.Popen(serve_command(model, port, max_model_len, extra_args, kv_cache_bytes), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True, env=env)
         server = Server(proc=proc, base_url=f"http://127.0.0.1:{port}", log_path=log_path)
         try:

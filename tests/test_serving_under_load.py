@@ -38,17 +38,26 @@ from tests.serving import SERVED_NAME, Server, convert_served_checkpoint, runnin
 
 pytestmark = pytest.mark.vllm
 
-MAX_MODEL_LEN = 256
+# The tiny checkpoint's whole context, so that a cancelled stream can ask for many tokens (below); the
+# near- and over-limit prompts sit just under and over it.
+MAX_MODEL_LEN = 1024
+# Room for every burst client's tokens at once, its 8 near-limit prompts included (~10K tokens at 4.5 KiB a
+# token: the served checkpoint's float32 576-value latent, 2 layers), so the burst tests admission, not
+# preemption.
+KV_CACHE_BYTES = 64 << 20
 SHORT_MAX_TOKENS = 8
 SOAK_MAX_TOKENS = 4
 GREEDY_MAX_TOKENS = 16
 # Prompt tokens of a "near the limit" prompt: with the chat template and SHORT_MAX_TOKENS it still fits
 # MAX_MODEL_LEN, and the server must report at least this many prompt tokens for it.
-NEAR_LIMIT_TOKENS = 224
-OVER_LIMIT_TOKENS = 320
+NEAR_LIMIT_TOKENS = MAX_MODEL_LEN - 32
+OVER_LIMIT_TOKENS = MAX_MODEL_LEN + 64
 # A cancelled stream asks for many tokens, so one the server does not abort keeps generating long after
-# its client is gone (the token counter below tells).
-CANCEL_MAX_TOKENS = 200
+# its client is gone (the token counter below tells). It must take far longer to generate than the client
+# takes to read its first chunks and hang up: with 200 tokens a CI machine whose client threads were starved
+# by the engine's busy cores saw ~185 of them generated before the hang-up reached the engine. The short
+# prompts (120 characters) and the chat template stay under the 192 tokens left.
+CANCEL_MAX_TOKENS = MAX_MODEL_LEN - 192
 CANCEL_AFTER_CHUNKS = 3
 # (connect, read) seconds: a request that gets no byte for 60 s is a hang, not a slow answer.
 REQUEST_TIMEOUT = (5, 60)
@@ -63,7 +72,11 @@ RSS_TOLERANCE = 0.10
 # produces, filling it adds ~400 MiB to the worker over the first ~1,600 requests (a plain Llama checkpoint
 # on vLLM's own CPU backend grows the same), which a 500-request soak cannot tell from a leak. Without the
 # cache the worker's RSS levels off after a few hundred requests, so growth after that is ours to explain.
-SERVER_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
+# glibc's malloc raises its mmap threshold each time a large block is freed, so later large blocks (a
+# near-limit prefill's ~32 MiB of attention scores) come from the heap and fragment it: the plugin
+# backend's worker then grew +11% over 2,000 requests, slowing but not stopping. A fixed 1 MiB threshold
+# keeps large blocks mmapped and returned on free (+0.9% over the same 2,000), so RSS measures what is held.
+SERVER_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 # Fixture param -> extra `vllm serve` arguments.
 BACKENDS = {"vllm-cpu-mla": (), "plugin-backend": ("--attention-backend", "CUSTOM")}
 
@@ -395,7 +408,7 @@ def make_prompts(model: Path) -> Prompts:
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     text = held_out_text()
-    pieces = [text[start:start + 4_000] for start in range(0, 40_000, 2_500)]
+    pieces = [text[start:start + 12_000] for start in range(0, 40_000, 2_500)]
     return Prompts(short=[piece[:120] for piece in pieces],
                    near_limit=[prompt_of_tokens(tokenizer, piece, NEAR_LIMIT_TOKENS) for piece in pieces],
                    over_limit=[prompt_of_tokens(tokenizer, piece, OVER_LIMIT_TOKENS) for piece in pieces])
@@ -433,7 +446,8 @@ def served(request, served_checkpoint: Path) -> Iterator[ServedModel]:
     prompts = make_prompts(model)
     probes = greedy_probes(prompts)
     with running_server(model, model.parent / f"server-{backend}.log", max_model_len=MAX_MODEL_LEN,
-                        extra_args=BACKENDS[backend], extra_env=SERVER_ENV) as server:
+                        extra_args=BACKENDS[backend], extra_env=SERVER_ENV,
+                        kv_cache_bytes=KV_CACHE_BYTES) as server:
         first = greedy_answers(server.base_url, probes)
         hits_before = metric(server.base_url, "vllm:prefix_cache_hits_total")
         repeat = greedy_answers(server.base_url, probes)
