@@ -19,6 +19,9 @@ Usage: python -m benchmarks.kernels.compile_sm90 LATENT ROPE [--heads 32] [--bat
          (--low-bit ... --write: the low-bit cache write kernel instead, with the division and rounding
           instructions it compiled to)
          (--programs P: the balanced kernel, P programs per head group sharing the batch's tokens)
+         (--two-pass: the two-pass decode's scores and values kernels, as plan_two_pass plans them;
+          --two-pass-tiles SH,SN,SK,SW,M,VS,VH,VN,VW replaces the scores' heads, rows, column chunk, warps,
+          rows-as-M (0/1) and the values' slice, heads, rows, warps; repeatable)
        python -m benchmarks.kernels.compile_sm90 --against DEVICE_FP8_TILES.json [--json-out OUT.json]
          (a record of the former ``gpu_layer_widths.py fp8-tiles`` mode: batch 16, context 1024, fp8, 32 heads)
 Results: benchmarks/README.md lists the folders this script wrote or checked.
@@ -140,7 +143,41 @@ def compile_launch(plan: DecodeLaunch, latent: int, rope: int, heads: int, conte
     else:
         runtime = _runtime_arguments(latent, rope, heads, context, plan.num_splits, fp8)
         kernel_fn = triton_decode._mla_decode_split_kernel
-    return _compile(kernel_fn, runtime, constants, plan)
+    return _compile(kernel_fn, runtime, constants, plan.num_warps, plan.num_stages)
+
+
+def compile_two_pass(plan: "TwoPassLaunch", latent: int, rope: int, heads: int, context: int, fp8: bool) -> list[dict]:
+    """Compile the two-pass decode's kernels (``triton_two_pass_decode``) for one plan: the scores kernel
+    over whole rows and the values kernel over a latent slice, each with its own tiles."""
+    from vllm_mha2mla.attention.triton_two_pass_decode import (_mla_scores_kernel, _mla_values_kernel,
+                                                               score_kernel_constants, value_kernel_constants)
+
+    splits, tiles = plan.num_splits, plan.score_tiles(context)
+    scratch = {
+        "Probs": ("*fp16" if fp8 else "*bf16", None), "stride_pb": ("i32", heads * context),
+        "stride_ph": ("i32", context), "TileMax": ("*fp32", None), "stride_tb": ("i32", heads * tiles),
+        "stride_th": ("i32", tiles), "Stats": ("*fp32", None), "stride_sb": ("i32", heads * splits * 2),
+        "stride_sh": ("i32", splits * 2), "stride_ss": ("i32", 2),
+    }
+    cache = _cache_arguments(latent, rope, heads, context, fp8)
+    scores_runtime = {**cache, **scratch, **_scale_arguments(heads, fp8), "num_splits": ("i32", splits)}
+    values_runtime = {
+        **{k: v for k, v in cache.items() if k not in ("Q", "stride_qb", "stride_qh")}, **scratch,
+        "Partial": ("*fp32", None), "stride_xb": ("i32", heads * splits * (latent + 1)),
+        "stride_xh": ("i32", splits * (latent + 1)), "stride_xs": ("i32", latent + 1),
+        "KScale": ("*fp32" if fp8 else "*i32", None), "num_heads": ("i32", heads), "num_splits": ("i32", splits),
+        "num_head_groups": ("i32", -(-heads // plan.value_heads)),
+    }
+    scores = _compile(_mla_scores_kernel, scores_runtime,
+                      score_kernel_constants(plan, latent + rope, PAGE, scaled_cache=fp8, fp8_cache=fp8),
+                      plan.score_warps, plan.num_stages)
+    values = _compile(_mla_values_kernel, values_runtime, value_kernel_constants(plan, latent, PAGE, scaled_cache=fp8),
+                      plan.value_warps, plan.num_stages)
+    return [{"kernel": "scores", "block_h": plan.score_heads, "block_n": plan.score_rows,
+             "num_warps": plan.score_warps, "chunk": plan.score_chunk, "rows_as_m": plan.scores_rows_as_m,
+             **scores},
+            {"kernel": "values", "block_h": plan.value_heads, "block_n": plan.value_rows,
+             "num_warps": plan.value_warps, "slice": plan.value_slice, **values}]
 
 
 def compile_low_bit_launch(plan: DecodeLaunch, layout: RowLayout, heads: int, context: int) -> dict:
@@ -156,7 +193,7 @@ def compile_low_bit_launch(plan: DecodeLaunch, layout: RowLayout, heads: int, co
         "stride_ph": ("i32", plan.num_splits * (layout.latent + 1)), "stride_ps": ("i32", layout.latent + 1),
         "sm_scale": ("fp32", None), "num_heads": ("i32", heads), "num_splits": ("i32", plan.num_splits),
     }
-    return _compile(_low_bit_decode_split_kernel, runtime, constants, plan)
+    return _compile(_low_bit_decode_split_kernel, runtime, constants, plan.num_warps, plan.num_stages)
 
 
 def compile_low_bit_write(layout: RowLayout) -> dict:
@@ -186,8 +223,9 @@ def compile_low_bit_write(layout: RowLayout) -> dict:
             **_ptxas_report(ptx)}
 
 
-def _compile(kernel_fn, runtime: dict, constants: dict, plan: DecodeLaunch) -> dict:
-    """Compile ``kernel_fn`` for sm_90 with these run-time arguments (Triton type, value) and constants."""
+def _compile(kernel_fn, runtime: dict, constants: dict, num_warps: int, num_stages: int) -> dict:
+    """Compile ``kernel_fn`` for sm_90 with these run-time arguments (Triton type, value; in the kernel's
+    order) and constants."""
     signature = {name: kind for name, (kind, _) in runtime.items()} | {name: "constexpr" for name in constants}
     names = list(signature)
     aligned = [name for name, (kind, value) in runtime.items()
@@ -196,7 +234,7 @@ def _compile(kernel_fn, runtime: dict, constants: dict, plan: DecodeLaunch) -> d
                        constexprs={(names.index(k),): v for k, v in constants.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": plan.num_warps, "num_stages": plan.num_stages})
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     ttgir = kernel.asm["ttgir"]
     return {"shared_bytes": kernel.metadata.shared,
             "mma_versions": sorted({int(v) for v in re.findall(r"versionMajor = (\d)", ttgir)}),
@@ -249,7 +287,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="with --low-bit: compile the cache write kernel (one row shape, no launch plan)")
     parser.add_argument("--programs", type=int, default=0,
                         help="compile the balanced kernel with this many programs per head group (0: the plan's)")
+    parser.add_argument("--two-pass", action="store_true",
+                        help="compile the two-pass decode's scores and values kernels (plan_two_pass's plan)")
+    parser.add_argument("--two-pass-tiles", action="append", default=[], metavar="SH,SN,SK,SW,M,VS,VH,VN,VW",
+                        help="with --two-pass: other tiles for both kernels (repeatable)")
     args = parser.parse_args(argv)
+    if args.two_pass:
+        return two_pass_main(parser, args)
     if args.against is not None:
         rows = against_device(args.against)
         if args.json_out:
@@ -297,6 +341,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"s{launch.num_stages} {list(launch.latent_blocks)}+{launch.block_r}: shared {row['shared_bytes']} B, "
               f"{row['registers']} registers, {row['spill_store_bytes']} B spilled, MMA v{row['mma_versions']}, "
               f"{row['async_copies']} async copies", flush=True)
+    print(json.dumps(rows))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def two_pass_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict]:
+    """``--two-pass``: the plan's kernels and those of each ``--two-pass-tiles``, one row per kernel."""
+    from vllm_mha2mla.attention.triton_two_pass_decode import plan_two_pass
+
+    if args.latent is None or args.rope is None:
+        parser.error("LATENT and ROPE are required")
+    plan = plan_two_pass(args.batch, args.heads, args.latent, args.rope, args.context, H100_SMS)
+    launches = [plan]
+    for tile in args.two_pass_tiles:
+        try:
+            sh, sn, sk, sw, m, vs, vh, vn, vw = (int(x) for x in tile.split(","))
+        except ValueError:
+            parser.error(f"--two-pass-tiles {tile!r}: expected nine integers SH,SN,SK,SW,M,VS,VH,VN,VW")
+        launches.append(replace(plan, score_heads=sh, score_rows=sn, score_chunk=sk, score_warps=sw,
+                                scores_rows_as_m=bool(m), value_slice=vs, value_heads=vh, value_rows=vn,
+                                value_warps=vw))
+    rows = []
+    for launch in launches:
+        for row in compile_two_pass(launch, args.latent, args.rope, args.heads, args.context, args.fp8):
+            rows.append({**row, "is_plan": launch == plan, "triton": triton.__version__})
+            print(f"{'plan' if launch == plan else 'tile'} {row['kernel']} h{row['block_h']} n{row['block_n']} "
+                  f"w{row['num_warps']}: shared {row['shared_bytes']} B, {row['registers']} registers, "
+                  f"{row['spill_store_bytes']} B spilled, MMA v{row['mma_versions']}, {row['async_copies']} async "
+                  "copies", flush=True)
     print(json.dumps(rows))
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1))

@@ -18,12 +18,15 @@ are not (640, 896, 1,536 ... latent columns) need their own tiles. No vLLM neede
                  576 row to 2048-latent rows: each plan launches, its estimate is set beside the bytes
                  Triton compiled, and the output is checked against float32 PyTorch.
                  (The compiled shared memory of any launch, without a GPU: benchmarks.kernels.compile_sm90.)
+  two-pass:      the two-pass decode (scores, then values by latent slice) against the one-pass plan on
+                 the rows whose accumulators crowd it (2048 + 512, 1024 + 512, 896 + 128): scores tiles,
+                 then values tiles.
 
 Each variant's output is checked against the padded plan's and, on the first requests, against
 float32 PyTorch; timed with ``triton.testing.do_bench`` (median), bandwidth = cached bytes read.
 (These modes were ``gpu_layer_widths.py blocks|native-blocks|...|fit`` before the benchmarks were grouped.)
 
-Usage (GPU): python -m benchmarks.kernels.decode_tiles {blocks,native-blocks,wide-blocks,paper-blocks,paper-warps,fit} OUT.json
+Usage (GPU): python -m benchmarks.kernels.decode_tiles {blocks,native-blocks,wide-blocks,paper-blocks,paper-warps,fit,two-pass} OUT.json
 Results: benchmarks/README.md lists the folders this script wrote.
 """
 
@@ -208,8 +211,80 @@ def fit(out_file: Path, heads: int = 32, batch: int = 64, seq_len: int = 2048) -
     return results
 
 
+TWO_PASS_CASES = [(2048, 512, 40, 8704), (1024, 512, 64, 8704), (896, 128, 97, 8704)]
+"""The rows whose accumulators crowd the one-pass kernel (benchmarks/results/h100-paper-rows/), at their
+8K/1K engines' decode batches."""
+
+
+def _timed(fn, want, gbytes: float) -> dict:
+    """One launch's output error on the first requests against float32 PyTorch, then its median time."""
+    import triton
+
+    try:
+        out, _ = fn()
+        row = {"max_abs_diff_vs_torch": float((out[:want.shape[0]].float() - want).abs().max())}
+        row["ms"] = triton.testing.do_bench(fn, rep=50, return_mode="median")
+        row["tb_per_s"] = gbytes / row["ms"]
+    except Exception as exc:  # a variant may not fit the hardware
+        row = {"error": str(exc).splitlines()[0][:200]}
+    return row
+
+
+def two_pass(out_file: Path, heads: int = 32, cases: list = TWO_PASS_CASES) -> dict:
+    """The two-pass decode (``triton_two_pass_decode``) against the one-pass plan in the same run: first the
+    scores' tiles (rows × column chunk × warps × orientation) with the plan's values tiles, then the values'
+    tiles (slice × rows × warps, heads filling the accumulator budget) with the best scores tiles.
+    Bandwidth counts the cached bytes once (what one pass reads), so the two kernels' rates compare
+    directly."""
+    from dataclasses import replace
+
+    from vllm_mha2mla.attention.triton_decode import ACC_REGISTER_BUDGET
+    from vllm_mha2mla.attention.triton_two_pass_decode import plan_two_pass, two_pass_paged_decode
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results: dict = {"device": torch.cuda.get_device_name(0), "heads": heads, "page": PAGE, "cases": []}
+    for latent, rope, batch, seq_len in cases:
+        torch.cuda.empty_cache()
+        q, cache, table, lens = paged_inputs(latent, rope, heads, batch, seq_len)
+        gbytes = float(lens.sum()) * (latent + rope) * 2 / 1e9
+        want = paged_latent_decode(q[:4].float(), cache.float(), table[:4], lens[:4], 0.1, latent)
+        one_pass = _timed(lambda: mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len), want, gbytes)
+        plan = plan_two_pass(batch, heads, latent, rope, seq_len, sms)
+
+        def run(launch):
+            return _timed(lambda: two_pass_paged_decode(q, cache, table, lens, 0.1, latent, seq_len, launch),
+                          want, gbytes)
+
+        variants = []
+        for sn, sk, sw, rows_as_m in itertools.product((32, 64, 128), (64, 128), (4, 8), (False, True)):
+            launch = replace(plan, score_rows=sn, score_chunk=sk, score_warps=sw, scores_rows_as_m=rows_as_m)
+            variants.append({"sweep": "scores", **vars(launch), **run(launch)})
+        timed = [v for v in variants if "ms" in v and v["max_abs_diff_vs_torch"] < 2e-2]
+        best = min(timed, key=lambda v: v["ms"]) if timed else vars(plan)
+        score_tiles = {k: best[k] for k in ("score_rows", "score_chunk", "score_warps", "scores_rows_as_m")}
+        for vs, vn, vw in itertools.product((256, 512), (32, 64), (4, 8)):
+            if vn > score_tiles["score_rows"]:  # a values tile lies within one score tile
+                continue
+            heads = max(16, min(64, ACC_REGISTER_BUDGET // vs))
+            launch = replace(plan, **score_tiles, value_slice=vs, value_heads=heads, value_rows=vn, value_warps=vw)
+            variants.append({"sweep": "values", **vars(launch), **run(launch)})
+        timed = [v for v in variants if "ms" in v and v["max_abs_diff_vs_torch"] < 2e-2]
+        fastest = min(timed, key=lambda v: v["ms"]) if timed else None
+        case = {"latent": latent, "rope": rope, "batch": batch, "seq_len": seq_len, "gbytes": gbytes,
+                "one_pass_plan": one_pass, "two_pass_plan": {**vars(plan), **run(plan)},
+                "best": fastest, "variants": variants}
+        if fastest and "ms" in one_pass:
+            case["best_speedup_vs_one_pass"] = one_pass["ms"] / fastest["ms"]
+        results["cases"].append(case)
+        print(f"latent {latent} + rope {rope}, {batch} x {seq_len}: one pass {one_pass.get('ms', 0):.3f} ms, "
+              f"two-pass plan {case['two_pass_plan'].get('ms', 0):.3f} ms, best {(fastest or {}).get('ms', 0):.3f} ms "
+              f"({case.get('best_speedup_vs_one_pass', 0):.2f}x)", flush=True)
+        out_file.write_text(json.dumps(results, indent=1))
+    return results
+
+
 MODES = {
-    "blocks": blocks, "fit": fit,
+    "blocks": blocks, "fit": fit, "two-pass": two_pass,
     "native-blocks": lambda o: blocks(o, cases=NATIVE_CASES, variants=_native_variants),
     "wide-blocks": lambda o: blocks(o, cases=WIDE_CASES, variants=_wide_variants),
     "paper-blocks": lambda o: blocks(o, cases=PAPER_CASES, variants=_split_variants),
