@@ -49,6 +49,9 @@ from vllm_mha2mla.attention.triton_decode import DecodeLaunch, plan_launch, spli
 from vllm_mha2mla.attention.triton_low_bit_decode import (_low_bit_decode_split_kernel, plan_low_bit_launch,
                                                           low_bit_decode_constants)
 from vllm_mha2mla.attention.triton_low_bit_write import _low_bit_write_kernel, write_constants
+from vllm_mha2mla.attention.triton_two_pass_decode import (TwoPassLaunch, _mla_scores_kernel, _mla_values_kernel,
+                                                           plan_two_pass, score_kernel_constants,
+                                                           value_kernel_constants)
 
 H100_SMS = 132
 PAGE = 16  # vLLM's block size for the plugin's backend
@@ -146,12 +149,9 @@ def compile_launch(plan: DecodeLaunch, latent: int, rope: int, heads: int, conte
     return _compile(kernel_fn, runtime, constants, plan.num_warps, plan.num_stages)
 
 
-def compile_two_pass(plan: "TwoPassLaunch", latent: int, rope: int, heads: int, context: int, fp8: bool) -> list[dict]:
+def compile_two_pass(plan: TwoPassLaunch, latent: int, rope: int, heads: int, context: int, fp8: bool) -> list[dict]:
     """Compile the two-pass decode's kernels (``triton_two_pass_decode``) for one plan: the scores kernel
     over whole rows and the values kernel over a latent slice, each with its own tiles."""
-    from vllm_mha2mla.attention.triton_two_pass_decode import (_mla_scores_kernel, _mla_values_kernel,
-                                                               score_kernel_constants, value_kernel_constants)
-
     splits, tiles = plan.num_splits, plan.score_tiles(context)
     scratch = {
         "Probs": ("*fp16" if fp8 else "*bf16", None), "stride_pb": ("i32", heads * context),
@@ -349,8 +349,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def two_pass_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict]:
     """``--two-pass``: the plan's kernels and those of each ``--two-pass-tiles``, one row per kernel."""
-    from vllm_mha2mla.attention.triton_two_pass_decode import plan_two_pass
-
     if args.latent is None or args.rope is None:
         parser.error("LATENT and ROPE are required")
     plan = plan_two_pass(args.batch, args.heads, args.latent, args.rope, args.context, H100_SMS)
