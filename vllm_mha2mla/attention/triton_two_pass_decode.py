@@ -158,6 +158,7 @@ def _mla_scores_kernel(
     head_in = heads < num_heads
     head_ok = head_in[:, None]
     start, end = _aligned_split_range(SeqLens, b, split, num_splits, BLOCK_N)
+    b = b.to(tl.int64)  # the scratch's request offsets pass 2**31 at long contexts (256 × 32 heads × 256K)
     qk_scale = sm_scale
     if SCALED_CACHE:
         qk_scale = sm_scale * tl.load(KScale)
@@ -225,6 +226,7 @@ def _mla_values_kernel(
     cols = column_slice * SLICE + tl.arange(0, SLICE)
     col_ok = cols[None, :] < LATENT
     start, end = _aligned_split_range(SeqLens, b, split, num_splits, SCORE_TILE)
+    b = b.to(tl.int64)  # the scratch's request offsets pass 2**31 at long contexts
     stats = Stats + b * stride_sb + heads * stride_sh + split * stride_ss
     m_f = tl.load(stats, mask=head_in, other=0.0)
     l_f = tl.load(stats + 1, mask=head_in, other=0.0)
