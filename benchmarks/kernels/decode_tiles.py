@@ -51,6 +51,20 @@ BLOCK_CASES = [  # (latent, rope, batch, seq_len): gpu_layer_widths' per-layer p
 ]
 
 
+def _device_results(heads: int) -> tuple[int, dict]:
+    """This GPU's multiprocessor count and the results' header."""
+    return (torch.cuda.get_device_properties(0).multi_processor_count,
+            {"device": torch.cuda.get_device_name(0), "heads": heads, "page": PAGE, "cases": []})
+
+
+def _case_inputs(latent: int, rope: int, heads: int, batch: int, seq_len: int):
+    """A case's paged bf16 inputs (the allocator emptied first: the cases' caches differ by gigabytes) and
+    the gigabytes of cache one decode call reads."""
+    torch.cuda.empty_cache()
+    q, cache, table, lens = paged_inputs(latent, rope, heads, batch, seq_len)
+    return q, cache, table, lens, float(lens.sum()) * (latent + rope) * 2 / 1e9
+
+
 def _tile_grid(plan, block_options, heads=(16, 32), rows=(16, 32, 64), warps=(4, 8), stages=None) -> list:
     """The plan with each latent block option × head group × row tile × warps × pipeline depth
     (``stages`` None: the plan's own), every other setting kept: what each sweep below varies."""
@@ -106,12 +120,9 @@ def blocks(out_file: Path, heads: int = 32, cases: list = BLOCK_CASES, variants=
 
     import triton
 
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    results: dict = {"device": torch.cuda.get_device_name(0), "heads": heads, "page": PAGE, "cases": []}
+    sms, results = _device_results(heads)
     for latent, rope, batch, seq_len in cases:
-        torch.cuda.empty_cache()
-        q, cache, table, lens = paged_inputs(latent, rope, heads, batch, seq_len)
-        gbytes = float(lens.sum()) * (latent + rope) * 2 / 1e9
+        q, cache, table, lens, gbytes = _case_inputs(latent, rope, heads, batch, seq_len)
         plan = plan_launch(batch, heads, latent, rope, seq_len, sms)
         padded = replace(plan, latent_blocks=latent_blocks(latent, max_blocks=1))
         want = paged_latent_decode(q[:4].float(), cache.float(), table[:4], lens[:4], 0.1, latent)
@@ -241,12 +252,9 @@ def two_pass(out_file: Path, heads: int = 32, cases: list = TWO_PASS_CASES) -> d
     from vllm_mha2mla.attention.triton_decode import ACC_REGISTER_BUDGET
     from vllm_mha2mla.attention.triton_two_pass_decode import plan_two_pass, two_pass_paged_decode
 
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    results: dict = {"device": torch.cuda.get_device_name(0), "heads": heads, "page": PAGE, "cases": []}
+    sms, results = _device_results(heads)
     for latent, rope, batch, seq_len in cases:
-        torch.cuda.empty_cache()
-        q, cache, table, lens = paged_inputs(latent, rope, heads, batch, seq_len)
-        gbytes = float(lens.sum()) * (latent + rope) * 2 / 1e9
+        q, cache, table, lens, gbytes = _case_inputs(latent, rope, heads, batch, seq_len)
         want = paged_latent_decode(q[:4].float(), cache.float(), table[:4], lens[:4], 0.1, latent)
         one_pass = _timed(lambda: mla_paged_decode(q, cache, table, lens, 0.1, latent, seq_len), want, gbytes)
         plan = plan_two_pass(batch, heads, latent, rope, seq_len, sms)

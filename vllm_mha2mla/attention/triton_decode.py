@@ -371,10 +371,13 @@ def _store_blocks(rows, acc_0, acc_1, acc_2, scale, row_ok, offs_0, offs_1, offs
 
 
 @triton.jit
-def _split_range(SeqLens, b, split, num_splits):
-    """Request ``b``'s tokens ``[start, end)`` that split ``split`` of ``num_splits`` reads (empty past the end)."""
+def _split_range(SeqLens, b, split, num_splits, ALIGN: tl.constexpr = 1):
+    """Request ``b``'s tokens ``[start, end)`` that split ``split`` of ``num_splits`` reads (empty past the end),
+    each split starting on a multiple of ``ALIGN`` (the two-pass decode's score tiles)."""
     seq_len = tl.load(SeqLens + b)
     split_len = tl.cdiv(seq_len, num_splits)
+    if ALIGN > 1:
+        split_len = tl.cdiv(split_len, ALIGN) * ALIGN
     start = split * split_len
     return start, tl.minimum(start + split_len, seq_len)
 
@@ -632,10 +635,10 @@ def mla_paged_decode(
     if plan.block_c < kv_lora_rank:
         raise ValueError(f"latent blocks {plan.latent_blocks} cover {plan.block_c} of {kv_lora_rank} latent columns")
     scaled = k_scale is not None
-    out = torch.empty(batch, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
     constants = split_kernel_constants(plan, kv_lora_rank, rope, kv_cache.shape[1], scaled, fp8_cache)
     if plan.num_programs:
+        out = torch.empty(batch, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
+        lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
         _balanced_decode(q, kv_cache, block_table, seq_lens, scale, k_scale, plan, out, lse, constants)
         return out, lse
     partial = torch.empty(batch, num_heads, plan.num_splits, kv_lora_rank + 1, dtype=torch.float32, device=q.device)
@@ -652,13 +655,24 @@ def mla_paged_decode(
         **constants,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
+    return merge_splits(partial, q.dtype)
+
+
+def merge_splits(partial: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The splits' normalised partial outputs ``[B, H, splits, C + 1]`` (column C: each split's log-sum-exp,
+    -inf for an empty one) merged by :func:`_mla_decode_merge_kernel` into (``[B, H, C]`` in ``out_dtype``,
+    lse ``[B, H]``): the last step of every split decode here (bf16/fp8, low-bit, two-pass)."""
+    batch, num_heads, num_splits, width = partial.shape
+    latent = width - 1
+    out = torch.empty(batch, num_heads, latent, dtype=out_dtype, device=partial.device)
+    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=partial.device)
     _mla_decode_merge_kernel[(batch, num_heads)](
         partial, partial.stride(0), partial.stride(1), partial.stride(2),
         out, out.stride(0), out.stride(1),
         lse, lse.stride(0),
-        plan.num_splits,
-        LATENT=kv_lora_rank, BLOCK_C=triton.next_power_of_2(kv_lora_rank),
-        num_warps=_merge_warps(kv_lora_rank),
+        num_splits,
+        LATENT=latent, BLOCK_C=triton.next_power_of_2(latent),
+        num_warps=_merge_warps(latent),
     )
     return out, lse
 

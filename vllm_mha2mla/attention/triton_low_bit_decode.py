@@ -27,8 +27,8 @@ import triton.language as tl
 from conversion.mla_format.cache_quant import hadamard
 from conversion.mla_format.cache_rows import RowLayout, Segment
 from vllm_mha2mla.attention.triton_decode import (
-    SHARED_MEMORY_BUDGET, SHARED_MEMORY_MARGIN, DecodeLaunch, _mla_decode_merge_kernel, _merge_warps, _query_blocks, _row_columns,
-    _softmax_fold, _split_range, _store_blocks, device_shared_memory, plan_launch, shared_memory_bytes,
+    SHARED_MEMORY_BUDGET, SHARED_MEMORY_MARGIN, DecodeLaunch, _query_blocks, _row_columns, _softmax_fold,
+    _split_range, _store_blocks, device_shared_memory, merge_splits, plan_launch, shared_memory_bytes,
     split_kernel_constants,
 )
 
@@ -262,17 +262,7 @@ def low_bit_paged_decode(
         **low_bit_decode_constants(plan, layout, kv_cache.shape[1]),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    merged_dtype = torch.float32 if turn_latent is not None else q.dtype
-    out = torch.empty(batch, num_heads, layout.latent, dtype=merged_dtype, device=q.device)
-    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
-    _mla_decode_merge_kernel[(batch, num_heads)](
-        partial, partial.stride(0), partial.stride(1), partial.stride(2),
-        out, out.stride(0), out.stride(1),
-        lse, lse.stride(0),
-        plan.num_splits,
-        LATENT=layout.latent, BLOCK_C=triton.next_power_of_2(layout.latent),
-        num_warps=_merge_warps(layout.latent),
-    )
+    out, lse = merge_splits(partial, torch.float32 if turn_latent is not None else q.dtype)
     if turn_latent is not None:
         out = (out @ turn_latent.T).to(q.dtype)
     return out[..., :values].contiguous() if values < layout.latent else out, lse

@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from vllm_mha2mla.attention.triton_decode import (
-    ACC_REGISTER_BUDGET, MIN_TOKENS_PER_SPLIT, PROGRAMS_PER_SM, SHARED_MEMORY_BUDGET, _merge_warps,
-    _mla_decode_merge_kernel, _softmax_fold, shared_memory_bytes)
+    ACC_REGISTER_BUDGET, MIN_TOKENS_PER_SPLIT, PROGRAMS_PER_SM, SHARED_MEMORY_BUDGET, _softmax_fold, _split_range,
+    merge_splits, shared_memory_bytes)
 
 MAX_VALUE_SLICE = 512
 """Widest latent slice a values program accumulates: 32 heads × 512 float32 columns fill the
@@ -118,16 +118,6 @@ def plan_two_pass(batch: int, num_heads: int, latent: int, rope: int, max_seq_le
 
 
 @triton.jit
-def _aligned_split_range(SeqLens, b, split, num_splits, TILE: tl.constexpr):
-    """Request ``b``'s tokens ``[start, end)`` for split ``split``, starting on a multiple of ``TILE``
-    (so a token's score tile is ``position // TILE`` in both passes; empty past the end)."""
-    seq_len = tl.load(SeqLens + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE
-    start = split * split_len
-    return start, tl.minimum(start + split_len, seq_len)
-
-
-@triton.jit
 def _mla_scores_kernel(
     Q, stride_qb, stride_qh,
     KV, stride_kv_page, stride_kv_tok,
@@ -157,7 +147,7 @@ def _mla_scores_kernel(
     heads = head_group * BLOCK_H + tl.arange(0, BLOCK_H)
     head_in = heads < num_heads
     head_ok = head_in[:, None]
-    start, end = _aligned_split_range(SeqLens, b, split, num_splits, BLOCK_N)
+    start, end = _split_range(SeqLens, b, split, num_splits, BLOCK_N)  # a token's tile: position // BLOCK_N
     b = b.to(tl.int64)  # the scratch's request offsets pass 2**31 at long contexts (256 × 32 heads × 256K)
     qk_scale = sm_scale
     if SCALED_CACHE:
@@ -225,7 +215,7 @@ def _mla_values_kernel(
     head_ok = head_in[:, None]
     cols = column_slice * SLICE + tl.arange(0, SLICE)
     col_ok = cols[None, :] < LATENT
-    start, end = _aligned_split_range(SeqLens, b, split, num_splits, SCORE_TILE)
+    start, end = _split_range(SeqLens, b, split, num_splits, SCORE_TILE)
     b = b.to(tl.int64)  # the scratch's request offsets pass 2**31 at long contexts
     stats = Stats + b * stride_sb + heads * stride_sh + split * stride_ss
     m_f = tl.load(stats, mask=head_in, other=0.0)
@@ -325,14 +315,4 @@ def two_pass_paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
         **value_kernel_constants(plan, kv_lora_rank, page, scaled),
         num_warps=plan.value_warps, num_stages=plan.num_stages,
     )
-    out = torch.empty(batch, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
-    _mla_decode_merge_kernel[(batch, num_heads)](
-        partial, partial.stride(0), partial.stride(1), partial.stride(2),
-        out, out.stride(0), out.stride(1),
-        lse, lse.stride(0),
-        plan.num_splits,
-        LATENT=kv_lora_rank, BLOCK_C=triton.next_power_of_2(kv_lora_rank),
-        num_warps=_merge_warps(kv_lora_rank),
-    )
-    return out, lse
+    return merge_splits(partial, q.dtype)
