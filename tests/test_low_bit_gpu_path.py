@@ -348,8 +348,8 @@ def _impl(layout, rank, rope, **more):
     from vllm_mha2mla.attention.gpu_backend import MHA2MLATritonImpl
 
     impl = object.__new__(MHA2MLATritonImpl)
-    impl.__dict__.update(row_layout=layout, kv_lora_rank=rank, qk_rope_head_dim=rope, scale=0.3, _max_model_len=64,
-                         _num_sms=8, _shared_memory=None, **more)
+    impl.__dict__.update({"row_layout": layout, "kv_lora_rank": rank, "qk_rope_head_dim": rope, "scale": 0.3,
+                          "_max_model_len": 64, "_num_sms": 8, "_shared_memory": None, "_two_pass": False, **more})
     return impl
 
 
@@ -372,6 +372,31 @@ def test_the_gpu_impl_writes_and_decodes_low_bit_rows(monkeypatch):
     q = _rows(2 * 3, 128, seed=4).view(2, 3, 128)
     out, lse = impl.forward_mqa((q[..., :96], q[..., 96:]), cache.view(torch.float8_e4m3fn), metadata, None)
     want = qc.paged_decode(q.double(), cache, table, lens, 0.3, layout)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    assert lse.shape == (2, 3)
+
+
+def test_the_gpu_impl_decodes_in_two_passes_where_asked(monkeypatch):
+    """MHA2MLA_GPU_DECODE=two-pass: forward_mqa decodes a bf16/fp8 cache with the two-pass kernels, equal to the
+    paged reference, with its log-sum-exp; the default is the one-pass kernel; other values are refused by name."""
+    from vllm_mha2mla.attention.paged_attention import paged_latent_decode
+    from vllm_mha2mla.attention.triton_two_pass_decode import gpu_decode_kernel
+
+    assert gpu_decode_kernel({}) == "one-pass" and gpu_decode_kernel({"MHA2MLA_GPU_DECODE": "two-pass"}) == "two-pass"
+    with pytest.raises(ValueError, match="MHA2MLA_GPU_DECODE='fast': choose one of one-pass, two-pass"):
+        gpu_decode_kernel({"MHA2MLA_GPU_DECODE": "fast"})
+    from vllm_mha2mla.attention import gpu_backend
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(gpu_backend, "mla_paged_decode", lambda *a, **k: pytest.fail("the one-pass kernel ran"))
+    impl = _impl(None, 96, 32, _two_pass=True, num_heads=3, kv_cache_dtype="auto")
+    cache = _rows(4 * 4, 128, seed=2).view(4, 4, 128)
+    table = torch.tensor([[1, 0], [3, 2]], dtype=torch.int32)
+    lens = torch.tensor([7, 3], dtype=torch.int32)
+    metadata = SimpleNamespace(max_seq_len=7, decode=SimpleNamespace(block_table=table, seq_lens=lens))
+    q = _rows(2 * 3, 128, seed=4).view(2, 3, 128)
+    out, lse = impl.forward_mqa((q[..., :96], q[..., 96:]), cache, metadata, None)
+    want = paged_latent_decode(q.double(), cache.double(), table, lens, 0.3, 96)
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
     assert lse.shape == (2, 3)
 

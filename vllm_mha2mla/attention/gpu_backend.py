@@ -40,6 +40,7 @@ from vllm_mha2mla.attention.prefill import MHA2MLAPrefillBackend, checkpoint_hea
 from vllm_mha2mla.attention.triton_decode import device_shared_memory, mla_paged_decode, plan_launch
 from vllm_mha2mla.attention.triton_low_bit_decode import low_bit_paged_decode, plan_low_bit_launch
 from vllm_mha2mla.attention.triton_low_bit_write import check_writable, write_low_bit_rows
+from vllm_mha2mla.attention.triton_two_pass_decode import gpu_decode_kernel, plan_two_pass, two_pass_paged_decode
 from vllm_mha2mla.backend_selection import LOW_BIT_CACHE_FORMATS
 from vllm_mha2mla.patches import extend_cache_gather_to_any_width, size_low_bit_cache_pages
 
@@ -69,10 +70,16 @@ class MHA2MLATritonImpl(MLACommonImpl):
         from vllm.config import get_current_vllm_config
 
         self._max_model_len = get_current_vllm_config().model_config.max_model_len
+        # The two-pass decode where MHA2MLA_GPU_DECODE asks for it (bf16/fp8 caches; docs/kernels.md).
+        self._two_pass = self.row_layout is None and gpu_decode_kernel() == "two-pass"
         # Rows too wide for this GPU's shared memory are refused now, with the sizes, not at the first decode.
         if self.row_layout is not None:
             plan_low_bit_launch(1, self.num_heads, self.row_layout, self._max_model_len, self._num_sms,
                                 self._shared_memory)
+        elif self._two_pass:
+            plan_two_pass(1, self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim, self._max_model_len,
+                          self._num_sms, self._shared_memory)
+            self.decode_kernel_name = "triton_two_pass"  # the runner's
         else:
             plan_launch(1, self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim, self._max_model_len,
                         self._num_sms, self._shared_memory, fp8_cache=_is_quantized(self.kv_cache_dtype))
@@ -125,6 +132,12 @@ class MHA2MLATritonImpl(MLACommonImpl):
                                         kv_lora_rank=self.kv_lora_rank, num_sms=self._num_sms,
                                         shared_memory=self._shared_memory)
         k_scale = layer._k_scale if _is_quantized(self.kv_cache_dtype) else None
+        if self._two_pass:  # its probabilities' scratch is batch x heads x max_seq_len (CUDA graphs: max_model_len)
+            plan = plan_two_pass(q.shape[0], self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim, max_seq_len,
+                                 self._num_sms, self._shared_memory)
+            return two_pass_paged_decode(q, kv_c_and_k_pe_cache, attn_metadata.decode.block_table,
+                                         attn_metadata.decode.seq_lens, self.scale, self.kv_lora_rank, max_seq_len,
+                                         plan, k_scale=k_scale)
         return mla_paged_decode(
             q,
             kv_c_and_k_pe_cache,

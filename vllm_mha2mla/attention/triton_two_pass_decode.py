@@ -24,8 +24,8 @@ The cache is read once for scores and once (the latent part) for values: ~1.8× 
 pass at 2,048 + 512, traded for no spills and full tiles; the probabilities add 2 bytes per head per
 cached token (1.25% of a 2,560-value bf16 row at 32 heads). The splits are merged with the one-pass
 kernel's merge. Which rows this pays for is measured on a GPU
-(``python -m benchmarks.kernels.decode_tiles two-pass``); until then the backends keep the one-pass
-kernel and this one is called directly (:func:`two_pass_paged_decode`).
+(``python -m benchmarks.kernels.decode_tiles two-pass``); until then the GPU backend keeps the one-pass
+kernel unless ``MHA2MLA_GPU_DECODE=two-pass`` asks for this one (:func:`gpu_decode_kernel`).
 
 CUDA graphs: the grid and the scratch sizes depend on the batch size, the head count, ``max_seq_len``
 and the plan only; splits are aligned to the score tile and read their range from ``seq_lens`` on
@@ -34,6 +34,8 @@ the device, as in the one-pass kernel.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +46,23 @@ from vllm_mha2mla.attention.triton_decode import (
     ACC_REGISTER_BUDGET, MIN_TOKENS_PER_SPLIT, PROGRAMS_PER_SM, SHARED_MEMORY_BUDGET, _softmax_fold, _split_range,
     merge_splits, shared_memory_bytes)
 
+GPU_DECODE_ENV = "MHA2MLA_GPU_DECODE"
+"""Which kernel the GPU backend decodes bf16/fp8 caches with: ``one-pass`` (default) or ``two-pass``."""
+GPU_DECODE_KERNELS = ("one-pass", "two-pass")
+
 MAX_VALUE_SLICE = 512
 """Widest latent slice a values program accumulates: 32 heads × 512 float32 columns fill the
 one-pass kernel's register budget, the native 576 row's shape."""
+
+
+def gpu_decode_kernel(environ: Mapping[str, str] = os.environ) -> str:
+    """The decode kernel ``MHA2MLA_GPU_DECODE`` asks the GPU backend for (bf16 and fp8 caches; a low-bit cache has
+    its own kernel). ``one-pass`` until a GPU measurement makes a rule of where ``two-pass`` wins; setting it lets an
+    engine be timed with the two-pass decode before then. Anything else is refused, naming the choices."""
+    kernel = environ.get(GPU_DECODE_ENV, "one-pass")
+    if kernel not in GPU_DECODE_KERNELS:
+        raise ValueError(f"{GPU_DECODE_ENV}={kernel!r}: choose one of {', '.join(GPU_DECODE_KERNELS)}")
+    return kernel
 
 
 @dataclass(frozen=True)
@@ -87,7 +103,7 @@ class TwoPassLaunch:
 
 
 def plan_two_pass(batch: int, num_heads: int, latent: int, rope: int, max_seq_len: int, num_sms: int,
-                  shared_memory: int = SHARED_MEMORY_BUDGET) -> TwoPassLaunch:
+                  shared_memory: int | None = None) -> TwoPassLaunch:
     """A starting point for both passes, to be replaced by what the GPU sweep measures:
 
     - scores: every head of up to 64 in one group (each row read by one program), 64 rows per tile as
@@ -99,7 +115,9 @@ def plan_two_pass(batch: int, num_heads: int, latent: int, rope: int, max_seq_le
     - splits: as the one-pass plan, enough (request, head group) programs for ``PROGRAMS_PER_SM`` per
       multiprocessor, at least ``MIN_TOKENS_PER_SPLIT`` tokens each.
 
-    A GPU whose shared memory cannot hold a stage of the chunks is refused here, with the sizes."""
+    A GPU whose shared memory (``shared_memory`` bytes; None: an H100's budget) cannot hold a stage of the
+    chunks is refused here, with the sizes."""
+    shared_memory = SHARED_MEMORY_BUDGET if shared_memory is None else shared_memory
     score_heads = max(16, min(64, triton.next_power_of_2(num_heads)))
     score_rows, score_chunk = 64, 64
     need = shared_memory_bytes(score_heads, score_rows, score_chunk, 0) * 2  # two pipeline stages
