@@ -232,14 +232,20 @@ def plan_launch(batch: int, num_heads: int, latent: int, rope: int, max_seq_len:
         raise ValueError(f"decode rows of {latent} latent + {rope} rotary values "
                          f"need {needs()} bytes of shared memory in the smallest tiles (16 heads x 16 rows); this GPU "
                          f"allows {shared_memory}")
-    programs = triton.cdiv(num_heads, block_h) * batch
-    want = triton.next_power_of_2(max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)))
-    by_length = 1 << (max(1, max_seq_len // MIN_TOKENS_PER_SPLIT).bit_length() - 1)  # at least MIN tokens a split
-    num_splits = max(1, min(want, by_length, 64))
+    num_splits = split_count(triton.cdiv(num_heads, block_h) * batch, max_seq_len, num_sms)
     plan = DecodeLaunch(block_h, block_n, blocks, block_r, num_warps, 2, num_splits)
     if fp8_cache or not balanced:  # fp8 tiles were measured with fixed splits only
         return plan
     return balanced_launch(plan, batch, num_heads, num_sms, shared_memory)
+
+
+def split_count(programs: int, max_seq_len: int, num_sms: int) -> int:
+    """Splits per request for ``programs`` (request, head group) pairs: a power of two (≤ 64) that brings the grid
+    to about ``PROGRAMS_PER_SM`` programs per multiprocessor, but no split shorter than ``MIN_TOKENS_PER_SPLIT``
+    tokens of the longest request."""
+    want = triton.next_power_of_2(max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)))
+    by_length = 1 << (max(1, max_seq_len // MIN_TOKENS_PER_SPLIT).bit_length() - 1)
+    return max(1, min(want, by_length, 64))
 
 
 def balanced_launch(plan: DecodeLaunch, batch: int, num_heads: int, num_sms: int,
@@ -266,6 +272,15 @@ def balanced_launch(plan: DecodeLaunch, batch: int, num_heads: int, num_sms: int
     if groups * batch < min_requests_per_sm * num_sms:
         return plan
     return replace(plan, block_n=block_n, num_warps=num_warps, num_programs=max(1, slots // groups))
+
+
+@triton.jit
+def _paged_rows(KV, table_row, pos, pos_ok, stride_kv_page, stride_kv_tok, PAGE: tl.constexpr):
+    """Pointers ``[len(pos), 1]`` to the cached rows at positions ``pos`` of the request whose block table row is
+    ``table_row``: the page it names for each ``PAGE`` tokens, then the slot in it (rows not in ``pos_ok`` point
+    into page 0, masked by the caller)."""
+    page = tl.load(table_row + pos // PAGE, mask=pos_ok, other=0)
+    return (KV + page.to(tl.int64) * stride_kv_page + (pos % PAGE) * stride_kv_tok)[:, None]
 
 
 @triton.jit
@@ -338,8 +353,7 @@ def _attend_rows(q_0, q_1, q_2, q_r, KV, stride_kv_page, stride_kv_tok, table_ro
     for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pos_ok = pos < hi
-        page = tl.load(table_row + pos // PAGE, mask=pos_ok, other=0)
-        row = (KV + page.to(tl.int64) * stride_kv_page + (pos % PAGE) * stride_kv_tok)[:, None]
+        row = _paged_rows(KV, table_row, pos, pos_ok, stride_kv_page, stride_kv_tok, PAGE)
         kv_0 = _load_rows(row, offs_0, pos_ok[:, None] & ok_0, q_0)
         kv_r = _load_rows(row, offs_r, pos_ok[:, None] & ok_r, q_r)
         scores = tl.dot(q_0, tl.trans(kv_0)) + tl.dot(q_r, tl.trans(kv_r))
@@ -596,6 +610,15 @@ def split_kernel_constants(plan: DecodeLaunch, latent: int, rope: int, page: int
                 SCALED_CACHE=scaled_cache, FP16_OPERANDS=fp8_cache)
 
 
+def check_decode_inputs(q: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    """Refuses a cache whose rows are not the queries' width, or tensors whose last dimension is not contiguous
+    (the kernels index both by column), before any launch."""
+    if kv_cache.shape[-1] != q.shape[-1]:
+        raise ValueError(f"cache rows have {kv_cache.shape[-1]} values, queries {q.shape[-1]}")
+    if kv_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("the last dimension of the query and of the cache must be contiguous")
+
+
 def mla_paged_decode(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -621,10 +644,7 @@ def mla_paged_decode(
     """
     batch, num_heads, width = q.shape
     rope = width - kv_lora_rank
-    if kv_cache.shape[-1] != width:
-        raise ValueError(f"cache rows have {kv_cache.shape[-1]} values, queries {width}")
-    if kv_cache.stride(-1) != 1 or q.stride(-1) != 1:
-        raise ValueError("the last dimension of the query and of the cache must be contiguous")
+    check_decode_inputs(q, kv_cache)
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     if shared_memory is None:

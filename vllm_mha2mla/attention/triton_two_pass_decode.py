@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from vllm_mha2mla.attention.triton_decode import (
-    ACC_REGISTER_BUDGET, MIN_TOKENS_PER_SPLIT, PROGRAMS_PER_SM, SHARED_MEMORY_BUDGET, _softmax_fold, _split_range,
-    merge_splits, shared_memory_bytes)
+    ACC_REGISTER_BUDGET, SHARED_MEMORY_BUDGET, _paged_rows, _softmax_fold, _split_range, check_decode_inputs,
+    merge_splits, shared_memory_bytes, split_count)
 
 GPU_DECODE_ENV = "MHA2MLA_GPU_DECODE"
 """Which kernel the GPU backend decodes bf16/fp8 caches with: ``one-pass`` (default) or ``two-pass``."""
@@ -112,8 +112,7 @@ def plan_two_pass(batch: int, num_heads: int, latent: int, rope: int, max_seq_le
     - values: the native row's accumulator shape, 512 latent columns × 32 heads (narrower latents: one
       slice of their padded width, heads to fill the same budget), 32 rows per tile, 8 warps (compiled
       for sm_90: 183 registers, no spills; 64 rows spilled);
-    - splits: as the one-pass plan, enough (request, head group) programs for ``PROGRAMS_PER_SM`` per
-      multiprocessor, at least ``MIN_TOKENS_PER_SPLIT`` tokens each.
+    - splits: as the one-pass plan (:func:`~triton_decode.split_count`).
 
     A GPU whose shared memory (``shared_memory`` bytes; None: an H100's budget) cannot hold a stage of the
     chunks is refused here, with the sizes."""
@@ -127,12 +126,10 @@ def plan_two_pass(batch: int, num_heads: int, latent: int, rope: int, max_seq_le
                          f"this GPU allows {shared_memory}")
     value_slice = min(MAX_VALUE_SLICE, max(16, triton.next_power_of_2(latent)))
     value_heads = max(16, min(ACC_REGISTER_BUDGET // value_slice, triton.next_power_of_2(num_heads), 64))
-    programs = triton.cdiv(num_heads, score_heads) * batch
-    want = triton.next_power_of_2(max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)))
-    by_length = 1 << (max(1, max_seq_len // MIN_TOKENS_PER_SPLIT).bit_length() - 1)
+    num_splits = split_count(triton.cdiv(num_heads, score_heads) * batch, max_seq_len, num_sms)
     return TwoPassLaunch(score_heads=score_heads, score_rows=score_rows, score_chunk=score_chunk, score_warps=4,
                          scores_rows_as_m=True, value_slice=value_slice, value_heads=value_heads, value_rows=32,
-                         value_warps=8, num_splits=max(1, min(want, by_length, 64)))
+                         value_warps=8, num_splits=num_splits)
 
 
 @triton.jit
@@ -179,8 +176,7 @@ def _mla_scores_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pos_ok = pos < end
-        page = tl.load(table_row + pos // PAGE, mask=pos_ok, other=0)
-        row = (KV + page.to(tl.int64) * stride_kv_page + (pos % PAGE) * stride_kv_tok)[:, None]
+        row = _paged_rows(KV, table_row, pos, pos_ok, stride_kv_page, stride_kv_tok, PAGE)
         scores = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
         scores_t = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
         for k0 in range(0, WIDTH, BLOCK_K):
@@ -250,8 +246,7 @@ def _mla_values_kernel(
         tile_max = tl.load(max_rows + n0 // SCORE_TILE, mask=head_in, other=0.0)
         rescale = tl.where(head_in, tl.exp(tile_max - m_f), 0.0)
         p = (p * rescale[:, None]).to(operand)
-        page = tl.load(table_row + pos // PAGE, mask=pos_ok, other=0)
-        row = (KV + page.to(tl.int64) * stride_kv_page + (pos % PAGE) * stride_kv_tok)[:, None]
+        row = _paged_rows(KV, table_row, pos, pos_ok, stride_kv_page, stride_kv_tok, PAGE)
         values = tl.load(row + cols[None, :], mask=pos_ok[:, None] & col_ok, other=0.0).to(operand)
         acc += tl.dot(p, values)
     k_scale = 1.0
@@ -287,10 +282,7 @@ def two_pass_paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
     ``max_seq_len`` bounds every request's length (it sizes the probabilities' scratch: ``B × H ×
     max_seq_len`` values in the operands' dtype)."""
     batch, num_heads, width = q.shape
-    if kv_cache.shape[-1] != width:
-        raise ValueError(f"cache rows have {kv_cache.shape[-1]} values, queries {width}")
-    if kv_cache.stride(-1) != 1 or q.stride(-1) != 1:
-        raise ValueError("the last dimension of the query and of the cache must be contiguous")
+    check_decode_inputs(q, kv_cache)
     if not 0 < kv_lora_rank <= width:
         raise ValueError(f"kv_lora_rank {kv_lora_rank} must lie in 1..{width} (the row's values)")
     fp8_cache = kv_cache.element_size() == 1
