@@ -244,13 +244,12 @@ def _timed(fn, want, gbytes: float) -> dict:
 def two_pass(out_file: Path, heads: int = 32, cases: list = TWO_PASS_CASES) -> dict:
     """The two-pass decode (``triton_two_pass_decode``) against the one-pass plan in the same run: first the
     scores' tiles (rows × column chunk × warps × orientation) with the plan's values tiles, then the values'
-    tiles (slice × rows × warps, heads filling the accumulator budget) with the best scores tiles.
+    tiles (slice × rows × warps, heads as the plan gives them: ``value_heads_for``) with the best scores tiles.
     Bandwidth counts the cached bytes once (what one pass reads), so the two kernels' rates compare
     directly."""
     from dataclasses import replace
 
-    from vllm_mha2mla.attention.triton_decode import ACC_REGISTER_BUDGET
-    from vllm_mha2mla.attention.triton_two_pass_decode import plan_two_pass, two_pass_paged_decode
+    from vllm_mha2mla.attention.triton_two_pass_decode import plan_two_pass, two_pass_paged_decode, value_heads_for
 
     sms, results = _device_results(heads)
     for latent, rope, batch, seq_len in cases:
@@ -273,8 +272,8 @@ def two_pass(out_file: Path, heads: int = 32, cases: list = TWO_PASS_CASES) -> d
         for vs, vn, vw in itertools.product((256, 512), (32, 64), (4, 8)):
             if vn > score_tiles["score_rows"]:  # a values tile lies within one score tile
                 continue
-            heads = max(16, min(64, ACC_REGISTER_BUDGET // vs))
-            launch = replace(plan, **score_tiles, value_slice=vs, value_heads=heads, value_rows=vn, value_warps=vw)
+            launch = replace(plan, **score_tiles, value_slice=vs, value_heads=value_heads_for(vs, heads),
+                             value_rows=vn, value_warps=vw)
             variants.append({"sweep": "values", **vars(launch), **run(launch)})
         timed = [v for v in variants if "ms" in v and v["max_abs_diff_vs_torch"] < 2e-2]
         fastest = min(timed, key=lambda v: v["ms"]) if timed else None

@@ -102,6 +102,13 @@ class TwoPassLaunch:
         return max(1, triton.cdiv(max_seq_len, self.score_rows))
 
 
+def value_heads_for(value_slice: int, num_heads: int) -> int:
+    """Heads a values program takes for a latent slice: as many as fill the one-pass kernel's accumulator
+    budget (``ACC_REGISTER_BUDGET`` float32 values), no more than the model has (a power of two of them,
+    at least the MMA's 16) nor 64."""
+    return max(16, min(ACC_REGISTER_BUDGET // value_slice, triton.next_power_of_2(num_heads), 64))
+
+
 def plan_two_pass(batch: int, num_heads: int, latent: int, rope: int, max_seq_len: int, num_sms: int,
                   shared_memory: int | None = None) -> TwoPassLaunch:
     """A starting point for both passes, to be replaced by what the GPU sweep measures:
@@ -125,7 +132,7 @@ def plan_two_pass(batch: int, num_heads: int, latent: int, rope: int, max_seq_le
                          f"memory ({score_heads} heads x {score_rows} rows x {score_chunk} columns, two stages); "
                          f"this GPU allows {shared_memory}")
     value_slice = min(MAX_VALUE_SLICE, max(16, triton.next_power_of_2(latent)))
-    value_heads = max(16, min(ACC_REGISTER_BUDGET // value_slice, triton.next_power_of_2(num_heads), 64))
+    value_heads = value_heads_for(value_slice, num_heads)
     num_splits = split_count(triton.cdiv(num_heads, score_heads) * batch, max_seq_len, num_sms)
     return TwoPassLaunch(score_heads=score_heads, score_rows=score_rows, score_chunk=score_chunk, score_warps=4,
                          scores_rows_as_m=True, value_slice=value_slice, value_heads=value_heads, value_rows=32,
