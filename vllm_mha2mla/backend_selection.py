@@ -206,9 +206,10 @@ def _low_bit_fix(layout: MLALayout) -> str:
     if path == CPU_BACKEND_PATH:
         return "add --attention-backend CUSTOM: the plugin's CPU backend serves it for any shape"
     if path == GPU_BACKEND_PATH:
-        if low_bit_values_refusal(layout) is None:
+        why = low_bit_values_refusal(layout)
+        if why is None:
             return "add --attention-backend CUSTOM: the plugin's GPU backend serves it for this shape"
-        return f"the plugin's GPU backend cannot either ({low_bit_values_refusal(layout)}): {_LOW_BIT_EXACT_FIX}"
+        return f"the plugin's GPU backend cannot either ({why}): {_LOW_BIT_EXACT_FIX}"
     return _NO_LOW_BIT_KERNEL_FIX
 
 

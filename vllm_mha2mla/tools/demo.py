@@ -3,11 +3,12 @@
 Stages (each timed, with progress): prepare the model (the embedded default is
 SmolLM2-135M-Instruct) and the default English corpus; convert (2-norm partial RoPE +
 activation-aware joint SVD, calibrated on the corpus's training split); recover (the local
-stage: layer-wise attention distillation, then a short global stage, ``--finetune-tokens``: end-to-end
-distillation, ~8 minutes on 2 CPU cores together, on corpus text and teacher-written chats); then run the original, the converted and the recovered model in
-vLLM, one engine each under the same KV-cache memory, and measure: cached values/bytes per
-token per layer, KV capacity in tokens, perplexity on the corpus's held-out split (never seen
-by calibration or training), greedy chat samples and output tokens/s. Writes
+stage: layer-wise attention distillation, then a short global stage, ``--finetune-tokens``:
+end-to-end distillation, ~8 minutes on 2 CPU cores together, on corpus text and teacher-written
+chats); then run the original, the converted and the recovered model in vLLM, one engine each
+under the same KV-cache memory, and measure: cached values/bytes per token per layer, KV capacity
+in tokens, perplexity on the corpus's held-out split (never seen by calibration or training),
+greedy chat samples and output tokens/s. Writes
 ``summary.json``, ``summary.md`` and ``chart.png`` under ``results/demo/<timestamp>/``.
 """
 
